@@ -1,0 +1,1 @@
+//! BEIR evaluation (being written).

@@ -1,0 +1,1 @@
+//! The stage store (being written).
