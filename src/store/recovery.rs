@@ -1,0 +1,101 @@
+//! What [`super::StageStore::open`] does to a run directory a killed or damaged run left
+//! behind, before anything reads it: the manifest is the truth, and the files are brought
+//! in line with it.
+//!
+//! - Temporary files (`.<name>.tmp`) in stage directories and the manifest's temporary
+//!   file are deleted: they are writes that never committed.
+//! - A stage whose listed part is missing or has another size than recorded is dropped
+//!   from the manifest (it will be recomputed) and reported.
+//! - Part files that the manifest does not list are deleted: a crash between a part's
+//!   rename and the manifest write, or the parts of a discarded stage.
+//!
+//! Only directories under `stages/` with valid stage names and files with part or
+//! temporary names are touched; anything else in the run directory is left alone.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::durable::{is_temp_name, remove_if_present, temp_name};
+use super::error::StoreError;
+use super::manifest::{is_part_file_name, validate_stage_name, Manifest, MANIFEST_FILE};
+
+/// The stage directories' parent inside the run directory.
+pub(crate) const STAGES_DIR: &str = "stages";
+
+/// What opening a run directory repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Temporary files of uncommitted writes that were deleted.
+    pub temp_files_removed: usize,
+    /// Part files not listed in the manifest that were deleted.
+    pub orphan_parts_removed: usize,
+    /// Stages dropped from the manifest because a listed part was missing or truncated.
+    pub damaged_stages: Vec<String>,
+}
+
+/// Brings `run_dir` in line with `manifest` (loaded from it), saving the manifest if a
+/// damaged stage had to be dropped from it.
+pub(crate) fn recover(
+    run_dir: &Path,
+    manifest: &mut Manifest,
+) -> Result<RecoveryReport, StoreError> {
+    let mut report = RecoveryReport::default();
+    if remove_if_present(&run_dir.join(temp_name(MANIFEST_FILE)))? {
+        report.temp_files_removed += 1;
+    }
+
+    let stages_dir = run_dir.join(STAGES_DIR);
+    for (stage, entry) in &manifest.stages {
+        let dir = stages_dir.join(stage);
+        let intact = entry.parts.iter().all(|part| {
+            std::fs::metadata(dir.join(&part.file))
+                .is_ok_and(|m| m.is_file() && m.len() == part.bytes)
+        });
+        if !intact {
+            report.damaged_stages.push(stage.clone());
+        }
+    }
+    if !report.damaged_stages.is_empty() {
+        let mut repaired = manifest.clone();
+        for stage in &report.damaged_stages {
+            repaired.stages.remove(stage);
+        }
+        repaired.save(run_dir)?;
+        *manifest = repaired;
+    }
+
+    let entries = std::fs::read_dir(&stages_dir).map_err(StoreError::io("list", &stages_dir))?;
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list", &stages_dir))?;
+        let Ok(stage) = entry.file_name().into_string() else {
+            continue;
+        };
+        let dir = entry.path();
+        if validate_stage_name(&stage).is_err() || !dir.is_dir() {
+            continue;
+        }
+        let listed: HashSet<&str> = manifest
+            .stages
+            .get(&stage)
+            .map(|e| e.parts.iter().map(|p| p.file.as_str()).collect())
+            .unwrap_or_default();
+        let files = std::fs::read_dir(&dir).map_err(StoreError::io("list", &dir))?;
+        for file in files {
+            let file = file.map_err(StoreError::io("list", &dir))?;
+            let Ok(name) = file.file_name().into_string() else {
+                continue;
+            };
+            if is_temp_name(&name) {
+                if remove_if_present(&file.path())? {
+                    report.temp_files_removed += 1;
+                }
+            } else if is_part_file_name(&name)
+                && !listed.contains(name.as_str())
+                && remove_if_present(&file.path())?
+            {
+                report.orphan_parts_removed += 1;
+            }
+        }
+    }
+    Ok(report)
+}
