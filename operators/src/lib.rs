@@ -1,1 +1,16 @@
-pub fn _x(){}
+//! distillery's model-facing operators: BERT-family encoders in candle, their
+//! sentence-transformers configuration, tokenisation and token-budget batching.
+//! Everything here is synchronous and single-model; the engine (crate `distillery`)
+//! owns threads, channels and the dataflow.
+
+pub mod batcher;
+pub mod bert;
+pub mod embedder;
+pub mod error;
+pub mod st_config;
+pub mod tiny;
+
+pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
+pub use embedder::{Embedder, EmbedderOptions, TextKind};
+pub use error::{OperatorError, Result};
+pub use st_config::{Pooling, SentenceTransformerSpec};

@@ -1,0 +1,206 @@
+//! A sentence embedder: a BERT-family encoder from a Hugging Face / sentence-transformers
+//! model directory, its tokenizer, pooling, optional L2 normalisation and prompts.
+//!
+//! The contract matches `SentenceTransformer.encode`: the same tokens (the prompt
+//! prepended, lower-cased when `do_lower_case`, truncated to `max_seq_length` with the
+//! special tokens kept), the same pooling over unpadded tokens, the same normalisation.
+//! Tokenisation and the forward pass are separate calls, so that a dataflow can
+//! tokenise on its workers and keep the device busy with batches only.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::batcher::TokenBatch;
+use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weights};
+use crate::error::{OperatorError, Result};
+use crate::st_config::{Pooling, SentenceTransformerSpec};
+
+/// Which side of retrieval a text is on, for models with query and passage prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    Query,
+    Passage,
+}
+
+/// Options a user may set over what the model directory says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EmbedderOptions {
+    /// Overrides `max_seq_length` (capped at the model's position embeddings).
+    pub max_seq_length: Option<usize>,
+    /// Overrides the directory's `query` prompt.
+    pub query_prefix: Option<String>,
+    /// Overrides the directory's `passage` (or `document`) prompt.
+    pub passage_prefix: Option<String>,
+}
+
+/// The files a model directory must have, and why.
+pub const REQUIRED_FILES: [(&str, &str); 3] = [
+    ("config.json", "the encoder's architecture"),
+    (
+        "tokenizer.json",
+        "the tokenizer, in Hugging Face tokenizers' format",
+    ),
+    (
+        "model.safetensors",
+        "the weights (pickled .bin files are never read)",
+    ),
+];
+
+/// A loaded embedder. Cheap calls: `tokenize` (CPU, any thread) and `embed_batch`
+/// (the device).
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    max_seq_length: usize,
+    do_lower_case: bool,
+    query_prefix: String,
+    passage_prefix: String,
+    dir: PathBuf,
+}
+
+impl Embedder {
+    /// Loads `dir` (config.json, tokenizer.json, model.safetensors and the optional
+    /// sentence-transformers files) onto `device`.
+    pub fn load(dir: &Path, options: &EmbedderOptions, device: &Device) -> Result<Self> {
+        for (file, why) in REQUIRED_FILES {
+            if !dir.join(file).is_file() {
+                return Err(OperatorError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    file,
+                    why,
+                });
+            }
+        }
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let spec = SentenceTransformerSpec::read(dir)?;
+        let weights = Weights::load(&dir.join("model.safetensors"), device)?;
+        let model = BertModel::load(&weights, &config)?;
+        let max_seq_length = options
+            .max_seq_length
+            .or(spec.max_seq_length)
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            OperatorError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
+        })?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
+        let prompt = |key: &str| spec.prompts.get(key).cloned();
+        Ok(Self {
+            model,
+            tokenizer,
+            pooling: spec.pooling,
+            normalize: spec.normalize,
+            max_seq_length,
+            do_lower_case: spec.do_lower_case,
+            query_prefix: options
+                .query_prefix
+                .clone()
+                .or_else(|| prompt("query"))
+                .unwrap_or_default(),
+            passage_prefix: options
+                .passage_prefix
+                .clone()
+                .or_else(|| prompt("passage"))
+                .or_else(|| prompt("document"))
+                .unwrap_or_default(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    pub fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    pub fn normalizes(&self) -> bool {
+        self.normalize
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    /// The prompt prepended to texts of `kind`.
+    pub fn prefix(&self, kind: TextKind) -> &str {
+        match kind {
+            TextKind::Query => &self.query_prefix,
+            TextKind::Passage => &self.passage_prefix,
+        }
+    }
+
+    /// Token ids of each text, special tokens included, truncated to `max_seq_length`.
+    pub fn tokenize(&self, texts: &[&str], kind: TextKind) -> Result<Vec<Vec<u32>>> {
+        let prefix = self.prefix(kind);
+        let inputs: Vec<String> = texts
+            .iter()
+            .map(|t| {
+                let s = format!("{prefix}{t}");
+                if self.do_lower_case {
+                    s.to_lowercase()
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
+    }
+
+    /// Embeds one batch: a `rows x dim` row-major matrix, rows in the batch's order.
+    pub fn embed_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>> {
+        let rows = batch.rows.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let len = batch.padded_len().max(1);
+        let mut ids = vec![0u32; rows * len];
+        let mut mask = vec![0u32; rows * len];
+        for (r, row) in batch.rows.iter().enumerate() {
+            ids[r * len..r * len + row.ids.len()].copy_from_slice(&row.ids);
+            mask[r * len..r * len + row.ids.len()].fill(1);
+        }
+        let device = self.model.device();
+        let ids = Tensor::from_vec(ids, (rows, len), device)?;
+        let mask = Tensor::from_vec(mask, (rows, len), device)?;
+        let hidden = self.model.forward(&ids, &mask)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => mean_pool(&hidden, &mask)?,
+            Pooling::Cls => cls_pool(&hidden)?,
+        };
+        let out = if self.normalize {
+            l2_normalize(&pooled)?
+        } else {
+            pooled
+        };
+        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
