@@ -99,3 +99,80 @@ pub(crate) fn recover(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::fixtures::{batch, key, ns, schema};
+    use crate::store::{RecoveryReport, StageStatus, StageStore};
+
+    #[test]
+    fn open_deletes_temporaries_and_orphans_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StageStore::open(dir.path()).unwrap();
+            let mut writer = store.begin("passages", key("s", "i"), schema()).unwrap();
+            writer.write_part(&[batch(0, 3)]).unwrap();
+        }
+        let stage = dir.path().join("stages/passages");
+        let foreign = dir.path().join("stages/Foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        for (path, bytes) in [
+            (stage.join(".part-00001.parquet.tmp"), &b"half"[..]),
+            (stage.join("part-00001.parquet"), b"renamed, never listed"),
+            (stage.join("notes.txt"), b"not ours"),
+            (dir.path().join(".manifest.json.tmp"), b"{"),
+            (foreign.join("part-00000.parquet"), b"not ours"),
+        ] {
+            std::fs::write(path, bytes).unwrap();
+        }
+
+        let store = StageStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.recovery(),
+            &RecoveryReport {
+                temp_files_removed: 2,
+                orphan_parts_removed: 1,
+                damaged_stages: vec![],
+            }
+        );
+        assert!(!stage.join(".part-00001.parquet.tmp").exists());
+        assert!(!stage.join("part-00001.parquet").exists());
+        assert!(!dir.path().join(".manifest.json.tmp").exists());
+        assert!(stage.join("notes.txt").exists());
+        assert!(foreign.join("part-00000.parquet").exists());
+        assert_eq!(ns(&store.read_all("passages").unwrap()), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_stage_with_a_truncated_part_is_dropped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StageStore::open(dir.path()).unwrap();
+            for stage in ["passages", "queries"] {
+                let mut writer = store.begin(stage, key("s", "i"), schema()).unwrap();
+                writer.write_part(&[batch(0, 3)]).unwrap();
+                writer.finish().unwrap();
+            }
+        }
+        let part = dir.path().join("stages/queries/part-00000.parquet");
+        let bytes = std::fs::read(&part).unwrap();
+        std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+
+        let store = StageStore::open(dir.path()).unwrap();
+        assert_eq!(store.recovery().damaged_stages, vec!["queries".to_string()]);
+        assert_eq!(store.recovery().orphan_parts_removed, 1);
+        assert!(!part.exists());
+        assert_eq!(
+            store.status("queries", &key("s", "i")).unwrap(),
+            StageStatus::Absent
+        );
+        assert!(store
+            .completed("passages", &key("s", "i"))
+            .unwrap()
+            .is_some());
+        // The repair is in the manifest: a further open finds nothing to do.
+        drop(store);
+        let store = StageStore::open(dir.path()).unwrap();
+        assert_eq!(store.recovery(), &RecoveryReport::default());
+    }
+}

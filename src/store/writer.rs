@@ -298,3 +298,87 @@ impl Write for HashingFile {
         self.file.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fixtures::{batch, key, schema};
+    use crate::store::StageStore;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    #[test]
+    fn parts_round_trip_and_are_zstd_parquet_with_the_recorded_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StageStore::open(dir.path()).unwrap();
+        let mut writer = store.begin("passages", key("s", "i"), schema()).unwrap();
+        let first = writer.write_part(&[batch(0, 3)]).unwrap();
+        writer.write_part(&[batch(3, 2)]).unwrap();
+        writer.finish().unwrap();
+
+        // Equal batches: same schema, same values, same nulls (row 0 and 3 have no score).
+        let read = store.read_all("passages").unwrap();
+        assert_eq!(read, vec![batch(0, 3), batch(3, 2)]);
+
+        let path = dir.path().join("stages/passages/part-00000.parquet");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(first.file, "part-00000.parquet");
+        assert_eq!(first.rows, 3);
+        assert_eq!(first.bytes, bytes.len() as u64);
+        assert_eq!(first.blake3, blake3::hash(&bytes).to_hex().to_string());
+
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
+        let meta = builder.metadata();
+        // Parquet records the codec, not its level (a reader reports the default level).
+        for column in meta.row_group(0).columns() {
+            assert!(matches!(column.compression(), Compression::ZSTD(_)));
+        }
+        let embedded = meta.file_metadata().key_value_metadata().unwrap();
+        assert!(embedded.iter().any(|kv| kv.key == "ARROW:schema"));
+    }
+
+    #[test]
+    fn batch_with_other_columns_is_refused_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StageStore::open(dir.path()).unwrap();
+        let mut writer = store.begin("teacher", key("s", "i"), schema()).unwrap();
+        let mut part = writer.start_part().unwrap();
+        let tmp = dir.path().join("stages/teacher/.part-00000.parquet.tmp");
+        assert!(tmp.is_file());
+        part.write(&batch(0, 2)).unwrap();
+        let wrong = batch(0, 2).project(&[1, 0]).unwrap();
+        match part.write(&wrong) {
+            Err(StoreError::SchemaMismatch {
+                expected, found, ..
+            }) => {
+                assert_eq!(
+                    expected,
+                    "id: Utf8, n: Int64, score: Float32?, vec: FixedSizeList(2 x non-null Float32)"
+                );
+                assert_eq!(found, "n: Int64, id: Utf8");
+            }
+            other => panic!("expected SchemaMismatch, got {other:?}"),
+        }
+        assert_eq!(part.rows(), 2);
+        drop(part);
+        assert!(!tmp.exists());
+        assert_eq!(writer.committed_rows(), 0);
+        assert_eq!(
+            store.read_all("teacher").unwrap(),
+            Vec::<RecordBatch>::new()
+        );
+    }
+
+    #[test]
+    fn an_empty_part_commits_zero_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StageStore::open(dir.path()).unwrap();
+        let mut writer = store.begin("queries", key("s", "i"), schema()).unwrap();
+        let part = writer.write_part(&[]).unwrap();
+        assert_eq!((part.file.as_str(), part.rows), ("part-00000.parquet", 0));
+        assert_eq!(writer.committed_parts(), 1);
+        let done = writer.finish().unwrap();
+        assert_eq!(done.rows(), 0);
+        assert!(store.read_all("queries").unwrap().is_empty());
+    }
+}
