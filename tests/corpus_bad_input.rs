@@ -3,6 +3,9 @@
 //! quarantine file and the good records around it are still read. Plus one happy path
 //! per format, and the shipped scifact-mini dataset read end to end.
 
+// A test that unwraps fails loudly, which is its job.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

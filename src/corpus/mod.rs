@@ -371,6 +371,7 @@ pub fn open_queries(path: &Path, opts: &ReadOptions) -> Result<QueryReader, Corp
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
 
@@ -461,6 +462,14 @@ mod tests {
         assert_eq!(ids, vec!["a"]);
         assert_eq!(reader.skipped(), 2);
         assert_eq!(quarantine.finish().unwrap(), 2);
+    }
+
+    #[test]
+    fn readers_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<PassageReader>();
+        assert_send::<QueryReader>();
+        assert_send::<Quarantine>();
     }
 
     #[test]

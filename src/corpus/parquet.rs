@@ -268,6 +268,7 @@ fn column_value(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
     use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! when those are given, and must not repeat a (query, passage) pair. Qrels are small, so
 //! they are read whole into a [`Qrels`] map.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::jsonl::utf8;
@@ -69,10 +69,7 @@ pub fn read_qrels(
             Ok(()) => {
                 let (query, passage, score) = row;
                 first_line.insert((query.clone(), passage.clone()), number);
-                qrels
-                    .entry(query)
-                    .or_insert_with(BTreeMap::new)
-                    .insert(passage, score);
+                qrels.entry(query).or_default().insert(passage, score);
             }
             Err(bad) => opts.policy.handle(bad, &bytes)?,
         }
@@ -143,6 +140,7 @@ fn is_header(bytes: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
     use crate::corpus::{BadRecordPolicy, Quarantine};

@@ -142,6 +142,7 @@ fn truncate_lossy(raw: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
     use crate::error::Location;

@@ -181,6 +181,7 @@ fn describe_layouts(layouts: &[&[&str]]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
 
