@@ -3,7 +3,7 @@
 //! [`metrics`] scores a [`Run`] (query id -> scored passages) against [`Qrels`] with
 //! nDCG@k, Recall@k, MRR@k and P@k, ranking and averaging exactly as pytrec_eval does
 //! (BEIR's evaluator), so numbers are comparable with published BEIR tables; the result
-is a [`report::EvalReport`] of per-query values and means. [`trec`]
+//! is a [`report::EvalReport`] of per-query values and means. [`trec`]
 //! writes and reads runs in the TREC format (`qid Q0 docid rank score tag`) that
 //! trec_eval itself reads, ranks following the same order.
 //!
