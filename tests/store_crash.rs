@@ -5,6 +5,8 @@
 //! part's temporary file has received bytes: the process dies with a half-written Parquet
 //! file on disk and the stage still open. The parent then checks what a later run sees.
 
+#![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;

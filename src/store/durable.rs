@@ -76,6 +76,7 @@ pub(crate) fn remove_if_present(path: &Path) -> Result<bool, StoreError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
 

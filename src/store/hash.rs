@@ -87,6 +87,7 @@ impl std::io::Write for ContentHasher {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
     use std::collections::{BTreeMap, HashMap};

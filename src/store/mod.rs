@@ -376,9 +376,11 @@ pub(crate) fn describe_fields(schema: &Schema) -> String {
 
 /// Batches and keys shared by the store's unit tests.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 pub(crate) mod fixtures;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::fixtures::{batch, key, ns, schema};
     use super::*;

@@ -101,6 +101,7 @@ pub(crate) fn recover(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use crate::store::fixtures::{batch, key, ns, schema};
     use crate::store::{RecoveryReport, StageStatus, StageStore};

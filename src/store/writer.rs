@@ -300,6 +300,7 @@ impl Write for HashingFile {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
     use crate::store::fixtures::{batch, key, schema};
