@@ -2,7 +2,14 @@
 //! dense retriever. See ARCHITECTURE.md for a walk through the modules.
 
 pub mod corpus;
+pub mod dataflow;
 pub mod error;
 pub mod eval;
+pub mod executor;
+pub mod jobs;
+pub mod model;
+pub mod progress;
 pub mod record;
+pub mod retrieval;
+pub mod schema;
 pub mod store;

@@ -1,1 +1,228 @@
-fn main(){}
+//! The `distillery` command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use distillery::eval::EvalOptions;
+use distillery::jobs::embed::{run_embed, EmbedJob};
+use distillery::jobs::eval::{run_eval, EvalSettings};
+use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+use distillery_operators::TextKind;
+
+#[derive(Parser)]
+#[command(
+    name = "distillery",
+    version,
+    about = "Turn a passage corpus into a fine-tuned dense retriever"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed a BEIR dataset, retrieve exactly, and report nDCG@10, Recall@100, MRR@10.
+    Eval(EvalArgs),
+    /// Embed any passages (.jsonl, .tsv, .parquet) or queries file into a Parquet file.
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory or Hugging Face hub id (in the local hub cache). Default:
+    /// $DISTILLERY_MODEL, then all-MiniLM-L6-v2 from the hub cache, then a tiny random
+    /// model (said so plainly).
+    #[arg(long)]
+    model: Option<String>,
+    /// Maximum tokens per text (default: the model's max_seq_length).
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    /// Prefix for queries (default: the model's `query` prompt).
+    #[arg(long)]
+    query_prefix: Option<String>,
+    /// Prefix for passages (default: the model's `passage`/`document` prompt).
+    #[arg(long)]
+    passage_prefix: Option<String>,
+    /// Padded tokens per device batch.
+    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// Most texts per device batch.
+    #[arg(long, default_value_t = DEFAULT_BATCH_ROWS)]
+    batch_rows: usize,
+    /// Compute threads for the model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timely worker threads (tokenisation and batching).
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+    /// What to do with a bad input record: stop with an error naming it, or skip it into
+    /// the run directory's quarantine.jsonl.
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
+    on_bad_record: OnBadRecord,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnBadRecord {
+    Fail,
+    Skip,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
+    #[arg(long)]
+    dataset: PathBuf,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Run directory (stages are reused from it when inputs and settings are unchanged).
+    /// Default: runs/eval-<dataset name>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Passages (.jsonl BEIR corpus, .tsv, .parquet) or, with --kind query, queries.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output Parquet file: columns id, embedding.
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value_t = Kind::Passage)]
+    kind: Kind,
+    /// Run directory for the stage's parts (resume). Default: <output>.run
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Write timing as JSON here (passages, seconds, passages_per_second).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Passage,
+    Query,
+}
+
+fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
+    EmbedSettings {
+        model: m.model.clone(),
+        max_seq_length: m.max_seq_length,
+        query_prefix: m.query_prefix.clone(),
+        passage_prefix: m.passage_prefix.clone(),
+        batch_tokens: m.batch_tokens,
+        batch_rows: m.batch_rows,
+        workers: m.workers,
+        quarantine: matches!(m.on_bad_record, OnBadRecord::Skip)
+            .then(|| run_dir.join("quarantine.jsonl")),
+        quiet: m.quiet,
+    }
+}
+
+/// Sets the compute thread count before any model code starts its thread pools.
+fn set_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Safety of set_var: called first thing in main, before any other thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Eval(a) => {
+            let threads = set_threads(a.model.threads);
+            let name = a
+                .dataset
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "dataset".into());
+            let run_dir = a
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{name}")));
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let settings = EvalSettings {
+                embed: embed_settings(&a.model, &run_dir),
+                dataset: a.dataset.clone(),
+                split: a.split.clone(),
+                run_dir,
+                eval: EvalOptions::default(),
+                threads,
+            };
+            let (outcome, model) = run_eval(&settings)?;
+            eprintln!("using {model}");
+            println!("dataset    {} ({} split)", a.dataset.display(), a.split);
+            println!("passages   {}", outcome.passages);
+            println!("queries    {}", outcome.queries);
+            for m in outcome.report.measures() {
+                if let Some(v) = outcome.report.mean(*m) {
+                    println!("{:<10} {v:.4}", m.key());
+                }
+            }
+            match outcome.passages_per_second {
+                Some(r) => println!("passages/s {r:.1}"),
+                None => println!(
+                    "passages/s (embeddings reused from {})",
+                    settings.run_dir.display()
+                ),
+            }
+            println!("run file   {}", outcome.run_file.display());
+            if let Some(path) = &a.json {
+                write_json(path, &outcome)?;
+            }
+        }
+        Command::Embed(a) => {
+            set_threads(a.model.threads);
+            let run_dir = a
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| a.output.with_extension("run"));
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let job = EmbedJob {
+                embed: embed_settings(&a.model, &run_dir),
+                input: a.input.clone(),
+                output: a.output.clone(),
+                kind: match a.kind {
+                    Kind::Passage => TextKind::Passage,
+                    Kind::Query => TextKind::Query,
+                },
+                run_dir,
+            };
+            let (outcome, model) = run_embed(&job)?;
+            eprintln!("using {model}");
+            println!(
+                "embedded {} texts ({} dims) in {:.2}s: {:.1}/s, padding {:.1}% -> {}",
+                outcome.passages,
+                outcome.dim,
+                outcome.seconds,
+                outcome.passages_per_second,
+                100.0 * outcome.padding_fraction,
+                a.output.display()
+            );
+            if let Some(path) = &a.json {
+                write_json(path, &outcome)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The timely dataflows that run the stages.
+//!
+//! An embedding stage is `input -> EmbedTexts -> WriteParts`:
+//! - worker 0 reads the texts and feeds them in chunks of [`CHUNK_ROWS`], one timestamp
+//!   per chunk; it stops reading while more than [`MAX_CHUNKS_IN_FLIGHT`] chunks are
+//!   unfinished (the probe says which), so memory stays bounded however large the input;
+//! - `EmbedTexts` ([`embed_op`]) on every worker tokenises, batches by token budget and
+//!   hands batches to the one device executor over its bounded queue;
+//! - `WriteParts` ([`write_parts`]) commits each finished chunk as one Parquet part.
+//!
+//! A stage already complete under its key is not run again; a stage begun under its key
+//! resumes after its committed rows.
+
+pub mod embed_op;
+pub mod write_parts;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
+use timely::dataflow::operators::Probe;
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+use crate::error::EngineError;
+use crate::executor::{DeviceExecutor, ExecutorStats};
+use crate::progress::Progress;
+use crate::schema::embeddings_schema;
+use crate::store::{CompletedStage, StageKey, StageStore};
+use embed_op::{embed_texts, EmbedOperatorConfig, TextRecord};
+use write_parts::{write_parts, SharedWriter};
+
+/// Texts per timestamp and per Parquet part: large enough that sorting by length inside a
+/// chunk leaves little padding, small enough that a killed run loses little work.
+pub const CHUNK_ROWS: usize = 2048;
+
+/// Chunks fed but not yet written before the reader waits: enough to keep every worker
+/// and the device busy, few enough to bound memory to a few chunks of text.
+pub const MAX_CHUNKS_IN_FLIGHT: u64 = 3;
+
+/// A stream of `(id, text)` pairs, read lazily.
+pub type TextSource = Box<dyn Iterator<Item = Result<(String, String), EngineError>> + Send>;
+
+/// One embedding stage to run.
+#[derive(Debug, Clone)]
+pub struct EmbedStage {
+    /// The stage's name in the store.
+    pub stage: String,
+    /// Settings and input hashes: the stage is reused only under the same key.
+    pub key: StageKey,
+    pub kind: TextKind,
+    pub batcher: TokenBudgetBatcher,
+    /// Timely worker threads (tokenisation and batching run on them).
+    pub workers: usize,
+    /// Texts in the input, when known, for the ETA.
+    pub total: Option<u64>,
+    /// Label of the progress report.
+    pub label: String,
+    pub quiet: bool,
+}
+
+/// What running (or reusing) an embedding stage did.
+#[derive(Debug, Clone)]
+pub struct EmbedStageReport {
+    pub completed: CompletedStage,
+    /// True when the stage was already complete and nothing ran.
+    pub reused: bool,
+    /// Rows embedded by this run (a resumed run counts only its own).
+    pub rows_embedded: u64,
+    /// Wall time of the dataflow, model loading excluded.
+    pub seconds: f64,
+    pub executor: ExecutorStats,
+}
+
+/// Runs (or reuses, or resumes) an embedding stage.
+pub fn run_embed_stage(
+    store: &StageStore,
+    embedder: Arc<Embedder>,
+    source: TextSource,
+    stage: &EmbedStage,
+) -> Result<EmbedStageReport, EngineError> {
+    if let Some(completed) = store.completed(&stage.stage, &stage.key)? {
+        return Ok(EmbedStageReport {
+            completed,
+            reused: true,
+            rows_embedded: 0,
+            seconds: 0.0,
+            executor: ExecutorStats::default(),
+        });
+    }
+    let start = Instant::now();
+    let executor = DeviceExecutor::spawn(embedder.clone()).map_err(|e| {
+        EngineError::Dataflow(format!("cannot start the device executor thread: {e}"))
+    })?;
+    let config = EmbedOperatorConfig {
+        embedder: embedder.clone(),
+        kind: stage.kind,
+        batcher: stage.batcher,
+        submitter: executor.submitter(),
+    };
+    let source = Arc::new(Mutex::new(Some(source)));
+    let progress = Arc::new(Progress::new(&stage.label, stage.total, stage.quiet));
+    let store = store.clone();
+    let stage_spec = stage.clone();
+    let dim = embedder.dim();
+    let worker_progress = progress.clone();
+
+    let guards = timely::execute(
+        timely::Config::process(stage.workers.max(1)),
+        move |worker| -> Result<Option<(CompletedStage, u64)>, EngineError> {
+            let index = worker.index();
+            let writer: SharedWriter = Rc::new(RefCell::new(None));
+            if index == 0 {
+                *writer.borrow_mut() = Some(store.begin(
+                    &stage_spec.stage,
+                    stage_spec.key.clone(),
+                    embeddings_schema(dim),
+                )?);
+            }
+            let skip = writer
+                .borrow()
+                .as_ref()
+                .map(|w| w.committed_rows())
+                .unwrap_or(0);
+            let error: Rc<RefCell<Option<EngineError>>> = Rc::new(RefCell::new(None));
+            let mut input: InputHandleVec<u64, TextRecord> = InputHandleVec::new();
+            let probe = ProbeHandle::new();
+            worker.dataflow::<u64, _, _>(|scope| {
+                let texts = input.to_stream(scope);
+                let embedded = embed_texts(texts, config.clone(), error.clone()).probe_with(&probe);
+                write_parts(
+                    embedded,
+                    writer.clone(),
+                    dim,
+                    worker_progress.clone(),
+                    error.clone(),
+                );
+            });
+
+            let mut fed: u64 = 0;
+            if index == 0 {
+                let taken = source.lock().ok().and_then(|mut s| s.take());
+                let Some(texts) = taken else {
+                    return Err(EngineError::Dataflow("text source already taken".into()));
+                };
+                let mut seq = skip;
+                let mut time: u64 = 0;
+                let mut in_chunk = 0usize;
+                let mut skipped = 0u64;
+                for item in texts {
+                    let (id, text) = match item {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            error.borrow_mut().get_or_insert(e);
+                            break;
+                        }
+                    };
+                    if skipped < skip {
+                        skipped += 1;
+                        continue;
+                    }
+                    input.send((seq, id, text));
+                    seq += 1;
+                    fed += 1;
+                    in_chunk += 1;
+                    if in_chunk == CHUNK_ROWS {
+                        in_chunk = 0;
+                        time += 1;
+                        input.advance_to(time);
+                        if time > MAX_CHUNKS_IN_FLIGHT {
+                            let oldest = time - MAX_CHUNKS_IN_FLIGHT;
+                            while probe.less_than(&oldest) && error.borrow().is_none() {
+                                worker.step_or_park(None);
+                            }
+                        }
+                        if error.borrow().is_some() {
+                            break;
+                        }
+                    }
+                }
+            }
+            input.close();
+            while worker.step_or_park(None) {}
+            if let Some(e) = error.borrow_mut().take() {
+                return Err(e);
+            }
+            let finished = writer.borrow_mut().take();
+            match finished {
+                None => Ok(None),
+                Some(w) => Ok(Some((w.finish()?, fed))),
+            }
+        },
+    )
+    .map_err(EngineError::Dataflow)?;
+
+    let mut outcome = None;
+    let mut first_error = None;
+    for result in guards.join() {
+        match result {
+            Ok(Ok(Some(done))) => outcome = Some(done),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(panic) => {
+                first_error
+                    .get_or_insert(EngineError::Dataflow(format!("a worker failed: {panic}")));
+            }
+        }
+    }
+    let executor_stats = executor.join();
+    progress.finish();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let (completed, rows_embedded) = outcome
+        .ok_or_else(|| EngineError::Dataflow("worker 0 returned no stage; this is a bug".into()))?;
+    Ok(EmbedStageReport {
+        completed,
+        reused: false,
+        rows_embedded,
+        seconds: start.elapsed().as_secs_f64(),
+        executor: executor_stats,
+    })
+}

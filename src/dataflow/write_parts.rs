@@ -1,0 +1,76 @@
+//! The part writer: a sink that gathers embedded texts on worker 0 and commits each
+//! completed chunk (one timestamp) as one Parquet part of the stage, in input order.
+//!
+//! A chunk is complete when the input frontier has passed its timestamp; chunks are
+//! written in timestamp order, rows within a chunk by input position. Parts therefore
+//! have the same boundaries and bytes whatever the number of workers or the order in
+//! which the device finished batches, which is what makes resume exact.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::Stream;
+
+use crate::dataflow::embed_op::EmbeddedRecord;
+use crate::error::EngineError;
+use crate::progress::Progress;
+use crate::schema::embeddings_batch;
+use crate::store::StageWriter;
+
+/// The stage writer, shared between the sink and the driver that finishes it; it holds a
+/// writer on worker 0 only (every record is routed there).
+pub type SharedWriter = Rc<RefCell<Option<StageWriter>>>;
+
+/// Adds the sink.
+pub fn write_parts(
+    embedded: Stream<'_, u64, Vec<EmbeddedRecord>>,
+    writer: SharedWriter,
+    dim: usize,
+    progress: Arc<Progress>,
+    error: Rc<RefCell<Option<EngineError>>>,
+) {
+    let to_first_worker = Exchange::new(|_r: &EmbeddedRecord| 0);
+    let mut chunks: BTreeMap<u64, Vec<EmbeddedRecord>> = BTreeMap::new();
+    embedded.sink(to_first_worker, "WriteParts", move |(input, frontier)| {
+        input.for_each(|cap, data| {
+            if let Some(&time) = cap.least() {
+                chunks.entry(time).or_default().extend(data.drain(..));
+            }
+        });
+        let mut writer = writer.borrow_mut();
+        let Some(writer) = writer.as_mut() else {
+            chunks.clear();
+            return;
+        };
+        while let Some(entry) = chunks.first_entry() {
+            if frontier.less_equal(entry.key()) {
+                break;
+            }
+            let mut rows = entry.remove();
+            if error.borrow().is_some() {
+                continue;
+            }
+            rows.sort_by_key(|r| r.0);
+            let n = rows.len() as u64;
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut matrix = Vec::with_capacity(rows.len() * dim);
+            for (_, id, v) in rows {
+                ids.push(id);
+                matrix.extend_from_slice(&v);
+            }
+            let written = embeddings_batch(&ids, matrix, dim)
+                .map_err(EngineError::from)
+                .and_then(|batch| writer.write_part(&[batch]).map_err(EngineError::from));
+            match written {
+                Ok(_) => progress.inc(n),
+                Err(e) => {
+                    error.borrow_mut().get_or_insert(e);
+                }
+            }
+        }
+    });
+}

