@@ -6,7 +6,7 @@
 //! normalisation; distillery does the same.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -153,7 +153,7 @@ impl SentenceTransformerSpec {
     }
 }
 
-fn read_pooling(path: &PathBuf) -> Result<Pooling> {
+fn read_pooling(path: &Path) -> Result<Pooling> {
     let f: PoolingFile = read_json(path, "sentence-transformers pooling config")?;
     if let Some(mode) = &f.pooling_mode {
         return match mode.as_str() {

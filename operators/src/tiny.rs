@@ -60,6 +60,9 @@ const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 /// Standard deviation of the random weights, transformers' `initializer_range`.
 const INIT_STD: f32 = 0.02;
 
+/// Fills a named tensor with normal variates: name, shape, standard deviation, mean.
+type NormalFill<'a> = dyn FnMut(String, &[usize], f32, f32) -> Result<()> + 'a;
+
 /// A deterministic generator of normal variates (splitmix64 + Box-Muller).
 pub struct SeededNormal {
     state: u64,
@@ -215,9 +218,7 @@ where
     )?;
     // Layer norms get weights near 1 and biases near 0, not exactly 1 and 0, so that a
     // loader that skipped them would be caught by the reference tests.
-    let norm = |normal: &mut dyn FnMut(String, &[usize], f32, f32) -> Result<()>,
-                name: &str|
-     -> Result<()> {
+    let norm = |normal: &mut NormalFill, name: &str| -> Result<()> {
         normal(format!("{name}.weight"), &[h], 0.1, 1.0)?;
         normal(format!("{name}.bias"), &[h], 0.1, 0.0)
     };

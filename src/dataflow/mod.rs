@@ -14,7 +14,7 @@
 pub mod embed_op;
 pub mod write_parts;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -53,6 +53,9 @@ pub struct EmbedStage {
     pub batcher: TokenBudgetBatcher,
     /// Timely worker threads (tokenisation and batching run on them).
     pub workers: usize,
+    /// Texts per chunk (timestamp) and per Parquet part; [`CHUNK_ROWS`] unless a test
+    /// wants many small parts. A resumed stage must use the value it began with.
+    pub chunk_rows: usize,
     /// Texts in the input, when known, for the ETA.
     pub total: Option<u64>,
     /// Label of the progress report.
@@ -104,6 +107,7 @@ pub fn run_embed_stage(
     let store = store.clone();
     let stage_spec = stage.clone();
     let dim = embedder.dim();
+    let chunk_rows = stage.chunk_rows.max(1);
     let worker_progress = progress.clone();
 
     let guards = timely::execute(
@@ -124,6 +128,7 @@ pub fn run_embed_stage(
                 .map(|w| w.committed_rows())
                 .unwrap_or(0);
             let error: Rc<RefCell<Option<EngineError>>> = Rc::new(RefCell::new(None));
+            let discard_from = Rc::new(Cell::new(u64::MAX));
             let mut input: InputHandleVec<u64, TextRecord> = InputHandleVec::new();
             let probe = ProbeHandle::new();
             worker.dataflow::<u64, _, _>(|scope| {
@@ -132,6 +137,7 @@ pub fn run_embed_stage(
                 write_parts(
                     embedded,
                     writer.clone(),
+                    discard_from.clone(),
                     dim,
                     worker_progress.clone(),
                     error.clone(),
@@ -139,6 +145,7 @@ pub fn run_embed_stage(
             });
 
             let mut fed: u64 = 0;
+            let mut source_error: Option<EngineError> = None;
             if index == 0 {
                 let taken = source.lock().ok().and_then(|mut s| s.take());
                 let Some(texts) = taken else {
@@ -152,7 +159,13 @@ pub fn run_embed_stage(
                     let (id, text) = match item {
                         Ok(pair) => pair,
                         Err(e) => {
-                            error.borrow_mut().get_or_insert(e);
+                            // Whole chunks already fed are good work: let them be
+                            // written. A partial chunk is discarded, so that a resumed
+                            // run cuts parts where an uninterrupted one does.
+                            if in_chunk > 0 {
+                                discard_from.set(time);
+                            }
+                            source_error = Some(e);
                             break;
                         }
                     };
@@ -164,7 +177,7 @@ pub fn run_embed_stage(
                     seq += 1;
                     fed += 1;
                     in_chunk += 1;
-                    if in_chunk == CHUNK_ROWS {
+                    if in_chunk == chunk_rows {
                         in_chunk = 0;
                         time += 1;
                         input.advance_to(time);
@@ -182,7 +195,7 @@ pub fn run_embed_stage(
             }
             input.close();
             while worker.step_or_park(None) {}
-            if let Some(e) = error.borrow_mut().take() {
+            if let Some(e) = error.borrow_mut().take().or(source_error) {
                 return Err(e);
             }
             let finished = writer.borrow_mut().take();

@@ -6,7 +6,7 @@
 //! have the same boundaries and bytes whatever the number of workers or the order in
 //! which the device finished batches, which is what makes resume exact.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -25,10 +25,12 @@ use crate::store::StageWriter;
 /// writer on worker 0 only (every record is routed there).
 pub type SharedWriter = Rc<RefCell<Option<StageWriter>>>;
 
-/// Adds the sink.
+/// Adds the sink. Chunks at or after `discard_from` are dropped unwritten (an
+/// interrupted input's partial chunk).
 pub fn write_parts(
     embedded: Stream<'_, u64, Vec<EmbeddedRecord>>,
     writer: SharedWriter,
+    discard_from: Rc<Cell<u64>>,
     dim: usize,
     progress: Arc<Progress>,
     error: Rc<RefCell<Option<EngineError>>>,
@@ -38,7 +40,7 @@ pub fn write_parts(
     embedded.sink(to_first_worker, "WriteParts", move |(input, frontier)| {
         input.for_each(|cap, data| {
             if let Some(&time) = cap.least() {
-                chunks.entry(time).or_default().extend(data.drain(..));
+                chunks.entry(time).or_default().append(data);
             }
         });
         let mut writer = writer.borrow_mut();
@@ -50,8 +52,9 @@ pub fn write_parts(
             if frontier.less_equal(entry.key()) {
                 break;
             }
+            let time = *entry.key();
             let mut rows = entry.remove();
-            if error.borrow().is_some() {
+            if error.borrow().is_some() || time >= discard_from.get() {
                 continue;
             }
             rows.sort_by_key(|r| r.0);

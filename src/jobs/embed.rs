@@ -80,6 +80,7 @@ pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), Engine
         kind: job.kind,
         batcher: job.embed.batcher(),
         workers: job.embed.workers,
+        chunk_rows: crate::dataflow::CHUNK_ROWS,
         total: count_records(&job.input),
         label: format!("embed {kind_name}s"),
         quiet: job.embed.quiet,
