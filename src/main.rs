@@ -168,8 +168,7 @@ fn main() -> Result<()> {
                 eval: EvalOptions::default(),
                 threads,
             };
-            let (outcome, model) = run_eval(&settings)?;
-            eprintln!("using {model}");
+            let (outcome, _model) = run_eval(&settings)?;
             println!("dataset    {} ({} split)", a.dataset.display(), a.split);
             println!("passages   {}", outcome.passages);
             println!("queries    {}", outcome.queries);
@@ -208,8 +207,7 @@ fn main() -> Result<()> {
                 },
                 run_dir,
             };
-            let (outcome, model) = run_embed(&job)?;
-            eprintln!("using {model}");
+            let (outcome, _model) = run_embed(&job)?;
             println!(
                 "embedded {} texts ({} dims) in {:.2}s: {:.1}/s, padding {:.1}% -> {}",
                 outcome.passages,

@@ -90,6 +90,9 @@ impl EmbedSettings {
             }
             Ok(texts)
         })?;
+        if !self.quiet {
+            eprintln!("using {resolved}");
+        }
         let options = EmbedderOptions {
             max_seq_length: self.max_seq_length,
             query_prefix: self.query_prefix.clone(),
