@@ -144,6 +144,15 @@ fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
+    if let Some(path) = path {
+        eprintln!(
+            "skipped {skipped} bad record(s); each is in {} with its reason",
+            path.display()
+        );
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -185,6 +194,7 @@ fn main() -> Result<()> {
                 ),
             }
             println!("run file   {}", outcome.run_file.display());
+            report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
             if let Some(path) = &a.json {
                 write_json(path, &outcome)?;
             }
@@ -217,6 +227,7 @@ fn main() -> Result<()> {
                 100.0 * outcome.padding_fraction,
                 a.output.display()
             );
+            report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
             if let Some(path) = &a.json {
                 write_json(path, &outcome)?;
             }

@@ -2,6 +2,8 @@
 //! worker count, a rerun computes nothing, an interrupted run resumes to the bytes of an
 //! uninterrupted one, and an input error stops the stage naming file and line.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::Path;
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! sentence-transformers + pytrec_eval on the same files (the committed fixture was made
 //! by benches/compare/beir_eval_st.py). Skips, saying so, when the model is absent.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::PathBuf;
 
 use distillery::eval::EvalOptions;
@@ -46,7 +48,10 @@ fn scifact_mini_metrics_equal_sentence_transformers_and_pytrec_eval() {
     };
     let (outcome, _) = run_eval(&settings).unwrap();
     assert_eq!(outcome.queries as u64, fixture["queries"].as_u64().unwrap());
-    assert_eq!(outcome.passages as u64, fixture["passages"].as_u64().unwrap());
+    assert_eq!(
+        outcome.passages as u64,
+        fixture["passages"].as_u64().unwrap()
+    );
     for (ours, key) in [
         (outcome.ndcg_at_10, "ndcg_at_10"),
         (outcome.recall_at_100, "recall_at_100"),
@@ -56,9 +61,15 @@ fn scifact_mini_metrics_equal_sentence_transformers_and_pytrec_eval() {
         let got = ours.unwrap();
         // The bar is 0.002; embeddings equal to 1e-5 leave rankings identical
         // here, so the metrics agree far closer.
-        assert!((got - want).abs() < 1e-4, "{key}: distillery {got}, reference {want}");
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{key}: distillery {got}, reference {want}"
+        );
     }
     // The run file holds every query's ranking: 127 queries x 100 results.
-    let lines = std::fs::read_to_string(&outcome.run_file).unwrap().lines().count();
+    let lines = std::fs::read_to_string(&outcome.run_file)
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(lines, 127 * 100);
 }

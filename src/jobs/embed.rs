@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::corpus::open_queries;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use crate::error::EngineError;
-use crate::jobs::{count_records, hash_file, passage_texts, EmbedSettings};
+use crate::jobs::{count_records, hash_file, passage_texts, quarantined, EmbedSettings};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::schema::embeddings_schema;
 use crate::store::{hash_settings, StageKey, StageStore};
@@ -37,6 +37,9 @@ pub struct EmbedOutcome {
     pub model: String,
     pub reused: bool,
     pub padding_fraction: f64,
+    /// Bad records skipped (with `--on-bad-record skip`) and where they were written.
+    pub skipped_records: u64,
+    pub quarantine: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -51,10 +54,10 @@ struct Settings<'a> {
 /// Runs the job.
 pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), EngineError> {
     let store = StageStore::open(&job.run_dir)?;
-    let (embedder, resolved) = job
-        .embed
-        .load_embedder(&job.input, &job.run_dir.join("tiny-model"))?;
     let read = job.embed.read_options()?;
+    let (embedder, resolved) =
+        job.embed
+            .load_embedder(&job.input, &read, &job.run_dir.join("tiny-model"))?;
     let (source, kind_name): (TextSource, &str) = match job.kind {
         TextKind::Passage => (passage_texts(&job.input, &read)?, "passage"),
         TextKind::Query => {
@@ -88,8 +91,11 @@ pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), Engine
     let report = run_embed_stage(&store, embedder.clone(), source, &stage)?;
     write_single_file(&store, "embeddings", embedder.dim(), &job.output)?;
     let ex = report.executor;
+    let (skipped_records, quarantine) = quarantined(&read)?;
     Ok((
         EmbedOutcome {
+            skipped_records,
+            quarantine,
             passages: report.completed.rows(),
             seconds: report.seconds,
             passages_per_second: if report.seconds > 0.0 {

@@ -15,7 +15,7 @@ use crate::corpus::{open_queries, read_qrels};
 use crate::dataflow::{run_embed_stage, EmbedStage, EmbedStageReport};
 use crate::error::EngineError;
 use crate::eval::{evaluate, write_run_file, EvalOptions, EvalReport, Run};
-use crate::jobs::{count_records, hash_file, passage_texts, EmbedSettings};
+use crate::jobs::{count_records, hash_file, passage_texts, quarantined, EmbedSettings};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::record::Query;
 use crate::retrieval::exact_top_k;
@@ -54,6 +54,9 @@ pub struct EvalOutcome {
     pub tiny_model: bool,
     pub run_file: PathBuf,
     pub seconds: f64,
+    /// Bad records skipped (with `--on-bad-record skip`) and where they were written.
+    pub skipped_records: u64,
+    pub quarantine: Option<PathBuf>,
     #[serde(skip)]
     pub report: EvalReport,
 }
@@ -110,9 +113,10 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
     queries.retain(|q| qrels.get(&q.id).is_some_and(|j| !j.is_empty()));
 
     let store = StageStore::open(&settings.run_dir)?;
-    let (embedder, resolved) = settings
-        .embed
-        .load_embedder(&corpus, &settings.run_dir.join("tiny-model"))?;
+    let (embedder, resolved) =
+        settings
+            .embed
+            .load_embedder(&corpus, &read, &settings.run_dir.join("tiny-model"))?;
     let model_id = fingerprint(&resolved.dir)?;
     let stage = |name: &str, kind: TextKind, input_hash: String, total, label: &str| {
         let s = EmbedStageSettings {
@@ -188,12 +192,14 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
     let hits = exact_top_k(&q.values, &p.values, p.dim, k, settings.threads)?;
     let mut run: Run = BTreeMap::new();
     for (qi, list) in hits.into_iter().enumerate() {
-        run.insert(
-            q.ids[qi].clone(),
-            list.into_iter()
-                .map(|h| (p.ids[h.passage as usize].clone(), h.score))
-                .collect(),
-        );
+        let qid = &q.ids[qi];
+        let ranked: Vec<(String, f32)> = list
+            .into_iter()
+            .map(|h| (p.ids[h.passage as usize].clone(), h.score))
+            .filter(|(pid, _)| !(settings.eval.ignore_identical_ids && pid == qid))
+            .take(deepest)
+            .collect();
+        run.insert(qid.clone(), ranked);
     }
     let report =
         evaluate(&run, &qrels, &settings.eval).map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -203,7 +209,10 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
     write_run_file(&run_file, &run, "distillery")
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
 
+    let (skipped_records, quarantine) = quarantined(&read)?;
     let outcome = EvalOutcome {
+        skipped_records,
+        quarantine,
         ndcg_at_10: report.ndcg_at(10),
         recall_at_100: report.recall_at(100),
         mrr_at_10: report.mrr_at(10),

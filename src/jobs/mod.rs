@@ -80,10 +80,11 @@ impl EmbedSettings {
     pub fn load_embedder(
         &self,
         corpus: &Path,
+        read: &ReadOptions,
         tiny_dir: &Path,
     ) -> Result<(Arc<Embedder>, ResolvedModel), EngineError> {
         let resolved = resolve_model(self.model.as_deref(), tiny_dir, &mut || {
-            let reader = open_passages(corpus, &ReadOptions::default())?;
+            let reader = open_passages(corpus, read)?;
             let mut texts = Vec::new();
             for p in reader {
                 texts.push(p?.embedding_text());
@@ -101,6 +102,14 @@ impl EmbedSettings {
         let embedder = Embedder::load(&resolved.dir, &options, &Device::Cpu)?;
         Ok((Arc::new(embedder), resolved))
     }
+}
+
+/// Records skipped into the quarantine of `read`, and its path (none under `Fail`).
+pub fn quarantined(read: &ReadOptions) -> Result<(u64, Option<PathBuf>), EngineError> {
+    Ok(match &read.policy {
+        BadRecordPolicy::Fail => (0, None),
+        BadRecordPolicy::Skip(q) => (q.finish()?, Some(q.path().to_path_buf())),
+    })
 }
 
 /// Passages of `path` as `(id, title + " " + text)`, streamed.
