@@ -84,7 +84,19 @@ impl EmbedSettings {
         tiny_dir: &Path,
     ) -> Result<(Arc<Embedder>, ResolvedModel), EngineError> {
         let resolved = resolve_model(self.model.as_deref(), tiny_dir, &mut || {
-            let reader = open_passages(corpus, read)?;
+            // Training a tiny tokenizer reads the corpus once more; under `Skip` its bad
+            // records go to a quarantine of its own, so the run's quarantine lists each
+            // bad record once.
+            let tokenizer_read = match &read.policy {
+                BadRecordPolicy::Fail => ReadOptions::default(),
+                BadRecordPolicy::Skip(_) => ReadOptions {
+                    policy: BadRecordPolicy::Skip(Quarantine::create(
+                        &tiny_dir.with_extension("tokenizer-quarantine.jsonl"),
+                    )?),
+                    ..ReadOptions::default()
+                },
+            };
+            let reader = open_passages(corpus, &tokenizer_read)?;
             let mut texts = Vec::new();
             for p in reader {
                 texts.push(p?.embedding_text());

@@ -1,0 +1,135 @@
+//! The `distillery` binary as a user runs it: `embed` writes a whole Parquet file, a bad
+//! record stops it with the file and line (exit status 1) or, with
+//! `--on-bad-record skip`, lands in the quarantine and is counted; `eval` on a missing
+//! split names the missing file.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+fn distillery(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args(args)
+        .current_dir(cwd)
+        // No real model for these tests: the tiny model is built and announced.
+        .env_remove("DISTILLERY_MODEL")
+        .env("HF_HUB_CACHE", cwd.join("no-hub-cache"))
+        .output()
+        .unwrap()
+}
+
+fn parquet_rows(path: &Path) -> usize {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    reader.map(|b| b.unwrap().num_rows()).sum()
+}
+
+const GOOD: &str = "{\"_id\":\"a\",\"title\":\"Cats\",\"text\":\"Cats sleep a lot.\"}\n\
+{\"_id\":\"b\",\"title\":\"\",\"text\":\"Dogs bark at night.\"}\n\
+{\"_id\":\"c\",\"title\":\"Birds\",\"text\":\"Birds sing in the morning and fly south.\"}\n";
+
+#[test]
+fn embed_writes_every_text_and_says_which_model() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("corpus.jsonl"), GOOD).unwrap();
+    let out = distillery(
+        &[
+            "embed",
+            "--input",
+            "corpus.jsonl",
+            "--output",
+            "emb.parquet",
+            "--json",
+            "t.json",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(parquet_rows(&dir.path().join("emb.parquet")), 3);
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("t.json")).unwrap()).unwrap();
+    assert_eq!(t["passages"], 3);
+    assert_eq!(t["dim"], 32);
+}
+
+#[test]
+fn a_bad_record_fails_with_its_location_or_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = format!("{GOOD}{{\"_id\":\"d\",\"title\":\"x\"}}\n{{not json\n");
+    std::fs::write(dir.path().join("corpus.jsonl"), bad).unwrap();
+    // Default: stop at the first bad record, name it, leave no output file.
+    let out = distillery(
+        &[
+            "embed",
+            "--input",
+            "corpus.jsonl",
+            "--output",
+            "emb.parquet",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("corpus.jsonl:4"), "{stderr}");
+    assert!(stderr.contains("`text`"), "{stderr}");
+    assert!(!dir.path().join("emb.parquet").exists());
+
+    // Skip: both bad records go to the quarantine with their reasons; three rows out.
+    let out = distillery(
+        &[
+            "embed",
+            "--input",
+            "corpus.jsonl",
+            "--output",
+            "emb.parquet",
+            "--quiet",
+            "--on-bad-record",
+            "skip",
+            "--run-dir",
+            "run",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("skipped 2 bad record(s)"), "{stderr}");
+    assert_eq!(parquet_rows(&dir.path().join("emb.parquet")), 3);
+    let q = std::fs::read_to_string(dir.path().join("run/quarantine.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = q
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["line"], 4);
+    assert_eq!(lines[0]["field"], "text");
+    assert_eq!(lines[1]["line"], 5);
+}
+
+#[test]
+fn eval_names_a_missing_qrels_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ds");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("corpus.jsonl"), GOOD).unwrap();
+    std::fs::write(
+        data.join("queries.jsonl"),
+        "{\"_id\":\"q\",\"text\":\"cats\"}\n",
+    )
+    .unwrap();
+    let out = distillery(
+        &["eval", "--dataset", "ds", "--split", "dev", "--quiet"],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("qrels/dev.tsv"), "{stderr}");
+}
