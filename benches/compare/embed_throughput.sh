@@ -4,11 +4,12 @@
 # interleaved (distillery, ST, distillery, ST, ...) so drift in machine load hits both.
 #
 # usage: benches/compare/embed_throughput.sh [-r ROUNDS] [--threads N] [--model DIR]
-#            [--corpus corpus.jsonl] [--out DIR] [--st-only]
+#            [--corpus corpus.jsonl] [--out DIR] [--bin PATH] [--st-only]
 #   -r ROUNDS   rounds of (distillery, ST); default 2. Medians are reported.
 #   --threads   threads for both sides; default 2.
 #   --out DIR   keep every run's JSON, logs and summary.json there (default: a temp dir
 #               that is removed at the end).
+#   --bin PATH  use this distillery binary instead of building one.
 #   --st-only   skip distillery (checks the PyTorch half alone).
 # Environment: CARGO_TARGET_DIR (where the release build goes), PEERS_PY (a Python with
 # torch + sentence-transformers; default: the one /work/shared/tools/peers-venv.sh prints).
@@ -24,6 +25,7 @@ model=/work/shared/models/all-MiniLM-L6-v2
 corpus=/work/shared/datasets/scifact/corpus.jsonl
 out=""
 st_only=0
+bin=""
 
 die() { echo "embed_throughput: $*" >&2; exit 1; }
 
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --model) model=${2:?--model needs a directory}; shift 2 ;;
     --corpus) corpus=${2:?--corpus needs a file}; shift 2 ;;
     --out) out=${2:?--out needs a directory}; shift 2 ;;
+    --bin) bin=${2:?--bin needs a path}; shift 2 ;;
     --st-only) st_only=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -63,20 +66,26 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 
-bin=""
 if [ "$st_only" -eq 0 ]; then
-  target=${CARGO_TARGET_DIR:-$root/target}
-  echo "building distillery (release, target $target) ..." >&2
-  (cd "$root" && cargo build --release -p distillery --bin distillery) >"$work/build.log" 2>&1 \
-    || { tail -n 30 "$work/build.log" >&2; die "cargo build failed (log above)"; }
-  bin=$target/release/distillery
-  [ -x "$bin" ] || die "no binary at $bin after the build"
+  if [ -z "$bin" ]; then
+    target=${CARGO_TARGET_DIR:-$root/target}
+    echo "building distillery (release, target $target) ..." >&2
+    (cd "$root" && cargo build --release -p distillery --bin distillery) >"$work/build.log" 2>&1 \
+      || { tail -n 30 "$work/build.log" >&2; die "cargo build failed (log above)"; }
+    bin=$target/release/distillery
+  fi
+  [ -x "$bin" ] || die "no executable distillery binary at $bin"
   "$bin" embed --help >/dev/null 2>&1 \
     || die "$bin has no working 'embed' subcommand ('$bin embed --help' failed); try --st-only"
 fi
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || true)
 [ -n "$cpu" ] || cpu=$(uname -m)
+# The vector extensions both sides' matmul kernels pick from (the CPU name alone is often
+# generic on virtual machines).
+isa=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' \
+  | grep -x -E 'avx2|avx512f|avx512_bf16|avx512_vnni|amx_tile' | tr '\n' ' ' | sed 's/ $//' || true)
+[ -n "$isa" ] && cpu="$cpu [$isa]"
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)  nproc $(nproc)  cpu: $cpu  load: $load_before  git $git_rev" >&2
