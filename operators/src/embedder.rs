@@ -6,6 +6,11 @@
 //! special tokens kept), the same pooling over unpadded tokens, the same normalisation.
 //! Tokenisation and the forward pass are separate calls, so that a dataflow can
 //! tokenise on its workers and keep the device busy with batches only.
+//!
+//! Two backends compute the same function: on the CPU, the hand-written kernel of
+//! [`crate::cpu_bert`] (no padding, fused layers); elsewhere (CUDA), candle's
+//! [`BertModel`]. [`Embedder::load`] picks by device; [`Embedder::load_with_backend`]
+//! chooses, so tests can compare the two.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +19,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weights};
+use crate::cpu_bert::CpuBert;
 use crate::error::{OperatorError, Result};
 use crate::st_config::{Pooling, SentenceTransformerSpec};
 
@@ -48,10 +54,38 @@ pub const REQUIRED_FILES: [(&str, &str); 3] = [
     ),
 ];
 
+/// Which implementation of the encoder runs the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// candle tensors on the embedder's device (CPU or CUDA); padded batches.
+    Candle,
+    /// The CPU kernel of [`crate::cpu_bert`]; CPU only.
+    Cpu,
+}
+
+impl Backend {
+    /// The fastest backend for `device`.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Cpu
+        } else {
+            Self::Candle
+        }
+    }
+}
+
+/// The loaded encoder of one backend.
+enum Encoder {
+    Candle(BertModel),
+    Cpu(CpuBert),
+}
+
 /// A loaded embedder. Cheap calls: `tokenize` (CPU, any thread) and `embed_batch`
 /// (the device).
 pub struct Embedder {
-    model: BertModel,
+    encoder: Encoder,
+    config: BertConfig,
+    device: Device,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -64,8 +98,27 @@ pub struct Embedder {
 
 impl Embedder {
     /// Loads `dir` (config.json, tokenizer.json, model.safetensors and the optional
-    /// sentence-transformers files) onto `device`.
+    /// sentence-transformers files) onto `device`, with the fastest backend for it.
     pub fn load(dir: &Path, options: &EmbedderOptions, device: &Device) -> Result<Self> {
+        Self::load_with_backend(dir, options, device, Backend::for_device(device))
+    }
+
+    /// [`Embedder::load`] with a chosen backend; [`Backend::Cpu`] needs `device` to be
+    /// the CPU.
+    pub fn load_with_backend(
+        dir: &Path,
+        options: &EmbedderOptions,
+        device: &Device,
+        backend: Backend,
+    ) -> Result<Self> {
+        if backend == Backend::Cpu && !device.is_cpu() {
+            return Err(OperatorError::Unsupported {
+                path: dir.to_path_buf(),
+                what: "backend for this device",
+                value: format!("cpu kernel on {device:?}"),
+                supported: "the cpu kernel on the CPU; candle on any device",
+            });
+        }
         for (file, why) in REQUIRED_FILES {
             if !dir.join(file).is_file() {
                 return Err(OperatorError::MissingFile {
@@ -78,7 +131,11 @@ impl Embedder {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let spec = SentenceTransformerSpec::read(dir)?;
         let weights = Weights::load(&dir.join("model.safetensors"), device)?;
-        let model = BertModel::load(&weights, &config)?;
+        let encoder = match backend {
+            Backend::Candle => Encoder::Candle(BertModel::load(&weights, &config)?),
+            Backend::Cpu => Encoder::Cpu(CpuBert::load(&weights, &config)?),
+        };
+        drop(weights);
         let max_seq_length = options
             .max_seq_length
             .or(spec.max_seq_length)
@@ -98,7 +155,9 @@ impl Embedder {
         tokenizer.with_padding(None);
         let prompt = |key: &str| spec.prompts.get(key).cloned();
         Ok(Self {
-            model,
+            encoder,
+            config,
+            device: device.clone(),
             tokenizer,
             pooling: spec.pooling,
             normalize: spec.normalize,
@@ -120,7 +179,7 @@ impl Embedder {
     }
 
     pub fn dim(&self) -> usize {
-        self.model.config().hidden_size
+        self.config.hidden_size
     }
 
     pub fn max_seq_length(&self) -> usize {
@@ -140,7 +199,14 @@ impl Embedder {
     }
 
     pub fn device(&self) -> &Device {
-        self.model.device()
+        &self.device
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.encoder {
+            Encoder::Candle(_) => Backend::Candle,
+            Encoder::Cpu(_) => Backend::Cpu,
+        }
     }
 
     /// The prompt prepended to texts of `kind`.
@@ -181,6 +247,13 @@ impl Embedder {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let model = match &self.encoder {
+            Encoder::Cpu(kernel) => {
+                let texts: Vec<&[u32]> = batch.rows.iter().map(|r| r.ids.as_slice()).collect();
+                return kernel.embed(&texts, self.pooling, self.normalize);
+            }
+            Encoder::Candle(model) => model,
+        };
         let len = batch.padded_len().max(1);
         let mut ids = vec![0u32; rows * len];
         let mut mask = vec![0u32; rows * len];
@@ -188,10 +261,10 @@ impl Embedder {
             ids[r * len..r * len + row.ids.len()].copy_from_slice(&row.ids);
             mask[r * len..r * len + row.ids.len()].fill(1);
         }
-        let device = self.model.device();
+        let device = model.device();
         let ids = Tensor::from_vec(ids, (rows, len), device)?;
         let mask = Tensor::from_vec(mask, (rows, len), device)?;
-        let hidden = self.model.forward(&ids, &mask)?;
+        let hidden = model.forward(&ids, &mask)?;
         let pooled = match self.pooling {
             Pooling::Mean => mean_pool(&hidden, &mask)?,
             Pooling::Cls => cls_pool(&hidden)?,

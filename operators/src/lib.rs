@@ -1,16 +1,18 @@
-//! distillery's model-facing operators: BERT-family encoders in candle, their
-//! sentence-transformers configuration, tokenisation and token-budget batching.
+//! distillery's model-facing operators: BERT-family encoders (in candle, and a faster
+//! CPU-only kernel), their sentence-transformers configuration, tokenisation and
+//! token-budget batching.
 //! Everything here is synchronous and single-model; the engine (crate `distillery`)
 //! owns threads, channels and the dataflow.
 
 pub mod batcher;
 pub mod bert;
+pub mod cpu_bert;
 pub mod embedder;
 pub mod error;
 pub mod st_config;
 pub mod tiny;
 
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
-pub use embedder::{Embedder, EmbedderOptions, TextKind};
+pub use embedder::{Backend, Embedder, EmbedderOptions, TextKind};
 pub use error::{OperatorError, Result};
 pub use st_config::{Pooling, SentenceTransformerSpec};

