@@ -1,0 +1,175 @@
+//! Combining several teachers' scores into one score per (query, candidate) pair.
+//!
+//! One teacher: the combined score is its raw score (its weight does not matter), so a
+//! single-teacher run follows the recipe exactly. Several teachers: teacher `t`'s scores
+//! are calibrated by the increasing affine map [`ScoreScale::calibrated`] fitted on all of
+//! its input scores at `percentile_low` and `percentile_high`, so that each teacher's
+//! scores span about `[0, 1]` whatever its units (logits, probabilities); the combined
+//! score is the weighted mean `sum(w_t * z_t) / sum(w_t)`. Weights need not sum to 1: only
+//! their ratios matter, and a zero weight silences a teacher. Calibration does not clip,
+//! so a teacher's confident extremes still order the candidates.
+
+use super::normalize::ScoreScale;
+use super::teacher_filter::{ScoredQuery, TeacherConfig};
+use super::MiningError;
+
+/// Checks the weights: at least one, each finite and `>= 0`, not all zero.
+pub(super) fn check_weights(weights: &[f32]) -> Result<(), MiningError> {
+    if weights.is_empty() {
+        return Err(MiningError::InvalidWeights("no teacher".to_string()));
+    }
+    if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
+        return Err(MiningError::InvalidWeights(format!(
+            "{w} is not a finite number >= 0"
+        )));
+    }
+    if weights.iter().all(|&w| w == 0.0) {
+        return Err(MiningError::InvalidWeights("all are zero".to_string()));
+    }
+    Ok(())
+}
+
+/// Checks one query: scores from `teachers` teachers, each as long as the candidate
+/// list, all finite.
+pub(super) fn check_query(query: &ScoredQuery, teachers: usize) -> Result<(), MiningError> {
+    if query.scores.len() != teachers {
+        return Err(MiningError::TeacherCount {
+            query_id: query.query_id.clone(),
+            expected: teachers,
+            found: query.scores.len(),
+        });
+    }
+    for (teacher, scores) in query.scores.iter().enumerate() {
+        if scores.len() != query.candidates.len() {
+            return Err(MiningError::ScoreCount {
+                query_id: query.query_id.clone(),
+                teacher,
+                candidates: query.candidates.len(),
+                scores: scores.len(),
+            });
+        }
+        if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+            return Err(MiningError::NonFiniteScore {
+                query_id: query.query_id.clone(),
+                teacher,
+                passage: query.candidates[i],
+                score: scores[i],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Each query's combined scores, aligned with its candidates (see the module docs). The
+/// weights and queries must have passed [`check_weights`] and [`check_query`].
+pub(super) fn combine(
+    config: &TeacherConfig,
+    weights: &[f32],
+    queries: &[ScoredQuery],
+) -> Vec<Vec<f64>> {
+    if weights.len() == 1 {
+        return queries
+            .iter()
+            .map(|q| q.scores[0].iter().map(|&s| f64::from(s)).collect())
+            .collect();
+    }
+    let scales: Vec<Option<ScoreScale>> = (0..weights.len())
+        .map(|t| {
+            let all: Vec<f64> = queries
+                .iter()
+                .flat_map(|q| q.scores[t].iter().map(|&s| f64::from(s)))
+                .collect();
+            ScoreScale::fit(&all, config.percentile_low, config.percentile_high)
+        })
+        .collect();
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    queries
+        .iter()
+        .map(|q| {
+            (0..q.candidates.len())
+                .map(|i| {
+                    let mut sum = 0.0;
+                    for (t, scale) in scales.iter().enumerate() {
+                        // A teacher with no scores at all has no scale, and then no query
+                        // has candidates to combine: this branch is never taken with one.
+                        if let Some(scale) = scale {
+                            sum +=
+                                f64::from(weights[t]) * scale.calibrated(f64::from(q.scores[t][i]));
+                        }
+                    }
+                    sum / total
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(candidates: usize, scores: &[&[f32]]) -> ScoredQuery {
+        ScoredQuery {
+            query_id: "q7".to_string(),
+            sources: vec![0],
+            candidates: (0..candidates as u32).collect(),
+            scores: scores.iter().map(|s| s.to_vec()).collect(),
+        }
+    }
+
+    #[test]
+    fn bad_weights_are_errors() {
+        for weights in [&[][..], &[-1.0], &[f32::NAN], &[f32::INFINITY], &[0.0, 0.0]] {
+            let err = check_weights(weights).unwrap_err();
+            assert!(
+                matches!(err, MiningError::InvalidWeights(_)),
+                "{weights:?}: {err}"
+            );
+        }
+        assert_eq!(check_weights(&[0.0, 2.0]), Ok(()));
+    }
+
+    #[test]
+    fn bad_scores_are_errors_naming_the_query_teacher_and_passage() {
+        let err = check_query(&q(2, &[&[1.0, 0.0]]), 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "query `q7`: scores from 1 teachers, 2 weights"
+        );
+        let err = check_query(&q(2, &[&[1.0, 0.0], &[1.0]]), 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "query `q7`: teacher 1 gave 1 scores for 2 candidates"
+        );
+        let err = check_query(&q(2, &[&[1.0, f32::NAN]]), 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "query `q7`: teacher 0 scored passage 1 as NaN"
+        );
+        let err = check_query(&q(2, &[&[f32::NEG_INFINITY, 0.0]]), 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "query `q7`: teacher 0 scored passage 0 as -inf"
+        );
+        assert_eq!(check_query(&q(2, &[&[1.0, 0.0], &[3.0, 4.0]]), 2), Ok(()));
+    }
+
+    #[test]
+    fn calibration_is_fitted_per_teacher_over_all_queries() {
+        // Percentiles 0 and 100 (min-max). Teacher 0 spans [0, 10] and teacher 1 [-1, 1]
+        // over both queries. Weights 1:1:
+        //   query a: z0 = [1, 0.2], z1 = [0, 1]   -> [0.5, 0.6]
+        //   query b: z0 = [0],      z1 = [0.5]    -> [0.25]
+        let config = TeacherConfig {
+            percentile_low: 0.0,
+            percentile_high: 100.0,
+            ..TeacherConfig::default()
+        };
+        let queries = [q(2, &[&[10.0, 2.0], &[-1.0, 1.0]]), q(1, &[&[0.0], &[0.0]])];
+        let combined = combine(&config, &[1.0, 1.0], &queries);
+        assert_eq!(combined, vec![vec![0.5, 0.6], vec![0.25]]);
+        // One teacher: raw scores, weight ignored.
+        let raw = combine(&config, &[5.0], &[q(2, &[&[10.0, 2.0]])]);
+        assert_eq!(raw, vec![vec![10.0, 2.0]]);
+    }
+}
