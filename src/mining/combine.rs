@@ -60,48 +60,60 @@ pub(super) fn check_query(query: &ScoredQuery, teachers: usize) -> Result<(), Mi
     Ok(())
 }
 
-/// Each query's combined scores, aligned with its candidates (see the module docs). The
-/// weights and queries must have passed [`check_weights`] and [`check_query`].
-pub(super) fn combine(
-    config: &TeacherConfig,
-    weights: &[f32],
-    queries: &[ScoredQuery],
-) -> Vec<Vec<f64>> {
-    if weights.len() == 1 {
-        return queries
-            .iter()
-            .map(|q| q.scores[0].iter().map(|&s| f64::from(s)).collect())
-            .collect();
-    }
-    let scales: Vec<Option<ScoreScale>> = (0..weights.len())
-        .map(|t| {
-            let all: Vec<f64> = queries
-                .iter()
-                .flat_map(|q| q.scores[t].iter().map(|&s| f64::from(s)))
-                .collect();
-            ScoreScale::fit(&all, config.percentile_low, config.percentile_high)
-        })
-        .collect();
-    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    queries
-        .iter()
-        .map(|q| {
-            (0..q.candidates.len())
-                .map(|i| {
-                    let mut sum = 0.0;
-                    for (t, scale) in scales.iter().enumerate() {
-                        // A teacher with no scores at all has no scale, and then no query
-                        // has candidates to combine: this branch is never taken with one.
-                        if let Some(scale) = scale {
-                            sum +=
-                                f64::from(weights[t]) * scale.calibrated(f64::from(q.scores[t][i]));
-                        }
-                    }
-                    sum / total
+/// A fitted combination of teachers: a weight and a calibration per teacher.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Combiner {
+    weights: Vec<f64>,
+    total_weight: f64,
+    /// One per teacher; `None` with a single teacher (raw scores are used).
+    scales: Option<Vec<ScoreScale>>,
+}
+
+impl Combiner {
+    /// Fits each teacher's calibration on all of its scores in `queries`. The weights and
+    /// queries must have passed [`check_weights`] and [`check_query`].
+    pub(super) fn fit(config: &TeacherConfig, weights: &[f32], queries: &[ScoredQuery]) -> Self {
+        let scales = (weights.len() > 1).then(|| {
+            (0..weights.len())
+                .map(|t| {
+                    let all: Vec<f64> = queries
+                        .iter()
+                        .flat_map(|q| q.scores[t].iter().map(|&s| f64::from(s)))
+                        .collect();
+                    // No scores at all means no candidate will ever be combined; the
+                    // identity scale stands in.
+                    ScoreScale::fit(&all, config.percentile_low, config.percentile_high).unwrap_or(
+                        ScoreScale {
+                            low: 0.0,
+                            high: 1.0,
+                        },
+                    )
                 })
                 .collect()
-        })
-        .collect()
+        });
+        let weights: Vec<f64> = weights.iter().map(|&w| f64::from(w)).collect();
+        Self {
+            total_weight: weights.iter().sum(),
+            weights,
+            scales,
+        }
+    }
+
+    /// The query's combined scores, aligned with its candidates.
+    pub(super) fn combine(&self, query: &ScoredQuery) -> Vec<f64> {
+        let Some(scales) = &self.scales else {
+            return query.scores[0].iter().map(|&s| f64::from(s)).collect();
+        };
+        (0..query.candidates.len())
+            .map(|i| {
+                let mut sum = 0.0;
+                for (t, scale) in scales.iter().enumerate() {
+                    sum += self.weights[t] * scale.calibrated(f64::from(query.scores[t][i]));
+                }
+                sum / self.total_weight
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -166,10 +178,12 @@ mod tests {
             ..TeacherConfig::default()
         };
         let queries = [q(2, &[&[10.0, 2.0], &[-1.0, 1.0]]), q(1, &[&[0.0], &[0.0]])];
-        let combined = combine(&config, &[1.0, 1.0], &queries);
-        assert_eq!(combined, vec![vec![0.5, 0.6], vec![0.25]]);
+        let combiner = Combiner::fit(&config, &[1.0, 1.0], &queries);
+        assert_eq!(combiner.combine(&queries[0]), vec![0.5, 0.6]);
+        assert_eq!(combiner.combine(&queries[1]), vec![0.25]);
         // One teacher: raw scores, weight ignored.
-        let raw = combine(&config, &[5.0], &[q(2, &[&[10.0, 2.0]])]);
-        assert_eq!(raw, vec![vec![10.0, 2.0]]);
+        let one = [q(2, &[&[10.0, 2.0]])];
+        let raw = Combiner::fit(&config, &[5.0], &one).combine(&one[0]);
+        assert_eq!(raw, vec![10.0, 2.0]);
     }
 }

@@ -44,13 +44,13 @@
 //!
 //! | field | Arrow type | JSON | meaning |
 //! |---|---|---|---|
-//! | `query_id` | utf8 | string | the query's id, unique in the table |
-//! | `query_text` | utf8 | string | the query as the student embeds it (no prefix) |
-//! | `query_type` | utf8 | string | how the query was made: a generation type (`question`, `claim`, `title`, `keywords`, `search`, `web`) or the name the user gave human queries |
-//! | `source_ids` | list<utf8> | array of strings | the passages the query was written for (synthetic) or judged relevant (human); non-empty |
-//! | `passage_ids` | list<utf8> | array of strings | at most `keep_top` passages in teacher order, best first; the first is the positive and is one of `source_ids` |
-//! | `scores` | list<f32> | array of numbers | the normalised teacher score of each of `passage_ids`, in `[0, 1]`, non-increasing; same length as `passage_ids` |
-//! | `split` | utf8 | string | `train` or `dev` |
+//! | `query_id` | `utf8` | string | the query's id, unique in the table |
+//! | `query_text` | `utf8` | string | the query as the student embeds it (no prefix) |
+//! | `query_type` | `utf8` | string | how the query was made: a generation type (`question`, `claim`, `title`, `keywords`, `search`, `web`) or the name the user gave human queries |
+//! | `source_ids` | `list<utf8>` | array of strings | the passages the query was written for (synthetic) or judged relevant (human); non-empty |
+//! | `passage_ids` | `list<utf8>` | array of strings | at most `keep_top` passages in teacher order, best first; the first is the positive (one of `source_ids` when `require_source_first`) |
+//! | `scores` | `list<f32>` | array of numbers | the normalised teacher score of each of `passage_ids`, in `[0, 1]`, non-increasing; same length as `passage_ids` |
+//! | `split` | `utf8` | string | `train` or `dev` |
 //!
 //! No column is nullable and list items are never null.
 

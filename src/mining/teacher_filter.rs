@@ -29,7 +29,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::combine::{check_query, check_weights, combine};
+use super::combine::{check_query, check_weights, Combiner};
 use super::normalize::{percentile, ScoreScale};
 use super::{MiningError, PassageIdx};
 
@@ -153,7 +153,8 @@ pub struct TeacherStats {
     /// Queries whose top score is below `top_score_threshold`.
     pub dropped_low_top_score: u64,
     pub kept: u64,
-    /// The top-score percentile (combined score units); `None` when no query reached it.
+    /// The top-score percentile (combined score units); `None` when no query reached
+    /// that step.
     pub top_score_threshold: Option<f64>,
     /// The scale the kept scores were normalised with; `None` when nothing was kept.
     pub scale: Option<(f64, f64)>,
@@ -182,6 +183,13 @@ impl fmt::Display for TeacherStats {
     }
 }
 
+/// A query that passed the source check: its candidates with combined scores, best first.
+struct Ranked {
+    query_id: String,
+    sources: Vec<PassageIdx>,
+    order: Vec<(PassageIdx, f64)>,
+}
+
 /// Labels all queries (the steps of the module docs) with one weight per teacher; returns
 /// the kept queries in input order and the funnel. `config` should have passed
 /// [`TeacherConfig::validate`]; the weights and the queries are checked here.
@@ -194,44 +202,55 @@ pub fn label_queries(
     for query in &queries {
         check_query(query, weights.len())?;
     }
-    let combined = combine(config, weights, &queries);
+    let combiner = Combiner::fit(config, weights, &queries);
     let mut stats = TeacherStats {
         queries_in: queries.len() as u64,
         ..TeacherStats::default()
     };
 
-    // Steps 3 and 4: each surviving query with its combined scores in teacher order.
-    let mut ranked: Vec<(ScoredQuery, Vec<(PassageIdx, f64)>)> = Vec::new();
-    for (query, scores) in queries.into_iter().zip(combined) {
-        let mut order: Vec<(PassageIdx, f64)> =
-            query.candidates.iter().copied().zip(scores).collect();
+    // Steps 3 and 4: each surviving query with its combined scores in teacher order. A
+    // query's raw scores are dropped as soon as they are combined.
+    let mut ranked: Vec<Ranked> = Vec::new();
+    for query in queries {
+        let scores = combiner.combine(&query);
+        let ScoredQuery {
+            query_id,
+            sources,
+            candidates,
+            ..
+        } = query;
+        let mut order: Vec<(PassageIdx, f64)> = candidates.into_iter().zip(scores).collect();
         // A stable sort on the score alone keeps the candidate order among ties.
         order.sort_by(|a, b| b.1.total_cmp(&a.1));
         let Some(&(first, _)) = order.first() else {
             stats.dropped_no_candidates += 1;
             continue;
         };
-        if config.require_source_first && !query.sources.contains(&first) {
+        if config.require_source_first && !sources.contains(&first) {
             stats.dropped_source_not_first += 1;
             continue;
         }
-        ranked.push((query, order));
+        ranked.push(Ranked {
+            query_id,
+            sources,
+            order,
+        });
     }
 
     // Step 5.
-    let tops: Vec<f64> = ranked.iter().map(|(_, order)| order[0].1).collect();
+    let tops: Vec<f64> = ranked.iter().map(|r| r.order[0].1).collect();
     let threshold = percentile(&tops, config.min_top_score_percentile);
     stats.top_score_threshold = threshold;
     if let Some(threshold) = threshold {
         let before = ranked.len();
-        ranked.retain(|(_, order)| order[0].1 >= threshold);
+        ranked.retain(|r| r.order[0].1 >= threshold);
         stats.dropped_low_top_score = (before - ranked.len()) as u64;
     }
 
     // Steps 6 and 7.
     let kept_scores: Vec<f64> = ranked
         .iter()
-        .flat_map(|(_, order)| order.iter().map(|&(_, s)| s))
+        .flat_map(|r| r.order.iter().map(|&(_, s)| s))
         .collect();
     let scale = ScoreScale::fit(&kept_scores, config.percentile_low, config.percentile_high);
     stats.scale = scale.map(|s| (s.low, s.high));
@@ -239,18 +258,24 @@ pub fn label_queries(
         None => Vec::new(),
         Some(scale) => ranked
             .into_iter()
-            .map(|(query, order)| {
-                let top = &order[..order.len().min(config.keep_top)];
-                LabelledQuery {
-                    query_id: query.query_id,
-                    sources: query.sources,
-                    passages: top.iter().map(|&(p, _)| p).collect(),
-                    scores: top
-                        .iter()
-                        .map(|&(_, s)| scale.normalized(s) as f32)
-                        .collect(),
-                }
-            })
+            .map(
+                |Ranked {
+                     query_id,
+                     sources,
+                     order,
+                 }| {
+                    let top = &order[..order.len().min(config.keep_top)];
+                    LabelledQuery {
+                        query_id,
+                        sources,
+                        passages: top.iter().map(|&(p, _)| p).collect(),
+                        scores: top
+                            .iter()
+                            .map(|&(_, s)| scale.normalized(s) as f32)
+                            .collect(),
+                    }
+                },
+            )
             .collect(),
     };
     stats.kept = labelled.len() as u64;
