@@ -1,6 +1,8 @@
 //! The CPU kernel (`cpu_bert`) against the candle encoder on tiny random models: the same
 //! embeddings and hidden states to 1e-5, for batches of texts of different lengths.
 
+#![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -112,7 +114,7 @@ fn cls_pooled_unnormalised_embeddings_match_candle() {
 }
 
 #[test]
-fn hidden_states_match_candle_with_odd_widths() {
+fn hidden_states_match_candle_with_odd_widths_and_many_tokens() {
     // hidden 48 = 3 lanes, head_dim 12, intermediate 100 = 6 lanes and a tail of 4.
     let spec = TinyBertSpec {
         hidden_size: 48,
@@ -125,7 +127,11 @@ fn hidden_states_match_candle_with_odd_widths() {
     let dir = tempfile::tempdir().unwrap();
     tiny(dir.path(), &spec);
     let e = Embedder::load(dir.path(), &EmbedderOptions::default(), &Device::Cpu).unwrap();
-    let b = batch(&e, &texts());
+    // Sixteen copies of the texts: enough tokens that each thread's group runs the
+    // feed-forward block in more than one 1024-row tile.
+    let many: Vec<String> = (0..16).flat_map(|_| texts()).collect();
+    let b = batch(&e, &many);
+    assert!(b.real_tokens() > 2 * 1024 + 300, "{} tokens", b.real_tokens());
     let config = BertConfig::from_file(&dir.path().join("config.json")).unwrap();
     let weights = Weights::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let kernel = CpuBert::load(&weights, &config).unwrap();

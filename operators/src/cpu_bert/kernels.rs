@@ -1,5 +1,6 @@
 //! Element-wise and row-wise kernels of the CPU BERT forward pass: bias plus activation,
-//! in-place softmax, residual bias plus layer norm, and the `exp` and `erf` they need.
+//! softmax's exponentials and row sums, bias plus layer norm, and the `exp` and `erf`
+//! they need.
 //!
 //! Every kernel is written once, as plain loops that LLVM vectorises, and compiled twice:
 //! for the baseline target and, on x86-64, with AVX-512 enabled; the AVX-512 copy runs
@@ -47,25 +48,40 @@ const ERFC_POLY: [f32; 7] = [
 const GELU_TANH_SCALE: f32 = 0.797_884_6;
 const GELU_TANH_CUBIC: f32 = 0.044_715;
 
+/// `a * b + c`, as one fused multiply-add in copies compiled with FMA (`F`), as two
+/// roundings otherwise. Either way the result depends on nothing but the operands.
+#[inline(always)]
+fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `e^x`, within 2 ulp for x in [EXP_MIN, EXP_MAX], saturating outside. Branch-free so
 /// that loops calling it vectorise.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<const F: bool>(x: f32) -> f32 {
     let x = x.clamp(EXP_MIN, EXP_MAX);
     // x = n ln2 + r, |r| <= ln2 / 2, then e^x = 2^n e^r.
-    let k = x * std::f32::consts::LOG2_E + ROUND_MAGIC;
+    let k = madd::<F>(x, std::f32::consts::LOG2_E, ROUND_MAGIC);
     let n = k - ROUND_MAGIC;
     let n_int = (k.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let r = madd::<F>(-n, LN2_LO, madd::<F>(-n, LN2_HI, x));
     // Taylor series of e^r to degree 7: the remainder is below 6e-9 for |r| <= ln2 / 2.
-    let p = 1.0 / 5040.0;
-    let p = p * r + 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = madd::<F>(p, r, c);
+    }
     let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     p * scale
 }
@@ -74,24 +90,24 @@ pub fn exp(x: f32) -> f32 {
 /// `erfc(-z)` for negative z and `2 - erfc(z)` otherwise, so large negative inputs do
 /// not lose their precision to cancellation.
 #[inline(always)]
-pub fn gelu_erf(x: f32) -> f32 {
+pub fn gelu_erf<const F: bool>(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
-    let t = 1.0 / (1.0 + ERFC_T_SCALE * a);
+    let t = 1.0 / madd::<F>(ERFC_T_SCALE, a, 1.0);
     let mut p = ERFC_POLY[ERFC_POLY.len() - 1];
     for c in ERFC_POLY.iter().rev().skip(1) {
-        p = p * t + c;
+        p = madd::<F>(p, t, *c);
     }
-    let erfc_a = t * p * exp(-(a * a));
+    let erfc_a = t * p * exp::<F>(-(a * a));
     let one_plus_erf = if z >= 0.0 { 2.0 - erfc_a } else { erfc_a };
     0.5 * x * one_plus_erf
 }
 
 /// GELU's tanh approximation, with `tanh(u) = 1 - 2 / (e^(2u) + 1)`.
 #[inline(always)]
-pub fn gelu_tanh(x: f32) -> f32 {
-    let u = GELU_TANH_SCALE * (x + GELU_TANH_CUBIC * x * x * x);
-    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+pub fn gelu_tanh<const F: bool>(x: f32) -> f32 {
+    let u = GELU_TANH_SCALE * madd::<F>(GELU_TANH_CUBIC * x * x, x, x);
+    let tanh = 1.0 - 2.0 / (exp::<F>(2.0 * u) + 1.0);
     0.5 * x * (1.0 + tanh)
 }
 
@@ -172,17 +188,17 @@ mod portable {
     use super::*;
 
     #[inline(always)]
-    pub fn bias_activation(rows: &mut [f32], bias: &[f32], act: Activation) {
+    pub fn bias_activation<const F: bool>(rows: &mut [f32], bias: &[f32], act: Activation) {
         for row in rows.chunks_exact_mut(bias.len()) {
             match act {
                 Activation::GeluErf => {
                     for (x, b) in row.iter_mut().zip(bias) {
-                        *x = gelu_erf(*x + *b);
+                        *x = gelu_erf::<F>(*x + *b);
                     }
                 }
                 Activation::GeluTanh => {
                     for (x, b) in row.iter_mut().zip(bias) {
-                        *x = gelu_tanh(*x + *b);
+                        *x = gelu_tanh::<F>(*x + *b);
                     }
                 }
                 Activation::Relu => {
@@ -195,21 +211,34 @@ mod portable {
     }
 
     #[inline(always)]
-    pub fn softmax_rows(rows: &mut [f32], width: usize) {
-        for row in rows.chunks_exact_mut(width) {
+    pub fn exp_rows<const F: bool>(rows: &mut [f32], width: usize, inv_sums: &mut [f32]) {
+        for (row, inv) in rows.chunks_exact_mut(width).zip(inv_sums) {
             let max = lane_max(row);
-            for x in row.iter_mut() {
-                *x = exp(*x - max);
+            let mut acc = [0.0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in chunks.by_ref() {
+                for (a, x) in acc.iter_mut().zip(c) {
+                    *x = exp::<F>(*x - max);
+                    *a += *x;
+                }
             }
-            let inv = 1.0 / lane_sum(row);
-            for x in row.iter_mut() {
-                *x *= inv;
+            let mut tail = 0.0f32;
+            for x in chunks.into_remainder() {
+                *x = exp::<F>(*x - max);
+                tail += *x;
             }
+            *inv = 1.0 / (acc.iter().sum::<f32>() + tail);
         }
     }
 
     #[inline(always)]
-    pub fn bias_layer_norm(rows: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    pub fn bias_layer_norm<const F: bool>(
+        rows: &mut [f32],
+        bias: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
         let width = bias.len();
         let inv_width = 1.0 / width as f32;
         for row in rows.chunks_exact_mut(width) {
@@ -226,8 +255,18 @@ mod portable {
     }
 }
 
-/// Generates, for each named portable kernel, an AVX-512 copy and a public wrapper that
-/// runs the fastest copy the CPU supports.
+/// Whether the CPU runs the AVX-512 copies (std caches the detection).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Generates, for each named portable kernel, an AVX-512 copy (with fused multiply-adds)
+/// and a public wrapper that runs the fastest copy the CPU supports. The copies may differ
+/// in the last bits; on one machine the same copy always runs.
 macro_rules! dispatched {
     ($($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*);)*) => {
         #[cfg(target_arch = "x86_64")]
@@ -236,7 +275,7 @@ macro_rules! dispatched {
             $(
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 pub fn $name($($arg: $ty),*) {
-                    portable::$name($($arg),*)
+                    portable::$name::<true>($($arg),*)
                 }
             )*
         }
@@ -245,16 +284,12 @@ macro_rules! dispatched {
             $(#[$doc])*
             pub fn $name($($arg: $ty),*) {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if has_avx512() {
                     // SAFETY: the CPU has every feature the AVX-512 copy is compiled for.
                     unsafe { avx512::$name($($arg),*) };
                     return;
                 }
-                portable::$name($($arg),*)
+                portable::$name::<false>($($arg),*)
             }
         )*
     };
@@ -263,8 +298,9 @@ macro_rules! dispatched {
 dispatched! {
     /// Adds `bias` to each row of `rows` (rows of `bias.len()` floats) and applies `act`.
     pub fn bias_activation(rows: &mut [f32], bias: &[f32], act: Activation);
-    /// Softmax of each row of `rows` (rows of `width` floats), in place, max subtracted.
-    pub fn softmax_rows(rows: &mut [f32], width: usize);
+    /// Softmax of each row of `rows` (rows of `width` floats) but for the division:
+    /// `exp(x - row max)` in place, and `1 / sum` of each row into `inv_sums`.
+    pub fn exp_rows(rows: &mut [f32], width: usize, inv_sums: &mut [f32]);
     /// Adds `bias` to each row, then layer-normalises it with `gamma`, `beta` and `eps`.
     pub fn bias_layer_norm(rows: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32);
 }
@@ -298,22 +334,31 @@ mod tests {
         v.copysign(z)
     }
 
+    /// GELU(1) = Phi(1) and GELU(-1) = -Phi(-1), Phi the standard normal CDF.
+    const GELU_1: f64 = 0.841_344_746_068_542_9;
+    const GELU_MINUS_1: f64 = -0.158_655_253_931_457_05;
+
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
     }
 
-    #[test]
-    fn exp_is_within_two_ulp_of_f64() {
+    fn check_exp<const F: bool>() {
         let mut worst = 0;
         for i in 0..=200_000 {
             let x = EXP_MIN + (EXP_MAX - EXP_MIN) * i as f32 / 200_000.0;
             let want = (x as f64).exp() as f32;
-            worst = worst.max(ulps(exp(x), want));
+            worst = worst.max(ulps(exp::<F>(x), want));
         }
-        assert!(worst <= 2, "worst {worst} ulp");
-        assert_eq!(exp(0.0), 1.0);
+        assert!(worst <= 2, "fma {F}: worst {worst} ulp");
+        assert_eq!(exp::<F>(0.0), 1.0);
         // Saturation: no infinities, no NaN from the bit tricks.
-        assert!(exp(1000.0).is_finite() && exp(-1000.0) >= 0.0);
+        assert!(exp::<F>(1000.0).is_finite() && exp::<F>(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        check_exp::<false>();
+        check_exp::<true>();
     }
 
     #[test]
@@ -324,19 +369,23 @@ mod tests {
         assert!((erf_f64(3.5) - 0.999_999_256_901_627_7).abs() < 1e-15);
     }
 
-    #[test]
-    fn gelu_erf_matches_f64_within_4e_7_per_unit() {
+    fn check_gelu_erf<const F: bool>() {
         let mut worst: f64 = 0.0;
         for i in 0..=400_000 {
             let x = -20.0 + 40.0 * i as f64 / 400_000.0;
             let want = x * 0.5 * (1.0 + erf_f64(x / std::f64::consts::SQRT_2));
-            let got = gelu_erf(x as f32) as f64;
+            let got = gelu_erf::<F>(x as f32) as f64;
             worst = worst.max((got - want).abs() / x.abs().max(1.0));
         }
-        assert!(worst < 4e-7, "worst {worst}");
-        // GELU(1) = 0.8413447460..., GELU(-1) = -0.1586552539...
-        assert!((gelu_erf(1.0) - 0.841_344_75).abs() < 2e-7);
-        assert!((gelu_erf(-1.0) + 0.158_655_25).abs() < 2e-7);
+        assert!(worst < 4e-7, "fma {F}: worst {worst}");
+        assert!((gelu_erf::<F>(1.0) as f64 - GELU_1).abs() < 2e-7);
+        assert!((gelu_erf::<F>(-1.0) as f64 - GELU_MINUS_1).abs() < 2e-7);
+    }
+
+    #[test]
+    fn gelu_erf_matches_f64_within_4e_7_per_unit() {
+        check_gelu_erf::<false>();
+        check_gelu_erf::<true>();
     }
 
     #[test]
@@ -345,23 +394,29 @@ mod tests {
             let x = -10.0 + 20.0 * i as f64 / 2000.0;
             let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
             let want = 0.5 * x * (1.0 + u.tanh());
-            assert!((gelu_tanh(x as f32) as f64 - want).abs() < 1e-6 * x.abs().max(1.0));
+            for got in [gelu_tanh::<false>(x as f32), gelu_tanh::<true>(x as f32)] {
+                assert!((got as f64 - want).abs() < 1e-6 * x.abs().max(1.0));
+            }
         }
     }
 
     #[test]
-    fn softmax_rows_sum_to_one_and_keep_order() {
+    fn exp_rows_give_softmax_after_scaling() {
         // Width 19: one full lane group and a tail of 3.
         let mut rows: Vec<f32> = (0..38).map(|i| (i % 19) as f32 * 0.5 - 3.0).collect();
         rows[19] = 1000.0; // a huge logit must not overflow: max subtraction
-        softmax_rows(&mut rows, 19);
-        for row in rows.chunks(19) {
-            let sum: f32 = row.iter().sum();
+        let mut inv = [0.0; 2];
+        exp_rows(&mut rows, 19, &mut inv);
+        for (row, inv) in rows.chunks(19).zip(inv) {
+            let sum: f32 = row.iter().map(|x| x * inv).sum();
             assert!((sum - 1.0).abs() < 1e-6);
         }
-        // Row 0: p[i+1] / p[i] = e^0.5.
+        // Row 0: the max is the last element (6.0), so p[18] = e^0 and p[i+1] / p[i] =
+        // e^0.5; row 1's huge logit alone survives.
+        assert_eq!(rows[18], 1.0);
         assert!((rows[1] / rows[0] - 0.5f32.exp()).abs() < 1e-5);
         assert_eq!(rows[19], 1.0);
+        assert_eq!(inv[1], 1.0);
     }
 
     #[test]
@@ -382,11 +437,16 @@ mod tests {
         assert_eq!(rows, vec![0.0, 1.0, 2.5, 0.0]);
         let mut rows = vec![0.0, 1.0];
         bias_activation(&mut rows, &[1.0, -2.0], Activation::GeluErf);
-        assert!((rows[0] - 0.841_344_75).abs() < 2e-7 && (rows[1] + 0.158_655_25).abs() < 2e-7);
+        assert!((rows[0] as f64 - GELU_1).abs() < 2e-7);
+        assert!((rows[1] as f64 - GELU_MINUS_1).abs() < 2e-7);
     }
 
     #[test]
-    fn dispatched_and_portable_copies_agree_bit_for_bit() {
+    fn dispatched_copy_is_the_portable_code_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        let fma = has_avx512();
+        #[cfg(not(target_arch = "x86_64"))]
+        let fma = false;
         let input: Vec<f32> = (0..300)
             .map(|i| ((i * 37) % 101) as f32 / 13.0 - 4.0)
             .collect();
@@ -394,11 +454,20 @@ mod tests {
         let mut a = input.clone();
         let mut b = input.clone();
         bias_activation(&mut a, &bias, Activation::GeluErf);
-        portable::bias_activation(&mut b, &bias, Activation::GeluErf);
+        if fma {
+            portable::bias_activation::<true>(&mut b, &bias, Activation::GeluErf);
+        } else {
+            portable::bias_activation::<false>(&mut b, &bias, Activation::GeluErf);
+        }
         assert_eq!(a, b);
         let (mut a, mut b) = (input.clone(), input);
-        softmax_rows(&mut a, 30);
-        portable::softmax_rows(&mut b, 30);
-        assert_eq!(a, b);
+        let (mut ia, mut ib) = ([0.0; 10], [0.0; 10]);
+        exp_rows(&mut a, 30, &mut ia);
+        if fma {
+            portable::exp_rows::<true>(&mut b, 30, &mut ib);
+        } else {
+            portable::exp_rows::<false>(&mut b, 30, &mut ib);
+        }
+        assert_eq!((a, ia), (b, ib));
     }
 }
