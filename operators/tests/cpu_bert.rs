@@ -131,7 +131,11 @@ fn hidden_states_match_candle_with_odd_widths_and_many_tokens() {
     // feed-forward block in more than one 1024-row tile.
     let many: Vec<String> = (0..16).flat_map(|_| texts()).collect();
     let b = batch(&e, &many);
-    assert!(b.real_tokens() > 2 * 1024 + 300, "{} tokens", b.real_tokens());
+    assert!(
+        b.real_tokens() > 2 * 1024 + 300,
+        "{} tokens",
+        b.real_tokens()
+    );
     let config = BertConfig::from_file(&dir.path().join("config.json")).unwrap();
     let weights = Weights::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let kernel = CpuBert::load(&weights, &config).unwrap();
