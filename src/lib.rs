@@ -7,6 +7,7 @@ pub mod error;
 pub mod eval;
 pub mod executor;
 pub mod jobs;
+pub mod mining;
 pub mod model;
 pub mod progress;
 pub mod record;
