@@ -15,7 +15,8 @@
 # torch + sentence-transformers; default: the one /work/shared/tools/peers-venv.sh prints).
 #
 # Each side's time excludes model loading: distillery's --json reports the embedding
-# phase only; embed_st.py warms up on 64 passages and times one encode() call.
+# phase only; embed_st.py warms up on 64 passages and times one encode() call. Every
+# distillery round starts from an empty directory, so nothing is reused from a store.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -99,7 +100,8 @@ run_distillery() {  # $1 = round
     >"$dir/log" 2>&1 || { tail -n 20 "$dir/log" >&2; die "distillery embed failed (round $1)"; }
   [ -s "$dir/d.json" ] || die "distillery embed wrote no $dir/d.json (round $1)"
   cp "$dir/d.json" "$work/distillery-$1.json"
-  rm -f "$dir/emb.parquet"
+  # The output and its run directory (stage parts) are only needed for the timing.
+  rm -rf "$dir/emb.parquet" "$dir/emb.parquet.run"
 }
 
 run_st() {  # $1 = round
@@ -154,6 +156,8 @@ for side in ("distillery", "st"):
         for key in ("passages", "seconds", "passages_per_second"):
             if key not in run:
                 sys.exit(f"{side} JSON lacks '{key}': {run}")
+        if run.get("reused"):
+            sys.exit(f"{side} reused stored embeddings instead of computing them: {run}")
     summary[side] = {
         "passages": runs[0]["passages"],
         "passages_per_second": [r["passages_per_second"] for r in runs],

@@ -124,7 +124,6 @@ def main():
     import transformers
     from sentence_transformers import SentenceTransformer
 
-    torch.manual_seed(0)
     model = SentenceTransformer(args.model, device="cpu")
     model.eval()
     max_len = model.max_seq_length
