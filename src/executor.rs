@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use distillery_operators::{Embedder, OperatorError, TokenBatch};
+use distillery_operators::{Embedder, OperatorError, TextKind, TokenBatch, TokenizedText};
 
 /// Batches waiting for the device. Two: one being prepared while another waits keeps the
 /// device busy; more would only hold memory and delay backpressure.
@@ -34,6 +34,45 @@ impl BatchModel for Embedder {
 
     fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
         self.embed_batch(batch)
+    }
+}
+
+/// A model the dataflow can feed: it tokenises its items on a worker thread and runs
+/// the batches on the device.
+pub trait DeviceModel: BatchModel {
+    /// What one input is (a text, a query-passage pair), as it travels between workers.
+    type Item: timely::ExchangeData + Clone;
+    /// Tokenises items, in order (each `index` is set by the caller).
+    fn tokenize(&self, items: &[&Self::Item]) -> Result<Vec<TokenizedText>, OperatorError>;
+}
+
+/// An embedder bound to one side of retrieval (queries or passages).
+pub struct EmbedTexts {
+    pub embedder: Arc<Embedder>,
+    pub kind: TextKind,
+}
+
+impl BatchModel for EmbedTexts {
+    fn row_width(&self) -> usize {
+        self.embedder.dim()
+    }
+
+    fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
+        self.embedder.embed_batch(batch)
+    }
+}
+
+impl DeviceModel for EmbedTexts {
+    type Item = String;
+
+    fn tokenize(&self, items: &[&String]) -> Result<Vec<TokenizedText>, OperatorError> {
+        let texts: Vec<&str> = items.iter().map(|s| s.as_str()).collect();
+        Ok(self
+            .embedder
+            .tokenize(&texts, self.kind)?
+            .into_iter()
+            .map(|ids| TokenizedText { index: 0, ids })
+            .collect())
     }
 }
 

@@ -1,17 +1,18 @@
 //! The timely dataflows that run the stages.
 //!
-//! An embedding stage is `input -> EmbedTexts -> WriteParts`:
-//! - worker 0 reads the texts and feeds them in chunks of [`CHUNK_ROWS`], one timestamp
+//! A device stage (embedding texts, scoring pairs) is `input -> InferOnDevice ->
+//! WriteParts`:
+//! - worker 0 reads the items and feeds them in chunks of [`CHUNK_ROWS`], one timestamp
 //!   per chunk; it stops reading while more than [`MAX_CHUNKS_IN_FLIGHT`] chunks are
 //!   unfinished (the probe says which), so memory stays bounded however large the input;
-//! - `EmbedTexts` ([`embed_op`]) on every worker tokenises, batches by token budget and
-//!   hands batches to the one device executor over its bounded queue;
+//! - `InferOnDevice` ([`infer_op`]) on every worker tokenises, batches by token budget
+//!   and hands batches to the one device executor over its bounded queue;
 //! - `WriteParts` ([`write_parts`]) commits each finished chunk as one Parquet part.
 //!
 //! A stage already complete under its key is not run again; a stage begun under its key
 //! resumes after its committed rows.
 
-pub mod embed_op;
+pub mod infer_op;
 pub mod write_parts;
 
 use std::cell::{Cell, RefCell};
@@ -19,17 +20,18 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arrow::datatypes::SchemaRef;
 use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::error::EngineError;
-use crate::executor::{DeviceExecutor, ExecutorStats};
+use crate::executor::{DeviceExecutor, DeviceModel, EmbedTexts, ExecutorStats};
 use crate::progress::Progress;
-use crate::schema::embeddings_schema;
+use crate::schema::{embeddings_batch, embeddings_schema};
 use crate::store::{CompletedStage, StageKey, StageStore};
-use embed_op::{embed_texts, EmbedOperatorConfig, TextRecord};
-use write_parts::{write_parts, SharedWriter};
+use infer_op::{infer_on_device, InferConfig, InputRecord};
+use write_parts::{write_parts, BatchBuilder, SharedWriter};
 
 /// Texts per timestamp and per Parquet part: large enough that sorting by length inside a
 /// chunk leaves little padding, small enough that a killed run loses little work.
@@ -39,8 +41,17 @@ pub const CHUNK_ROWS: usize = 2048;
 /// and the device busy, few enough to bound memory to a few chunks of text.
 pub const MAX_CHUNKS_IN_FLIGHT: u64 = 3;
 
+/// A stream of `(id, item)` pairs, read lazily.
+pub type ItemSource<I> = Box<dyn Iterator<Item = Result<(String, I), EngineError>> + Send>;
 /// A stream of `(id, text)` pairs, read lazily.
-pub type TextSource = Box<dyn Iterator<Item = Result<(String, String), EngineError>> + Send>;
+pub type TextSource = ItemSource<String>;
+
+/// What a device stage writes: its schema and how rows of floats become a batch.
+#[derive(Clone)]
+pub struct StageOutput {
+    pub schema: SchemaRef,
+    pub to_batch: BatchBuilder,
+}
 
 /// One embedding stage to run.
 #[derive(Debug, Clone)]
@@ -76,12 +87,33 @@ pub struct EmbedStageReport {
     pub executor: ExecutorStats,
 }
 
-/// Runs (or reuses, or resumes) an embedding stage.
+/// Runs (or reuses, or resumes) an embedding stage: `id`, `embedding` rows.
 pub fn run_embed_stage(
     store: &StageStore,
     embedder: Arc<Embedder>,
     source: TextSource,
     stage: &EmbedStage,
+) -> Result<EmbedStageReport, EngineError> {
+    let dim = embedder.dim();
+    let output = StageOutput {
+        schema: embeddings_schema(dim),
+        to_batch: Arc::new(move |ids, matrix| embeddings_batch(ids, matrix, dim)),
+    };
+    let model = Arc::new(EmbedTexts {
+        embedder,
+        kind: stage.kind,
+    });
+    run_device_stage(store, model, source, stage, output)
+}
+
+/// Runs (or reuses, or resumes) a device stage of any model: each item becomes one
+/// output row, written in input order.
+pub fn run_device_stage<M: DeviceModel>(
+    store: &StageStore,
+    model: Arc<M>,
+    source: ItemSource<M::Item>,
+    stage: &EmbedStage,
+    output: StageOutput,
 ) -> Result<EmbedStageReport, EngineError> {
     if let Some(completed) = store.completed(&stage.stage, &stage.key)? {
         return Ok(EmbedStageReport {
@@ -93,12 +125,11 @@ pub fn run_embed_stage(
         });
     }
     let start = Instant::now();
-    let executor = DeviceExecutor::spawn(embedder.clone()).map_err(|e| {
+    let executor = DeviceExecutor::spawn(model.clone()).map_err(|e| {
         EngineError::Dataflow(format!("cannot start the device executor thread: {e}"))
     })?;
-    let config = EmbedOperatorConfig {
-        embedder: embedder.clone(),
-        kind: stage.kind,
+    let config = InferConfig {
+        model: model.clone(),
         batcher: stage.batcher,
         submitter: executor.submitter(),
     };
@@ -106,7 +137,7 @@ pub fn run_embed_stage(
     let progress = Arc::new(Progress::new(&stage.label, stage.total, stage.quiet));
     let store = store.clone();
     let stage_spec = stage.clone();
-    let dim = embedder.dim();
+    let width = model.row_width();
     let chunk_rows = stage.chunk_rows.max(1);
     let worker_progress = progress.clone();
 
@@ -119,7 +150,7 @@ pub fn run_embed_stage(
                 *writer.borrow_mut() = Some(store.begin(
                     &stage_spec.stage,
                     stage_spec.key.clone(),
-                    embeddings_schema(dim),
+                    output.schema.clone(),
                 )?);
             }
             let skip = writer
@@ -129,16 +160,18 @@ pub fn run_embed_stage(
                 .unwrap_or(0);
             let error: Rc<RefCell<Option<EngineError>>> = Rc::new(RefCell::new(None));
             let discard_from = Rc::new(Cell::new(u64::MAX));
-            let mut input: InputHandleVec<u64, TextRecord> = InputHandleVec::new();
+            let mut input: InputHandleVec<u64, InputRecord<M::Item>> = InputHandleVec::new();
             let probe = ProbeHandle::new();
             worker.dataflow::<u64, _, _>(|scope| {
-                let texts = input.to_stream(scope);
-                let embedded = embed_texts(texts, config.clone(), error.clone()).probe_with(&probe);
+                let items = input.to_stream(scope);
+                let outputs =
+                    infer_on_device(items, config.clone(), error.clone()).probe_with(&probe);
                 write_parts(
-                    embedded,
+                    outputs,
                     writer.clone(),
                     discard_from.clone(),
-                    dim,
+                    width,
+                    output.to_batch.clone(),
                     worker_progress.clone(),
                     error.clone(),
                 );
@@ -148,15 +181,15 @@ pub fn run_embed_stage(
             let mut source_error: Option<EngineError> = None;
             if index == 0 {
                 let taken = source.lock().ok().and_then(|mut s| s.take());
-                let Some(texts) = taken else {
+                let Some(items) = taken else {
                     return Err(EngineError::Dataflow("text source already taken".into()));
                 };
                 let mut seq = skip;
                 let mut time: u64 = 0;
                 let mut in_chunk = 0usize;
                 let mut skipped = 0u64;
-                for item in texts {
-                    let (id, text) = match item {
+                for item in items {
+                    let (id, item) = match item {
                         Ok(pair) => pair,
                         Err(e) => {
                             // Whole chunks already fed are good work: let them be
@@ -173,7 +206,7 @@ pub fn run_embed_stage(
                         skipped += 1;
                         continue;
                     }
-                    input.send((seq, id, text));
+                    input.send((seq, id, item));
                     seq += 1;
                     fed += 1;
                     in_chunk += 1;

@@ -1,4 +1,4 @@
-//! The part writer: a sink that gathers embedded texts on worker 0 and commits each
+//! The part writer: a sink that gathers the inference outputs on worker 0 and commits each
 //! completed chunk (one timestamp) as one Parquet part of the stage, in input order.
 //!
 //! A chunk is complete when the input frontier has passed its timestamp; chunks are
@@ -11,33 +11,40 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::Stream;
 
-use crate::dataflow::embed_op::EmbeddedRecord;
+use crate::dataflow::infer_op::OutputRecord;
 use crate::error::EngineError;
 use crate::progress::Progress;
-use crate::schema::embeddings_batch;
 use crate::store::StageWriter;
 
 /// The stage writer, shared between the sink and the driver that finishes it; it holds a
 /// writer on worker 0 only (every record is routed there).
 pub type SharedWriter = Rc<RefCell<Option<StageWriter>>>;
 
+/// Builds a stage's record batch from ids and their rows of floats (row-major).
+pub type BatchBuilder =
+    Arc<dyn Fn(&[String], Vec<f32>) -> Result<RecordBatch, ArrowError> + Send + Sync>;
+
 /// Adds the sink. Chunks at or after `discard_from` are dropped unwritten (an
 /// interrupted input's partial chunk).
 pub fn write_parts(
-    embedded: Stream<'_, u64, Vec<EmbeddedRecord>>,
+    outputs: Stream<'_, u64, Vec<OutputRecord>>,
     writer: SharedWriter,
     discard_from: Rc<Cell<u64>>,
-    dim: usize,
+    width: usize,
+    to_batch: BatchBuilder,
     progress: Arc<Progress>,
     error: Rc<RefCell<Option<EngineError>>>,
 ) {
-    let to_first_worker = Exchange::new(|_r: &EmbeddedRecord| 0);
-    let mut chunks: BTreeMap<u64, Vec<EmbeddedRecord>> = BTreeMap::new();
-    embedded.sink(to_first_worker, "WriteParts", move |(input, frontier)| {
+    let to_first_worker = Exchange::new(|_r: &OutputRecord| 0);
+    let mut chunks: BTreeMap<u64, Vec<OutputRecord>> = BTreeMap::new();
+    outputs.sink(to_first_worker, "WriteParts", move |(input, frontier)| {
         input.for_each(|cap, data| {
             if let Some(&time) = cap.least() {
                 chunks.entry(time).or_default().append(data);
@@ -60,12 +67,12 @@ pub fn write_parts(
             rows.sort_by_key(|r| r.0);
             let n = rows.len() as u64;
             let mut ids = Vec::with_capacity(rows.len());
-            let mut matrix = Vec::with_capacity(rows.len() * dim);
+            let mut matrix = Vec::with_capacity(rows.len() * width);
             for (_, id, v) in rows {
                 ids.push(id);
                 matrix.extend_from_slice(&v);
             }
-            let written = embeddings_batch(&ids, matrix, dim)
+            let written = to_batch(&ids, matrix)
                 .map_err(EngineError::from)
                 .and_then(|batch| writer.write_part(&[batch]).map_err(EngineError::from));
             match written {

@@ -1,7 +1,7 @@
-//! The embedding operator: texts in, embeddings out, the model run on the device
-//! executor rather than inline.
+//! The inference operator: items in (texts to embed, query-passage pairs to score), one
+//! row of floats per item out, the model run on the device executor rather than inline.
 //!
-//! On each activation the operator tokenises the texts it received (on its worker's
+//! On each activation the operator tokenises the items it received (on its worker's
 //! thread), packs them into token-budget batches, and offers the batches to the device
 //! executor's bounded queue; batches the queue refuses wait in the operator. Results come
 //! back on a channel, and the executor wakes the operator through a [`SyncActivator`]
@@ -15,31 +15,41 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{unbounded, Receiver};
-use distillery_operators::{Embedder, TextKind, TokenBatch, TokenBudgetBatcher, TokenizedText};
+use distillery_operators::{TokenBatch, TokenBudgetBatcher};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::error::EngineError;
-use crate::executor::{Done, Job, Submitter, Waker};
+use crate::executor::{DeviceModel, Done, Job, Submitter, Waker};
 
-/// A text to embed: its position in the input, its id and its text.
-pub type TextRecord = (u64, String, String);
-/// An embedded text: position, id, vector.
-pub type EmbeddedRecord = (u64, String, Vec<f32>);
+/// An item to run: its position in the input, its id and the item.
+pub type InputRecord<I> = (u64, String, I);
+/// A text to embed.
+pub type TextRecord = InputRecord<String>;
+/// An item's output: position, id, the model's row of floats.
+pub type OutputRecord = (u64, String, Vec<f32>);
 
 /// How long an operator whose batches the shared queue refused waits before offering
 /// them again, when none of its own batches is on the device to wake it.
 const RETRY_FULL_QUEUE: Duration = Duration::from_millis(2);
 
-/// What the embedding operator needs.
-#[derive(Clone)]
-pub struct EmbedOperatorConfig {
-    pub embedder: Arc<Embedder>,
-    pub kind: TextKind,
+/// What the inference operator needs.
+pub struct InferConfig<M: DeviceModel> {
+    pub model: Arc<M>,
     pub batcher: TokenBudgetBatcher,
     pub submitter: Submitter,
+}
+
+impl<M: DeviceModel> Clone for InferConfig<M> {
+    fn clone(&self) -> Self {
+        Self {
+            model: self.model.clone(),
+            batcher: self.batcher,
+            submitter: self.submitter.clone(),
+        }
+    }
 }
 
 /// Where a text waits while its batch is on the device.
@@ -49,18 +59,18 @@ struct Slot {
     time: u64,
 }
 
-/// Adds the embedding operator to `texts`. Texts are spread over workers by position.
+/// Adds the inference operator to `items`. Items are spread over workers by position.
 /// The first error (tokeniser or model) is stored in `error`; the operator then drops
 /// everything so the dataflow drains and the driver can report it.
-pub fn embed_texts<'scope>(
-    texts: Stream<'scope, u64, Vec<TextRecord>>,
-    config: EmbedOperatorConfig,
+pub fn infer_on_device<'scope, M: DeviceModel>(
+    items: Stream<'scope, u64, Vec<InputRecord<M::Item>>>,
+    config: InferConfig<M>,
     error: Rc<RefCell<Option<EngineError>>>,
-) -> Stream<'scope, u64, Vec<EmbeddedRecord>> {
-    let scope = texts.scope();
+) -> Stream<'scope, u64, Vec<OutputRecord>> {
+    let scope = items.scope();
     let worker = scope.worker();
-    let by_position = Exchange::new(|r: &TextRecord| r.0);
-    texts.unary_frontier(by_position, "EmbedTexts", move |_cap, info| {
+    let by_position = Exchange::new(|r: &InputRecord<M::Item>| r.0);
+    items.unary_frontier(by_position, "InferOnDevice", move |_cap, info| {
         let activator = Arc::new(Mutex::new(worker.sync_activator_for(info.address.to_vec())));
         let wake: Waker = Arc::new(move || {
             if let Ok(a) = activator.lock() {
@@ -76,11 +86,11 @@ pub fn embed_texts<'scope>(
         let mut in_flight: usize = 0;
         let mut capabilities: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
         let mut open_rows: BTreeMap<u64, usize> = BTreeMap::new();
-        let dim = config.embedder.dim();
+        let width = config.model.row_width();
 
         move |(input, frontier), output| {
             // 1. New texts: tokenise, batch, queue.
-            let mut arrived: Vec<TokenizedText> = Vec::new();
+            let mut arrived = Vec::new();
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
                 if error.borrow().is_some() {
@@ -90,15 +100,13 @@ pub fn embed_texts<'scope>(
                 if let Some(c) = cap.retain_least(output.output_index()) {
                     capabilities.entry(time).or_insert(c);
                 }
-                let texts: Vec<&str> = data.iter().map(|r| r.2.as_str()).collect();
-                match config.embedder.tokenize(&texts, config.kind) {
-                    Ok(ids) => {
-                        for ((seq, id, _), ids) in data.drain(..).zip(ids) {
+                let items: Vec<&M::Item> = data.iter().map(|r| &r.2).collect();
+                match config.model.tokenize(&items) {
+                    Ok(tokenized) => {
+                        for ((seq, id, _), mut t) in data.drain(..).zip(tokenized) {
                             slots.insert(next_slot, Slot { seq, id, time });
-                            arrived.push(TokenizedText {
-                                index: next_slot,
-                                ids,
-                            });
+                            t.index = next_slot;
+                            arrived.push(t);
                             next_slot += 1;
                             *open_rows.entry(time).or_insert(0) += 1;
                         }
@@ -146,11 +154,11 @@ pub fn embed_texts<'scope>(
                     if let Some(n) = open_rows.get_mut(&slot.time) {
                         *n -= 1;
                     }
-                    if vectors.len() < (r + 1) * dim {
+                    if vectors.len() < (r + 1) * width {
                         continue;
                     }
                     if let Some(cap) = capabilities.get(&slot.time) {
-                        let v = vectors[r * dim..(r + 1) * dim].to_vec();
+                        let v = vectors[r * width..(r + 1) * width].to_vec();
                         output.session(cap).give((slot.seq, slot.id, v));
                     }
                 }
