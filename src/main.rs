@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use distillery::config::Pipeline;
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
+use distillery::jobs::mine::run_mine;
 use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use distillery_operators::TextKind;
 
@@ -27,6 +29,15 @@ enum Command {
     Eval(EvalArgs),
     /// Embed any passages (.jsonl, .tsv, .parquet) or queries file into a Parquet file.
     Embed(EmbedArgs),
+    /// Mine hard-negative candidates for every query (retrieve, filter, fuse by RRF).
+    Mine(ConfigArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// The pipeline configuration (TOML; see the README).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 #[derive(Args)]
@@ -230,6 +241,21 @@ fn main() -> Result<()> {
             report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
             if let Some(path) = &a.json {
                 write_json(path, &outcome)?;
+            }
+        }
+        Command::Mine(a) => {
+            let pipeline = Pipeline::load(&a.config)?;
+            set_threads(Some(pipeline.threads));
+            std::fs::create_dir_all(&pipeline.run_dir)
+                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let outcome = run_mine(&pipeline)?;
+            println!(
+                "passages {} (held out {}), queries with a relevant passage {}",
+                outcome.passages, outcome.held_out, outcome.queries
+            );
+            println!("{}", outcome.stats);
+            if outcome.reused {
+                println!("(candidates reused from {})", pipeline.run_dir.display());
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod embed;
 pub mod eval;
+pub mod mine;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

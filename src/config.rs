@@ -1,0 +1,349 @@
+//! The pipeline configuration: what the user writes (a TOML file, [`PipelineFile`]) and
+//! what the jobs run ([`Pipeline`]), two types. Parsing checks every field once; paths
+//! are resolved against the file's directory; every recipe constant has its default here
+//! or in the mining module, where it is explained.
+//!
+//! ```toml
+//! run_dir = "runs/scifact"
+//! corpus = "../shared/datasets/scifact/corpus.jsonl"
+//!
+//! [queries]                  # human queries: the judged-relevant passages are sources
+//! path = "../shared/datasets/scifact/queries.jsonl"
+//! qrels = "../shared/datasets/scifact/qrels/train.tsv"
+//!
+//! [[retrievers]]
+//! model = "../shared/models/all-MiniLM-L6-v2"
+//!
+//! [[teachers]]
+//! model = "models/ms-marco-MiniLM-L-6-v2"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+use crate::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+use crate::mining::{CandidateConfig, TeacherConfig};
+
+/// Passages held out of training by default: the recipe's synthetic test set size.
+pub const DEFAULT_HELD_OUT: usize = 100;
+
+/// The configuration file, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Where every stage is kept.
+    pub run_dir: PathBuf,
+    /// The passages (BEIR JSONL, TSV or Parquet).
+    pub corpus: PathBuf,
+    #[serde(default)]
+    pub held_out: HeldOutFile,
+    pub queries: QueriesFile,
+    /// Dense retrievers for hard negatives (at least one).
+    pub retrievers: Vec<ModelFile>,
+    #[serde(default)]
+    pub candidates: CandidateConfig,
+    /// Cross-encoder teachers (at least one for `label`).
+    #[serde(default)]
+    pub teachers: Vec<TeacherFile>,
+    #[serde(default)]
+    pub teacher: TeacherConfig,
+    #[serde(default)]
+    pub engine: EngineFile,
+    #[serde(default)]
+    pub output: OutputFile,
+}
+
+/// Which passages never appear as training candidates.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeldOutFile {
+    /// How many passages to hold out, chosen by a seeded hash of their ids (stable when
+    /// the corpus grows).
+    pub count: usize,
+    pub seed: u64,
+}
+
+impl Default for HeldOutFile {
+    fn default() -> Self {
+        Self {
+            count: DEFAULT_HELD_OUT,
+            seed: 42,
+        }
+    }
+}
+
+/// Human queries with relevance judgements (their relevant passages are the sources).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueriesFile {
+    pub path: PathBuf,
+    pub qrels: PathBuf,
+    /// The `query_type` the examples record for these queries.
+    #[serde(default = "default_query_type")]
+    pub query_type: String,
+}
+
+fn default_query_type() -> String {
+    "human".into()
+}
+
+/// An embedder: a model directory or hub id and optional overrides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    pub model: String,
+    #[serde(default)]
+    pub max_seq_length: Option<usize>,
+    #[serde(default)]
+    pub query_prefix: Option<String>,
+    #[serde(default)]
+    pub passage_prefix: Option<String>,
+}
+
+/// A cross-encoder teacher and its weight when several are combined.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherFile {
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// Maximum tokens per (query, passage) pair; the recipe's 512 by default.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+}
+
+fn default_weight() -> f32 {
+    1.0
+}
+
+/// How the engine runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineFile {
+    pub workers: usize,
+    pub threads: Option<usize>,
+    pub batch_tokens: usize,
+    pub batch_rows: usize,
+    /// `fail` (default) or `skip` (into `run_dir/quarantine.jsonl`).
+    pub on_bad_record: String,
+}
+
+impl Default for EngineFile {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            threads: None,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            batch_rows: DEFAULT_BATCH_ROWS,
+            on_bad_record: "fail".into(),
+        }
+    }
+}
+
+/// Extra outputs.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputFile {
+    /// Also write the examples as `run_dir/examples.jsonl`.
+    pub jsonl: bool,
+}
+
+/// The resolved pipeline the jobs run.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub run_dir: PathBuf,
+    pub corpus: PathBuf,
+    pub held_out: HeldOutFile,
+    pub queries: QueriesFile,
+    /// One embedding setting per retriever.
+    pub retrievers: Vec<EmbedSettings>,
+    pub candidates: CandidateConfig,
+    pub teachers: Vec<TeacherFile>,
+    pub teacher: TeacherConfig,
+    pub workers: usize,
+    pub threads: usize,
+    pub batch_tokens: usize,
+    pub batch_rows: usize,
+    pub quarantine: Option<PathBuf>,
+    pub jsonl: bool,
+    /// The file as written, for the record kept in the run directory.
+    pub file: PipelineFile,
+}
+
+fn invalid(path: &Path, message: impl std::fmt::Display) -> EngineError {
+    EngineError::Invalid(format!("{}: {message}", path.display()))
+}
+
+impl Pipeline {
+    /// Reads, checks and resolves a configuration file.
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| invalid(path, e))?;
+        let file: PipelineFile = toml::from_str(&text).map_err(|e| invalid(path, e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::resolve(file, base, path)
+    }
+
+    /// Checks `file` and resolves its relative paths against `base`; `origin` names the
+    /// file in errors.
+    pub fn resolve(file: PipelineFile, base: &Path, origin: &Path) -> Result<Self, EngineError> {
+        let at = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        if file.retrievers.is_empty() {
+            return Err(invalid(origin, "`retrievers`: at least one is needed"));
+        }
+        file.candidates
+            .validate()
+            .map_err(|e| invalid(origin, format!("[candidates] {e}")))?;
+        file.teacher
+            .validate()
+            .map_err(|e| invalid(origin, format!("[teacher] {e}")))?;
+        for (i, t) in file.teachers.iter().enumerate() {
+            if !(t.weight.is_finite() && t.weight >= 0.0) {
+                return Err(invalid(
+                    origin,
+                    format!(
+                        "teachers[{i}].weight must be finite and >= 0, found {}",
+                        t.weight
+                    ),
+                ));
+            }
+        }
+        let run_dir = at(&file.run_dir);
+        let quarantine = match file.engine.on_bad_record.as_str() {
+            "fail" => None,
+            "skip" => Some(run_dir.join("quarantine.jsonl")),
+            other => {
+                return Err(invalid(
+                    origin,
+                    format!("engine.on_bad_record must be `fail` or `skip`, found `{other}`"),
+                ))
+            }
+        };
+        let resolve_model = |m: &str| {
+            let p = at(Path::new(m));
+            if p.exists() {
+                p.display().to_string()
+            } else {
+                m.to_string()
+            }
+        };
+        let retrievers = file
+            .retrievers
+            .iter()
+            .map(|r| EmbedSettings {
+                model: Some(resolve_model(&r.model)),
+                max_seq_length: r.max_seq_length,
+                query_prefix: r.query_prefix.clone(),
+                passage_prefix: r.passage_prefix.clone(),
+                batch_tokens: file.engine.batch_tokens,
+                batch_rows: file.engine.batch_rows,
+                workers: file.engine.workers,
+                quarantine: quarantine.clone(),
+                quiet: false,
+            })
+            .collect();
+        let teachers = file
+            .teachers
+            .iter()
+            .map(|t| TeacherFile {
+                model: resolve_model(&t.model),
+                ..t.clone()
+            })
+            .collect();
+        let threads = file
+            .engine
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(Self {
+            run_dir,
+            corpus: at(&file.corpus),
+            held_out: file.held_out.clone(),
+            queries: QueriesFile {
+                path: at(&file.queries.path),
+                qrels: at(&file.queries.qrels),
+                query_type: file.queries.query_type.clone(),
+            },
+            retrievers,
+            candidates: file.candidates.clone(),
+            teachers,
+            teacher: file.teacher.clone(),
+            workers: file.engine.workers.max(1),
+            threads,
+            batch_tokens: file.engine.batch_tokens,
+            batch_rows: file.engine.batch_rows,
+            quarantine,
+            jsonl: file.output.jsonl,
+            file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Pipeline, EngineError> {
+        let file: PipelineFile =
+            toml::from_str(text).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        Pipeline::resolve(file, Path::new("/base"), Path::new("/base/p.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+run_dir = "run"
+corpus = "c.jsonl"
+[queries]
+path = "q.jsonl"
+qrels = "/abs/train.tsv"
+[[retrievers]]
+model = "org/model"
+"#;
+
+    #[test]
+    fn defaults_are_the_recipes_and_paths_resolve_against_the_file() {
+        let p = parse(MINIMAL).unwrap();
+        assert_eq!(p.run_dir, PathBuf::from("/base/run"));
+        assert_eq!(p.corpus, PathBuf::from("/base/c.jsonl"));
+        assert_eq!(p.queries.qrels, PathBuf::from("/abs/train.tsv"));
+        assert_eq!(p.queries.query_type, "human");
+        assert_eq!(p.candidates.rrf_k, 60.0);
+        assert_eq!(p.candidates.retrieve_top, 100);
+        assert_eq!(p.candidates.source_in_top, 20);
+        assert_eq!(p.teacher.keep_top, 20);
+        assert_eq!(p.held_out.count, 100);
+        // A hub id that is not a local path stays a hub id.
+        assert_eq!(p.retrievers[0].model.as_deref(), Some("org/model"));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = parse(&format!("{MINIMAL}\n[candidates]\nrrf = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `rrf`"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}\n[engine]\non_bad_record = \"ignore\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("on_bad_record must be `fail` or `skip`, found `ignore`"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{MINIMAL}\n[[teachers]]\nmodel = \"t\"\nweight = -1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("teachers[0].weight"), "{e}");
+        let no_retriever = "run_dir = \"r\"\ncorpus = \"c\"\nretrievers = []\n[queries]\npath = \"q\"\nqrels = \"t\"\n";
+        let e = parse(no_retriever).unwrap_err().to_string();
+        assert!(e.contains("at least one"), "{e}");
+    }
+}

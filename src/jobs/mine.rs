@@ -1,0 +1,320 @@
+//! `distillery mine`: hard-negative candidates for every query (RECIPE.md section 3).
+//!
+//! Per retriever: the `r<i>-passages` and `r<i>-queries` embedding stages, then exact
+//! top-`retrieve_top` retrieval. The lists go through the mining funnel
+//! ([`crate::mining::select_candidates_all`]) and the kept queries become the
+//! `candidates` stage (one row per query, see [`crate::schema::candidates_schema`]),
+//! with the funnel's counts in `run_dir/candidates-stats.json`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use distillery_operators::TextKind;
+use serde::Serialize;
+
+use crate::config::Pipeline;
+use crate::corpus::{open_queries, read_qrels};
+use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
+use crate::error::EngineError;
+use crate::jobs::eval::read_matrix;
+use crate::jobs::{count_records, hash_file, passage_texts};
+use crate::mining::{select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals};
+use crate::model::fingerprint;
+use crate::record::Query;
+use crate::retrieval::exact_top_k;
+use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
+use crate::store::{hash_settings, ContentHasher, StageKey, StageStore};
+
+/// The candidates stage's name.
+pub const CANDIDATES_STAGE: &str = "candidates";
+
+/// What `mine` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MineOutcome {
+    pub passages: usize,
+    pub queries: usize,
+    pub held_out: usize,
+    pub stats: CandidateStats,
+    pub reused: bool,
+}
+
+#[derive(Serialize)]
+struct EmbedKeySettings<'a> {
+    model: &'a str,
+    max_seq_length: usize,
+    prefix: &'a str,
+    kind: &'a str,
+}
+
+/// The `count` passages with the smallest seeded hash of their id: a choice that does
+/// not move when other passages are added or removed.
+pub fn held_out_passages(ids: &[String], count: usize, seed: u64) -> HashSet<PassageIdx> {
+    let mut keyed: Vec<([u8; 32], PassageIdx)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut h = blake3::Hasher::new();
+            h.update(&seed.to_le_bytes());
+            h.update(id.as_bytes());
+            (*h.finalize().as_bytes(), i as PassageIdx)
+        })
+        .collect();
+    keyed.sort();
+    keyed.into_iter().take(count).map(|(_, i)| i).collect()
+}
+
+/// Human queries with at least one relevant passage, and their sources (by id).
+pub fn read_human_queries(
+    pipeline: &Pipeline,
+    read: &crate::corpus::ReadOptions,
+) -> Result<Vec<(Query, Vec<String>)>, EngineError> {
+    let mut queries = Vec::new();
+    for q in open_queries(&pipeline.queries.path, read)? {
+        queries.push(q?);
+    }
+    let known: HashSet<String> = queries.iter().map(|q| q.id.clone()).collect();
+    let qrels = read_qrels(&pipeline.queries.qrels, &known, None, read)?;
+    Ok(queries
+        .into_iter()
+        .filter_map(|q| {
+            let sources: Vec<String> = qrels
+                .get(&q.id)?
+                .iter()
+                .filter(|(_, &g)| g > 0)
+                .map(|(p, _)| p.clone())
+                .collect();
+            (!sources.is_empty()).then_some((q, sources))
+        })
+        .collect())
+}
+
+/// Runs the mining stage.
+pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let first = &pipeline.retrievers[0];
+    let read = first.read_options()?;
+    let queries = read_human_queries(pipeline, &read)?;
+    let corpus_hash = hash_file(&pipeline.corpus)?;
+    let mut qh = ContentHasher::new();
+    for (q, sources) in &queries {
+        qh.field(&q.id).field(&q.text);
+        for s in sources {
+            qh.field(s);
+        }
+    }
+    let queries_hash = qh.finish();
+
+    // Every retriever: embed passages and queries, retrieve.
+    let mut lists_per_retriever: Vec<Vec<Vec<PassageIdx>>> = Vec::new();
+    let mut passage_ids: Option<Vec<String>> = None;
+    let mut upstream = ContentHasher::new();
+    for (i, settings) in pipeline.retrievers.iter().enumerate() {
+        let (embedder, _) = settings.load_embedder(
+            &pipeline.corpus,
+            &read,
+            &pipeline.run_dir.join(format!("r{i}-tiny-model")),
+        )?;
+        let model = fingerprint(embedder.dir())?;
+        let stage = |name: String, kind: TextKind, input_hash: &str, total| {
+            let key_settings = EmbedKeySettings {
+                model: &model,
+                max_seq_length: embedder.max_seq_length(),
+                prefix: embedder.prefix(kind),
+                kind: if kind == TextKind::Query {
+                    "query"
+                } else {
+                    "passage"
+                },
+            };
+            Ok::<_, EngineError>(EmbedStage {
+                label: format!("retriever {i}: {name}"),
+                stage: name,
+                key: StageKey {
+                    settings_hash: hash_settings(&key_settings)?,
+                    input_hash: input_hash.to_string(),
+                },
+                kind,
+                batcher: settings.batcher(),
+                workers: pipeline.workers,
+                chunk_rows: CHUNK_ROWS,
+                total,
+                quiet: settings.quiet,
+            })
+        };
+        let p_stage = stage(
+            format!("r{i}-passages"),
+            TextKind::Passage,
+            &corpus_hash,
+            count_records(&pipeline.corpus),
+        )?;
+        let p_report = run_embed_stage(
+            &store,
+            embedder.clone(),
+            passage_texts(&pipeline.corpus, &read)?,
+            &p_stage,
+        )?;
+        let q_stage = stage(
+            format!("r{i}-queries"),
+            TextKind::Query,
+            &queries_hash,
+            Some(queries.len() as u64),
+        )?;
+        let q_source: Vec<_> = queries
+            .iter()
+            .map(|(q, _)| Ok((q.id.clone(), q.text.clone())))
+            .collect();
+        let q_report = run_embed_stage(
+            &store,
+            Arc::clone(&embedder),
+            Box::new(q_source.into_iter()),
+            &q_stage,
+        )?;
+        upstream
+            .field(p_report.completed.content_hash())
+            .field(q_report.completed.content_hash());
+        let p = read_matrix(&store, &p_stage.stage)?;
+        let q = read_matrix(&store, &q_stage.stage)?;
+        match &passage_ids {
+            None => passage_ids = Some(p.ids.clone()),
+            Some(ids) if *ids != p.ids => {
+                return Err(EngineError::Invalid(format!(
+                    "retriever {i} embedded a different passage list than retriever 0; \
+                     the corpus changed during the run?"
+                )))
+            }
+            Some(_) => {}
+        }
+        let hits = exact_top_k(
+            &q.values,
+            &p.values,
+            p.dim,
+            pipeline.candidates.retrieve_top,
+            pipeline.threads,
+        )?;
+        lists_per_retriever.push(
+            hits.into_iter()
+                .map(|h| h.into_iter().map(|x| x.passage).collect())
+                .collect(),
+        );
+    }
+    let passage_ids = passage_ids.unwrap_or_default();
+    let index: HashMap<&str, PassageIdx> = passage_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i as PassageIdx))
+        .collect();
+    let held_out = held_out_passages(
+        &passage_ids,
+        pipeline.held_out.count,
+        pipeline.held_out.seed,
+    );
+
+    #[derive(Serialize)]
+    struct CandidateKeySettings<'a> {
+        candidates: &'a crate::mining::CandidateConfig,
+        held_out: &'a crate::config::HeldOutFile,
+        query_type: &'a str,
+    }
+    let key = StageKey {
+        settings_hash: hash_settings(&CandidateKeySettings {
+            candidates: &pipeline.candidates,
+            held_out: &pipeline.held_out,
+            query_type: &pipeline.queries.query_type,
+        })?,
+        input_hash: upstream.field(&queries_hash).finish(),
+    };
+    let stats_path = pipeline.run_dir.join("candidates-stats.json");
+    if store.completed(CANDIDATES_STAGE, &key)?.is_some() {
+        if let Ok(text) = std::fs::read_to_string(&stats_path) {
+            if let Ok(stats) = serde_json::from_str::<CandidateStats>(&text) {
+                return Ok(MineOutcome {
+                    passages: passage_ids.len(),
+                    queries: queries.len(),
+                    held_out: held_out.len(),
+                    stats,
+                    reused: true,
+                });
+            }
+        }
+    }
+
+    let retrievals = queries
+        .iter()
+        .enumerate()
+        .map(|(qi, (q, sources))| QueryRetrievals {
+            query_id: q.id.clone(),
+            // A judged passage missing from the corpus cannot be a source.
+            sources: sources
+                .iter()
+                .filter_map(|s| index.get(s.as_str()).copied())
+                .collect(),
+            lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
+        });
+    let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, retrievals);
+    let texts: HashMap<&str, &Query> = queries.iter().map(|(q, _)| (q.id.as_str(), q)).collect();
+    let rows: Vec<CandidateRow> = kept
+        .iter()
+        .map(|c| CandidateRow {
+            query_id: c.query_id.clone(),
+            query_text: texts
+                .get(c.query_id.as_str())
+                .map(|q| q.text.clone())
+                .unwrap_or_default(),
+            query_type: pipeline.queries.query_type.clone(),
+            source_ids: c
+                .sources
+                .iter()
+                .map(|&s| passage_ids[s as usize].clone())
+                .collect(),
+            candidate_ids: c
+                .candidates
+                .iter()
+                .map(|&p| passage_ids[p as usize].clone())
+                .collect(),
+        })
+        .collect();
+    let mut writer = store.begin(CANDIDATES_STAGE, key, candidates_schema())?;
+    for chunk in rows.chunks(CHUNK_ROWS) {
+        writer.write_part(&[candidates_batch(chunk)?])?;
+    }
+    writer.finish()?;
+    let text =
+        serde_json::to_string_pretty(&stats).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    std::fs::write(&stats_path, text).map_err(|source| EngineError::Write {
+        path: stats_path.clone(),
+        source,
+    })?;
+    Ok(MineOutcome {
+        passages: passage_ids.len(),
+        queries: queries.len(),
+        held_out: held_out.len(),
+        stats,
+        reused: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_choice_is_stable_when_the_corpus_grows() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("p{i}")).collect();
+        let a = held_out_passages(&ids, 10, 42);
+        assert_eq!(a.len(), 10);
+        let mut more = ids.clone();
+        more.extend((1000..1100).map(|i| format!("p{i}")));
+        let b = held_out_passages(&more, 10, 42);
+        // Added passages can only displace chosen ones, never reshuffle the rest.
+        let a_ids: HashSet<&str> = a.iter().map(|&i| ids[i as usize].as_str()).collect();
+        let b_ids: HashSet<&str> = b.iter().map(|&i| more[i as usize].as_str()).collect();
+        let kept = a_ids.intersection(&b_ids).count();
+        let displaced_by_new = b_ids
+            .iter()
+            .filter(|id| !a_ids.contains(*id))
+            .all(|id| id[1..].parse::<usize>().map(|n| n >= 1000).unwrap_or(false));
+        assert!(displaced_by_new);
+        assert!(kept >= 8, "kept {kept}");
+        assert_ne!(a, held_out_passages(&ids, 10, 7));
+    }
+}
