@@ -20,8 +20,11 @@
 //! Contract: [`CpuBert::forward`] returns, for texts given as token ids, the last hidden
 //! states of every token, packed in input order; [`CpuBert::embed`] pools and normalises
 //! them as sentence-transformers does. Single-segment inputs only (token type 0), as in
-//! the candle path. The same batch gives the same bits: no reduction depends on thread
-//! timing. Results may differ in the last bits between batch compositions, as the
+//! the candle path. Models whose embeddings are not BERT's (other position tables, token
+//! types, a projection) load with [`CpuBert::load_layers`], embed on their own and enter
+//! at [`CpuBert::forward_embedded`], which runs the encoder layers alone and has the same
+//! contract from there on. The same batch gives the same bits: no reduction depends on
+//! thread timing. Results may differ in the last bits between batch compositions, as the
 //! products' blocking does.
 
 mod kernels;
@@ -206,13 +209,7 @@ impl CpuBert {
     /// [`crate::bert::BertModel::load`]).
     pub fn load(weights: &Weights, config: &BertConfig) -> Result<Self> {
         let h = config.hidden_size;
-        let act =
-            Activation::parse(&config.hidden_act).ok_or_else(|| OperatorError::Unsupported {
-                path: "config.json".into(),
-                what: "hidden_act",
-                value: config.hidden_act.clone(),
-                supported: "gelu, gelu_new, gelu_pytorch_tanh, relu",
-            })?;
+        let mut kernel = Self::load_layers(weights, config)?;
         let word =
             to_vec(&weights.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?)?;
         let mut position = to_vec(&weights.get(
@@ -228,6 +225,26 @@ impl CpuBert {
                 *p += *t;
             }
         }
+        kernel.vocab = config.vocab_size;
+        kernel.max_positions = config.max_position_embeddings;
+        kernel.word = word;
+        kernel.position = position;
+        kernel.emb_norm = Norm::load(weights, "embeddings.LayerNorm", h)?;
+        Ok(kernel)
+    }
+
+    /// Reads the encoder layers alone (`encoder.layer.*`), for a model that computes its
+    /// own embeddings: such a kernel has no vocabulary, so [`CpuBert::forward`] fails on
+    /// any token and [`CpuBert::forward_embedded`] is its entry point.
+    pub fn load_layers(weights: &Weights, config: &BertConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        let act =
+            Activation::parse(&config.hidden_act).ok_or_else(|| OperatorError::Unsupported {
+                path: "config.json".into(),
+                what: "hidden_act",
+                value: config.hidden_act.clone(),
+                supported: "gelu, gelu_new, gelu_pytorch_tanh, relu",
+            })?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| Layer::load(weights, config, i))
             .collect::<Result<Vec<_>>>()?;
@@ -236,14 +253,17 @@ impl CpuBert {
             heads: config.num_attention_heads,
             head_dim: config.head_dim(),
             intermediate: config.intermediate_size,
-            vocab: config.vocab_size,
-            max_positions: config.max_position_embeddings,
+            vocab: 0,
+            max_positions: 0,
             eps: config.layer_norm_eps as f32,
             act,
-            word,
-            position,
+            word: Vec::new(),
+            position: Vec::new(),
             zeros: vec![0.0; h],
-            emb_norm: Norm::load(weights, "embeddings.LayerNorm", h)?,
+            emb_norm: Norm {
+                gamma: Vec::new(),
+                beta: Vec::new(),
+            },
             layers,
             scratch: Mutex::new(Vec::new()),
         })
@@ -256,6 +276,14 @@ impl CpuBert {
     /// Fails on ids outside the vocabulary and texts longer than the position table:
     /// a tokenizer that does not belong to the model, or one without truncation.
     fn check(&self, texts: &[&[u32]]) -> Result<()> {
+        if self.word.is_empty() && texts.iter().any(|t| !t.is_empty()) {
+            return Err(OperatorError::Unsupported {
+                path: "cpu kernel".into(),
+                what: "entry point",
+                value: "forward on token ids".into(),
+                supported: "forward_embedded (this kernel was loaded without embeddings)",
+            });
+        }
         for ids in texts {
             if ids.len() > self.max_positions {
                 return Err(OperatorError::Tokenizer(format!(
@@ -281,40 +309,62 @@ impl CpuBert {
         let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         let total: usize = lens.iter().sum();
         let mut out = vec![0.0f32; total * self.hidden];
+        self.run_groups(&lens, &mut out, |g, chunk| self.embed_ids(&texts[g], chunk));
+        Ok(out)
+    }
+
+    /// The encoder layers over hidden states the caller embedded (what BERT's embeddings
+    /// module outputs, layer norm included): `states` is `[sum of lens, hidden]`, text
+    /// after text, and comes back as the last hidden states in the same layout. Texts
+    /// attend only to their own tokens, as in [`CpuBert::forward`].
+    pub fn forward_embedded(&self, lens: &[usize], mut states: Vec<f32>) -> Result<Vec<f32>> {
+        let total: usize = lens.iter().sum();
+        if states.len() != total * self.hidden {
+            return Err(OperatorError::Candle(candle_core::Error::Msg(format!(
+                "forward_embedded: {} floats for {total} tokens of width {}",
+                states.len(),
+                self.hidden
+            ))));
+        }
+        self.run_groups(lens, &mut states, |_, _| {});
+        Ok(states)
+    }
+
+    /// Cuts the texts of `lens` into groups (see [`partition`]) and runs `embed`, then
+    /// the layers, on each group's rows of `out`; groups in parallel.
+    fn run_groups<F>(&self, lens: &[usize], out: &mut [f32], embed: F)
+    where
+        F: Fn(Range<usize>, &mut [f32]) + Sync,
+    {
         let threads = rayon::current_num_threads().max(1);
-        let groups = partition(&lens, threads);
+        let groups = partition(lens, threads);
         if groups.len() <= 1 {
             let par = if threads > 1 {
                 Parallelism::Rayon(threads)
             } else {
                 Parallelism::None
             };
-            self.forward_group(texts, &mut out, par);
-            return Ok(out);
+            embed(0..lens.len(), out);
+            self.forward_group(lens, out, par);
+            return;
         }
         let mut chunks = Vec::with_capacity(groups.len());
-        let mut rest = out.as_mut_slice();
+        let mut rest = out;
         for g in &groups {
             let tokens: usize = lens[g.clone()].iter().sum();
             let (chunk, tail) = rest.split_at_mut(tokens * self.hidden);
             chunks.push((g.clone(), chunk));
             rest = tail;
         }
-        chunks
-            .into_par_iter()
-            .for_each(|(g, chunk)| self.forward_group(&texts[g], chunk, Parallelism::None));
-        Ok(out)
+        chunks.into_par_iter().for_each(|(g, chunk)| {
+            embed(g.clone(), chunk);
+            self.forward_group(&lens[g], chunk, Parallelism::None)
+        });
     }
 
-    /// The encoder over one group of checked texts, into `out` (`[tokens, hidden]`).
-    fn forward_group(&self, texts: &[&[u32]], out: &mut [f32], par: Parallelism) {
+    /// BERT's embeddings of one group of checked texts, into `out` (`[tokens, hidden]`).
+    fn embed_ids(&self, texts: &[&[u32]], out: &mut [f32]) {
         let h = self.hidden;
-        let tokens = out.len() / h;
-        let longest = texts.iter().map(|t| t.len()).max().unwrap_or(0);
-        // A buffer from the pool, when one is free: fresh pages cost a fault each.
-        let pooled = self.scratch.lock().ok().and_then(|mut p| p.pop());
-        let mut s = pooled.unwrap_or_default();
-        s.fit(tokens, longest, h, self.intermediate);
         let mut rows = out.chunks_exact_mut(h);
         for ids in texts {
             for (pos, (&id, row)) in ids.iter().zip(rows.by_ref()).enumerate() {
@@ -327,18 +377,30 @@ impl CpuBert {
         }
         let n = &self.emb_norm;
         bias_layer_norm(out, &self.zeros, &n.gamma, &n.beta, self.eps);
+    }
+
+    /// The encoder layers over one group of embedded texts of `lens`, in place in `out`
+    /// (`[tokens, hidden]`).
+    fn forward_group(&self, lens: &[usize], out: &mut [f32], par: Parallelism) {
+        let h = self.hidden;
+        let tokens = out.len() / h;
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        // A buffer from the pool, when one is free: fresh pages cost a fault each.
+        let pooled = self.scratch.lock().ok().and_then(|mut p| p.pop());
+        let mut s = pooled.unwrap_or_default();
+        s.fit(tokens, longest, h, self.intermediate);
         for layer in &self.layers {
-            self.layer(layer, texts, out, &mut s, par);
+            self.layer(layer, lens, out, &mut s, par);
         }
         if let Ok(mut pool) = self.scratch.lock() {
             pool.push(s);
         }
     }
 
-    fn layer(&self, l: &Layer, texts: &[&[u32]], x: &mut [f32], s: &mut Scratch, par: Parallelism) {
+    fn layer(&self, l: &Layer, lens: &[usize], x: &mut [f32], s: &mut Scratch, par: Parallelism) {
         l.qkv.product(&mut s.qkv, x, false, par);
         add_bias(&mut s.qkv, &l.qkv.bias);
-        self.attention(texts, s, par);
+        self.attention(lens, s, par);
         l.attn_out.product(x, &s.ctx, true, par);
         let n = &l.attn_norm;
         bias_layer_norm(x, &l.attn_out.bias, &n.gamma, &n.beta, self.eps);
@@ -356,12 +418,11 @@ impl CpuBert {
     }
 
     /// Scaled dot-product attention per text and head, from `s.qkv` into `s.ctx`.
-    fn attention(&self, texts: &[&[u32]], s: &mut Scratch, par: Parallelism) {
+    fn attention(&self, lens: &[usize], s: &mut Scratch, par: Parallelism) {
         let (h, d) = (self.hidden, self.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
         let mut start = 0;
-        for ids in texts {
-            let len = ids.len();
+        for &len in lens {
             if len == 0 {
                 continue;
             }
