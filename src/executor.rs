@@ -71,7 +71,7 @@ impl DeviceModel for EmbedTexts {
             .embedder
             .tokenize(&texts, self.kind)?
             .into_iter()
-            .map(|ids| TokenizedText { index: 0, ids })
+            .map(|ids| TokenizedText::new(0, ids))
             .collect())
     }
 }
@@ -232,10 +232,7 @@ mod tests {
 
     fn batch(index: usize, len: usize) -> TokenBatch {
         TokenBatch {
-            rows: vec![TokenizedText {
-                index,
-                ids: vec![index as u32; len],
-            }],
+            rows: vec![TokenizedText::new(index, vec![index as u32; len])],
         }
     }
 

@@ -94,10 +94,7 @@ fn output_is_in_input_order_and_equal_to_direct_embedding() {
         .tokenize(&[texts[7].1.as_str()], TextKind::Passage)
         .unwrap();
     let batch = distillery_operators::TokenBatch {
-        rows: vec![TokenizedText {
-            index: 0,
-            ids: tokens[0].clone(),
-        }],
+        rows: vec![TokenizedText::new(0, tokens[0].clone())],
     };
     let alone = e.embed_batch(&batch).unwrap();
     let diff = alone

@@ -10,6 +10,21 @@ pub struct TokenizedText {
     /// Position in the caller's input, to put results back in input order.
     pub index: usize,
     pub ids: Vec<u32>,
+    /// The segment (token type) of each id, for models that tell the two texts of a pair
+    /// apart (BERT's `token_type_ids`): empty when every token is in segment 0, as for a
+    /// single text; otherwise one per id.
+    pub type_ids: Vec<u32>,
+}
+
+impl TokenizedText {
+    /// A single-segment text (every token of type 0).
+    pub fn new(index: usize, ids: Vec<u32>) -> Self {
+        Self {
+            index,
+            ids,
+            type_ids: Vec::new(),
+        }
+    }
 }
 
 /// A batch ready for the device: rows of similar length, with their input positions.
@@ -79,10 +94,7 @@ mod tests {
     use super::*;
 
     fn text(index: usize, len: usize) -> TokenizedText {
-        TokenizedText {
-            index,
-            ids: vec![7; len],
-        }
+        TokenizedText::new(index, vec![7; len])
     }
 
     #[test]

@@ -47,7 +47,7 @@ fn batch(e: &Embedder, texts: &[String]) -> TokenBatch {
         rows: ids
             .into_iter()
             .enumerate()
-            .map(|(index, ids)| TokenizedText { index, ids })
+            .map(|(index, ids)| TokenizedText::new(index, ids))
             .collect(),
     }
 }

@@ -43,7 +43,7 @@ fn embed(e: &Embedder, texts: &[&str]) -> Vec<Vec<f32>> {
     let texts: Vec<TokenizedText> = ids
         .into_iter()
         .enumerate()
-        .map(|(index, ids)| TokenizedText { index, ids })
+        .map(|(index, ids)| TokenizedText::new(index, ids))
         .collect();
     let batcher = TokenBudgetBatcher {
         max_tokens: 4096,
