@@ -7,12 +7,14 @@
 pub mod batcher;
 pub mod bert;
 pub mod cpu_bert;
+pub mod cross_encoder;
 pub mod embedder;
 pub mod error;
 pub mod st_config;
 pub mod tiny;
 
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
+pub use cross_encoder::{CrossEncoder, CrossEncoderOptions};
 pub use embedder::{Backend, Embedder, EmbedderOptions, TextKind};
 pub use error::{OperatorError, Result};
 pub use st_config::{Pooling, SentenceTransformerSpec};
