@@ -14,8 +14,11 @@ tolerance.
     hidden_size 32, so `embeddings_project` is exercised.
   - xlm-roberta: XLMRobertaForSequenceClassification, num_labels 1, a Unigram
     (SentencePiece-style) vocabulary with <s> <pad> </s> <unk> ... <mask>.
-Tokenizers are trained with the `tokenizers` library on the first CORPUS_LINES lines of
-datasets/scifact-mini/corpus.jsonl.
+Vocabularies come from word counts over the first CORPUS_LINES lines of
+datasets/scifact-mini/corpus.jsonl: every character seen, then the most frequent words.
+They are built here rather than by the `tokenizers` trainers because those do not give
+the same vocabulary twice (hash-map order, parallel float sums); built this way, a rerun
+reproduces every fixture file byte for byte.
 
 `expected.json` holds, per pair: the query and passage, `input_ids` and `token_type_ids`
 as the model receives them from `tokenizer(query, passage, truncation=True,
@@ -28,26 +31,27 @@ Run from the repository root:
     "$py" tests/reference/make_cross_encoder_fixtures.py
 """
 
+import collections
 import json
+import math
 import os
+import re
 import shutil
 
 import torch
 import transformers
-from tokenizers import SentencePieceUnigramTokenizer
-from tokenizers.implementations import BertWordPieceTokenizer
 
 CORPUS = os.path.join("datasets", "scifact-mini", "corpus.jsonl")
 OUT = os.path.join("tests", "fixtures", "cross_encoders")
-# Enough text for a vocabulary of a few hundred pieces; small enough to train instantly.
+# Enough text for VOCAB_SIZE distinct words; small enough to count instantly.
 CORPUS_LINES = 300
-# Small vocabularies keep each model directory far under 1 MB and split words into
-# several pieces, so the long pairs below exceed MAX_LENGTH easily.
-VOCAB_SIZE = 400
+# Small vocabularies keep each model directory well under 1 MB; rarer words fall apart
+# into characters, so the two long pairs below exceed MAX_LENGTH and the rest do not.
+VOCAB_SIZE = 1500
 # The truncation length the fixture and the Rust test both use.
 MAX_LENGTH = 64
 # Standard deviation of every random parameter (layer norm weights are 1 plus this much
-# noise): large enough that the logits vary by whole units between pairs.
+# noise): large enough that the logits differ between pairs by a tenth or more.
 PARAM_STD = 0.3
 SEED = 20240611
 
@@ -97,24 +101,49 @@ def corpus_lines():
     return lines
 
 
+def word_counts(lines, lower):
+    """Words and punctuation marks, as BERT's pre-tokenizer splits them."""
+    counts = collections.Counter()
+    for line in lines:
+        counts.update(re.findall(r"\w+|[^\w\s]", line.lower() if lower else line))
+    return counts
+
+
+def frequent(counts, n):
+    """The n most frequent keys, ties broken alphabetically."""
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
 def wordpiece_vocab(lines):
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(
-        lines,
-        vocab_size=VOCAB_SIZE,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-    )
-    return trainer.get_vocab()
+    """{token: id}: BERT's special tokens, every character alone and as a continuation
+    (`##c`), then whole words by frequency."""
+    counts = word_counts(lines, lower=True)
+    chars = sorted({c for w in counts for c in w})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    words = [w for w in frequent(counts, VOCAB_SIZE) if len(w) > 1]
+    tokens += words[: VOCAB_SIZE - len(tokens)]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def unigram_vocab(lines):
-    """[(piece, score)] with XLM-R's layout: <s> <pad> </s> <unk>, pieces, <mask> last."""
+    """[(piece, log-probability)] with XLM-R's layout: <s> <pad> </s> <unk>, pieces, <mask>
+    last. Pieces are the word-start marker, every character, and frequent words with the
+    marker; scores are log relative frequencies, rounded so they print the same always."""
+    counts = word_counts(lines, lower=False)
+    chars = collections.Counter()
+    for w, n in counts.items():
+        for c in w:
+            chars[c] += n
+    total = sum(counts.values()) + sum(chars.values())
+    pieces = {"\u2581": sum(counts.values())}
+    pieces.update(chars)
+    for w in frequent(counts, VOCAB_SIZE):
+        if len(w) > 1 and len(pieces) < VOCAB_SIZE:
+            pieces["\u2581" + w] = counts[w]
+    scored = [(p, round(math.log(n / total), 4)) for p, n in pieces.items()]
+    scored.sort(key=lambda ps: (-ps[1], ps[0]))
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    trainer = SentencePieceUnigramTokenizer()
-    trainer.train_from_iterator(lines, vocab_size=VOCAB_SIZE, special_tokens=specials, unk_token="<unk>")
-    trained = json.loads(trainer.to_str())["model"]["vocab"]
-    pieces = [(p, s) for p, s in trained if p not in specials]
-    return [(s, 0.0) for s in specials] + pieces + [("<mask>", 0.0)]
+    return [(s, 0.0) for s in specials] + scored + [("<mask>", 0.0)]
 
 
 def randomize(model):
