@@ -23,6 +23,7 @@ use timely::dataflow::Stream;
 
 use crate::error::EngineError;
 use crate::executor::{DeviceModel, Done, Job, Submitter, Waker};
+use crate::progress::Progress;
 
 /// An item to run: its position in the input, its id and the item.
 pub type InputRecord<I> = (u64, String, I);
@@ -40,6 +41,8 @@ pub struct InferConfig<M: DeviceModel> {
     pub model: Arc<M>,
     pub batcher: TokenBudgetBatcher,
     pub submitter: Submitter,
+    /// Counts items as the device finishes them.
+    pub progress: Arc<Progress>,
 }
 
 impl<M: DeviceModel> Clone for InferConfig<M> {
@@ -48,6 +51,7 @@ impl<M: DeviceModel> Clone for InferConfig<M> {
             model: self.model.clone(),
             batcher: self.batcher,
             submitter: self.submitter.clone(),
+            progress: self.progress.clone(),
         }
     }
 }
@@ -140,6 +144,7 @@ pub fn infer_on_device<'scope, M: DeviceModel>(
             // 3. Results: emit each row at its chunk's time.
             for done in results.try_iter() {
                 in_flight -= 1;
+                config.progress.inc(done.batch.rows.len() as u64);
                 let vectors = match done.output {
                     Ok(v) => v,
                     Err(e) => {

@@ -128,18 +128,18 @@ pub fn run_device_stage<M: DeviceModel>(
     let executor = DeviceExecutor::spawn(model.clone()).map_err(|e| {
         EngineError::Dataflow(format!("cannot start the device executor thread: {e}"))
     })?;
+    let progress = Arc::new(Progress::new(&stage.label, stage.total, stage.quiet));
     let config = InferConfig {
         model: model.clone(),
         batcher: stage.batcher,
         submitter: executor.submitter(),
+        progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
-    let progress = Arc::new(Progress::new(&stage.label, stage.total, stage.quiet));
     let store = store.clone();
     let stage_spec = stage.clone();
     let width = model.row_width();
     let chunk_rows = stage.chunk_rows.max(1);
-    let worker_progress = progress.clone();
 
     let guards = timely::execute(
         timely::Config::process(stage.workers.max(1)),
@@ -172,7 +172,6 @@ pub fn run_device_stage<M: DeviceModel>(
                     discard_from.clone(),
                     width,
                     output.to_batch.clone(),
-                    worker_progress.clone(),
                     error.clone(),
                 );
             });

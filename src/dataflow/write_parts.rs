@@ -20,7 +20,6 @@ use timely::dataflow::Stream;
 
 use crate::dataflow::infer_op::OutputRecord;
 use crate::error::EngineError;
-use crate::progress::Progress;
 use crate::store::StageWriter;
 
 /// The stage writer, shared between the sink and the driver that finishes it; it holds a
@@ -39,7 +38,6 @@ pub fn write_parts(
     discard_from: Rc<Cell<u64>>,
     width: usize,
     to_batch: BatchBuilder,
-    progress: Arc<Progress>,
     error: Rc<RefCell<Option<EngineError>>>,
 ) {
     let to_first_worker = Exchange::new(|_r: &OutputRecord| 0);
@@ -65,7 +63,6 @@ pub fn write_parts(
                 continue;
             }
             rows.sort_by_key(|r| r.0);
-            let n = rows.len() as u64;
             let mut ids = Vec::with_capacity(rows.len());
             let mut matrix = Vec::with_capacity(rows.len() * width);
             for (_, id, v) in rows {
@@ -76,7 +73,7 @@ pub fn write_parts(
                 .map_err(EngineError::from)
                 .and_then(|batch| writer.write_part(&[batch]).map_err(EngineError::from));
             match written {
-                Ok(_) => progress.inc(n),
+                Ok(_) => {}
                 Err(e) => {
                     error.borrow_mut().get_or_insert(e);
                 }

@@ -23,7 +23,7 @@ use crate::model::fingerprint;
 use crate::record::Query;
 use crate::retrieval::exact_top_k;
 use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
-use crate::store::{hash_settings, ContentHasher, StageKey, StageStore};
+use crate::store::{hash_settings, CompletedStage, ContentHasher, StageKey, StageStore};
 
 /// The candidates stage's name.
 pub const CANDIDATES_STAGE: &str = "candidates";
@@ -36,6 +36,9 @@ pub struct MineOutcome {
     pub held_out: usize,
     pub stats: CandidateStats,
     pub reused: bool,
+    /// The candidates stage, for the stages downstream.
+    #[serde(skip)]
+    pub candidates: CompletedStage,
 }
 
 #[derive(Serialize)]
@@ -224,7 +227,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         input_hash: upstream.field(&queries_hash).finish(),
     };
     let stats_path = pipeline.run_dir.join("candidates-stats.json");
-    if store.completed(CANDIDATES_STAGE, &key)?.is_some() {
+    if let Some(candidates) = store.completed(CANDIDATES_STAGE, &key)? {
         if let Ok(text) = std::fs::read_to_string(&stats_path) {
             if let Ok(stats) = serde_json::from_str::<CandidateStats>(&text) {
                 return Ok(MineOutcome {
@@ -233,6 +236,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
                     held_out: held_out.len(),
                     stats,
                     reused: true,
+                    candidates,
                 });
             }
         }
@@ -277,7 +281,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     for chunk in rows.chunks(CHUNK_ROWS) {
         writer.write_part(&[candidates_batch(chunk)?])?;
     }
-    writer.finish()?;
+    let candidates = writer.finish()?;
     let text =
         serde_json::to_string_pretty(&stats).map_err(|e| EngineError::Invalid(e.to_string()))?;
     std::fs::write(&stats_path, text).map_err(|source| EngineError::Write {
@@ -290,6 +294,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         held_out: held_out.len(),
         stats,
         reused: false,
+        candidates,
     })
 }
 
