@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use distillery_operators::cross_encoder::CrossEncoder;
 use distillery_operators::{Embedder, OperatorError, TextKind, TokenBatch, TokenizedText};
 
 /// Batches waiting for the device. Two: one being prepared while another waits keeps the
@@ -73,6 +74,33 @@ impl DeviceModel for EmbedTexts {
             .into_iter()
             .map(|ids| TokenizedText::new(0, ids))
             .collect())
+    }
+}
+
+/// A cross-encoder teacher scoring (query, passage) pairs: one score per pair.
+pub struct ScorePairs {
+    pub model: Arc<CrossEncoder>,
+}
+
+impl BatchModel for ScorePairs {
+    fn row_width(&self) -> usize {
+        1
+    }
+
+    fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
+        self.model.score_batch(batch)
+    }
+}
+
+impl DeviceModel for ScorePairs {
+    type Item = (String, String);
+
+    fn tokenize(&self, items: &[&(String, String)]) -> Result<Vec<TokenizedText>, OperatorError> {
+        let pairs: Vec<(&str, &str)> = items
+            .iter()
+            .map(|(q, p)| (q.as_str(), p.as_str()))
+            .collect();
+        self.model.tokenize_pairs(&pairs)
     }
 }
 

@@ -8,7 +8,8 @@ use distillery::config::Pipeline;
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
-use distillery::jobs::mine::run_mine;
+use distillery::jobs::label::run_label;
+use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use distillery_operators::TextKind;
 
@@ -31,6 +32,9 @@ enum Command {
     Embed(EmbedArgs),
     /// Mine hard-negative candidates for every query (retrieve, filter, fuse by RRF).
     Mine(ConfigArgs),
+    /// Mine (reused when unchanged), score every candidate with the teachers, filter,
+    /// normalise, split: the examples table.
+    Label(ConfigArgs),
 }
 
 #[derive(Args)]
@@ -155,6 +159,17 @@ fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
 
+fn print_mine(outcome: &MineOutcome, pipeline: &Pipeline) {
+    println!(
+        "passages {} (held out {}), queries with a relevant passage {}",
+        outcome.passages, outcome.held_out, outcome.queries
+    );
+    println!("{}", outcome.stats);
+    if outcome.reused {
+        println!("(candidates reused from {})", pipeline.run_dir.display());
+    }
+}
+
 fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
     if let Some(path) = path {
         eprintln!(
@@ -249,14 +264,34 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(&pipeline.run_dir)
                 .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
             let outcome = run_mine(&pipeline)?;
+            print_mine(&outcome, &pipeline);
+        }
+        Command::Label(a) => {
+            let pipeline = Pipeline::load(&a.config)?;
+            set_threads(Some(pipeline.threads));
+            std::fs::create_dir_all(&pipeline.run_dir)
+                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let outcome = run_label(&pipeline)?;
+            print_mine(&outcome.mine, &pipeline);
+            let now: Vec<String> = outcome.scored_now.iter().map(|n| n.to_string()).collect();
             println!(
-                "passages {} (held out {}), queries with a relevant passage {}",
-                outcome.passages, outcome.held_out, outcome.queries
+                "teacher pairs {} (scored now per teacher: {}; the rest from the cache)",
+                outcome.pairs,
+                now.join(", ")
             );
             println!("{}", outcome.stats);
-            if outcome.reused {
-                println!("(candidates reused from {})", pipeline.run_dir.display());
+            println!(
+                "examples {} (train {}, dev {}) in {}",
+                outcome.examples,
+                outcome.train,
+                outcome.dev,
+                pipeline.run_dir.join("stages/examples").display()
+            );
+            if let Some(p) = &outcome.jsonl {
+                println!("examples as JSONL: {}", p.display());
             }
+            let stats = pipeline.run_dir.join("label-stats.json");
+            write_json(&stats, &outcome)?;
         }
     }
     Ok(())

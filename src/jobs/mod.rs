@@ -3,6 +3,7 @@
 
 pub mod embed;
 pub mod eval;
+pub mod label;
 pub mod mine;
 
 use std::io::Read;

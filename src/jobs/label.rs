@@ -1,0 +1,342 @@
+//! `distillery label`: teacher scores for every (query, candidate) pair, then the
+//! teacher funnel and the `examples` table (RECIPE.md section 4).
+//!
+//! Runs `mine` first (reused when unchanged). Per teacher, scores live in an append-only
+//! cache stage named after the teacher's fingerprint, keyed per pair by a hash of the
+//! query text and the passage text: a pair is never scored twice by the same teacher,
+//! across runs and corpus changes. Missing pairs are scored by one device stage (which
+//! resumes when killed) and then appended to the cache.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float32Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use candle_core::Device;
+use distillery_operators::cross_encoder::{CrossEncoder, CrossEncoderOptions};
+use serde::Serialize;
+
+use crate::config::Pipeline;
+use crate::dataflow::{run_device_stage, EmbedStage, StageOutput, CHUNK_ROWS};
+use crate::error::EngineError;
+use crate::executor::ScorePairs;
+use crate::jobs::mine::{run_mine, MineOutcome, CANDIDATES_STAGE};
+use crate::jobs::passage_texts;
+use crate::mining::{
+    example_from_labelled, examples_schema, examples_to_batch, label_queries, write_examples_jsonl,
+    Example, PassageIdx, ScoredQuery, TeacherStats,
+};
+use crate::model::fingerprint;
+use crate::schema::{candidates_from_batch, CandidateRow};
+use crate::store::{hash_settings, ContentHasher, StageKey, StageStatus, StageStore};
+
+/// The examples stage's name.
+pub const EXAMPLES_STAGE: &str = "examples";
+
+/// Column names of a teacher score stage.
+const COL_PAIR: &str = "pair";
+const COL_SCORE: &str = "score";
+
+/// What `label` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelOutcome {
+    pub mine: MineOutcome,
+    /// Pairs each teacher needed, and how many of them it had to score now.
+    pub pairs: usize,
+    pub scored_now: Vec<usize>,
+    pub stats: TeacherStats,
+    pub examples: usize,
+    pub train: usize,
+    pub dev: usize,
+    pub jsonl: Option<PathBuf>,
+}
+
+fn scores_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(COL_PAIR, DataType::Utf8, false),
+        Field::new(COL_SCORE, DataType::Float32, false),
+    ]))
+}
+
+fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordBatch, ArrowError> {
+    let p: ArrayRef = Arc::new(StringArray::from_iter_values(pairs.iter()));
+    let s: ArrayRef = Arc::new(Float32Array::from(scores));
+    RecordBatch::try_new(scores_schema(), vec![p, s])
+}
+
+/// The cache key of a (query text, passage text) pair: what the teacher sees, nothing
+/// else, so a moved or renamed passage keeps its scores.
+pub fn pair_key(query: &str, passage: &str) -> String {
+    let mut h = ContentHasher::new();
+    h.field(query).field(passage);
+    h.finish()
+}
+
+fn read_scores(
+    store: &StageStore,
+    stage: &str,
+    into: &mut HashMap<String, f32>,
+) -> Result<(), EngineError> {
+    for batch in store.read(stage)? {
+        let batch = batch?;
+        let bad = || EngineError::Invalid(format!("stage {stage}: not a teacher score table"));
+        let p = batch
+            .column_by_name(COL_PAIR)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(bad)?;
+        let s = batch
+            .column_by_name(COL_SCORE)
+            .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
+            .ok_or_else(bad)?;
+        for i in 0..batch.num_rows() {
+            into.insert(p.value(i).to_string(), s.value(i));
+        }
+    }
+    Ok(())
+}
+
+/// Runs mining (reused when unchanged), teacher scoring and labelling.
+pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
+    if pipeline.teachers.is_empty() {
+        return Err(EngineError::Invalid(
+            "no [[teachers]] in the configuration: label needs at least one cross-encoder".into(),
+        ));
+    }
+    let mine = run_mine(pipeline)?;
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let mut rows: Vec<CandidateRow> = Vec::new();
+    for batch in store.read(CANDIDATES_STAGE)? {
+        rows.extend(candidates_from_batch(&batch?)?);
+    }
+
+    // Passage texts of every candidate, streamed from the corpus.
+    let wanted: HashSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.candidate_ids.iter().map(String::as_str))
+        .collect();
+    let read = pipeline.retrievers[0].read_options()?;
+    let mut texts: HashMap<String, String> = HashMap::new();
+    for item in passage_texts(&pipeline.corpus, &read)? {
+        let (id, text) = item?;
+        if wanted.contains(id.as_str()) {
+            texts.insert(id, text);
+        }
+    }
+
+    // Every distinct pair, in a deterministic order.
+    let mut pairs: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for r in &rows {
+        for c in &r.candidate_ids {
+            let passage = texts.get(c).ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "candidate passage `{c}` is not in the corpus any more; run mine again"
+                ))
+            })?;
+            pairs
+                .entry(pair_key(&r.query_text, passage))
+                .or_insert_with(|| (r.query_text.clone(), passage.clone()));
+        }
+    }
+
+    let mut per_teacher: Vec<HashMap<String, f32>> = Vec::new();
+    let mut scored_now = Vec::new();
+    let mut teacher_ids = Vec::new();
+    for (t, teacher) in pipeline.teachers.iter().enumerate() {
+        let dir = PathBuf::from(&teacher.model);
+        let model = CrossEncoder::load(
+            &dir,
+            &CrossEncoderOptions {
+                max_length: teacher.max_length,
+            },
+            &Device::Cpu,
+        )?;
+        #[derive(Serialize)]
+        struct TeacherKey<'a> {
+            model: &'a str,
+            max_length: usize,
+        }
+        let fp = fingerprint(&dir)?;
+        let settings_hash = hash_settings(&TeacherKey {
+            model: &fp,
+            max_length: model.max_length(),
+        })?;
+        teacher_ids.push(settings_hash.clone());
+        // Stage names come from the hash, never from the user's path.
+        let cache_stage = format!("teacher-{}-cache", &settings_hash[..16]);
+        let cache_key = StageKey {
+            settings_hash: settings_hash.clone(),
+            input_hash: "append-only cache".into(),
+        };
+        let mut known = HashMap::new();
+        if matches!(
+            store.status(&cache_stage, &cache_key)?,
+            StageStatus::Partial { .. }
+        ) {
+            read_scores(&store, &cache_stage, &mut known)?;
+        }
+        let missing: Vec<(&String, &(String, String))> = pairs
+            .iter()
+            .filter(|(k, _)| !known.contains_key(*k))
+            .collect();
+        scored_now.push(missing.len());
+        if !missing.is_empty() {
+            let mut mh = ContentHasher::new();
+            for (k, _) in &missing {
+                mh.field(k);
+            }
+            let pending = EmbedStage {
+                stage: format!("teacher-{}-pending", &settings_hash[..16]),
+                key: StageKey {
+                    settings_hash: settings_hash.clone(),
+                    input_hash: mh.finish(),
+                },
+                kind: distillery_operators::TextKind::Passage,
+                batcher: pipeline.retrievers[0].batcher(),
+                workers: pipeline.workers,
+                chunk_rows: CHUNK_ROWS,
+                total: Some(missing.len() as u64),
+                label: format!("teacher {t}: score pairs"),
+                quiet: false,
+            };
+            let source: Vec<_> = missing
+                .iter()
+                .map(|(k, (q, p))| Ok(((*k).clone(), (q.clone(), p.clone()))))
+                .collect();
+            let output = StageOutput {
+                schema: scores_schema(),
+                to_batch: Arc::new(|ids, scores| scores_batch(ids, scores)),
+            };
+            run_device_stage(
+                &store,
+                Arc::new(ScorePairs {
+                    model: Arc::new(model),
+                }),
+                Box::new(source.into_iter()),
+                &pending,
+                output,
+            )?;
+            // Append the new scores to the cache (a part at a time, each atomic).
+            let mut fresh = HashMap::new();
+            read_scores(&store, &pending.stage, &mut fresh)?;
+            let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
+            for batch in store.read(&pending.stage)? {
+                writer.write_part(&[batch?])?;
+            }
+            drop(writer);
+            known.extend(fresh);
+        }
+        per_teacher.push(known);
+    }
+
+    // The teacher funnel over every candidates row.
+    let mut interned: Vec<String> = Vec::new();
+    let mut index: HashMap<String, PassageIdx> = HashMap::new();
+    let mut intern = |id: &str| -> PassageIdx {
+        if let Some(&i) = index.get(id) {
+            return i;
+        }
+        let i = interned.len() as PassageIdx;
+        interned.push(id.to_string());
+        index.insert(id.to_string(), i);
+        i
+    };
+    let mut scored = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let candidates: Vec<PassageIdx> = r.candidate_ids.iter().map(|c| intern(c)).collect();
+        let sources: Vec<PassageIdx> = r.source_ids.iter().map(|c| intern(c)).collect();
+        let mut scores = Vec::with_capacity(per_teacher.len());
+        for cache in &per_teacher {
+            let mut s = Vec::with_capacity(r.candidate_ids.len());
+            for c in &r.candidate_ids {
+                let key = pair_key(&r.query_text, &texts[c]);
+                s.push(*cache.get(&key).ok_or_else(|| {
+                    EngineError::Dataflow(format!(
+                        "no teacher score for query {} and passage {c}; this is a bug",
+                        r.query_id
+                    ))
+                })?);
+            }
+            scores.push(s);
+        }
+        scored.push(ScoredQuery {
+            query_id: r.query_id.clone(),
+            sources,
+            candidates,
+            scores,
+        });
+    }
+    let weights: Vec<f32> = pipeline.teachers.iter().map(|t| t.weight).collect();
+    let (labelled, stats) = label_queries(&pipeline.teacher, &weights, scored)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let by_id: HashMap<&str, &CandidateRow> =
+        rows.iter().map(|r| (r.query_id.as_str(), r)).collect();
+    let mut examples: Vec<Example> = Vec::with_capacity(labelled.len());
+    for l in labelled {
+        let row = by_id[l.query_id.as_str()];
+        examples.push(
+            example_from_labelled(
+                l,
+                row.query_text.clone(),
+                row.query_type.clone(),
+                &interned,
+                &pipeline.teacher,
+            )
+            .map_err(|e| EngineError::Invalid(e.to_string()))?,
+        );
+    }
+
+    #[derive(Serialize)]
+    struct ExamplesKey<'a> {
+        teacher: &'a crate::mining::TeacherConfig,
+        weights: &'a [f32],
+        teachers: &'a [String],
+    }
+    let key = StageKey {
+        settings_hash: hash_settings(&ExamplesKey {
+            teacher: &pipeline.teacher,
+            weights: &weights,
+            teachers: &teacher_ids,
+        })?,
+        input_hash: mine.candidates.content_hash(),
+    };
+    if store.completed(EXAMPLES_STAGE, &key)?.is_none() {
+        let mut writer = store.begin(EXAMPLES_STAGE, key, examples_schema())?;
+        for chunk in examples.chunks(CHUNK_ROWS) {
+            writer.write_part(&[examples_to_batch(chunk)?])?;
+        }
+        writer.finish()?;
+    }
+    let jsonl = if pipeline.jsonl {
+        let path = pipeline.run_dir.join("examples.jsonl");
+        let tmp = path.with_extension("jsonl.tmp");
+        let io = |source| EngineError::Write {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut out = std::io::BufWriter::new(file);
+        write_examples_jsonl(&mut out, &examples).map_err(io)?;
+        std::io::Write::flush(&mut out).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Some(path)
+    } else {
+        None
+    };
+    let dev = examples
+        .iter()
+        .filter(|e| e.split == crate::mining::Split::Dev)
+        .count();
+    Ok(LabelOutcome {
+        mine,
+        pairs: pairs.len(),
+        scored_now,
+        stats,
+        examples: examples.len(),
+        train: examples.len() - dev,
+        dev,
+        jsonl,
+    })
+}
