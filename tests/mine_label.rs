@@ -1,0 +1,140 @@
+//! `mine` and `label` end to end on the shipped SciFact subset, with a tiny random
+//! retriever and the tiny BERT cross-encoder fixture as teacher: the funnel adds up,
+//! held-out passages never become candidates, every example keeps the recipe's
+//! invariants, and a second run scores no pair again.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use distillery::config::{Pipeline, PipelineFile};
+use distillery::corpus::ReadOptions;
+use distillery::jobs::label::{run_label, EXAMPLES_STAGE};
+use distillery::jobs::mine::{held_out_passages, CANDIDATES_STAGE};
+use distillery::jobs::passage_texts;
+use distillery::mining::{examples_from_batch, split_of, Split};
+use distillery::schema::candidates_from_batch;
+use distillery::store::StageStore;
+use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pipeline(run: &Path, retriever: &Path) -> Pipeline {
+    let data = root().join("datasets/scifact-mini");
+    let text = format!(
+        r#"
+run_dir = "{run}"
+corpus = "{data}/corpus.jsonl"
+[held_out]
+count = 25
+[queries]
+path = "{data}/queries.jsonl"
+qrels = "{data}/qrels/test.tsv"
+[[retrievers]]
+model = "{retriever}"
+[candidates]
+retrieve_top = 50
+source_in_top = 50
+fused_top = 50
+[[teachers]]
+model = "{teacher}"
+max_length = 128
+[teacher]
+require_source_first = false
+[engine]
+threads = 2
+"#,
+        run = run.display(),
+        data = data.display(),
+        retriever = retriever.display(),
+        teacher = root().join("tests/fixtures/cross_encoders/bert").display(),
+    );
+    let file: PipelineFile = toml::from_str(&text).unwrap();
+    Pipeline::resolve(file, Path::new("/"), Path::new("test.toml")).unwrap()
+}
+
+#[test]
+fn mine_and_label_keep_the_recipes_invariants_and_reuse_scores() {
+    let model = tempfile::tempdir().unwrap();
+    let corpus = root().join("datasets/scifact-mini/corpus.jsonl");
+    let texts: Vec<String> = passage_texts(&corpus, &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap().1)
+        .collect();
+    write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let p = pipeline(run.path(), model.path());
+
+    let first = run_label(&p).unwrap();
+    let m = &first.mine;
+    assert_eq!(m.passages, 500);
+    assert_eq!(m.held_out, 25);
+    assert_eq!(m.stats.queries_in, 127);
+    assert_eq!(
+        m.stats.kept
+            + m.stats.dropped_held_out_source
+            + m.stats.dropped_no_retriever
+            + m.stats.dropped_source_cut
+            + m.stats.dropped_too_few_candidates,
+        m.stats.queries_in
+    );
+    assert!(m.stats.kept > 0);
+
+    // Held-out passages never appear as candidates.
+    let ids: Vec<String> = passage_texts(&corpus, &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap().0)
+        .collect();
+    let held: HashSet<&str> = held_out_passages(&ids, 25, 42)
+        .into_iter()
+        .map(|i| ids[i as usize].as_str())
+        .collect();
+    let store = StageStore::open(run.path()).unwrap();
+    let mut candidates = Vec::new();
+    for b in store.read(CANDIDATES_STAGE).unwrap() {
+        candidates.extend(candidates_from_batch(&b.unwrap()).unwrap());
+    }
+    assert_eq!(candidates.len(), m.stats.kept as usize);
+    for c in &candidates {
+        assert!(c.candidate_ids.len() >= 20 && c.candidate_ids.len() <= 50);
+        assert!(c.candidate_ids.iter().all(|id| !held.contains(id.as_str())));
+        assert!(c.source_ids.iter().any(|s| c.candidate_ids.contains(s)));
+    }
+
+    // Every example: at most 20 passages, scores in [0, 1] and non-increasing, the split
+    // the seeded hash gives.
+    let mut examples = Vec::new();
+    for b in store.read(EXAMPLES_STAGE).unwrap() {
+        examples.extend(examples_from_batch(&b.unwrap()).unwrap());
+    }
+    assert_eq!(examples.len(), first.examples);
+    assert_eq!(first.train + first.dev, first.examples);
+    assert!(!examples.is_empty());
+    let mut saw_one = false;
+    for e in &examples {
+        assert!(e.passage_ids.len() <= 20 && e.passage_ids.len() == e.scores.len());
+        assert!(e.scores.iter().all(|&s| (0.0..=1.0).contains(&s)));
+        assert!(e.scores.windows(2).all(|w| w[0] >= w[1]));
+        saw_one |= e.scores[0] == 1.0;
+        assert_eq!(e.query_type, "human");
+        let want = split_of(&e.query_id, 42, 0.1);
+        assert_eq!(e.split, want);
+    }
+    // The 99th percentile of all scores maps to 1: some query's top score reaches it.
+    assert!(saw_one);
+    assert_eq!(
+        examples.iter().filter(|e| e.split == Split::Train).count(),
+        first.train
+    );
+
+    // A second run finds every pair in the teacher's cache and changes nothing.
+    let second = run_label(&p).unwrap();
+    assert!(second.mine.reused);
+    assert_eq!(second.scored_now, vec![0]);
+    assert_eq!(second.pairs, first.pairs);
+    assert_eq!(first.scored_now, vec![first.pairs]);
+    assert_eq!(second.examples, first.examples);
+}
