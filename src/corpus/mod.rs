@@ -23,6 +23,7 @@
 
 mod jsonl;
 mod lines;
+mod pairs;
 mod parquet;
 mod qrels;
 mod quarantine;
@@ -35,6 +36,7 @@ use crate::error::{BadRecord, Location};
 use crate::record::{Passage, Query};
 
 pub use lines::MAX_LINE_BYTES;
+pub use pairs::{open_pairs, Pair, PairReader};
 pub use qrels::read_qrels;
 pub use quarantine::{Quarantine, MAX_RAW_BYTES};
 
