@@ -11,6 +11,7 @@ pub mod cross_encoder;
 pub mod embedder;
 pub mod error;
 pub mod st_config;
+pub mod student;
 pub mod tiny;
 
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
@@ -18,3 +19,4 @@ pub use cross_encoder::{CrossEncoder, CrossEncoderOptions};
 pub use embedder::{Backend, Embedder, EmbedderOptions, TextKind};
 pub use error::{OperatorError, Result};
 pub use st_config::{Pooling, SentenceTransformerSpec};
+pub use student::{Student, StudentOptions};
