@@ -10,6 +10,7 @@ use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::label::run_label;
 use distillery::jobs::mine::{run_mine, MineOutcome};
+use distillery::jobs::score::{run_score, ScoreJob};
 use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use distillery_operators::TextKind;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Mine (reused when unchanged), score every candidate with the teachers, filter,
     /// normalise, split: the examples table.
     Label(ConfigArgs),
+    /// Score every (query, passage) pair of a file (.jsonl, .tsv) with a cross-encoder
+    /// into a Parquet file.
+    Score(ScoreArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +127,46 @@ struct EmbedArgs {
     /// Write timing as JSON here (passages, seconds, passages_per_second).
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Cross-encoder directory (config.json, tokenizer.json, model.safetensors): BERT,
+    /// ELECTRA or XLM-RoBERTa sequence classification.
+    #[arg(long)]
+    model: PathBuf,
+    /// Pairs: .jsonl lines {"id"?, "query", "passage"}, or .tsv `query<TAB>passage` or
+    /// `id<TAB>query<TAB>passage`. Without an id, a pair's id is its line number.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output Parquet file: columns id, score, in input order.
+    #[arg(long)]
+    output: PathBuf,
+    /// Most tokens per pair, special tokens included (default: the model's).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Write the outcome as JSON here (pairs, seconds, pairs_per_second, ...).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Run directory for the stage's parts (resume). Default: <output>.run
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Compute threads for the model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Padded tokens per device batch.
+    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// Timely worker threads (tokenisation and batching).
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+    /// What to do with a bad input record: stop with an error naming it, or skip it into
+    /// the run directory's quarantine.jsonl.
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
+    on_bad_record: OnBadRecord,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -292,6 +336,48 @@ fn main() -> Result<()> {
             }
             let stats = pipeline.run_dir.join("label-stats.json");
             write_json(&stats, &outcome)?;
+        }
+        Command::Score(a) => {
+            set_threads(a.threads);
+            let run_dir = a
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| a.output.with_extension("run"));
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let mut job = ScoreJob::new(
+                a.model.clone(),
+                a.input.clone(),
+                a.output.clone(),
+                run_dir.clone(),
+            );
+            job.max_length = a.max_length;
+            job.batch_tokens = a.batch_tokens;
+            job.workers = a.workers;
+            job.quarantine = matches!(a.on_bad_record, OnBadRecord::Skip)
+                .then(|| run_dir.join("quarantine.jsonl"));
+            job.quiet = a.quiet;
+            let outcome = run_score(&job)?;
+            if outcome.reused {
+                println!(
+                    "{} pair scores reused from {} -> {}",
+                    outcome.pairs,
+                    run_dir.display(),
+                    a.output.display()
+                );
+            } else {
+                println!(
+                    "scored {} pairs in {:.2}s: {:.1}/s -> {}",
+                    outcome.pairs,
+                    outcome.seconds,
+                    outcome.pairs_per_second,
+                    a.output.display()
+                );
+            }
+            report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
+            if let Some(path) = &a.json {
+                write_json(path, &outcome)?;
+            }
         }
     }
     Ok(())

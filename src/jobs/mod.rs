@@ -5,6 +5,7 @@ pub mod embed;
 pub mod eval;
 pub mod label;
 pub mod mine;
+pub mod score;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
