@@ -16,6 +16,7 @@
 //! - Queries and passages have their own maximum length and prompt ([`StudentOptions`]).
 
 mod export;
+mod fused;
 mod model;
 
 use std::collections::{BTreeMap, HashMap};

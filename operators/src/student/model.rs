@@ -5,10 +5,10 @@
 //!
 //! What differs from the inference encoders ([`crate::bert`], [`crate::cpu_bert`]), and
 //! why:
-//! - Layer norm is composed from plain tensor operations and softmax is candle-nn's
-//!   composed `softmax` over a dimension: candle-nn's fused `layer_norm` and
-//!   `softmax_last_dim` have no backward pass and silently cut the graph
-//!   (/work/shared/FINDINGS.md).
+//! - Layer norm, softmax and erf GELU are the operations of [`super::fused`], which have
+//!   backward passes: candle-nn's fused `layer_norm` and `softmax_last_dim` have none and
+//!   silently cut the graph (/work/shared/FINDINGS.md), and candle's composed versions
+//!   are slow backward.
 //! - Linear weights stay `[out, in]` as the checkpoint stores them and are transposed
 //!   as a view inside the graph; query, key and value are three products rather than
 //!   one fused product, because a concatenation made at load time would be a new tensor,
@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 use crate::batcher::TokenBatch;
 use crate::bert::BertConfig;
@@ -105,7 +105,7 @@ impl Activation {
 
     fn apply(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::GeluErf => xs.gelu_erf(),
+            Self::GeluErf => super::fused::gelu_erf(xs),
             Self::GeluTanh => xs.gelu(),
             Self::Relu => xs.relu(),
         }
@@ -133,7 +133,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps)
+        super::fused::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -303,7 +303,7 @@ impl Encoder {
         let k = heads(layer.key.forward(xs)?)?;
         let v = heads(layer.value.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = super::fused::softmax_last_dim(&scores)?;
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
