@@ -333,9 +333,12 @@ impl Student {
 
     /// Writes a complete sentence-transformers directory at `out_dir` from the current
     /// weights, with the configuration and tokenizer files of `source_dir` and the given
-    /// (query, passage) prompts. See [`export`](self::export) for the files; the directory
-    /// is built beside `out_dir` and renamed into place (replacing an older one), so it is
-    /// whole or absent.
+    /// (query, passage) prompts: config.json and the tokenizer files copied, the weights,
+    /// modules.json (Transformer, Pooling, Normalize when the student normalises),
+    /// 1_Pooling/config.json, sentence_bert_config.json (`max_seq_length` = the passage
+    /// maximum) and config_sentence_transformers.json (the prompts that are set,
+    /// `default_prompt_name` null). The directory is built beside `out_dir` and renamed
+    /// into place (replacing an older one), so it is whole or absent.
     pub fn export_sentence_transformers(
         &self,
         source_dir: &Path,
