@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use crate::mining::{CandidateConfig, TeacherConfig};
+use crate::train::trainer::TrainSettings;
 
 /// Passages held out of training by default: the recipe's synthetic test set size.
 pub const DEFAULT_HELD_OUT: usize = 100;
@@ -53,6 +54,34 @@ pub struct PipelineFile {
     pub engine: EngineFile,
     #[serde(default)]
     pub output: OutputFile,
+    /// The model to fine-tune (for `train`).
+    #[serde(default)]
+    pub student: Option<StudentFile>,
+    /// How to train it; the recipe's settings by default.
+    #[serde(default)]
+    pub train: TrainSettings,
+}
+
+/// The student embedder to fine-tune.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentFile {
+    pub model: String,
+    #[serde(default = "default_query_max_length")]
+    pub query_max_length: usize,
+    #[serde(default = "default_passage_max_length")]
+    pub passage_max_length: usize,
+    #[serde(default)]
+    pub query_prefix: Option<String>,
+    #[serde(default)]
+    pub passage_prefix: Option<String>,
+}
+
+fn default_query_max_length() -> usize {
+    64
+}
+fn default_passage_max_length() -> usize {
+    512
 }
 
 /// Which passages never appear as training candidates.
@@ -168,6 +197,9 @@ pub struct Pipeline {
     pub batch_rows: usize,
     pub quarantine: Option<PathBuf>,
     pub jsonl: bool,
+    /// The student, its model path resolved.
+    pub student: Option<StudentFile>,
+    pub train: TrainSettings,
     /// The file as written, for the record kept in the run directory.
     pub file: PipelineFile,
 }
@@ -280,6 +312,11 @@ impl Pipeline {
             batch_rows: file.engine.batch_rows,
             quarantine,
             jsonl: file.output.jsonl,
+            student: file.student.as_ref().map(|s| StudentFile {
+                model: resolve_model(&s.model),
+                ..s.clone()
+            }),
+            train: file.train.clone(),
             file,
         })
     }

@@ -15,3 +15,4 @@ pub mod record;
 pub mod retrieval;
 pub mod schema;
 pub mod store;
+pub mod train;

@@ -11,6 +11,7 @@ use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::label::run_label;
 use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::score::{run_score, ScoreJob};
+use distillery::jobs::train::run_train;
 use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use distillery_operators::TextKind;
 
@@ -39,6 +40,9 @@ enum Command {
     /// Score every (query, passage) pair of a file (.jsonl, .tsv) with a cross-encoder
     /// into a Parquet file.
     Score(ScoreArgs),
+    /// Label (reused) and fine-tune the student: listwise KL + InfoNCE with gradient
+    /// caching; resumes from the run's checkpoint; exports the best model.
+    Train(ConfigArgs),
 }
 
 #[derive(Args)]
@@ -336,6 +340,29 @@ fn main() -> Result<()> {
             }
             let stats = pipeline.run_dir.join("label-stats.json");
             write_json(&stats, &outcome)?;
+        }
+        Command::Train(a) => {
+            let pipeline = Pipeline::load(&a.config)?;
+            set_threads(Some(pipeline.threads));
+            std::fs::create_dir_all(&pipeline.run_dir)
+                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let outcome = run_train(&pipeline, None)?;
+            let r = &outcome.report;
+            if let Some(step) = r.resumed_from {
+                println!("resumed from the checkpoint at step {step}");
+            }
+            println!(
+                "trained {} steps ({} per epoch, {} epochs) on {} train queries, {} dev",
+                r.state.global_step,
+                r.steps_per_epoch,
+                r.state.epoch,
+                r.train_queries,
+                r.dev_queries
+            );
+            let losses: Vec<String> = r.dev_losses.iter().map(|l| format!("{l:.5}")).collect();
+            println!("dev loss per epoch: {}", losses.join(", "));
+            println!("best model: {}", outcome.model.display());
+            write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;
         }
         Command::Score(a) => {
             set_threads(a.threads);

@@ -207,7 +207,7 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
                 .collect();
             let output = StageOutput {
                 schema: scores_schema(),
-                to_batch: Arc::new(|ids, scores| scores_batch(ids, scores)),
+                to_batch: Arc::new(scores_batch),
             };
             run_device_stage(
                 &store,

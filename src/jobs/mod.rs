@@ -6,6 +6,7 @@ pub mod eval;
 pub mod label;
 pub mod mine;
 pub mod score;
+pub mod train;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,86 @@
+//! `distillery train`: fine-tune the student on the `examples` table (RECIPE.md section
+//! 5). Runs `label` first (reused when unchanged), then the trainer in `run_dir/train`,
+//! resuming from its checkpoint when one exists; the best model (by dev loss) is exported
+//! as a sentence-transformers directory at `run_dir/train/best-model`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use candle_core::Device;
+use distillery_operators::student::{Student, StudentOptions};
+
+use crate::config::Pipeline;
+use crate::error::EngineError;
+use crate::jobs::label::{run_label, LabelOutcome, EXAMPLES_STAGE};
+use crate::jobs::passage_texts;
+use crate::mining::examples_from_batch;
+use crate::store::StageStore;
+use crate::train::trainer::{train, RunControl, TrainReport};
+
+/// What `train` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainOutcome {
+    pub label: LabelOutcome,
+    pub report: TrainReport,
+    pub model: PathBuf,
+}
+
+/// Runs labelling (reused when unchanged) and training.
+pub fn run_train(
+    pipeline: &Pipeline,
+    stop_after: Option<u64>,
+) -> Result<TrainOutcome, EngineError> {
+    let student_file = pipeline.student.as_ref().ok_or_else(|| {
+        EngineError::Invalid(
+            "no [student] in the configuration: train needs a model to fine-tune".into(),
+        )
+    })?;
+    let label = run_label(pipeline)?;
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let mut examples = Vec::new();
+    for batch in store.read(EXAMPLES_STAGE)? {
+        examples.extend(examples_from_batch(&batch?)?);
+    }
+    let wanted: HashSet<&str> = examples
+        .iter()
+        .flat_map(|e| e.passage_ids.iter().map(String::as_str))
+        .collect();
+    let read = pipeline.retrievers[0].read_options()?;
+    let mut texts = HashMap::new();
+    for item in passage_texts(&pipeline.corpus, &read)? {
+        let (id, text) = item?;
+        if wanted.contains(id.as_str()) {
+            texts.insert(id, text);
+        }
+    }
+    let options = StudentOptions {
+        query_max_length: student_file.query_max_length,
+        passage_max_length: student_file.passage_max_length,
+        query_prefix: student_file.query_prefix.clone(),
+        passage_prefix: student_file.passage_prefix.clone(),
+    };
+    let dir = PathBuf::from(&student_file.model);
+    let student = Student::load(&dir, &options, &Device::Cpu)?;
+    let prompts = (
+        student_file.query_prefix.clone(),
+        student_file.passage_prefix.clone(),
+    );
+    let train_dir = pipeline.run_dir.join("train");
+    let report = train(
+        &student,
+        examples,
+        &texts,
+        &pipeline.train,
+        &train_dir,
+        prompts,
+        RunControl {
+            stop_after,
+            quiet: false,
+        },
+    )?;
+    Ok(TrainOutcome {
+        label,
+        model: report.best_model.clone(),
+        report,
+    })
+}

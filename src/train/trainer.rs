@@ -1,0 +1,403 @@
+//! The training loop: epochs of accumulated-batch steps (gradient caching), AdamW with
+//! clipping and the recipe's schedule, dev loss after every epoch with the best model
+//! kept and early stopping, checkpoints that resume to the same final weights, and a
+//! loss log.
+//!
+//! A checkpoint (`train/checkpoint/`) holds the weights, the optimizer's moments and a
+//! small JSON state (epoch, step within it, global step, best dev loss, patience left).
+//! The data order of an epoch is recomputed from the seed and the epoch number, so the
+//! data position is just the step within the epoch. Every checkpoint is written to a
+//! temporary directory and renamed into place: one always exists whole.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use distillery_operators::student::Student;
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+use crate::mining::Example;
+use crate::progress::Progress;
+use crate::train::data::{steps_per_epoch, TrainingSet};
+use crate::train::gradcache::{batch_gradients, batch_loss, prepare, LossValues};
+use crate::train::loss::LossConfig;
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::schedule::{LinearSchedule, ScheduleConfig};
+
+/// The trainer's settings; the defaults are the recipe's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    pub loss: LossConfig,
+    pub optimizer: AdamWConfig,
+    pub schedule: ScheduleConfig,
+    /// Queries per micro-batch (each with its list of passages).
+    pub micro_batch: usize,
+    /// Micro-batches accumulated into one optimizer step (one contrastive softmax).
+    pub accumulation: usize,
+    pub max_epochs: u64,
+    /// Stop after this many epochs without a better dev loss.
+    pub patience: u64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Passages per query list (the recipe's top 20).
+    pub list_len: usize,
+    /// Also checkpoint every this many steps (0: only at the end of each epoch).
+    pub checkpoint_every: u64,
+    pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            loss: LossConfig::default(),
+            optimizer: AdamWConfig::default(),
+            schedule: ScheduleConfig::default(),
+            micro_batch: 16,
+            accumulation: 256,
+            max_epochs: 30,
+            patience: 2,
+            max_grad_norm: 1.0,
+            list_len: 20,
+            checkpoint_every: 0,
+            seed: 42,
+        }
+    }
+}
+
+/// Where a run stands; saved in every checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub epoch: u64,
+    /// Steps of `epoch` already taken.
+    pub step_in_epoch: u64,
+    pub global_step: u64,
+    pub best_dev: Option<f64>,
+    pub epochs_without_improvement: u64,
+    pub finished: bool,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub state: TrainState,
+    pub steps_per_epoch: u64,
+    pub train_queries: usize,
+    pub dev_queries: usize,
+    /// Dev loss after each completed epoch.
+    pub dev_losses: Vec<f64>,
+    pub best_model: PathBuf,
+    pub resumed_from: Option<u64>,
+}
+
+/// How a run is driven from outside.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunControl {
+    /// Stop (with a checkpoint) once this many optimizer steps are done: what a kill
+    /// does, for tests of resume.
+    pub stop_after: Option<u64>,
+    /// No progress output.
+    pub quiet: bool,
+}
+
+const CHECKPOINT_DIR: &str = "checkpoint";
+const STATE_FILE: &str = "state.json";
+const WEIGHTS_FILE: &str = "weights.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const LOG_FILE: &str = "loss-log.csv";
+const LOG_HEADER: &str = "step,epoch,lr,loss,kl,infonce,grad_norm";
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    student: &Student,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<(), EngineError> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let weights: HashMap<String, Tensor> = student
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&weights, tmp.join(WEIGHTS_FILE))?;
+    candle_core::safetensors::save(&opt.state(), tmp.join(OPTIMIZER_FILE))?;
+    #[derive(Serialize)]
+    struct Saved<'a> {
+        state: &'a TrainState,
+        adam_steps: u64,
+    }
+    let text = serde_json::to_string_pretty(&Saved {
+        state,
+        adam_steps: opt.steps(),
+    })
+    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    std::fs::write(tmp.join(STATE_FILE), text).map_err(io_err(&tmp))?;
+    // Swap: the old checkpoint stays whole until the new one is complete.
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        std::fs::rename(dir, &old).map_err(io_err(dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    Ok(())
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    student: &Student,
+    opt: &mut AdamW,
+) -> Result<Option<TrainState>, EngineError> {
+    // A crash between the two renames leaves only `.old`: it is the latest whole one.
+    let old = dir.with_extension("old");
+    let dir = if dir.join(STATE_FILE).is_file() {
+        dir.to_path_buf()
+    } else if old.join(STATE_FILE).is_file() {
+        old
+    } else {
+        return Ok(None);
+    };
+    #[derive(Deserialize)]
+    struct Saved {
+        state: TrainState,
+        adam_steps: u64,
+    }
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(io_err(&dir))?;
+    let saved: Saved = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.join(STATE_FILE).display())))?;
+    let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
+    for (name, var) in student.named_vars() {
+        let t = weights.get(&name).ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "{}: checkpoint has no weight `{name}`",
+                dir.display()
+            ))
+        })?;
+        var.set(t)?;
+    }
+    let moments = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)?;
+    opt.restore(&moments, saved.adam_steps)
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
+    Ok(Some(saved.state))
+}
+
+/// Keeps the loss log's rows up to `step` (a resumed run rewrites what came after).
+fn open_log(path: &Path, up_to_step: u64) -> Result<std::fs::File, EngineError> {
+    let mut kept = vec![LOG_HEADER.to_string()];
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines().skip(1) {
+            let step: Option<u64> = line.split(',').next().and_then(|s| s.parse().ok());
+            if step.is_some_and(|s| s <= up_to_step) {
+                kept.push(line.to_string());
+            }
+        }
+    }
+    std::fs::write(path, kept.join("\n") + "\n").map_err(io_err(path))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
+/// Trains `student` on `examples` in `dir` (resuming from its checkpoint when one exists)
+/// and exports the best model to `dir/best-model`.
+pub fn train(
+    student: &Student,
+    examples: Vec<Example>,
+    texts: &HashMap<String, String>,
+    settings: &TrainSettings,
+    dir: &Path,
+    prompts: (Option<String>, Option<String>),
+    control: RunControl,
+) -> Result<TrainReport, EngineError> {
+    let RunControl { stop_after, quiet } = control;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    settings
+        .loss
+        .validate()
+        .map_err(|e| EngineError::Invalid(format!("[train.loss] {e}")))?;
+    let set = TrainingSet::new(examples);
+    if set.train.is_empty() {
+        return Err(EngineError::Invalid(
+            "no training examples (every query is in dev?)".into(),
+        ));
+    }
+    let mut intern: HashMap<String, u32> = HashMap::new();
+    for e in set.train.iter().chain(&set.dev) {
+        for p in &e.passage_ids {
+            let n = intern.len() as u32;
+            intern.entry(p.clone()).or_insert(n);
+        }
+    }
+    let per_step = (settings.micro_batch * settings.accumulation).max(1);
+    let steps = steps_per_epoch(set.train.len(), per_step);
+    let schedule = LinearSchedule::new(
+        settings.optimizer.lr,
+        steps,
+        settings.max_epochs,
+        &settings.schedule,
+    );
+    let vars = student.vars();
+    let mut opt = AdamW::new(vars.clone(), settings.optimizer)?;
+    let checkpoint = dir.join(CHECKPOINT_DIR);
+    let best_model = dir.join("best-model");
+    let mut state = TrainState {
+        epoch: 0,
+        step_in_epoch: 0,
+        global_step: 0,
+        best_dev: None,
+        epochs_without_improvement: 0,
+        finished: false,
+    };
+    let mut resumed_from = None;
+    if let Some(saved) = load_checkpoint(&checkpoint, student, &mut opt)? {
+        resumed_from = Some(saved.global_step);
+        state = saved;
+    }
+    let log_path = dir.join(LOG_FILE);
+    let mut log = open_log(&log_path, state.global_step)?;
+    let mut dev_losses = Vec::new();
+    let total_steps = steps * settings.max_epochs;
+    let progress = Progress::new(
+        "train steps",
+        Some(total_steps.saturating_sub(state.global_step)),
+        quiet,
+    );
+
+    while !state.finished && state.epoch < settings.max_epochs {
+        let order = set.epoch_order(settings.seed, state.epoch);
+        while state.step_in_epoch < steps {
+            if stop_after.is_some_and(|n| state.global_step >= n) {
+                save_checkpoint(&checkpoint, student, &opt, &state)?;
+                return Ok(TrainReport {
+                    state,
+                    steps_per_epoch: steps,
+                    train_queries: set.train.len(),
+                    dev_queries: set.dev.len(),
+                    dev_losses,
+                    best_model,
+                    resumed_from,
+                });
+            }
+            let start = state.step_in_epoch as usize * per_step;
+            let chosen: Vec<&Example> = order[start..(start + per_step).min(order.len())]
+                .iter()
+                .map(|&i| &set.train[i])
+                .collect();
+            let batch = prepare(student, &chosen, texts, &intern, settings.list_len)?;
+            let (mut grads, values) =
+                batch_gradients(student, &vars, &settings.loss, &batch, settings.micro_batch)?;
+            if !values.total.is_finite() {
+                return Err(EngineError::Invalid(format!(
+                    "non-finite loss {} at step {} (epoch {}, batch {} of the epoch): stopping, nothing was updated",
+                    values.total, state.global_step, state.epoch, state.step_in_epoch
+                )));
+            }
+            let norm = clip_grad_norm(&mut grads, settings.max_grad_norm)?;
+            let lr = schedule.lr(state.global_step);
+            opt.step(&grads, lr)?;
+            writeln!(
+                log,
+                "{},{},{lr:.8},{:.6},{},{},{norm:.6}",
+                state.global_step,
+                state.epoch,
+                values.total,
+                fmt_opt(values.kl),
+                fmt_opt(values.infonce)
+            )
+            .map_err(io_err(&log_path))?;
+            state.global_step += 1;
+            state.step_in_epoch += 1;
+            progress.inc(1);
+            if settings.checkpoint_every > 0 && state.global_step % settings.checkpoint_every == 0 {
+                save_checkpoint(&checkpoint, student, &opt, &state)?;
+            }
+        }
+        // End of epoch: dev loss, best model, patience.
+        let dev = dev_loss(student, &set, texts, &intern, settings)?;
+        dev_losses.push(dev.total);
+        let improved = state.best_dev.is_none_or(|b| dev.total < b);
+        if improved {
+            state.best_dev = Some(dev.total);
+            state.epochs_without_improvement = 0;
+            student.export_sentence_transformers(student.dir(), &best_model, prompts.clone())?;
+        } else {
+            state.epochs_without_improvement += 1;
+        }
+        if !quiet {
+            eprintln!(
+                "epoch {}: dev loss {:.5}{}",
+                state.epoch,
+                dev.total,
+                if improved { " (best, exported)" } else { "" }
+            );
+        }
+        state.epoch += 1;
+        state.step_in_epoch = 0;
+        state.finished = state.epochs_without_improvement >= settings.patience
+            || state.epoch >= settings.max_epochs;
+        save_checkpoint(&checkpoint, student, &opt, &state)?;
+    }
+    progress.finish();
+    Ok(TrainReport {
+        state,
+        steps_per_epoch: steps,
+        train_queries: set.train.len(),
+        dev_queries: set.dev.len(),
+        dev_losses,
+        best_model,
+        resumed_from,
+    })
+}
+
+/// The dev set's loss: the mean over its accumulated batches (the train set's loss when
+/// there is no dev split, so early stopping still has a signal).
+fn dev_loss(
+    student: &Student,
+    set: &TrainingSet,
+    texts: &HashMap<String, String>,
+    intern: &HashMap<String, u32>,
+    settings: &TrainSettings,
+) -> Result<LossValues, EngineError> {
+    let examples = if set.dev.is_empty() {
+        &set.train
+    } else {
+        &set.dev
+    };
+    let per_step = (settings.micro_batch * settings.accumulation).max(1);
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for chunk in examples.chunks(per_step) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = prepare(student, &refs, texts, intern, settings.list_len)?;
+        let v = batch_loss(student, &settings.loss, &batch, settings.micro_batch)?;
+        sum += v.total * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(LossValues {
+        total: sum / n.max(1) as f64,
+        kl: None,
+        infonce: None,
+    })
+}

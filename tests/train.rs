@@ -1,0 +1,297 @@
+//! The trainer on a tiny random student and hand-made examples from the shipped SciFact
+//! subset: gradient caching gives the full-batch gradient, a run stopped mid-epoch and
+//! resumed ends with bit-identical weights, and the exported model loads as an embedder
+//! that gives the student's embeddings.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use distillery::corpus::ReadOptions;
+use distillery::jobs::passage_texts;
+use distillery::mining::{Example, Split};
+use distillery::train::gradcache::{batch_gradients, prepare};
+use distillery::train::loss::{distillation_loss, LossConfig, TeacherLists};
+use distillery::train::optim::grads_of;
+use distillery::train::trainer::{train, RunControl, TrainSettings};
+use distillery_operators::student::{Student, StudentOptions};
+use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+use distillery_operators::{Embedder, EmbedderOptions, TextKind, TokenBatch, TokenizedText};
+
+const LIST: usize = 5;
+
+fn corpus() -> Vec<(String, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/scifact-mini/corpus.jsonl");
+    passage_texts(&path, &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// Query i: the first six words of passage 3i; its list: that passage then four others,
+/// scores falling from 1.
+fn examples(passages: &[(String, String)], n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| {
+            let src = 3 * i;
+            let query: String = passages[src]
+                .1
+                .split_whitespace()
+                .take(6)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let ids: Vec<String> = (0..LIST)
+                .map(|j| passages[(src + 7 * j) % passages.len()].0.clone())
+                .collect();
+            Example {
+                query_id: format!("q{i:03}"),
+                query_text: query,
+                query_type: "title".into(),
+                source_ids: vec![ids[0].clone()],
+                passage_ids: ids,
+                scores: vec![1.0, 0.7, 0.5, 0.2, 0.0],
+                split: if i % 5 == 4 { Split::Dev } else { Split::Train },
+            }
+        })
+        .collect()
+}
+
+fn tiny_student(dir: &Path, passages: &[(String, String)]) -> Student {
+    if !dir.join("model.safetensors").exists() {
+        write_tiny_bert(
+            dir,
+            passages.iter().map(|p| p.1.as_str()),
+            &TinyBertSpec::default(),
+        )
+        .unwrap();
+    }
+    let opts = StudentOptions {
+        query_max_length: 16,
+        passage_max_length: 48,
+        ..StudentOptions::default()
+    };
+    Student::load(dir, &opts, &Device::Cpu).unwrap()
+}
+
+fn quiet(stop_after: Option<u64>) -> RunControl {
+    RunControl {
+        stop_after,
+        quiet: true,
+    }
+}
+
+fn settings() -> TrainSettings {
+    TrainSettings {
+        micro_batch: 2,
+        accumulation: 2,
+        max_epochs: 2,
+        patience: 5,
+        list_len: LIST,
+        ..TrainSettings::default()
+    }
+}
+
+#[test]
+fn gradient_caching_equals_one_full_batch_backward() {
+    let passages = corpus();
+    let texts: HashMap<String, String> = passages.iter().cloned().collect();
+    let model = tempfile::tempdir().unwrap();
+    let student = tiny_student(model.path(), &passages);
+    let ex = examples(&passages, 6);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let mut intern = HashMap::new();
+    for e in &ex {
+        for p in &e.passage_ids {
+            let n = intern.len() as u32;
+            intern.entry(p.clone()).or_insert(n);
+        }
+    }
+    let loss = LossConfig::default();
+    let vars = student.vars();
+    let batch = prepare(&student, &refs, &texts, &intern, LIST).unwrap();
+    // Micro-batches of 2 queries: three re-embedding passes.
+    let (cached, values) = batch_gradients(&student, &vars, &loss, &batch, 2).unwrap();
+
+    // The reference: everything embedded with the graph, one backward.
+    let q_texts: Vec<&str> = ex.iter().map(|e| e.query_text.as_str()).collect();
+    let q_ids = student.tokenize(&q_texts, TextKind::Query).unwrap();
+    let q = student
+        .embed(&TokenBatch {
+            rows: q_ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, ids)| TokenizedText::new(i, ids))
+                .collect(),
+        })
+        .unwrap();
+    let p_texts: Vec<&str> = ex
+        .iter()
+        .flat_map(|e| e.passage_ids.iter().map(|p| texts[p].as_str()))
+        .collect();
+    let p_ids = student.tokenize(&p_texts, TextKind::Passage).unwrap();
+    let p = student
+        .embed(&TokenBatch {
+            rows: p_ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, ids)| TokenizedText::new(i, ids))
+                .collect(),
+        })
+        .unwrap()
+        .reshape((ex.len(), LIST, student.dim()))
+        .unwrap();
+    let mut lists = TeacherLists::new(LIST);
+    for e in &ex {
+        let ids: Vec<u32> = e.passage_ids.iter().map(|p| intern[p]).collect();
+        lists.push(&ids, &e.scores).unwrap();
+    }
+    let terms = distillation_loss(&loss, &q, &p, &lists).unwrap();
+    let full_loss = terms.total.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (full_loss - values.total).abs() < 1e-5 * full_loss.abs().max(1.0),
+        "full {full_loss} cached {values:?}"
+    );
+    let full = grads_of(&terms.total.backward().unwrap(), &vars);
+    let mut compared = 0;
+    for (i, (a, b)) in cached.iter().zip(&full).enumerate() {
+        let (Some(a), Some(b)) = (a, b) else {
+            assert!(
+                a.is_none() && b.is_none(),
+                "var {i}: gradient in one path only"
+            );
+            continue;
+        };
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        assert!(
+            diff <= 1e-4 * scale + 1e-7,
+            "var {i}: max diff {diff}, scale {scale}"
+        );
+        compared += 1;
+    }
+    // Every variable but the (unused) pooler gets a gradient.
+    assert!(compared >= vars.len() - 2, "{compared} of {}", vars.len());
+}
+
+fn weights(student: &Student) -> Vec<(String, Vec<f32>)> {
+    student
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_stopped_run_resumes_to_bit_identical_weights_and_exports_a_loadable_model() {
+    let passages = corpus();
+    let texts: HashMap<String, String> = passages.iter().cloned().collect();
+    let ex = examples(&passages, 20);
+    let model = tempfile::tempdir().unwrap();
+    let _ = tiny_student(model.path(), &passages);
+
+    // Uninterrupted: 16 train queries / 4 per step = 4 steps an epoch, 2 epochs.
+    let whole = tempfile::tempdir().unwrap();
+    let a = tiny_student(model.path(), &passages);
+    let report = train(
+        &a,
+        ex.clone(),
+        &texts,
+        &settings(),
+        whole.path(),
+        (None, None),
+        quiet(None),
+    )
+    .unwrap();
+    assert_eq!(report.steps_per_epoch, 4);
+    assert_eq!(report.state.global_step, 8);
+    assert_eq!(report.dev_losses.len(), 2);
+
+    // Stopped after 5 steps (mid second epoch), then resumed by a fresh process-like start.
+    let broken = tempfile::tempdir().unwrap();
+    let b = tiny_student(model.path(), &passages);
+    let stopped = train(
+        &b,
+        ex.clone(),
+        &texts,
+        &settings(),
+        broken.path(),
+        (None, None),
+        quiet(Some(5)),
+    )
+    .unwrap();
+    assert_eq!(stopped.state.global_step, 5);
+    drop(b);
+    let c = tiny_student(model.path(), &passages);
+    let resumed = train(
+        &c,
+        ex.clone(),
+        &texts,
+        &settings(),
+        broken.path(),
+        (None, None),
+        quiet(None),
+    )
+    .unwrap();
+    assert_eq!(resumed.resumed_from, Some(5));
+    assert_eq!(resumed.state.global_step, 8);
+    assert_eq!(
+        weights(&a),
+        weights(&c),
+        "resumed weights differ from the uninterrupted run"
+    );
+
+    // Training changed the weights, and the log has one row per step.
+    let fresh = tiny_student(model.path(), &passages);
+    assert_ne!(weights(&fresh), weights(&a));
+    let log = std::fs::read_to_string(whole.path().join("loss-log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 1 + 8);
+    let resumed_log = std::fs::read_to_string(broken.path().join("loss-log.csv")).unwrap();
+    assert_eq!(resumed_log, log);
+
+    // The best model loads as an inference embedder and embeds like a student with its
+    // weights.
+    let best = &report.best_model;
+    let e = Embedder::load(best, &EmbedderOptions::default(), &Device::Cpu).unwrap();
+    let loaded = Student::load(best, &StudentOptions::default(), &Device::Cpu).unwrap();
+    let text = ["Microstructural development of human newborn cerebral white matter"];
+    let ids = e.tokenize(&text, TextKind::Passage).unwrap();
+    let batch = TokenBatch {
+        rows: vec![TokenizedText::new(0, ids[0].clone())],
+    };
+    let v1 = Tensor::from_vec(e.embed_batch(&batch).unwrap(), (1, e.dim()), &Device::Cpu).unwrap();
+    let v2 = loaded.embed_no_grad(&batch).unwrap();
+    let diff = (v1 - v2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}
