@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
@@ -495,39 +494,24 @@ fn an_empty_batch_embeds_to_no_rows() {
     assert_eq!(out.dims(), [0, 32]);
 }
 
-/// Forward + backward on 16 rows of 128 tokens with MiniLM's shape: every variable but
-/// the key biases gets a gradient, and the timings are printed for planning (slow: run
-/// with `--ignored --nocapture`).
+/// On the real all-MiniLM-L6-v2: a 16 x 128 batch reaches all 101 variables, and the
+/// forward pass without gradients gives the same rows. (Timings belong in benchmarks.)
 #[test]
-#[ignore]
-fn minilm_forward_backward_16x128() {
+fn minilm_forward_backward_reaches_every_variable() {
     let Some(dir) = minilm_dir() else { return };
     let s = Student::load(&dir, &StudentOptions::default(), &Device::Cpu).unwrap();
     assert_eq!(s.named_vars().len(), 5 + 6 * 16);
     let long = TRAINING.join(" ").repeat(4);
     let ids = s.tokenize(&[long.as_str()], TextKind::Passage).unwrap()[0][..128].to_vec();
     let batch = batch_of(vec![ids; 16]);
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let emb = s.embed(&batch).unwrap();
-        let loss = projection_loss(&emb);
-        let t1 = Instant::now();
-        let grads = loss.backward().unwrap();
-        let t2 = Instant::now();
-        let no_grad = s.embed_no_grad(&batch).unwrap();
-        let t3 = Instant::now();
-        eprintln!(
-            "forward {:.2}s backward {:.2}s forward without gradients {:.2}s",
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64()
-        );
-        assert_eq!(rows(&emb), rows(&no_grad));
-        let reached = s
-            .named_vars()
-            .iter()
-            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
-            .count();
-        assert_eq!(reached, 101);
-    }
+    let emb = s.embed(&batch).unwrap();
+    let grads = projection_loss(&emb).backward().unwrap();
+    let no_grad = s.embed_no_grad(&batch).unwrap();
+    assert_eq!(rows(&emb), rows(&no_grad));
+    let reached = s
+        .named_vars()
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+        .count();
+    assert_eq!(reached, 101);
 }
