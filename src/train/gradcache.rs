@@ -30,6 +30,29 @@ pub struct PreparedBatch {
 }
 
 impl PreparedBatch {
+    /// A batch from token ids already made: per query its ids, and per query the ids of
+    /// its list's passages in teacher order, one row per valid entry of `lists` (the same
+    /// count as `lists.lens()`, query by query).
+    pub fn from_tokens(
+        queries: Vec<Vec<u32>>,
+        passages: Vec<Vec<Vec<u32>>>,
+        lists: TeacherLists,
+    ) -> Result<Self, EngineError> {
+        let lens: Vec<usize> = passages.iter().map(Vec::len).collect();
+        if queries.len() != lists.num_queries() || lens != lists.lens() {
+            return Err(EngineError::Invalid(format!(
+                "{} queries with passage lists of {lens:?}, but teacher lists of {:?}",
+                queries.len(),
+                lists.lens()
+            )));
+        }
+        Ok(Self {
+            queries,
+            passages,
+            lists,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.queries.len()
     }
