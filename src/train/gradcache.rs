@@ -124,21 +124,73 @@ fn token_batch(rows: impl Iterator<Item = Vec<u32>>) -> TokenBatch {
     }
 }
 
-/// Query and passage embeddings of queries `range`: `[m, d]` and the flat valid passages
-/// `[n, d]`, in list order.
-fn embed_range(
+/// Padded tokens per forward pass that keeps its graph for backward: bounds the memory
+/// of the second pass whatever the micro-batch. Attention keeps `texts x len^2` scores per
+/// layer, so at 4,096 tokens a chunk is 32 texts of 128 tokens or 8 of 512 (about 100 MB
+/// of scores per layer at 512); measured, a 16-query micro-batch of 20 passages of 128
+/// tokens in one graph held 18 GB.
+pub const BACKWARD_TOKEN_BUDGET: usize = 4096;
+
+/// Consecutive chunks of `rows` whose padded size (`count x longest`) stays within
+/// `budget` (a longer single row still gets a chunk of its own). Order is kept.
+fn chunks_by_budget(rows: &[&Vec<u32>], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let next = longest.max(r.len().max(1));
+        if i > start && (i - start + 1) * next > budget {
+            out.push(start..i);
+            start = i;
+            longest = r.len().max(1);
+        } else {
+            longest = next;
+        }
+    }
+    if start < rows.len() {
+        out.push(start..rows.len());
+    }
+    out
+}
+
+/// Embeddings of `rows` without a graph, `[rows, d]`, computed a chunk at a time.
+fn embed_no_grad(student: &Student, rows: &[&Vec<u32>]) -> Result<Tensor, EngineError> {
+    let mut parts = Vec::new();
+    for c in chunks_by_budget(rows, BACKWARD_TOKEN_BUDGET) {
+        parts.push(student.embed_no_grad(&token_batch(rows[c].iter().map(|r| (*r).clone())))?);
+    }
+    if parts.is_empty() {
+        return Ok(Tensor::zeros(
+            (0, student.dim()),
+            DType::F32,
+            student.device(),
+        )?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Adds to `total` the parameter gradient of `sum(embed(rows) * grads)`, a chunk at a
+/// time (each chunk's graph is freed before the next is built).
+fn backward_cached(
     student: &Student,
-    batch: &PreparedBatch,
-    range: std::ops::Range<usize>,
-    with_grad: bool,
-) -> Result<(Tensor, Tensor), EngineError> {
-    let qb = token_batch(batch.queries[range.clone()].iter().cloned());
-    let pb = token_batch(batch.passages[range].iter().flatten().cloned());
-    Ok(if with_grad {
-        (student.embed(&qb)?, student.embed(&pb)?)
-    } else {
-        (student.embed_no_grad(&qb)?, student.embed_no_grad(&pb)?)
-    })
+    vars: &[Var],
+    rows: &[&Vec<u32>],
+    grads: &Tensor,
+    total: &mut [Option<Tensor>],
+) -> Result<(), EngineError> {
+    for c in chunks_by_budget(rows, BACKWARD_TOKEN_BUDGET) {
+        let e = student.embed(&token_batch(rows[c.clone()].iter().map(|r| (*r).clone())))?;
+        let surrogate = (&e * grads.narrow(0, c.start, c.len())?)?.sum_all()?;
+        let g = surrogate.backward()?;
+        for (slot, var) in total.iter_mut().zip(vars) {
+            if let Some(grad) = g.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    None => grad.clone(),
+                    Some(acc) => (acc + grad)?,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Flat valid-passage rows -> `[Q, L, d]` with zero padding, and the flat row index of each
@@ -185,15 +237,10 @@ pub fn batch_gradients(
         .collect();
 
     // 1. Embeddings without a graph.
-    let mut qs = Vec::new();
-    let mut ps = Vec::new();
-    for r in &ranges {
-        let (q, p) = embed_range(student, batch, r.clone(), false)?;
-        qs.push(q);
-        ps.push(p);
-    }
-    let q_all = Var::from_tensor(&Tensor::cat(&qs, 0)?)?;
-    let p_flat = Tensor::cat(&ps, 0)?;
+    let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
+    let p_rows: Vec<&Vec<u32>> = batch.passages.iter().flatten().collect();
+    let q_all = Var::from_tensor(&embed_no_grad(student, &q_rows)?)?;
+    let p_flat = embed_no_grad(student, &p_rows)?;
     let list_len = batch.lists.list_len();
     let (p_padded, slots) = pad_lists(&p_flat, batch.lists.lens(), list_len)?;
     let p_all = Var::from_tensor(&p_padded)?;
@@ -218,24 +265,18 @@ pub fn batch_gradients(
     let slot_index = Tensor::from_vec(slots, (p_flat.dim(0)?,), dp.device())?;
     let dp_flat = dp.index_select(&slot_index, 0)?;
 
-    // 3. Re-embed each micro-batch with the graph; back-propagate the cached gradients.
+    // 3. Re-embed each micro-batch with the graph, a token-budget chunk at a time, and
+    // back-propagate the cached gradients.
     let mut total: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut p_at = 0;
     for r in &ranges {
-        let (q, p) = embed_range(student, batch, r.clone(), true)?;
-        let n = p.dim(0)?;
-        let surrogate = ((&q * dq.narrow(0, r.start, r.len())?)?.sum_all()?
-            + (&p * dp_flat.narrow(0, p_at, n)?)?.sum_all()?)?;
-        p_at += n;
-        let g = surrogate.backward()?;
-        for (slot, var) in total.iter_mut().zip(vars) {
-            if let Some(grad) = g.get(var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    None => grad.clone(),
-                    Some(acc) => (acc + grad)?,
-                });
-            }
-        }
+        let q_mb: Vec<&Vec<u32>> = batch.queries[r.clone()].iter().collect();
+        let p_mb: Vec<&Vec<u32>> = batch.passages[r.clone()].iter().flatten().collect();
+        let dq_mb = dq.narrow(0, r.start, r.len())?;
+        let dp_mb = dp_flat.narrow(0, p_at, p_mb.len())?;
+        p_at += p_mb.len();
+        backward_cached(student, vars, &q_mb, &dq_mb, &mut total)?;
+        backward_cached(student, vars, &p_mb, &dp_mb, &mut total)?;
     }
     Ok((total, values))
 }
@@ -245,19 +286,12 @@ pub fn batch_loss(
     student: &Student,
     loss: &LossConfig,
     batch: &PreparedBatch,
-    micro_batch: usize,
 ) -> Result<LossValues, EngineError> {
-    let micro = micro_batch.max(1);
-    let mut qs = Vec::new();
-    let mut ps = Vec::new();
-    for s in (0..batch.len()).step_by(micro) {
-        let (q, p) = embed_range(student, batch, s..(s + micro).min(batch.len()), false)?;
-        qs.push(q);
-        ps.push(p);
-    }
-    let q_all = Tensor::cat(&qs, 0)?;
+    let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
+    let p_rows: Vec<&Vec<u32>> = batch.passages.iter().flatten().collect();
+    let q_all = embed_no_grad(student, &q_rows)?;
     let (p_all, _) = pad_lists(
-        &Tensor::cat(&ps, 0)?,
+        &embed_no_grad(student, &p_rows)?,
         batch.lists.lens(),
         batch.lists.list_len(),
     )?;
@@ -268,4 +302,21 @@ pub fn batch_loss(
         kl: terms.kl.as_ref().map(scalar).transpose()?,
         infonce: terms.infonce.as_ref().map(scalar).transpose()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_order_and_respect_the_token_budget() {
+        let rows: Vec<Vec<u32>> = [3, 5, 2, 8, 1, 20].iter().map(|&n| vec![0; n]).collect();
+        let refs: Vec<&Vec<u32>> = rows.iter().collect();
+        // Budget 10: [3,5] pads to 2 x 5 = 10; adding 2 keeps 3 x 5 = 15 > 10, so it starts
+        // a chunk; [2, 8] = 16 > 10 splits again; [8, 1] = 16 > 10; [1] then [20] alone.
+        let c = chunks_by_budget(&refs, 10);
+        assert_eq!(c, vec![0..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(chunks_by_budget(&refs, 1000), vec![0..6]);
+        assert!(chunks_by_budget(&[], 10).is_empty());
+    }
 }

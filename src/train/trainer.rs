@@ -391,7 +391,7 @@ fn dev_loss(
     for chunk in examples.chunks(per_step) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = prepare(student, &refs, texts, intern, settings.list_len)?;
-        let v = batch_loss(student, &settings.loss, &batch, settings.micro_batch)?;
+        let v = batch_loss(student, &settings.loss, &batch)?;
         sum += v.total * chunk.len() as f64;
         n += chunk.len();
     }
