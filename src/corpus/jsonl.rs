@@ -153,7 +153,7 @@ pub(crate) fn utf8<'a>(bytes: &'a [u8], file: &Path, line: u64) -> Result<&'a st
 
 /// serde_json's message, with its "line 1 column N" (always line 1 here) cut to the
 /// column, since the line is already in the location.
-fn json_error(e: &serde_json::Error) -> String {
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
     let message = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
     match message.strip_suffix(&suffix) {
@@ -163,7 +163,7 @@ fn json_error(e: &serde_json::Error) -> String {
 }
 
 /// A JSON value's type in words, with the value when it is short.
-fn describe(value: &Value) -> String {
+pub(crate) fn describe(value: &Value) -> String {
     match value {
         Value::Null => "null".to_string(),
         Value::Bool(b) => format!("a boolean ({b})"),

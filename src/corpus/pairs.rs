@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::jsonl::utf8;
+use super::jsonl::{describe, json_error, utf8};
 use super::lines::{is_blank, ByteLines, Line, MAX_LINE_BYTES};
 use super::{
     bad_record, format_of, CorpusError, Driver, Format, Item, ReadOptions, SeenIds, Source,
@@ -286,29 +286,6 @@ fn parse_tsv(
             );
             Err(bad_record(file, line, None, reason))
         }
-    }
-}
-
-/// serde_json's message with its "line 1 column N" (always line 1 here) cut to the
-/// column, since the line is already in the location.
-fn json_error(e: &serde_json::Error) -> String {
-    let message = e.to_string();
-    let suffix = format!(" at line {} column {}", e.line(), e.column());
-    match message.strip_suffix(&suffix) {
-        Some(head) => format!("{head} at column {}", e.column()),
-        None => message,
-    }
-}
-
-/// A JSON value's type in words, with the value when it is short.
-fn describe(value: &Value) -> String {
-    match value {
-        Value::Null => "null".to_string(),
-        Value::Bool(b) => format!("a boolean ({b})"),
-        Value::Number(n) => format!("a number ({n})"),
-        Value::String(s) => format!("a string ({s:?})"),
-        Value::Array(_) => "an array".to_string(),
-        Value::Object(_) => "an object".to_string(),
     }
 }
 
