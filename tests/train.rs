@@ -272,6 +272,9 @@ fn a_stopped_run_resumes_to_bit_identical_weights_and_exports_a_loadable_model()
     assert_eq!(log.lines().count(), 1 + 8);
     let resumed_log = std::fs::read_to_string(broken.path().join("loss-log.csv")).unwrap();
     assert_eq!(resumed_log, log);
+    // The run report's plot of that log.
+    let svg = std::fs::read_to_string(whole.path().join("loss.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
 
     // The best model loads as an inference embedder and embeds like a student with its
     // weights.

@@ -7,10 +7,12 @@
 //! - [`schedule`]: warm-up then linear decay to a floor.
 //! - [`data`]: train/dev sets, the seeded order of each epoch.
 //! - [`trainer`]: the loop, dev loss, early stopping, checkpoints, export.
+//! - [`report`]: the loss and learning-rate plot of a run.
 
 pub mod data;
 pub mod gradcache;
 pub mod loss;
 pub mod optim;
+pub mod report;
 pub mod schedule;
 pub mod trainer;

@@ -360,6 +360,8 @@ pub fn train(
         save_checkpoint(&checkpoint, student, &opt, &state)?;
     }
     progress.finish();
+    drop(log);
+    crate::train::report::write_loss_plot(&log_path, &dir.join("loss.svg"))?;
     Ok(TrainReport {
         state,
         steps_per_epoch: steps,
