@@ -219,26 +219,12 @@ impl Embedder {
 
     /// Token ids of each text, special tokens included, truncated to `max_seq_length`.
     pub fn tokenize(&self, texts: &[&str], kind: TextKind) -> Result<Vec<Vec<u32>>> {
-        let prefix = self.prefix(kind);
-        let inputs: Vec<String> = texts
-            .iter()
-            .map(|t| {
-                let s = format!("{prefix}{t}");
-                if self.do_lower_case {
-                    s.to_lowercase()
-                } else {
-                    s
-                }
-            })
-            .collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect())
+        encode_texts(
+            &self.tokenizer,
+            texts,
+            self.prefix(kind),
+            self.do_lower_case,
+        )
     }
 
     /// Embeds one batch: a `rows x dim` row-major matrix, rows in the batch's order.
@@ -276,4 +262,33 @@ impl Embedder {
         };
         Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
+}
+
+/// Token ids of `texts` as sentence-transformers feeds them: `prefix` prepended,
+/// lower-cased when the model says `do_lower_case`, special tokens added, truncated as
+/// `tokenizer` is configured. Shared by the embedder and the trainable student.
+pub fn encode_texts(
+    tokenizer: &Tokenizer,
+    texts: &[&str],
+    prefix: &str,
+    do_lower_case: bool,
+) -> Result<Vec<Vec<u32>>> {
+    let inputs: Vec<String> = texts
+        .iter()
+        .map(|t| {
+            let s = format!("{prefix}{t}");
+            if do_lower_case {
+                s.to_lowercase()
+            } else {
+                s
+            }
+        })
+        .collect();
+    let encodings = tokenizer
+        .encode_batch(inputs, true)
+        .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
+    Ok(encodings
+        .into_iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect())
 }

@@ -28,6 +28,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, Weights};
+use crate::embedder::encode_texts;
 use crate::embedder::{TextKind, REQUIRED_FILES};
 use crate::error::{OperatorError, Result};
 use crate::st_config::{Pooling, SentenceTransformerSpec};
@@ -248,29 +249,11 @@ impl Student {
     /// Token ids of each text: the kind's prompt prepended, lower-cased when the model
     /// says `do_lower_case`, special tokens added, truncated to the kind's maximum length.
     pub fn tokenize(&self, texts: &[&str], kind: TextKind) -> Result<Vec<Vec<u32>>> {
-        let prefix = self.prefix(kind);
-        let inputs: Vec<String> = texts
-            .iter()
-            .map(|t| {
-                let s = format!("{prefix}{t}");
-                if self.do_lower_case {
-                    s.to_lowercase()
-                } else {
-                    s
-                }
-            })
-            .collect();
         let tokenizer = match kind {
             TextKind::Query => &self.query_tokenizer,
             TextKind::Passage => &self.passage_tokenizer,
         };
-        let encodings = tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect())
+        encode_texts(tokenizer, texts, self.prefix(kind), self.do_lower_case)
     }
 
     /// Differentiable embeddings of `batch`: `[rows, dim]`, rows in the batch's order.
