@@ -7,6 +7,7 @@ pub mod dataflow;
 pub mod error;
 pub mod eval;
 pub mod executor;
+pub mod generate;
 pub mod jobs;
 pub mod mining;
 pub mod model;

@@ -9,6 +9,7 @@ pub mod bert;
 pub mod cpu_bert;
 pub mod cross_encoder;
 pub mod embedder;
+pub mod llm;
 pub mod error;
 pub mod st_config;
 pub mod student;
