@@ -10,6 +10,8 @@
 
 use distillery_operators::llm::ChatMessage;
 
+pub mod endpoint;
+
 use crate::error::EngineError;
 
 /// A passage ready for generation: truncated, de-duplicated, sampled.
