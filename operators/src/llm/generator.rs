@@ -1,0 +1,551 @@
+//! [`LlmGenerator`]: a decoder LLM, its tokenizer and chat template, generating replies
+//! to chats in batches.
+//!
+//! Contract of [`LlmGenerator::generate`]: each request's chat is rendered by the model's
+//! template with the assistant turn opened, tokenized without adding special tokens
+//! (the template wrote them), and continued until an end-of-turn token (which is not part
+//! of the output) or `max_new_tokens`. Requests are sorted by prompt length and run in
+//! groups of at most `max_batch_rows` rows and `max_batch_tokens` prompt tokens; a group
+//! is prefilled in one step, then decoded one token per row per step, and a row that
+//! finishes leaves the group at once (the others go on without it). Outputs come back in
+//! request order. Greedy decoding gives transformers' `generate(do_sample=False)` tokens;
+//! sampling draws from each request's own seeded stream ([`super::sampling`]), and on
+//! the CPU a request's tokens do not depend on the other requests of the call.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
+use super::attention::StepRows;
+use super::chat_template::{self, ChatTemplate};
+use super::config::LlmConfig;
+use super::model::Decoder;
+use super::sampling::{next_token, SplitMix64};
+use super::weights::Weights;
+use super::{ChatMessage, SamplingParams};
+use crate::error::{OperatorError, Result};
+
+/// End-of-turn markers of common chat formats: generation also stops at any of these
+/// the tokenizer has as a single token, in case a model's configuration files list only
+/// its end-of-document token.
+pub const END_OF_TURN_TOKENS: [&str; 6] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
+
+/// The default most rows decoded together: enough to keep two to four CPU cores busy on
+/// a sub-billion-parameter model; raise it on a GPU.
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 16;
+/// The default most prompt tokens prefilled in one step: bounds the activations of a
+/// prefill (8,192 x a 4,864-wide MLP in f32 is 160 MB for Qwen2.5-0.5B).
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+
+/// How to load and run a generator.
+#[derive(Debug, Clone)]
+pub struct LlmOptions {
+    /// Where tokenizer.json (and tokenizer_config.json, chat_template.jinja) are; by
+    /// default the model directory, or the directory of a .gguf file.
+    pub tokenizer_dir: Option<PathBuf>,
+    pub device: Device,
+    /// Most requests decoded together.
+    pub max_batch_rows: usize,
+    /// Most prompt tokens prefilled together (a longer prompt runs alone).
+    pub max_batch_tokens: usize,
+    /// Use the padded, masked attention of non-CPU devices on the CPU too (slower; for
+    /// comparing the two paths).
+    pub padded_attention: bool,
+}
+
+impl Default for LlmOptions {
+    fn default() -> Self {
+        LlmOptions {
+            tokenizer_dir: None,
+            device: Device::Cpu,
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            padded_attention: false,
+        }
+    }
+}
+
+/// One request's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationOutput {
+    /// The new tokens decoded, special tokens skipped.
+    pub text: String,
+    /// The new tokens, without the end-of-turn token that stopped them.
+    pub token_ids: Vec<u32>,
+    /// Tokens of the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Generation stopped at an end-of-turn token (else at `max_new_tokens`).
+    pub finished_by_eos: bool,
+}
+
+/// What identifies a generator's outputs, for a stable generator id: hash the files'
+/// bytes together with `kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintMaterial {
+    /// `candle-safetensors` or `candle-gguf`, and the device kind (`cpu`, `cuda`):
+    /// different arithmetic, possibly different samples.
+    pub kind: String,
+    /// Every file read to build the generator (weights, configs, tokenizer, template),
+    /// in a fixed order.
+    pub files: Vec<PathBuf>,
+}
+
+/// A loaded decoder LLM with its tokenizer and chat template.
+pub struct LlmGenerator {
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop_tokens: Vec<u32>,
+    options: LlmOptions,
+    files: Vec<PathBuf>,
+    kind: &'static str,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for LlmGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmGenerator")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("family", &self.decoder.config().family)
+            .finish()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OperatorError + '_ {
+    move |source| OperatorError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl LlmGenerator {
+    /// Loads a Hugging Face model directory (config.json, safetensors weights,
+    /// tokenizer.json, a chat template) or a `.gguf` file (its tokenizer.json beside it
+    /// or in `options.tokenizer_dir`).
+    pub fn load(path: &Path, options: &LlmOptions) -> Result<Self> {
+        let device = &options.device;
+        let meta = std::fs::metadata(path).map_err(io(path))?;
+        let is_gguf = meta.is_file();
+        let (weights, config, mut files, kind) = if is_gguf {
+            let weights = Weights::from_gguf(path, device)?;
+            let factors = weights.gguf_vector("rope_freqs.weight")?;
+            let content = weights
+                .gguf_content()
+                .ok_or_else(|| internal("a GGUF source without content"))?;
+            let config = LlmConfig::from_gguf(content, path, factors)?;
+            (weights, config, vec![path.to_path_buf()], "candle-gguf")
+        } else {
+            let config = LlmConfig::from_hf_dir(path)?;
+            let (weights, mut files) = Weights::from_safetensors_dir(path, device)?;
+            files.push(path.join("config.json"));
+            let generation = path.join("generation_config.json");
+            if generation.is_file() {
+                files.push(generation);
+            }
+            (weights, config, files, "candle-safetensors")
+        };
+        let tokenizer_dir = match &options.tokenizer_dir {
+            Some(d) => d.clone(),
+            None if is_gguf => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            None => path.to_path_buf(),
+        };
+        let tokenizer_path = tokenizer_dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(OperatorError::MissingFile {
+                dir: tokenizer_dir,
+                file: "tokenizer.json",
+                why: "the tokenizer, in Hugging Face tokenizers' format",
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| OperatorError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+        let tokenizer_size = tokenizer.get_vocab_size(true);
+        if tokenizer_size > config.vocab_size {
+            return Err(OperatorError::BadConfig {
+                path: tokenizer_path,
+                what: "tokenizer for this model",
+                message: format!(
+                    "{tokenizer_size} tokens, but the model has only {} embeddings",
+                    config.vocab_size
+                ),
+            });
+        }
+        files.push(tokenizer_path);
+        let template = load_template(&tokenizer_dir, &weights, path)?;
+        for extra in ["tokenizer_config.json", "chat_template.jinja"] {
+            let f = tokenizer_dir.join(extra);
+            if f.is_file() {
+                files.push(f);
+            }
+        }
+        let stop_tokens = stop_tokens(&config, &tokenizer, &template.1);
+        let decoder = Decoder::load(&weights, config, device)?;
+        Ok(LlmGenerator {
+            decoder,
+            tokenizer,
+            template: template.0,
+            stop_tokens,
+            options: options.clone(),
+            files,
+            kind,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &LlmConfig {
+        self.decoder.config()
+    }
+
+    /// The token ids that end a reply.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    /// The quantization of the layers' matrices (`Q8_0`, `Q4K`, ...), `None` for f32.
+    pub fn quantization(&self) -> Option<String> {
+        self.decoder.quantization()
+    }
+
+    pub fn fingerprint_material(&self) -> FingerprintMaterial {
+        let device = match &self.options.device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Metal(_) => "metal",
+        };
+        FingerprintMaterial {
+            kind: format!("{}/{device}", self.kind),
+            files: self.files.clone(),
+        }
+    }
+
+    /// The prompt text for `messages`: the chat template rendered with the assistant's
+    /// turn opened.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.template.render(messages, true)
+    }
+
+    /// The prompt's token ids: [`Self::render`] tokenized without adding special tokens.
+    pub fn prompt_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.render(messages)?;
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The logits of the token after the prompt of `messages`.
+    pub fn next_token_logits(&self, messages: &[ChatMessage]) -> Result<Vec<f32>> {
+        let ids = self.prompt_ids(messages)?;
+        if ids.is_empty() {
+            return Err(OperatorError::Tokenizer(
+                "the rendered prompt has no tokens".into(),
+            ));
+        }
+        let mut cache = self
+            .decoder
+            .new_cache(&[ids.len()], self.options.padded_attention);
+        let step = StepRows::pack([(0, ids.len())]);
+        let logits = self.decoder.forward(&ids, &step, &mut cache)?;
+        Ok(logits.squeeze(0)?.to_vec1()?)
+    }
+
+    /// Replies to each `(chat, seed)`, in order.
+    pub fn generate(
+        &self,
+        requests: &[(Vec<ChatMessage>, u64)],
+        params: &SamplingParams,
+    ) -> Result<Vec<GenerationOutput>> {
+        self.check_params(params)?;
+        let mut prompts = Vec::with_capacity(requests.len());
+        for (i, (messages, _)) in requests.iter().enumerate() {
+            let ids = self.prompt_ids(messages)?;
+            if ids.is_empty() {
+                return Err(OperatorError::Tokenizer(format!(
+                    "request {i}: the rendered prompt has no tokens"
+                )));
+            }
+            if let Some(window) = self.config().sliding_window {
+                if ids.len() + params.max_new_tokens > window {
+                    return Err(OperatorError::Unsupported {
+                        path: self.path.clone(),
+                        what: "sequence length beyond the sliding attention window",
+                        value: format!(
+                            "request {i}: {} prompt + {} new tokens > window {window}",
+                            ids.len(),
+                            params.max_new_tokens
+                        ),
+                        supported: "sequences within the window (full attention is exact there)",
+                    });
+                }
+            }
+            prompts.push(ids);
+        }
+        let seeds: Vec<u64> = requests.iter().map(|r| r.1).collect();
+        let generated = self.generate_ids(&prompts, &seeds, params)?;
+        generated
+            .into_iter()
+            .zip(&prompts)
+            .map(|((token_ids, finished_by_eos), prompt)| {
+                let text = self
+                    .tokenizer
+                    .decode(&token_ids, true)
+                    .map_err(|e| OperatorError::Tokenizer(e.to_string()))?;
+                Ok(GenerationOutput {
+                    text,
+                    token_ids,
+                    prompt_tokens: prompt.len(),
+                    finished_by_eos,
+                })
+            })
+            .collect()
+    }
+
+    fn check_params(&self, p: &SamplingParams) -> Result<()> {
+        let bad = |what: &'static str, value: String, supported: &'static str| {
+            Err(OperatorError::Unsupported {
+                path: self.path.clone(),
+                what,
+                value,
+                supported,
+            })
+        };
+        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+            return bad(
+                "sampling temperature",
+                p.temperature.to_string(),
+                "a finite number >= 0 (0 is greedy)",
+            );
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return bad("sampling top_p", p.top_p.to_string(), "a number in (0, 1]");
+        }
+        Ok(())
+    }
+
+    /// Generates from prompts given as token ids (one seed each); per prompt the new
+    /// ids and whether an end-of-turn token stopped them.
+    pub fn generate_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        seeds: &[u64],
+        params: &SamplingParams,
+    ) -> Result<Vec<(Vec<u32>, bool)>> {
+        self.check_params(params)?;
+        if prompts.len() != seeds.len() {
+            return Err(internal("one seed per prompt"));
+        }
+        let mut results = vec![(Vec::new(), false); prompts.len()];
+        if params.max_new_tokens == 0 {
+            return Ok(results);
+        }
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| (prompts[i].len(), i));
+        let max_rows = self.options.max_batch_rows.max(1);
+        let mut group: Vec<usize> = Vec::new();
+        let mut group_tokens = 0;
+        let padded = self.options.padded_attention || !self.decoder.device().is_cpu();
+        for &i in &order {
+            let len = prompts[i].len();
+            // Padded attention pays for the longest prompt in every row.
+            let cost = if padded {
+                (group.len() + 1) * len
+            } else {
+                group_tokens + len
+            };
+            if !group.is_empty()
+                && (group.len() == max_rows || cost > self.options.max_batch_tokens)
+            {
+                self.run_group(&group, prompts, seeds, params, &mut results)?;
+                group.clear();
+                group_tokens = 0;
+            }
+            group.push(i);
+            group_tokens += len;
+        }
+        if !group.is_empty() {
+            self.run_group(&group, prompts, seeds, params, &mut results)?;
+        }
+        Ok(results)
+    }
+
+    /// Prefills the prompts of `group` together and decodes until every row is done.
+    fn run_group(
+        &self,
+        group: &[usize],
+        prompts: &[Vec<u32>],
+        seeds: &[u64],
+        params: &SamplingParams,
+        results: &mut [(Vec<u32>, bool)],
+    ) -> Result<()> {
+        let capacity: Vec<usize> = group
+            .iter()
+            .map(|&i| prompts[i].len() + params.max_new_tokens)
+            .collect();
+        let mut cache = self
+            .decoder
+            .new_cache(&capacity, self.options.padded_attention);
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); group.len()];
+        let mut stopped = vec![false; group.len()];
+        // Rows still decoding, as positions in `group`: slot s of the cache is row
+        // active[s], whose random stream is rngs[s].
+        let mut active: Vec<usize> = (0..group.len()).collect();
+        let mut rngs: Vec<SplitMix64> = group.iter().map(|&i| SplitMix64::new(seeds[i])).collect();
+        let mut step = StepRows::pack(group.iter().map(|&i| (0, prompts[i].len())));
+        let mut tokens: Vec<u32> = group
+            .iter()
+            .flat_map(|&i| prompts[i].iter().copied())
+            .collect();
+        loop {
+            let logits = self
+                .decoder
+                .forward(&tokens, &step, &mut cache)?
+                .to_vec2::<f32>()?;
+            let picks = logits
+                .into_par_iter()
+                .zip(active.par_iter())
+                .zip(rngs.par_iter_mut())
+                .map(|((row, &g), rng)| self.pick(row, generated[g].len(), params, rng))
+                .collect::<Result<Vec<u32>>>()?;
+            let mut keep = Vec::with_capacity(active.len());
+            for (slot, (&g, &token)) in active.iter().zip(&picks).enumerate() {
+                if self.stop_tokens.contains(&token) {
+                    stopped[g] = true;
+                } else {
+                    generated[g].push(token);
+                }
+                if !stopped[g] && generated[g].len() < params.max_new_tokens {
+                    keep.push(slot);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache.retain(&keep)?;
+                active = keep.iter().map(|&s| active[s]).collect();
+                rngs = keep.iter().map(|&s| rngs[s].clone()).collect();
+            }
+            step = StepRows::pack(
+                active
+                    .iter()
+                    .map(|&g| (prompts[group[g]].len() + generated[g].len() - 1, 1)),
+            );
+            tokens = active
+                .iter()
+                .map(|&g| generated[g].last().copied())
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| internal("an active row without a token"))?;
+        }
+        for (g, &i) in group.iter().enumerate() {
+            results[i] = (std::mem::take(&mut generated[g]), stopped[g]);
+        }
+        Ok(())
+    }
+
+    /// The next token of one row from its logits (`row`, consumed), `made` tokens into
+    /// its reply: end-of-turn tokens are barred before `min_new_tokens`.
+    fn pick(
+        &self,
+        mut row: Vec<f32>,
+        made: usize,
+        params: &SamplingParams,
+        rng: &mut SplitMix64,
+    ) -> Result<u32> {
+        if made < params.min_new_tokens {
+            for &s in &self.stop_tokens {
+                if let Some(x) = row.get_mut(s as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if row.iter().any(|x| x.is_nan()) {
+            return Err(OperatorError::Candle(candle_core::Error::Msg(
+                "the model produced NaN logits".into(),
+            )));
+        }
+        Ok(next_token(&row, params.temperature, params.top_p, rng))
+    }
+}
+
+fn internal(message: &str) -> OperatorError {
+    OperatorError::Candle(candle_core::Error::Msg(format!("{message} (a bug)")))
+}
+
+/// The chat template: from the tokenizer directory, else (GGUF) the file's metadata.
+/// Returns the template and the eos string it knows (to add to the stop tokens).
+fn load_template(
+    tokenizer_dir: &Path,
+    weights: &Weights,
+    model_path: &Path,
+) -> Result<(ChatTemplate, Option<String>)> {
+    if let Some((text, source, specials)) = chat_template::from_tokenizer_dir(tokenizer_dir)? {
+        let eos = specials
+            .iter()
+            .find(|(f, _)| f == "eos_token")
+            .map(|(_, t)| t.clone());
+        return Ok((ChatTemplate::new(text, source, specials)?, eos));
+    }
+    if let Some(content) = weights.gguf_content() {
+        if let Some(text) = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            let tokens = content
+                .metadata
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok());
+            let token = |key: &str| -> Option<String> {
+                let id = content.metadata.get(key)?.to_u32().ok()? as usize;
+                tokens?.get(id)?.to_string().ok().cloned()
+            };
+            let mut specials = Vec::new();
+            for (field, key) in [
+                ("bos_token", "tokenizer.ggml.bos_token_id"),
+                ("eos_token", "tokenizer.ggml.eos_token_id"),
+                ("unk_token", "tokenizer.ggml.unknown_token_id"),
+                ("pad_token", "tokenizer.ggml.padding_token_id"),
+            ] {
+                if let Some(t) = token(key) {
+                    specials.push((field.to_string(), t));
+                }
+            }
+            let eos = token("tokenizer.ggml.eos_token_id");
+            let source =
+                PathBuf::from(format!("{}: tokenizer.chat_template", model_path.display()));
+            return Ok((ChatTemplate::new(text.clone(), source, specials)?, eos));
+        }
+    }
+    Err(OperatorError::MissingFile {
+        dir: tokenizer_dir.to_path_buf(),
+        file: "tokenizer_config.json",
+        why: "a chat template (`chat_template` there, or chat_template.jinja; \
+              or tokenizer.chat_template in the GGUF file)",
+    })
+}
+
+/// End-of-turn ids: the configuration's, the tokenizer config's `eos_token`, and the
+/// known end-of-turn markers the tokenizer has.
+fn stop_tokens(config: &LlmConfig, tokenizer: &Tokenizer, eos: &Option<String>) -> Vec<u32> {
+    let mut ids = config.eos_token_ids.clone();
+    let named = eos.iter().map(String::as_str).chain(END_OF_TURN_TOKENS);
+    for token in named {
+        if let Some(id) = tokenizer.token_to_id(token) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}

@@ -1,0 +1,203 @@
+//! The decoder: Llama's architecture (transformers' `modeling_llama.py`), which Qwen2 and
+//! Mistral share, over packed rows.
+//!
+//! A forward step takes the new tokens of every active row one after another (no
+//! padding) with each row's past length ([`StepRows`]); embeddings, norms, projections
+//! and the MLP treat them as one `(T, hidden)` matrix, RoPE rotates each token by its own
+//! position, and the [`KvCache`] keeps the rows apart in attention. Only each row's last
+//! token goes through the final norm and the output projection: a step returns
+//! `(rows, vocab)` logits, the distribution of each row's next token.
+
+use candle_core::{Device, Tensor};
+
+use super::attention::cpu::CpuKvCache;
+use super::attention::tensor::TensorKvCache;
+use super::attention::{AttentionShape, KvCache, StepRows};
+use super::config::LlmConfig;
+use super::rope::Rope;
+use super::weights::{Embedding, Linear, Weights};
+use crate::error::{OperatorError, Result};
+
+/// One decoder layer (`LlamaDecoderLayer`): pre-norm attention and SwiGLU MLP, each
+/// added to the residual stream.
+struct DecoderLayer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl DecoderLayer {
+    fn load(weights: &Weights, c: &LlmConfig, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (h, d) = (c.hidden_size, c.head_dim);
+        Ok(DecoderLayer {
+            input_norm: weights.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            q: weights.linear(
+                &format!("{p}.self_attn.q_proj"),
+                h,
+                c.num_heads * d,
+                c.qkv_bias,
+            )?,
+            k: weights.linear(
+                &format!("{p}.self_attn.k_proj"),
+                h,
+                c.num_kv_heads * d,
+                c.qkv_bias,
+            )?,
+            v: weights.linear(
+                &format!("{p}.self_attn.v_proj"),
+                h,
+                c.num_kv_heads * d,
+                c.qkv_bias,
+            )?,
+            o: weights.linear(
+                &format!("{p}.self_attn.o_proj"),
+                c.num_heads * d,
+                h,
+                c.o_bias,
+            )?,
+            post_norm: weights.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            gate: weights.linear(
+                &format!("{p}.mlp.gate_proj"),
+                h,
+                c.intermediate_size,
+                c.mlp_bias,
+            )?,
+            up: weights.linear(
+                &format!("{p}.mlp.up_proj"),
+                h,
+                c.intermediate_size,
+                c.mlp_bias,
+            )?,
+            down: weights.linear(
+                &format!("{p}.mlp.down_proj"),
+                c.intermediate_size,
+                h,
+                c.mlp_bias,
+            )?,
+        })
+    }
+}
+
+/// A decoder-only language model ready to run steps.
+pub(crate) struct Decoder {
+    config: LlmConfig,
+    embed: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Decoder {
+    pub fn load(weights: &Weights, config: LlmConfig, device: &Device) -> Result<Self> {
+        let embed = weights.embedding(
+            "model.embed_tokens.weight",
+            config.vocab_size,
+            config.hidden_size,
+        )?;
+        let lm_head = if config.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            embed.as_linear()?
+        } else {
+            weights.linear("lm_head", config.hidden_size, config.vocab_size, false)?
+        };
+        let layers = (0..config.num_layers)
+            .map(|i| DecoderLayer::load(weights, &config, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Decoder {
+            norm: weights.vector("model.norm.weight", config.hidden_size)?,
+            rope: Rope::new(&config),
+            embed,
+            layers,
+            lm_head,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlmConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The stored type of the layers' matrices (`None`: dense f32), for reports.
+    pub fn quantization(&self) -> Option<String> {
+        self.layers
+            .first()
+            .and_then(|l| l.q.quantization())
+            .map(|q| format!("{q:?}"))
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.config.num_heads,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            layers: self.config.num_layers,
+        }
+    }
+
+    /// An empty cache for rows that will hold at most `capacity[i]` tokens each: the CPU
+    /// kernel's on the CPU, padded tensors elsewhere (or everywhere when `padded`).
+    pub fn new_cache(&self, capacity: &[usize], padded: bool) -> KvCache {
+        if self.device.is_cpu() && !padded {
+            KvCache::Cpu(CpuKvCache::new(self.attention_shape(), capacity))
+        } else {
+            KvCache::Tensor(TensorKvCache::new(
+                self.attention_shape(),
+                capacity.len(),
+                &self.device,
+            ))
+        }
+    }
+
+    /// Runs one step: `tokens` are the packed new tokens of the rows of `step`; returns
+    /// the `(rows, vocab)` f32 logits of each row's next token.
+    pub fn forward(&self, tokens: &[u32], step: &StepRows, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        if tokens.len() != step.tokens() || tokens.is_empty() {
+            return Err(OperatorError::Candle(candle_core::Error::Msg(format!(
+                "decoder step: {} tokens for rows holding {} (a bug)",
+                tokens.len(),
+                step.tokens()
+            ))));
+        }
+        let eps = c.rms_norm_eps as f32;
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let mut x = self.embed.forward(&ids)?;
+        let (cos, sin) = self.rope.tables(&step.positions(), &self.device)?;
+        cache.begin_step(step)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let q = self
+                .rope
+                .apply(&layer.q.forward(&h)?, c.num_heads, &cos, &sin)?;
+            let k = self
+                .rope
+                .apply(&layer.k.forward(&h)?, c.num_kv_heads, &cos, &sin)?;
+            let v = layer.v.forward(&h)?;
+            let a = cache.attend(i, &q, &k, &v)?;
+            x = (x + layer.o.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let gated =
+                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&gated)?)?;
+        }
+        let last = step.last_tokens();
+        let last = Tensor::from_slice(&last, last.len(), &self.device)?;
+        let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x)?;
+        debug_assert_eq!(self.lm_head.out_features(), c.vocab_size);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,440 @@
+//! Where a decoder's weights come from: safetensors (one file or shards listed by
+//! `model.safetensors.index.json`) or a GGUF file, behind one interface that hands out
+//! shape-checked layers.
+//!
+//! Tensors are asked for by their Hugging Face names (`model.layers.3.mlp.up_proj.weight`);
+//! a GGUF source translates them to llama.cpp's (`blk.3.ffn_up.weight`). Every error
+//! names the file and the tensor. Safetensors weights (f32, f16 or bf16) become f32
+//! dense matrices; GGUF matrices stay in their stored quantization (Q8_0, Q4_K, ...) and
+//! are multiplied by candle's quantized kernels, except f32/f16/bf16 ones, which are
+//! widened to f32 like safetensors weights.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{OperatorError, Result};
+
+/// A linear layer `y = x W^T + b` whose `W` is dense f32 or quantized.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+impl Linear {
+    /// `x` is `(T, in)`; the result `(T, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The stored type of the weight: `None` for dense f32.
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            QMatMul::QTensor(q) => Some(q.dtype()),
+            _ => None,
+        }
+    }
+}
+
+/// The token embedding table: dense rows, or quantized rows dequantized on lookup.
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// `ids` is `(T,)` u32; the result `(T, hidden)` f32.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(w) => w.index_select(ids, 0)?,
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+
+    /// The same matrix as an output projection (tied embeddings), sharing its storage.
+    pub fn as_linear(&self) -> Result<Linear> {
+        let (weight, rows) = match self {
+            Embedding::Dense(w) => (QMatMul::Tensor(w.clone()), w.dim(0)?),
+            Embedding::Quantized(q) => (QMatMul::from_arc(q.clone())?, q.shape().dims()[0]),
+        };
+        Ok(Linear {
+            weight,
+            bias: None,
+            out_features: rows,
+        })
+    }
+}
+
+/// Weights read from safetensors files, widened to f32 on the model's device.
+struct SafetensorsWeights {
+    /// What errors name: `model.safetensors` or the shard index.
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// A GGUF file: its metadata and tensor directory, tensors read on demand.
+struct GgufWeights {
+    path: PathBuf,
+    content: gguf_file::Content,
+    file: File,
+}
+
+/// One model's weights, from either kind of file.
+pub(crate) struct Weights {
+    source: Source,
+    device: Device,
+}
+
+enum Source {
+    Safetensors(SafetensorsWeights),
+    Gguf(GgufWeights),
+}
+
+/// The file listing the shards of a sharded safetensors checkpoint.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+impl Weights {
+    /// `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    /// Returns the weights and the files read.
+    pub fn from_safetensors_dir(dir: &Path, device: &Device) -> Result<(Self, Vec<PathBuf>)> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join(SHARD_INDEX);
+        let (path, files) = if single.is_file() {
+            (single.clone(), vec![single])
+        } else if index.is_file() {
+            (index.clone(), shard_files(dir, &index)?)
+        } else {
+            return Err(OperatorError::MissingFile {
+                dir: dir.to_path_buf(),
+                file: "model.safetensors",
+                why: "the weights (or model.safetensors.index.json and its shards; \
+                      pickled .bin files are never read)",
+            });
+        };
+        let mut tensors = HashMap::new();
+        for file in &files {
+            let shard = candle_core::safetensors::load(file, device).map_err(|e| {
+                OperatorError::BadTensor {
+                    path: file.clone(),
+                    name: "*".into(),
+                    message: format!("cannot read safetensors file: {e}"),
+                }
+            })?;
+            for (name, t) in shard {
+                let t = if t.dtype() == DType::F32 {
+                    t
+                } else {
+                    t.to_dtype(DType::F32)?
+                };
+                tensors.insert(name, t);
+            }
+        }
+        let mut fingerprinted = files;
+        if index.is_file() && !fingerprinted.contains(&index) {
+            fingerprinted.push(index);
+        }
+        Ok((
+            Weights {
+                source: Source::Safetensors(SafetensorsWeights { path, tensors }),
+                device: device.clone(),
+            },
+            fingerprinted,
+        ))
+    }
+
+    /// Opens a GGUF file and reads its metadata and tensor directory.
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self> {
+        let mut file = File::open(path).map_err(|source| OperatorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content =
+            gguf_file::Content::read(&mut file).map_err(|e| OperatorError::BadConfig {
+                path: path.to_path_buf(),
+                what: "GGUF file",
+                message: e.to_string(),
+            })?;
+        Ok(Weights {
+            source: Source::Gguf(GgufWeights {
+                path: path.to_path_buf(),
+                content,
+                file,
+            }),
+            device: device.clone(),
+        })
+    }
+
+    /// The GGUF content (metadata), for a GGUF source.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match &self.source {
+            Source::Gguf(g) => Some(&g.content),
+            Source::Safetensors(_) => None,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match &self.source {
+            Source::Safetensors(s) => &s.path,
+            Source::Gguf(g) => &g.path,
+        }
+    }
+
+    fn bad(&self, name: &str, message: String) -> OperatorError {
+        OperatorError::BadTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+            message,
+        }
+    }
+
+    /// Whether the checkpoint has tensor `hf_name`.
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors(s) => s.tensors.contains_key(hf_name),
+            Source::Gguf(g) => {
+                gguf_name(hf_name).is_some_and(|n| g.content.tensor_infos.contains_key(&n))
+            }
+        }
+    }
+
+    /// A raw tensor of any rank, as stored (GGUF) or as f32 (safetensors).
+    fn raw(&self, hf_name: &str) -> Result<Raw> {
+        match &self.source {
+            Source::Safetensors(s) => s
+                .tensors
+                .get(hf_name)
+                .map(|t| Raw::Dense(t.clone()))
+                .ok_or_else(|| self.bad(hf_name, "absent from the checkpoint".into())),
+            Source::Gguf(g) => {
+                let name = gguf_name(hf_name)
+                    .ok_or_else(|| self.bad(hf_name, "has no GGUF counterpart (a bug)".into()))?;
+                if !g.content.tensor_infos.contains_key(&name) {
+                    return Err(self.bad(&name, "absent from the GGUF file".into()));
+                }
+                let q = g
+                    .content
+                    .tensor(&mut &g.file, &name, &self.device)
+                    .map_err(|e| self.bad(&name, format!("cannot read: {e}")))?;
+                Ok(Raw::Quantized(Arc::new(q)))
+            }
+        }
+    }
+
+    fn check_shape(&self, hf_name: &str, found: &[usize], want: &[usize]) -> Result<()> {
+        if found != want {
+            let name = match &self.source {
+                Source::Gguf(_) => gguf_name(hf_name).unwrap_or_else(|| hf_name.into()),
+                Source::Safetensors(_) => hf_name.into(),
+            };
+            return Err(self.bad(
+                &name,
+                format!("shape {found:?}, the config implies {want:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A 1-D f32 vector of `len` (norm weights, biases).
+    pub fn vector(&self, hf_name: &str, len: usize) -> Result<Tensor> {
+        let t = match self.raw(hf_name)? {
+            Raw::Dense(t) => t,
+            Raw::Quantized(q) => q.dequantize(&self.device)?,
+        };
+        self.check_shape(hf_name, t.dims(), &[len])?;
+        Ok(t)
+    }
+
+    /// The linear layer `{prefix}.weight` (`out x in`) and, when `bias`,
+    /// `{prefix}.bias`.
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match self.raw(&name)? {
+            Raw::Dense(t) => {
+                self.check_shape(&name, t.dims(), &[out_dim, in_dim])?;
+                QMatMul::Tensor(t)
+            }
+            Raw::Quantized(q) => {
+                self.check_shape(&name, q.shape().dims(), &[out_dim, in_dim])?;
+                QMatMul::from_arc(q)?
+            }
+        };
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"), out_dim)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            out_features: out_dim,
+        })
+    }
+
+    /// The embedding table `name` (`vocab x hidden`); quantized tables stay quantized.
+    pub fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        Ok(match self.raw(name)? {
+            Raw::Dense(t) => {
+                self.check_shape(name, t.dims(), &[vocab, hidden])?;
+                Embedding::Dense(t)
+            }
+            Raw::Quantized(q) => {
+                self.check_shape(name, q.shape().dims(), &[vocab, hidden])?;
+                match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        Embedding::Dense(q.dequantize(&self.device)?)
+                    }
+                    _ => Embedding::Quantized(q),
+                }
+            }
+        })
+    }
+
+    /// A GGUF-only tensor by its GGUF name (`rope_freqs.weight`), as f32 values.
+    pub fn gguf_vector(&self, gguf_name: &str) -> Result<Option<Vec<f32>>> {
+        let Source::Gguf(g) = &self.source else {
+            return Ok(None);
+        };
+        if !g.content.tensor_infos.contains_key(gguf_name) {
+            return Ok(None);
+        }
+        let q = g
+            .content
+            .tensor(&mut &g.file, gguf_name, &Device::Cpu)
+            .map_err(|e| self.bad(gguf_name, format!("cannot read: {e}")))?;
+        let t = q.dequantize(&Device::Cpu)?;
+        Ok(Some(t.flatten_all()?.to_vec1::<f32>()?))
+    }
+}
+
+enum Raw {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+/// The shard files named in a `model.safetensors.index.json`'s `weight_map`, in order of
+/// first appearance, each checked to exist.
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| OperatorError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let bad = |message: String| OperatorError::BadConfig {
+        path: index.to_path_buf(),
+        what: "safetensors shard index",
+        message,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map.{tensor}: not a file name")))?;
+        // A shard is a file of this directory, never a path elsewhere.
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(bad(format!(
+                "weight_map.{tensor}: `{file}` is not a plain file name"
+            )));
+        }
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                return Err(bad(format!(
+                    "shard `{file}` (of weight_map.{tensor}) is missing"
+                )));
+            }
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// llama.cpp's name for a Hugging Face tensor name (the mapping of its converter for the
+/// llama and qwen2 architectures).
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let module = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{module}.{kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_follow_llama_cpp() {
+        assert_eq!(
+            gguf_name("model.layers.11.self_attn.k_proj.bias").unwrap(),
+            "blk.11.attn_k.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(),
+            "blk.0.ffn_down.weight"
+        );
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert!(gguf_name("model.layers.0.rotary.inv_freq").is_none());
+    }
+
+    #[test]
+    fn shard_index_names_missing_shards_and_refuses_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join(SHARD_INDEX);
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "model-00001.safetensors"}}"#,
+        )
+        .unwrap();
+        let e = shard_files(dir.path(), &index).unwrap_err().to_string();
+        assert!(
+            e.contains("model-00001.safetensors") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::write(&index, r#"{"weight_map": {"a": "../x.safetensors"}}"#).unwrap();
+        let e = shard_files(dir.path(), &index).unwrap_err().to_string();
+        assert!(e.contains("not a plain file name"), "{e}");
+    }
+}
