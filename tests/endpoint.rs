@@ -27,16 +27,17 @@ use support::fault_server::{FaultServer, Reply};
 /// Retries in these tests; so a request that always fails is sent 3 times.
 const RETRIES: u32 = 2;
 
-/// Options with tiny waits, so the fault tests take milliseconds.
+/// Options with short waits, so the fault tests take a few seconds at most. The timeout
+/// leaves a loaded machine (parallel tests, other builds) ample time for a local answer.
 fn fast_options(base_url: &str) -> EndpointOptions {
     let mut options = EndpointOptions::new(base_url, "test-model");
     options.concurrency = 4;
-    options.timeout = Duration::from_millis(300);
+    options.timeout = Duration::from_millis(750);
     options.max_retries = RETRIES;
     options.backoff = Backoff {
         initial: Duration::from_millis(2),
         max: Duration::from_millis(10),
-        retry_after_cap: Duration::from_millis(400),
+        retry_after_cap: Duration::from_millis(300),
         jitter: true,
     };
     options
@@ -230,13 +231,13 @@ fn persistent_failures_are_recorded_with_passage_status_and_attempts() {
 #[test]
 fn retry_after_is_honoured_up_to_its_cap() {
     let server = FaultServer::start(|key, attempt| match (key, attempt) {
-        // Asks for 1 s; the options cap it at 400 ms.
+        // Asks for 1 s; the options cap it at 300 ms.
         ("capped", 0) => Reply::Status {
             status: 429,
             body: "rate limited".into(),
             retry_after: Some("1".into()),
         },
-        // Asks for 0 s: retried at once, not after the exponential backoff.
+        // Asks for 0 s: retried at once, not after the backoff's 600 ms.
         ("zero", 0) => Reply::Status {
             status: 429,
             body: "rate limited".into(),
@@ -245,8 +246,8 @@ fn retry_after_is_honoured_up_to_its_cap() {
         _ => Reply::ok("ok"),
     });
     let mut options = fast_options(&server.base_url());
-    options.backoff.initial = Duration::from_millis(150);
-    options.backoff.max = Duration::from_millis(150);
+    options.backoff.initial = Duration::from_millis(600);
+    options.backoff.max = Duration::from_millis(600);
     options.backoff.jitter = false;
     let g = generator(options);
     let out = g
@@ -260,16 +261,14 @@ fn retry_after_is_honoured_up_to_its_cap() {
         assert_eq!(times.len(), 2, "{key}");
         times[1] - times[0]
     };
+    // Not the backoff (600 ms), not the full ask (1 s): the cap (300 ms).
     let capped = gap("capped");
     assert!(
-        capped >= Duration::from_millis(400) && capped < Duration::from_millis(900),
+        capped >= Duration::from_millis(300) && capped < Duration::from_millis(600),
         "{capped:?}"
     );
-    assert!(
-        gap("zero") < Duration::from_millis(150),
-        "{:?}",
-        gap("zero")
-    );
+    let zero = gap("zero");
+    assert!(zero < Duration::from_millis(300), "{zero:?}");
 }
 
 #[test]
@@ -516,12 +515,10 @@ fn llama_cpp_server_generates_queries() {
     assert_eq!(first.len(), 3);
     for (i, outcome) in first.iter().enumerate() {
         match outcome {
-            Generated::Query { tokens, .. } => {
-                assert!(
-                    *tokens >= 1 && *tokens <= 12,
-                    "request {i}: {tokens} tokens"
-                )
-            }
+            // The server's own count: llama-cpp-python's `usage.completion_tokens` is not
+            // bounded by `max_tokens` (it reported 16 with `max_tokens` 12 here), so only
+            // its presence is checked.
+            Generated::Query { tokens, .. } => assert!(*tokens >= 1, "request {i}: no tokens"),
             Generated::Failed { reason } => panic!("request {i}: {reason}"),
         }
     }

@@ -22,6 +22,8 @@
 //!   in `Debug` output, never in an error or a reason (a body that echoes it is
 //!   redacted), and not in [`QueryGenerator::id`].
 //! - `min_new_tokens` has no field in the chat completions API and is not sent.
+//! - Proxies are taken from the environment as ureq does (`HTTPS_PROXY`, `HTTP_PROXY`,
+//!   `ALL_PROXY`, `NO_PROXY`).
 
 mod retry;
 mod wire;
