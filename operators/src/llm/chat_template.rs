@@ -225,7 +225,7 @@ impl JsonStyle {
             ValueKind::Map => {
                 let mut keys: Vec<Value> = v.try_iter()?.collect();
                 if self.sort_keys {
-                    keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                    keys.sort_by_key(|k| k.to_string());
                 }
                 self.sequence(keys.len(), '{', '}', depth, out, |i, out| {
                     let key = &keys[i];
@@ -330,12 +330,19 @@ pub(crate) fn token_string(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// A chat template's text as found, before compiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TemplateSource {
+    pub text: String,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// `(field, token string)` from tokenizer_config.json.
+    pub special_tokens: Vec<(String, String)>,
+}
+
 /// The chat template of a tokenizer directory and its special tokens, when it has one:
-/// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`. Returns
-/// `(template, where it came from, special tokens)`.
-pub(crate) fn from_tokenizer_dir(
-    dir: &Path,
-) -> Result<Option<(String, PathBuf, Vec<(String, String)>)>> {
+/// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`.
+pub(crate) fn from_tokenizer_dir(dir: &Path) -> Result<Option<TemplateSource>> {
     let config_path = dir.join("tokenizer_config.json");
     let config: Option<serde_json::Value> = if config_path.is_file() {
         let text = std::fs::read_to_string(&config_path).map_err(|source| OperatorError::Io {
@@ -367,7 +374,11 @@ pub(crate) fn from_tokenizer_dir(
             path: jinja.clone(),
             source,
         })?;
-        return Ok(Some((text, jinja, specials)));
+        return Ok(Some(TemplateSource {
+            text,
+            path: jinja,
+            special_tokens: specials,
+        }));
     }
     let Some(template) = config.as_ref().and_then(|c| c.get("chat_template")) else {
         return Ok(None);
@@ -395,7 +406,11 @@ pub(crate) fn from_tokenizer_dir(
             ))
         }
     };
-    Ok(Some((text, config_path, specials)))
+    Ok(Some(TemplateSource {
+        text,
+        path: config_path,
+        special_tokens: specials,
+    }))
 }
 
 #[cfg(test)]
@@ -459,10 +474,10 @@ mod tests {
                 "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
         )
         .unwrap();
-        let (text, _, specials) = from_tokenizer_dir(dir.path()).unwrap().unwrap();
-        assert_eq!(text, "D");
+        let found = from_tokenizer_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(found.text, "D");
         assert_eq!(
-            specials,
+            found.special_tokens,
             vec![
                 ("bos_token".to_string(), "<s>".to_string()),
                 ("eos_token".to_string(), "</s>".to_string())

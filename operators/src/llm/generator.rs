@@ -27,16 +27,19 @@ use super::weights::Weights;
 use super::{ChatMessage, SamplingParams};
 use crate::error::{OperatorError, Result};
 
-/// End-of-turn markers of common chat formats: generation also stops at any of these
-/// the tokenizer has as a single token, in case a model's configuration files list only
-/// its end-of-document token.
-pub const END_OF_TURN_TOKENS: [&str; 6] = [
+/// End-of-turn and end-of-document markers of common chat formats: generation also
+/// stops at any of these the tokenizer has as a single token, in case a model's
+/// configuration lists only some of them (a GGUF file names one eos and one eot token;
+/// Llama 3 ends documents with `<|end_of_text|>` and turns with `<|eot_id|>`).
+pub const END_OF_TURN_TOKENS: [&str; 8] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<|eom_id|>",
     "<|end|>",
     "<end_of_turn>",
     "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
 ];
 
 /// The default most rows decoded together: enough to keep two to four CPU cores busy on
@@ -489,12 +492,16 @@ fn load_template(
     weights: &Weights,
     model_path: &Path,
 ) -> Result<(ChatTemplate, Option<String>)> {
-    if let Some((text, source, specials)) = chat_template::from_tokenizer_dir(tokenizer_dir)? {
-        let eos = specials
+    if let Some(found) = chat_template::from_tokenizer_dir(tokenizer_dir)? {
+        let eos = found
+            .special_tokens
             .iter()
             .find(|(f, _)| f == "eos_token")
             .map(|(_, t)| t.clone());
-        return Ok((ChatTemplate::new(text, source, specials)?, eos));
+        return Ok((
+            ChatTemplate::new(found.text, found.path, found.special_tokens)?,
+            eos,
+        ));
     }
     if let Some(content) = weights.gguf_content() {
         if let Some(text) = content

@@ -320,7 +320,7 @@ mod tests {
     }
 
     fn ramp(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * 0.37 + seed).sin())).collect()
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
     }
 
     #[test]

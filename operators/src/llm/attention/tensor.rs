@@ -183,7 +183,7 @@ mod tests {
     use crate::llm::attention::cpu::CpuKvCache;
 
     fn ramp(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * 0.61 + seed).cos())).collect()
+        (0..n).map(|i| (i as f32 * 0.61 + seed).cos()).collect()
     }
 
     /// Padded attention over two rows of different lengths, a prefill and two decode
@@ -198,7 +198,9 @@ mod tests {
         };
         let mut padded = TensorKvCache::new(shape, 3, &Device::Cpu);
         let mut direct = CpuKvCache::new(shape, &[32, 32, 32]);
-        let steps: Vec<(Vec<(usize, usize)>, Option<Vec<usize>>)> = vec![
+        // (rows as (past, new), rows kept after the step)
+        type Step = (Vec<(usize, usize)>, Option<Vec<usize>>);
+        let steps: Vec<Step> = vec![
             (vec![(0, 3), (0, 7), (0, 1)], None),
             (vec![(3, 1), (7, 1), (1, 1)], Some(vec![0, 2])),
             (vec![(4, 1), (2, 1)], None),
