@@ -791,7 +791,10 @@ fn qwen2_5_0_5b_shaped_speed() {
         max_new_tokens: 32,
         min_new_tokens: 32,
     };
-    for rows in [1usize, 8] {
+    let rows_list: Vec<usize> = std::env::var("DISTILLERY_SPEED_ROWS")
+        .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
+        .unwrap_or(vec![1, 8]);
+    for rows in rows_list {
         let requests: Vec<(Vec<ChatMessage>, u64)> =
             (0..rows).map(|i| (prompt(i), i as u64)).collect();
         let start = std::time::Instant::now();

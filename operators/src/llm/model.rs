@@ -15,20 +15,18 @@ use super::attention::tensor::TensorKvCache;
 use super::attention::{AttentionShape, KvCache, StepRows};
 use super::config::LlmConfig;
 use super::rope::Rope;
-use super::weights::{Embedding, Linear, Weights};
+use super::weights::{Embedding, Linear, Projections, Weights};
 use crate::error::{OperatorError, Result};
 
 /// One decoder layer (`LlamaDecoderLayer`): pre-norm attention and SwiGLU MLP, each
-/// added to the residual stream.
+/// added to the residual stream. q/k/v and gate/up run as one product each where their
+/// weights stack ([`Projections`]).
 struct DecoderLayer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Projections,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -36,26 +34,24 @@ impl DecoderLayer {
     fn load(weights: &Weights, c: &LlmConfig, i: usize) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, d) = (c.hidden_size, c.head_dim);
+        let attn = |name: &str, out: usize| {
+            weights.linear(&format!("{p}.self_attn.{name}"), h, out, c.qkv_bias)
+        };
+        let mlp = |name: &str| {
+            weights.linear(
+                &format!("{p}.mlp.{name}"),
+                h,
+                c.intermediate_size,
+                c.mlp_bias,
+            )
+        };
         Ok(DecoderLayer {
             input_norm: weights.vector(&format!("{p}.input_layernorm.weight"), h)?,
-            q: weights.linear(
-                &format!("{p}.self_attn.q_proj"),
-                h,
-                c.num_heads * d,
-                c.qkv_bias,
-            )?,
-            k: weights.linear(
-                &format!("{p}.self_attn.k_proj"),
-                h,
-                c.num_kv_heads * d,
-                c.qkv_bias,
-            )?,
-            v: weights.linear(
-                &format!("{p}.self_attn.v_proj"),
-                h,
-                c.num_kv_heads * d,
-                c.qkv_bias,
-            )?,
+            qkv: Projections::new(vec![
+                attn("q_proj", c.num_heads * d)?,
+                attn("k_proj", c.num_kv_heads * d)?,
+                attn("v_proj", c.num_kv_heads * d)?,
+            ])?,
             o: weights.linear(
                 &format!("{p}.self_attn.o_proj"),
                 c.num_heads * d,
@@ -63,18 +59,7 @@ impl DecoderLayer {
                 c.o_bias,
             )?,
             post_norm: weights.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            gate: weights.linear(
-                &format!("{p}.mlp.gate_proj"),
-                h,
-                c.intermediate_size,
-                c.mlp_bias,
-            )?,
-            up: weights.linear(
-                &format!("{p}.mlp.up_proj"),
-                h,
-                c.intermediate_size,
-                c.mlp_bias,
-            )?,
+            gate_up: Projections::new(vec![mlp("gate_proj")?, mlp("up_proj")?])?,
             down: weights.linear(
                 &format!("{p}.mlp.down_proj"),
                 c.intermediate_size,
@@ -134,7 +119,7 @@ impl Decoder {
     pub fn quantization(&self) -> Option<String> {
         self.layers
             .first()
-            .and_then(|l| l.q.quantization())
+            .and_then(|l| l.qkv.quantization())
             .map(|q| format!("{q:?}"))
     }
 
@@ -179,18 +164,16 @@ impl Decoder {
         cache.begin_step(step)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = self
-                .rope
-                .apply(&layer.q.forward(&h)?, c.num_heads, &cos, &sin)?;
+            let [q, k, v] = three(layer.qkv.forward(&h)?)?;
+            let q = self.rope.apply(&q.contiguous()?, c.num_heads, &cos, &sin)?;
             let k = self
                 .rope
-                .apply(&layer.k.forward(&h)?, c.num_kv_heads, &cos, &sin)?;
-            let v = layer.v.forward(&h)?;
+                .apply(&k.contiguous()?, c.num_kv_heads, &cos, &sin)?;
             let a = cache.attend(i, &q, &k, &v)?;
             x = (x + layer.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let [gate, up] = two(layer.gate_up.forward(&h)?)?;
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
         let last = step.last_tokens();
@@ -200,4 +183,21 @@ impl Decoder {
         debug_assert_eq!(self.lm_head.out_features(), c.vocab_size);
         Ok(logits)
     }
+}
+
+fn parts<const N: usize>(v: Vec<Tensor>) -> Result<[Tensor; N]> {
+    v.try_into().map_err(|v: Vec<Tensor>| {
+        OperatorError::Candle(candle_core::Error::Msg(format!(
+            "{} projections where {N} were built (a bug)",
+            v.len()
+        )))
+    })
+}
+
+fn three(v: Vec<Tensor>) -> Result<[Tensor; 3]> {
+    parts(v)
+}
+
+fn two(v: Vec<Tensor>) -> Result<[Tensor; 2]> {
+    parts(v)
 }

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{OperatorError, Result};
@@ -48,6 +48,127 @@ impl Linear {
             _ => None,
         }
     }
+}
+
+/// Linear layers over the same input computed as one product (`q`, `k`, `v`; `gate`,
+/// `up`): their weights stacked row-wise, so one pass reads the input once and, on the
+/// CPU, one synchronisation of the thread pool replaces several. Layers whose weights
+/// cannot be stacked (different quantizations, as Q4_K_M files mix) stay separate.
+#[derive(Debug, Clone)]
+pub(crate) enum Projections {
+    Fused { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    /// Stacks `parts` when they share an input width, a storage type and the presence of
+    /// a bias.
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let widths: Vec<usize> = parts.iter().map(|p| p.out_features).collect();
+        let same_bias =
+            parts.iter().all(|p| p.bias.is_some()) || parts.iter().all(|p| p.bias.is_none());
+        let stacked = if same_bias { stack(&parts)? } else { None };
+        Ok(match stacked {
+            Some(weight) => {
+                let bias = if parts[0].bias.is_some() {
+                    let biases: Vec<&Tensor> =
+                        parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+                    Some(Tensor::cat(&biases, 0)?)
+                } else {
+                    None
+                };
+                Projections::Fused {
+                    linear: Linear {
+                        weight,
+                        bias,
+                        out_features: widths.iter().sum(),
+                    },
+                    widths,
+                }
+            }
+            None => Projections::Separate(parts),
+        })
+    }
+
+    /// The outputs of every layer, `(T, out_i)` each: views into one product when fused.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Projections::Fused { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, start, w)?;
+                        start += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The storage type of the first layer's weight (`None`: dense f32).
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        match self {
+            Projections::Fused { linear, .. } => linear.quantization(),
+            Projections::Separate(parts) => parts.first().and_then(Linear::quantization),
+        }
+    }
+}
+
+/// The weights of `parts` stacked row-wise, when they are all dense or all quantized in
+/// one type over the same input width (a quantized matrix is a sequence of independent
+/// rows of blocks, so stacking is concatenating bytes).
+fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
+    if parts.len() < 2 {
+        return Ok(None);
+    }
+    if parts.iter().all(|p| matches!(p.weight, QMatMul::Tensor(_))) {
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|p| match &p.weight {
+                QMatMul::Tensor(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        let in_dim = dense[0].dim(1)?;
+        if dense.iter().any(|t| t.dim(1).ok() != Some(in_dim)) {
+            return Ok(None);
+        }
+        return Ok(Some(QMatMul::Tensor(Tensor::cat(&dense, 0)?)));
+    }
+    let quantized: Vec<&Arc<QTensor>> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            QMatMul::QTensor(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if quantized.len() != parts.len() {
+        return Ok(None);
+    }
+    let dtype = quantized[0].dtype();
+    let in_dim = quantized[0].shape().dims()[1];
+    if quantized
+        .iter()
+        .any(|q| q.dtype() != dtype || q.shape().dims()[1] != in_dim)
+    {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for q in &quantized {
+        bytes.extend_from_slice(&q.data()?);
+        rows += q.shape().dims()[0];
+    }
+    let device = quantized[0].device();
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
+    Ok(Some(QMatMul::QTensor(Arc::new(QTensor::new(
+        storage,
+        (rows, in_dim),
+    )?))))
 }
 
 /// The token embedding table: dense rows, or quantized rows dequantized on lookup.
