@@ -11,6 +11,10 @@
 use distillery_operators::llm::ChatMessage;
 
 pub mod endpoint;
+pub mod extractive;
+pub mod postprocess;
+pub mod prepare;
+pub mod prompts;
 
 use crate::error::EngineError;
 

@@ -1,0 +1,440 @@
+//! The `extractive` generator: queries cut from the passage itself, no LLM.
+//!
+//! A baseline, and the way to run the whole pipeline on real data where no LLM is at
+//! hand. Its queries share words with their passage far more than an LLM's do, so a
+//! model trained on them learns an easier, more lexical task; compare against it, do not
+//! ship it. Per query type:
+//! - `title`: the passage's title, trimmed; a passage without one gets a
+//!   [`Generated::Failed`] saying so.
+//! - `claim`: one sentence of the passage's text, the inverse cloze task (Lee et al.,
+//!   2019) without removing the sentence from the passage. The sentence is chosen by the
+//!   request seed among the sentences of at least [`MIN_CLAIM_WORDS`] words (among all
+//!   sentences when none is that long): index `floor(seed * n / 2^64)`. Sentences are
+//!   split after a run of `.`, `!`, `?` or `…`, with any closing quotes and brackets,
+//!   followed by whitespace or the end of the text (so `3.5` stays whole but an
+//!   abbreviation such as `e.g. this` ends a sentence), and after the full-width `。`,
+//!   `！` and `？` whatever follows. A long sentence is kept whole.
+//! - `keywords`: the [`MAX_KEYWORDS`] terms of highest TF-IDF, comma-separated, highest
+//!   first; ties go to the term that occurs first in the passage.
+//! - `search` and `web`: the same terms joined by spaces, a keyword query.
+//! - `question` and user-defined types: [`Generated::Failed`]; extraction has no honest
+//!   way to write a question. [`ExtractiveGenerator::supports`] lets a config reject them
+//!   before the run.
+//!
+//! TF-IDF: a passage's document is its title and text. Tokens are maximal runs of
+//! alphanumeric characters, lowercased; a term is a token of at least [`MIN_TERM_CHARS`]
+//! characters, with at least one letter, not in [`STOPWORDS`]. `tf` is the term's count in
+//! the document, `idf = ln((1 + N) / (1 + df)) + 1` with `N` documents of which `df`
+//! contain the term (the smoothed form, so a term of a passage outside the table still
+//! has a finite weight), and the score `tf * idf`.
+//!
+//! The document frequencies come from the prepared corpus at construction. They are not
+//! part of [`ExtractiveGenerator::id`]: as with every generator, a query once generated
+//! is kept when the corpus changes, even though a new table could rank its terms
+//! differently.
+
+use std::collections::{HashMap, HashSet};
+
+use super::postprocess::outcome;
+use super::{Generated, GenerationRequest, PreparedPassage, QueryGenerator};
+use crate::error::EngineError;
+
+/// Part of [`ExtractiveGenerator::id`]; bumped whenever a rule of this file changes what
+/// it writes, so that cached queries of the old rules are not reused.
+pub const EXTRACTIVE_VERSION: &str = "1";
+/// Terms in a keyword query (the recipe's "up to 5 key phrases").
+pub const MAX_KEYWORDS: usize = 5;
+/// Shorter tokens are not terms (drops stray letters such as the `s` of `it's`).
+pub const MIN_TERM_CHARS: usize = 2;
+/// A claim is preferably a sentence of at least this many words; shorter ones are
+/// mostly headings and fragments.
+pub const MIN_CLAIM_WORDS: usize = 4;
+/// The query types this generator writes.
+pub const SUPPORTED_TYPES: [&str; 5] = ["title", "claim", "keywords", "search", "web"];
+
+/// English function words that are never keywords: articles, pronouns, auxiliaries,
+/// prepositions, conjunctions and a few very common adverbs.
+pub const STOPWORDS: [&str; 120] = [
+    "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any",
+    "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both",
+    "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during", "each", "few",
+    "for", "from", "further", "had", "has", "have", "having", "he", "her", "here", "hers", "him",
+    "his", "how", "if", "in", "into", "is", "it", "its", "just", "may", "me", "might", "more",
+    "most", "must", "my", "no", "nor", "not", "now", "of", "off", "on", "once", "only", "or",
+    "other", "our", "ours", "out", "over", "own", "same", "shall", "she", "should", "so", "some",
+    "such", "than", "that", "the", "their", "them", "then", "there", "these", "they", "this",
+    "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what",
+    "when", "where", "which", "while", "who", "whom", "why", "will", "with", "would", "you",
+    "your",
+];
+
+/// Characters that end a sentence.
+const SENTENCE_ENDS: [char; 7] = ['.', '!', '?', '…', '。', '！', '？'];
+/// Full-width ends: scripts written without spaces end a sentence on these alone.
+const FULL_WIDTH_ENDS: [char; 3] = ['。', '！', '？'];
+/// Characters that may follow a sentence end before the whitespace.
+const CLOSERS: [char; 8] = ['"', '\'', ')', ']', '}', '”', '’', '»'];
+
+/// Document frequencies of the terms of a corpus.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DocumentFrequencies {
+    documents: u64,
+    df: HashMap<String, u64>,
+}
+
+impl DocumentFrequencies {
+    /// The table of `passages` (each one document: title and text).
+    pub fn from_passages<'a>(passages: impl IntoIterator<Item = &'a PreparedPassage>) -> Self {
+        let mut table = Self::default();
+        for passage in passages {
+            table.documents += 1;
+            let distinct: HashSet<String> = terms(&document(passage)).collect();
+            for term in distinct {
+                *table.df.entry(term).or_insert(0) += 1;
+            }
+        }
+        table
+    }
+
+    /// Documents counted.
+    pub fn documents(&self) -> u64 {
+        self.documents
+    }
+
+    /// Documents that contain `term` (0 for a term never seen).
+    pub fn df(&self, term: &str) -> u64 {
+        self.df.get(term).copied().unwrap_or(0)
+    }
+
+    /// `ln((1 + N) / (1 + df)) + 1`.
+    pub fn idf(&self, term: &str) -> f64 {
+        ((1 + self.documents) as f64 / (1 + self.df(term)) as f64).ln() + 1.0
+    }
+
+    /// Every term of `passage` with its TF-IDF score, highest first, ties by first
+    /// occurrence.
+    pub fn scores(&self, passage: &PreparedPassage) -> Vec<(String, f64)> {
+        // (term, count, first position)
+        let mut counts: HashMap<String, (u64, usize)> = HashMap::new();
+        for (position, term) in terms(&document(passage)).enumerate() {
+            counts.entry(term).or_insert((0, position)).0 += 1;
+        }
+        let mut scored: Vec<(String, f64, usize)> = counts
+            .into_iter()
+            .map(|(term, (tf, first))| {
+                let score = tf as f64 * self.idf(&term);
+                (term, score, first)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
+        scored.into_iter().map(|(t, s, _)| (t, s)).collect()
+    }
+
+    /// The [`MAX_KEYWORDS`] best terms of `passage`.
+    pub fn top_terms(&self, passage: &PreparedPassage) -> Vec<String> {
+        self.scores(passage)
+            .into_iter()
+            .take(MAX_KEYWORDS)
+            .map(|(t, _)| t)
+            .collect()
+    }
+}
+
+/// The baseline generator (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ExtractiveGenerator {
+    frequencies: DocumentFrequencies,
+}
+
+impl ExtractiveGenerator {
+    /// A generator whose keyword scores use `frequencies`.
+    pub fn new(frequencies: DocumentFrequencies) -> Self {
+        Self { frequencies }
+    }
+
+    /// A generator with the document frequencies of `passages` (the prepared corpus).
+    pub fn from_passages<'a>(passages: impl IntoIterator<Item = &'a PreparedPassage>) -> Self {
+        Self::new(DocumentFrequencies::from_passages(passages))
+    }
+
+    /// Whether this generator writes queries of `query_type`.
+    pub fn supports(query_type: &str) -> bool {
+        SUPPORTED_TYPES.contains(&query_type)
+    }
+
+    /// The outcome of one request.
+    pub fn generate_one(&self, request: &GenerationRequest) -> Generated {
+        let passage = &request.passage;
+        let failed = |why: String| Generated::Failed {
+            reason: format!("passage `{}`: {why}", passage.id),
+        };
+        match request.query_type.as_str() {
+            "title" => {
+                if passage.title.trim().is_empty() {
+                    return failed(
+                        "has no title, and extractive title queries are the title".into(),
+                    );
+                }
+                outcome(&passage.id, passage.title.clone(), 0)
+            }
+            "claim" => match pick_sentence(&passage.text, request.seed) {
+                Some(sentence) => outcome(&passage.id, sentence.to_owned(), 0),
+                None => failed("has no sentence to use as a claim".into()),
+            },
+            kind @ ("keywords" | "search" | "web") => {
+                let top = self.frequencies.top_terms(passage);
+                if top.is_empty() {
+                    return failed("has no terms outside the stopwords to use as keywords".into());
+                }
+                let separator = if kind == "keywords" { ", " } else { " " };
+                outcome(&passage.id, top.join(separator), 0)
+            }
+            other => failed(format!(
+                "the extractive generator writes no `{other}` queries (only {})",
+                SUPPORTED_TYPES.join(", ")
+            )),
+        }
+    }
+}
+
+impl QueryGenerator for ExtractiveGenerator {
+    fn id(&self) -> String {
+        format!("extractive-v{EXTRACTIVE_VERSION}")
+    }
+
+    fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
+        Ok(requests.iter().map(|r| self.generate_one(r)).collect())
+    }
+}
+
+/// A passage's document for TF-IDF: title and text.
+fn document(passage: &PreparedPassage) -> String {
+    format!("{} {}", passage.title, passage.text)
+}
+
+/// The terms of `text`, in order (see the module docs).
+fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|token| !token.is_empty())
+        .map(str::to_lowercase)
+        .filter(|token| {
+            token.chars().count() >= MIN_TERM_CHARS
+                && token.chars().any(char::is_alphabetic)
+                && !STOPWORDS.contains(&token.as_str())
+        })
+}
+
+/// The sentences of `text`, trimmed, in order (see the module docs).
+pub fn sentences(text: &str) -> Vec<&str> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < chars.len() {
+        if !SENTENCE_ENDS.contains(&chars[i].1) {
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < chars.len() && SENTENCE_ENDS.contains(&chars[end].1) {
+            end += 1;
+        }
+        while end < chars.len() && CLOSERS.contains(&chars[end].1) {
+            end += 1;
+        }
+        let full_width = chars[i..end]
+            .iter()
+            .any(|(_, c)| FULL_WIDTH_ENDS.contains(c));
+        if full_width || end == chars.len() || chars[end].1.is_whitespace() {
+            let byte_end = chars.get(end).map_or(text.len(), |&(b, _)| b);
+            out.push(text[start..byte_end].trim());
+            start = byte_end;
+        }
+        i = end;
+    }
+    out.push(text[start..].trim());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The claim sentence for `seed` (see the module docs).
+fn pick_sentence(text: &str, seed: u64) -> Option<&str> {
+    let all = sentences(text);
+    let long: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|s| s.split_whitespace().count() >= MIN_CLAIM_WORDS)
+        .collect();
+    let pool = if long.is_empty() { all } else { long };
+    if pool.is_empty() {
+        return None;
+    }
+    let index = ((u128::from(seed) * pool.len() as u128) >> 64) as usize;
+    Some(pool[index])
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
+mod tests {
+    use super::*;
+
+    fn passage(id: &str, title: &str, text: &str) -> PreparedPassage {
+        PreparedPassage {
+            id: id.into(),
+            title: title.into(),
+            text: text.into(),
+            hash: format!("hash-{id}"),
+        }
+    }
+
+    fn request(passage: PreparedPassage, query_type: &str, seed: u64) -> GenerationRequest {
+        GenerationRequest {
+            passage,
+            query_type: query_type.into(),
+            messages: Vec::new(),
+            seed,
+        }
+    }
+
+    fn text_of(outcome: Generated) -> String {
+        match outcome {
+            Generated::Query { text, tokens, .. } => {
+                assert_eq!(tokens, 0);
+                text
+            }
+            Generated::Failed { reason } => panic!("failed: {reason}"),
+        }
+    }
+
+    /// N = 3; df: apple 1, banana 2, cherry 2, date 1. idf(apple) = ln(4/2) + 1 =
+    /// 1.6931471805599454, idf(banana) = ln(4/3) + 1 = 1.2876820724517808.
+    fn fruit() -> (Vec<PreparedPassage>, ExtractiveGenerator) {
+        let corpus = vec![
+            passage("d1", "", "Apple banana apple."),
+            passage("d2", "", "Banana, cherry!"),
+            passage("d3", "", "Cherry and the date."),
+        ];
+        let generator = ExtractiveGenerator::from_passages(&corpus);
+        (corpus, generator)
+    }
+
+    #[test]
+    fn tf_idf_equals_the_hand_computed_values() {
+        let (corpus, generator) = fruit();
+        let table = &generator.frequencies;
+        assert_eq!(table.documents(), 3);
+        assert_eq!(
+            (table.df("apple"), table.df("banana"), table.df("and")),
+            (1, 2, 0)
+        );
+        let scores = table.scores(&corpus[0]);
+        assert_eq!(scores.len(), 2);
+        assert_eq!(scores[0].0, "apple");
+        assert!((scores[0].1 - 2.0 * 1.6931471805599454).abs() < 1e-12);
+        assert_eq!(scores[1].0, "banana");
+        assert!((scores[1].1 - 1.2876820724517808).abs() < 1e-12);
+        // A term outside the table: idf = ln(4/1) + 1.
+        assert!((table.idf("kiwi") - 2.386294361119891).abs() < 1e-12);
+    }
+
+    #[test]
+    fn keyword_ties_go_to_the_first_occurrence_and_stopwords_never_count() {
+        let (corpus, generator) = fruit();
+        // banana and cherry tie at 1.2877; banana comes first in d2.
+        let out = generator.generate_one(&request(corpus[1].clone(), "keywords", 0));
+        assert_eq!(text_of(out), "banana, cherry");
+        // d3: "and", "the" are stopwords; date (idf 1.69) beats cherry (1.29).
+        let out = generator.generate_one(&request(corpus[2].clone(), "keywords", 0));
+        assert_eq!(text_of(out), "date, cherry");
+        let out = generator.generate_one(&request(corpus[2].clone(), "search", 0));
+        assert_eq!(text_of(out), "date cherry");
+    }
+
+    #[test]
+    fn at_most_five_keywords_and_digit_tokens_are_not_terms() {
+        let p = passage(
+            "x",
+            "Zeta",
+            "alpha beta gamma delta epsilon 2024 b 3d alpha",
+        );
+        let generator = ExtractiveGenerator::from_passages([&p]);
+        // One document: every idf is ln(2/2) + 1 = 1; alpha counts twice.
+        let out = generator.generate_one(&request(p.clone(), "web", 0));
+        assert_eq!(text_of(out), "alpha zeta beta gamma delta");
+        assert_eq!(generator.frequencies.df("3d"), 1);
+        assert_eq!(generator.frequencies.df("2024"), 0);
+        let empty = passage("e", "", "it is what it is, 42.");
+        let out = generator.generate_one(&request(empty, "keywords", 0));
+        assert!(
+            matches!(out, Generated::Failed { reason } if reason.starts_with("passage `e`: has no terms"))
+        );
+    }
+
+    #[test]
+    fn sentences_split_after_terminal_punctuation_and_spaces_only() {
+        assert_eq!(
+            sentences("It grew 3.5 percent. Why? \"Demand!\" said one (rightly.) Last one"),
+            [
+                "It grew 3.5 percent.",
+                "Why?",
+                "\"Demand!\"",
+                "said one (rightly.)",
+                "Last one"
+            ]
+        );
+        assert_eq!(
+            sentences("e.g. this splits... here"),
+            ["e.g.", "this splits...", "here"]
+        );
+        assert_eq!(sentences("一つ。二つ！三つ"), ["一つ。", "二つ！", "三つ"]);
+        assert!(sentences("   ").is_empty());
+    }
+
+    #[test]
+    fn the_claim_is_the_sentence_the_seed_picks() {
+        let p = passage(
+            "c",
+            "",
+            "Short one. This sentence has five words. Another sentence here has six words! Is it a question?",
+        );
+        let generator = ExtractiveGenerator::from_passages([&p]);
+        // Three sentences of at least four words; index = floor(seed * 3 / 2^64).
+        let claim = |seed| text_of(generator.generate_one(&request(p.clone(), "claim", seed)));
+        assert_eq!(claim(0), "This sentence has five words.");
+        assert_eq!(claim(1 << 63), "Another sentence here has six words!");
+        assert_eq!(claim(u64::MAX), "Is it a question?");
+        // Only short sentences: any of them.
+        let short = passage("s", "", "Yes. No.");
+        let out = generator.generate_one(&request(short, "claim", u64::MAX));
+        assert_eq!(text_of(out), "No.");
+    }
+
+    #[test]
+    fn title_question_and_unknown_types() {
+        let generator = ExtractiveGenerator::new(DocumentFrequencies::default());
+        let with_title = passage("t", "  \"Tides\" ", "The Moon pulls the sea.");
+        let out = generator.generate_one(&request(with_title.clone(), "title", 0));
+        assert_eq!(text_of(out), "Tides");
+        let untitled = passage("u", " ", "The Moon pulls the sea.");
+        let out = generator.generate_one(&request(untitled, "title", 0));
+        assert!(
+            matches!(out, Generated::Failed { reason } if reason == "passage `u`: has no title, and extractive title queries are the title")
+        );
+        for kind in ["question", "faq"] {
+            let out = generator.generate_one(&request(with_title.clone(), kind, 0));
+            assert!(
+                matches!(&out, Generated::Failed { reason } if reason.contains(&format!("no `{kind}` queries"))),
+                "{out:?}"
+            );
+            assert!(!ExtractiveGenerator::supports(kind));
+        }
+        assert!(ExtractiveGenerator::supports("claim"));
+        assert_eq!(generator.id(), "extractive-v1");
+        let batch = [
+            request(with_title.clone(), "title", 0),
+            request(with_title, "question", 0),
+        ];
+        let outcomes = generator.generate(&batch).unwrap();
+        assert_eq!(outcomes.len(), 2);
+    }
+}

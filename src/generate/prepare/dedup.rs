@@ -1,0 +1,212 @@
+//! The near-duplicate rule of RECIPE.md section 1, on normalised strings.
+//!
+//! [`normalise`] maps a passage's text to the string compared. [`near_duplicates`] sorts
+//! the strings and calls a string a duplicate when it is a substring of one of the next
+//! `window` strings in that order, once with the strings sorted as written and once sorted
+//! as if reversed. A string contained in another sorts right before it when it is a prefix
+//! of it, and in reversed order when it is a suffix; reversal keeps the substring
+//! relation, so the same `contains` test serves both orders. Both passes look at the full
+//! sorted list: a verdict never depends on another passage having been dropped. Equal
+//! strings sort by position, the later first, so that of several equal strings only the
+//! first is kept. An empty string (a text of digits and punctuation only) is contained in
+//! every string and gets its own verdict, [`Verdict::Empty`].
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::UnicodeNormalization;
+
+/// Which sorted order found a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupOrder {
+    /// Strings sorted as written (the duplicate is a prefix or an inner part).
+    Forward,
+    /// Strings sorted as if reversed (the duplicate is a suffix).
+    Reversed,
+}
+
+/// The normalised form the near-duplicate rule compares: NFKC; lowercase; NFD with the
+/// combining marks dropped (accents stripped; lowercasing first so that marks it
+/// introduces, as in `İ` -> `i̇`, go too); then only letters and whitespace are kept
+/// (digits, punctuation, symbols and control characters are dropped: "drop digits and
+/// punctuation" of the recipe, read as "keep the letters"); finally runs of whitespace
+/// become one space and the ends are trimmed, so that passages differing only in spacing
+/// or in where a dropped digit stood compare equal.
+pub fn normalise(text: &str) -> String {
+    let lowered = text.nfkc().collect::<String>().to_lowercase();
+    let mut out = String::with_capacity(lowered.len());
+    let mut pending_space = false;
+    for c in lowered.nfd() {
+        if is_combining_mark(c) {
+            continue;
+        }
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+        } else if c.is_alphabetic() {
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What the near-duplicate rule says of one string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Unique,
+    /// The string is empty.
+    Empty,
+    /// Contained in string `of` (an index), found in `order`.
+    Duplicate {
+        of: usize,
+        order: DedupOrder,
+    },
+}
+
+/// The verdict on each of `normalised` (in input order; see the module docs).
+pub fn near_duplicates(normalised: &[&str], window: usize) -> Vec<Verdict> {
+    let mut verdicts = vec![Verdict::Unique; normalised.len()];
+    let mut nonempty: Vec<usize> = Vec::with_capacity(normalised.len());
+    for (i, s) in normalised.iter().enumerate() {
+        if s.is_empty() {
+            verdicts[i] = Verdict::Empty;
+        } else {
+            nonempty.push(i);
+        }
+    }
+    let mut forward = nonempty.clone();
+    forward.sort_by(|&a, &b| normalised[a].cmp(normalised[b]).then(b.cmp(&a)));
+    let mut reversed = nonempty;
+    reversed.sort_by(|&a, &b| {
+        normalised[a]
+            .chars()
+            .rev()
+            .cmp(normalised[b].chars().rev())
+            .then(b.cmp(&a))
+    });
+    for (order, sorted) in [
+        (DedupOrder::Forward, &forward),
+        (DedupOrder::Reversed, &reversed),
+    ] {
+        for (k, &i) in sorted.iter().enumerate() {
+            if verdicts[i] != Verdict::Unique {
+                continue;
+            }
+            let container = sorted[k + 1..]
+                .iter()
+                .take(window)
+                .find(|&&j| contains(normalised[j], normalised[i]));
+            if let Some(&of) = container {
+                verdicts[i] = Verdict::Duplicate { of, order };
+            }
+        }
+    }
+    verdicts
+}
+
+fn contains(haystack: &str, needle: &str) -> bool {
+    match haystack.len().cmp(&needle.len()) {
+        Ordering::Less => false,
+        Ordering::Equal => haystack == needle,
+        Ordering::Greater => haystack.contains(needle),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Verdict::{Duplicate, Empty, Unique};
+
+    #[test]
+    fn normalise_strips_accents_digits_punctuation_and_collapses_spaces() {
+        assert_eq!(normalise("Café Crème, brûlée!"), "cafe creme brulee");
+        assert_eq!(
+            normalise("  In 2019,\tthe  team won 3 titles. "),
+            "in the team won titles"
+        );
+        // NFKC folds the ligature and the full-width letters; İ lowercases to i + a mark.
+        assert_eq!(normalise("ﬁne ＡＢ İstanbul"), "fine ab istanbul");
+        assert_eq!(normalise("well-known e-mail"), "wellknown email");
+        assert_eq!(normalise("1234 -- 5678 %"), "");
+    }
+
+    #[test]
+    fn a_suffix_is_caught_only_in_reversed_order() {
+        // Forward, "beta gamma delta" sorts after "alpha beta gamma delta", so nothing
+        // after it contains it; reversed, it is a prefix of the other and sorts before it.
+        let verdicts = near_duplicates(&["alpha beta gamma delta", "beta gamma delta"], 9);
+        let order = DedupOrder::Reversed;
+        assert_eq!(verdicts, [Unique, Duplicate { of: 0, order }]);
+    }
+
+    #[test]
+    fn a_prefix_is_caught_in_forward_order() {
+        let verdicts = near_duplicates(&["alpha beta gamma", "alpha beta gamma delta"], 9);
+        let order = DedupOrder::Forward;
+        assert_eq!(verdicts, [Duplicate { of: 1, order }, Unique]);
+    }
+
+    #[test]
+    fn of_equal_strings_the_first_is_kept() {
+        let verdicts = near_duplicates(&["same text", "other text", "same text", "same text"], 9);
+        let order = DedupOrder::Forward;
+        assert_eq!(
+            verdicts,
+            [
+                Unique,
+                Unique,
+                Duplicate { of: 0, order },
+                Duplicate { of: 2, order }
+            ]
+        );
+    }
+
+    #[test]
+    fn chains_point_one_step_and_empty_strings_have_their_own_verdict() {
+        // "cc dd ee" ends "bb cc dd ee" (reversed), which sits inside "aa bb cc dd ee ff"
+        // (also found reversed: "ee dd cc bb" < "ff ee dd cc bb aa").
+        let verdicts = near_duplicates(&["bb cc dd ee", "aa bb cc dd ee ff", "cc dd ee", ""], 9);
+        let order = DedupOrder::Reversed;
+        assert_eq!(
+            verdicts,
+            [
+                Duplicate { of: 1, order },
+                Unique,
+                Duplicate { of: 0, order },
+                Empty
+            ]
+        );
+    }
+
+    /// "kiwi" is inside "a kiwi z", which sorts before it forward (so forward never
+    /// catches it) and, reversed ("iwik" vs "z iwik a"), after the fillers, whose
+    /// reversals start with j, k, l, ...
+    fn window_strings(fillers: usize) -> Vec<String> {
+        let mut strings = vec!["a kiwi z".to_owned(), "kiwi".to_owned()];
+        for last in "jklmnopqrstuvwxy".chars().take(fillers) {
+            strings.push(format!("filler text ending {last}"));
+        }
+        strings
+    }
+
+    #[test]
+    fn the_window_reaches_the_ninth_neighbour_and_not_the_tenth() {
+        let verdict_of_kiwi = |fillers: usize, window: usize| {
+            let strings = window_strings(fillers);
+            let refs: Vec<&str> = strings.iter().map(String::as_str).collect();
+            near_duplicates(&refs, window)[1]
+        };
+        let caught = Duplicate {
+            of: 0,
+            order: DedupOrder::Reversed,
+        };
+        assert_eq!(verdict_of_kiwi(8, 9), caught);
+        assert_eq!(verdict_of_kiwi(9, 9), Unique);
+        assert_eq!(verdict_of_kiwi(9, 10), caught);
+    }
+}

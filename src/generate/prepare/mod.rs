@@ -1,0 +1,556 @@
+//! Passage preparation (RECIPE.md section 1): truncate, drop short passages, drop near
+//! duplicates, sample, mark the held-out passages.
+//!
+//! Contracts:
+//! - **Order of the steps.** Each passage's text is truncated to
+//!   [`PrepareOptions::max_chars`] characters (Unicode scalar values, never a split
+//!   UTF-8 sequence); a passage whose truncated text, trimmed, has fewer than
+//!   [`PrepareOptions::min_chars`] characters is dropped as too short; the near-duplicate
+//!   rule runs over the passages left; the sample is drawn from the passages left after
+//!   that. Output is in input order.
+//! - **Near duplicates** (when [`PrepareOptions::dedup`] is on): each passage's truncated
+//!   text is normalised by [`normalise`], and the rule of the `dedup` module runs on the
+//!   strings: a passage is a duplicate when its string is a substring of one of the next
+//!   [`PrepareOptions::dedup_window`] strings in sorted order, forward or reversed. The
+//!   one dropped is the contained one (the shorter, or of equal strings every one but
+//!   the first read); [`Duplicate::kept`] names the passage kept in its place. A passage
+//!   whose normalised text is empty (digits and punctuation only) is contained in every
+//!   passage; it is dropped and reported on its own, as
+//!   [`PrepareReport::empty_normalised`], since there is no one passage it copies.
+//! - **Sampling and held-out ids** use the seeded hash of the id of
+//!   [`held_out_passages`]: the `held_out` passages with the smallest hash over *every id
+//!   read* (the set `mine` holds out, given the same seed), and the sample is the
+//!   `max_passages` passages with the smallest hash among those left after the filters.
+//!   The held-out passages left are therefore always inside the sample (the options are
+//!   checked so that `held_out <= max_passages`). Neither choice moves when other
+//!   passages are added. A held-out passage dropped by a filter is named in
+//!   [`PrepareReport::held_out_dropped`]: `mine` still keeps it out of the candidates, and
+//!   it simply has no synthetic queries.
+//! - **Nothing is dropped silently**: every passage read is counted once in the report,
+//!   as kept, too short, empty after normalisation, a duplicate or sampled out.
+//!
+//! Memory: preparation holds the truncated text (and its normalised form) of every
+//! passage that passes the length filter, since a duplicate can sit anywhere in the
+//! corpus; at the default 2,048 characters that is at most ~8 KB per passage.
+
+mod dedup;
+mod options;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use dedup::{normalise, DedupOrder};
+pub use options::{
+    PrepareError, PrepareOptions, DEFAULT_DEDUP_WINDOW, DEFAULT_HELD_OUT, DEFAULT_MAX_CHARS,
+    DEFAULT_MAX_PASSAGES, DEFAULT_MIN_CHARS, DEFAULT_SEED,
+};
+
+use super::PreparedPassage;
+use crate::jobs::mine::held_out_passages;
+use crate::record::Passage;
+use crate::store::ContentHasher;
+use dedup::{near_duplicates, Verdict};
+
+/// A prepared passage and whether it belongs to the held-out synthetic test set (its
+/// queries are generated, but it never becomes a training candidate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampledPassage {
+    pub passage: PreparedPassage,
+    pub held_out: bool,
+}
+
+/// One passage dropped as a near duplicate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Duplicate {
+    /// The passage dropped.
+    pub id: String,
+    /// The passage whose normalised text contains it (within the window).
+    pub duplicate_of: String,
+    /// The passage kept in its place: `duplicate_of`, or where that one is itself a
+    /// duplicate, the end of the chain (containment is transitive, so it contains `id`).
+    pub kept: String,
+    pub order: DedupOrder,
+}
+
+/// What preparation did with every passage read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareReport {
+    /// Passages read.
+    pub read: usize,
+    /// Passages kept (the output's length).
+    pub kept: usize,
+    /// Ids dropped as too short, in input order.
+    pub too_short: Vec<String>,
+    /// Ids whose normalised text is empty (digits, punctuation and symbols only).
+    pub empty_normalised: Vec<String>,
+    /// Near duplicates dropped, in input order.
+    pub duplicates: Vec<Duplicate>,
+    /// Passages left after the filters but outside the sample.
+    pub sampled_out: usize,
+    /// The held-out ids that are kept (they get queries), in input order.
+    pub held_out: Vec<String>,
+    /// The held-out ids a filter dropped (no queries for them), in input order.
+    pub held_out_dropped: Vec<String>,
+}
+
+/// The prepared passages, in input order, and the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedCorpus {
+    pub passages: Vec<SampledPassage>,
+    pub report: PrepareReport,
+}
+
+/// Prepares passages one at a time (so a reader's errors stay the caller's):
+/// [`Preparer::push`] each passage, then [`Preparer::finish`].
+#[derive(Debug)]
+pub struct Preparer {
+    options: PrepareOptions,
+    /// Every id read, in input order (the held-out choice is made over all of them).
+    ids: Vec<String>,
+    /// Record number (0-based) of each id, to name both records of a duplicate id.
+    seen: HashMap<String, usize>,
+    /// Passages that passed the length filter.
+    entries: Vec<Entry>,
+    too_short: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Index into `Preparer::ids`.
+    record: usize,
+    title: String,
+    text: String,
+    /// Normalised text; empty when dedup is off.
+    normalised: String,
+}
+
+impl Preparer {
+    /// Checks the options.
+    pub fn new(options: PrepareOptions) -> Result<Self, PrepareError> {
+        options.check()?;
+        Ok(Self {
+            options,
+            ids: Vec::new(),
+            seen: HashMap::new(),
+            entries: Vec::new(),
+            too_short: Vec::new(),
+        })
+    }
+
+    /// Takes one passage.
+    pub fn push(&mut self, passage: Passage) -> Result<(), PrepareError> {
+        let record = self.ids.len();
+        if let Some(&first) = self.seen.get(&passage.id) {
+            return Err(PrepareError::DuplicateId {
+                id: passage.id,
+                first: first + 1,
+                second: record + 1,
+            });
+        }
+        self.seen.insert(passage.id.clone(), record);
+        self.ids.push(passage.id);
+        let text = truncate_chars(&passage.text, self.options.max_chars);
+        if text.trim().chars().count() < self.options.min_chars {
+            self.too_short.push(record);
+            return Ok(());
+        }
+        let normalised = if self.options.dedup {
+            normalise(text)
+        } else {
+            String::new()
+        };
+        self.entries.push(Entry {
+            record,
+            title: passage.title,
+            text: text.to_owned(),
+            normalised,
+        });
+        Ok(())
+    }
+
+    /// Runs the near-duplicate rule and the sampling; returns the passages and the report.
+    pub fn finish(self) -> PreparedCorpus {
+        let Preparer {
+            options,
+            ids,
+            entries,
+            too_short,
+            ..
+        } = self;
+        let held_out_records = held_out_passages(&ids, options.held_out, options.seed);
+        let is_held_out = |record: usize| held_out_records.contains(&(record as u32));
+
+        let mut report = PrepareReport {
+            read: ids.len(),
+            too_short: too_short.iter().map(|&r| ids[r].clone()).collect(),
+            ..PrepareReport::default()
+        };
+        let mut dropped_records: Vec<usize> = too_short;
+
+        // Near duplicates, as indices into `entries`.
+        let mut removed = vec![false; entries.len()];
+        if options.dedup {
+            let normalised: Vec<&str> = entries.iter().map(|e| e.normalised.as_str()).collect();
+            let verdicts = near_duplicates(&normalised, options.dedup_window);
+            for (e, verdict) in verdicts.iter().enumerate() {
+                match verdict {
+                    Verdict::Unique => {}
+                    Verdict::Empty => {
+                        removed[e] = true;
+                        report.empty_normalised.push(ids[entries[e].record].clone());
+                    }
+                    Verdict::Duplicate { of, order } => {
+                        removed[e] = true;
+                        let mut kept = *of;
+                        while let Verdict::Duplicate { of, .. } = verdicts[kept] {
+                            kept = of;
+                        }
+                        report.duplicates.push(Duplicate {
+                            id: ids[entries[e].record].clone(),
+                            duplicate_of: ids[entries[*of].record].clone(),
+                            kept: ids[entries[kept].record].clone(),
+                            order: *order,
+                        });
+                    }
+                }
+            }
+        }
+        dropped_records.extend(
+            (0..entries.len())
+                .filter(|&e| removed[e])
+                .map(|e| entries[e].record),
+        );
+
+        // The sample: the smallest id hashes among the passages left.
+        let left: Vec<usize> = (0..entries.len()).filter(|&e| !removed[e]).collect();
+        let in_sample: Vec<bool> = match options.max_passages {
+            Some(max) if max < left.len() => {
+                let left_ids: Vec<String> = left
+                    .iter()
+                    .map(|&e| ids[entries[e].record].clone())
+                    .collect();
+                let chosen = held_out_passages(&left_ids, max, options.seed);
+                (0..left.len())
+                    .map(|i| chosen.contains(&(i as u32)))
+                    .collect()
+            }
+            _ => vec![true; left.len()],
+        };
+
+        let mut passages = Vec::new();
+        for (i, &e) in left.iter().enumerate() {
+            if !in_sample[i] {
+                report.sampled_out += 1;
+                dropped_records.push(entries[e].record);
+                continue;
+            }
+            let entry = &entries[e];
+            let id = ids[entry.record].clone();
+            let held_out = is_held_out(entry.record);
+            if held_out {
+                report.held_out.push(id.clone());
+            }
+            passages.push(SampledPassage {
+                passage: PreparedPassage {
+                    hash: passage_hash(&entry.title, &entry.text),
+                    id,
+                    title: entry.title.clone(),
+                    text: entry.text.clone(),
+                },
+                held_out,
+            });
+        }
+        dropped_records.sort_unstable();
+        report.held_out_dropped = dropped_records
+            .into_iter()
+            .filter(|&r| is_held_out(r))
+            .map(|r| ids[r].clone())
+            .collect();
+        report.kept = passages.len();
+        PreparedCorpus { passages, report }
+    }
+}
+
+/// Prepares passages that are already read (a convenience over [`Preparer`]).
+pub fn prepare_passages(
+    passages: impl IntoIterator<Item = Passage>,
+    options: &PrepareOptions,
+) -> Result<PreparedCorpus, PrepareError> {
+    let mut preparer = Preparer::new(options.clone())?;
+    for passage in passages {
+        preparer.push(passage)?;
+    }
+    Ok(preparer.finish())
+}
+
+/// The cache key's passage part: [`ContentHasher`] over the title and the truncated text,
+/// each as a length-prefixed field.
+pub fn passage_hash(title: &str, text: &str) -> String {
+    ContentHasher::new().field(title).field(text).finish()
+}
+
+/// The first `max_chars` characters of `text` (all of it when shorter).
+pub fn truncate_chars(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((byte, _)) => &text[..byte],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
+mod tests {
+    use super::*;
+
+    fn p(id: &str, text: &str) -> Passage {
+        Passage {
+            id: id.into(),
+            title: String::new(),
+            text: text.into(),
+        }
+    }
+
+    fn no_sampling() -> PrepareOptions {
+        PrepareOptions {
+            max_passages: None,
+            held_out: 0,
+            ..PrepareOptions::default()
+        }
+    }
+
+    /// A text no other `distinct_text(j)` contains: a two-letter word unique to `i`.
+    fn distinct_text(i: usize) -> String {
+        let a = char::from(b'a' + (i / 26) as u8);
+        let b = char::from(b'a' + (i % 26) as u8);
+        format!("a passage about topic {a}{b} here")
+    }
+
+    fn kept_ids(corpus: &PreparedCorpus) -> Vec<&str> {
+        corpus
+            .passages
+            .iter()
+            .map(|s| s.passage.id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn truncation_counts_characters_not_bytes() {
+        assert_eq!(truncate_chars("héllo wörld", 7), "héllo w");
+        assert_eq!(truncate_chars("日本語のテキスト", 3), "日本語");
+        assert_eq!(truncate_chars("short", 10), "short");
+        let options = PrepareOptions {
+            max_chars: 12,
+            min_chars: 1,
+            ..no_sampling()
+        };
+        let out = prepare_passages([p("a", "ααααα ββββββ γγγγ")], &options).unwrap();
+        assert_eq!(out.passages[0].passage.text, "ααααα ββββββ");
+        assert_eq!(
+            out.passages[0].passage.hash,
+            ContentHasher::new()
+                .field("")
+                .field("ααααα ββββββ")
+                .finish()
+        );
+    }
+
+    #[test]
+    fn short_passages_are_dropped_and_named() {
+        let out = prepare_passages(
+            [
+                p("a", "   tiny    "),
+                p("b", "exactly 10"),
+                p("c", "123456789"),
+            ],
+            &no_sampling(),
+        )
+        .unwrap();
+        assert_eq!(kept_ids(&out), ["b"]);
+        assert_eq!(out.report.too_short, ["a", "c"]);
+        assert_eq!(out.report.read, 3);
+    }
+
+    #[test]
+    fn accents_and_digits_do_not_hide_a_duplicate_and_the_first_read_is_kept() {
+        let out = prepare_passages(
+            [
+                p("first", "In 2019 the team won 3 titles."),
+                p("other", "An unrelated passage about bread."),
+                p("second", "In 2020, the team won 4 titles!"),
+                p("accented", "Café crème brûlée recipe"),
+                p("plain", "cafe creme brulee recipe"),
+            ],
+            &no_sampling(),
+        )
+        .unwrap();
+        assert_eq!(kept_ids(&out), ["first", "other", "accented"]);
+        let dups: Vec<(&str, &str)> = out
+            .report
+            .duplicates
+            .iter()
+            .map(|d| (d.id.as_str(), d.kept.as_str()))
+            .collect();
+        assert_eq!(dups, [("second", "first"), ("plain", "accented")]);
+    }
+
+    #[test]
+    fn duplicate_chains_name_the_passage_kept() {
+        // "cc dd ee" ends "bb cc dd ee" (caught reversed), which sits inside
+        // "aa bb cc dd ee ff" (caught reversed too: "ee dd cc bb" < "ff ee dd cc bb aa").
+        let out = prepare_passages(
+            [
+                p("mid", "bb cc dd ee"),
+                p("big", "aa bb cc dd ee ff"),
+                p("small", "cc dd ee"),
+            ],
+            &PrepareOptions {
+                min_chars: 1,
+                ..no_sampling()
+            },
+        )
+        .unwrap();
+        assert_eq!(kept_ids(&out), ["big"]);
+        let small = out
+            .report
+            .duplicates
+            .iter()
+            .find(|d| d.id == "small")
+            .unwrap();
+        assert_eq!(
+            (small.duplicate_of.as_str(), small.kept.as_str()),
+            ("mid", "big")
+        );
+    }
+
+    #[test]
+    fn digits_only_passages_are_reported_as_empty_and_dedup_can_be_off() {
+        let corpus = [
+            p("nums", "12 345 6789 00"),
+            p("a", "words here, twice"),
+            p("b", "words here twice"),
+        ];
+        let out = prepare_passages(corpus.clone(), &no_sampling()).unwrap();
+        assert_eq!(kept_ids(&out), ["a"]);
+        assert_eq!(out.report.empty_normalised, ["nums"]);
+        let off = PrepareOptions {
+            dedup: false,
+            ..no_sampling()
+        };
+        let out = prepare_passages(corpus, &off).unwrap();
+        assert_eq!(kept_ids(&out), ["nums", "a", "b"]);
+    }
+
+    #[test]
+    fn sampling_keeps_the_smallest_hashes_in_input_order_and_holds_out_inside_it() {
+        let corpus: Vec<Passage> = (0..50)
+            .map(|i| p(&format!("doc{i}"), &distinct_text(i)))
+            .collect();
+        let ids: Vec<String> = corpus.iter().map(|c| c.id.clone()).collect();
+        let options = PrepareOptions {
+            max_passages: Some(20),
+            held_out: 5,
+            seed: 7,
+            ..PrepareOptions::default()
+        };
+        let out = prepare_passages(corpus.clone(), &options).unwrap();
+        assert_eq!(out.passages.len(), 20);
+        assert_eq!(out.report.sampled_out, 30);
+        let chosen = held_out_passages(&ids, 20, 7);
+        let expected: Vec<&str> = (0..50)
+            .filter(|i| chosen.contains(&(*i as u32)))
+            .map(|i| ids[i].as_str())
+            .collect();
+        assert_eq!(kept_ids(&out), expected);
+        let held: Vec<&str> = out
+            .passages
+            .iter()
+            .filter(|s| s.held_out)
+            .map(|s| s.passage.id.as_str())
+            .collect();
+        let mine = held_out_passages(&ids, 5, 7);
+        let mine_ids: Vec<&str> = (0..50)
+            .filter(|i| mine.contains(&(*i as u32)))
+            .map(|i| ids[i].as_str())
+            .collect();
+        assert_eq!(held, mine_ids);
+        assert_eq!(out.report.held_out, mine_ids);
+
+        // Adding passages only ever pushes others out; the held-out set stays.
+        let mut grown = corpus;
+        grown.extend((50..60).map(|i| p(&format!("doc{i}"), &distinct_text(i))));
+        let again = prepare_passages(grown, &options).unwrap();
+        let held_again: Vec<&str> = again
+            .passages
+            .iter()
+            .filter(|s| s.held_out)
+            .map(|s| s.passage.id.as_str())
+            .collect();
+        assert!(held_again.iter().all(|id| held.contains(id)));
+    }
+
+    #[test]
+    fn a_held_out_passage_dropped_by_a_filter_is_reported() {
+        let ids: Vec<String> = (0..30).map(|i| format!("p{i}")).collect();
+        let held = held_out_passages(&ids, 1, 3);
+        let victim = *held.iter().next().unwrap() as usize;
+        let corpus: Vec<Passage> = (0..30)
+            .map(|i| {
+                let text = if i == victim {
+                    "short".into()
+                } else {
+                    distinct_text(i)
+                };
+                p(&ids[i], &text)
+            })
+            .collect();
+        let options = PrepareOptions {
+            held_out: 1,
+            seed: 3,
+            ..PrepareOptions::default()
+        };
+        let out = prepare_passages(corpus, &options).unwrap();
+        assert_eq!(out.report.held_out_dropped, [ids[victim].clone()]);
+        assert_eq!(out.report.too_short, [ids[victim].clone()]);
+        assert!(out.report.held_out.is_empty());
+        assert!(out.passages.iter().all(|s| !s.held_out));
+        let r = &out.report;
+        assert_eq!(r.kept, 29);
+        assert_eq!(
+            r.read,
+            r.kept
+                + r.too_short.len()
+                + r.empty_normalised.len()
+                + r.duplicates.len()
+                + r.sampled_out
+        );
+    }
+
+    #[test]
+    fn bad_options_and_duplicate_ids_are_errors_naming_the_field_or_id() {
+        let err = Preparer::new(PrepareOptions {
+            max_passages: Some(10),
+            held_out: 11,
+            ..PrepareOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("`held_out`"), "{err}");
+        let err = prepare_passages(
+            [
+                p("x", "some text here"),
+                p("y", "other text here"),
+                p("x", "third text here"),
+            ],
+            &no_sampling(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            PrepareError::DuplicateId {
+                id: "x".into(),
+                first: 1,
+                second: 3
+            }
+        );
+    }
+}
