@@ -40,7 +40,12 @@ pub struct PipelineFile {
     pub corpus: PathBuf,
     #[serde(default)]
     pub held_out: HeldOutFile,
-    pub queries: QueriesFile,
+    /// Human queries with qrels; optional when `[generate]` makes synthetic ones.
+    #[serde(default)]
+    pub queries: Option<QueriesFile>,
+    /// Synthetic queries (RECIPE.md sections 1 and 2).
+    #[serde(default)]
+    pub generate: Option<GenerateFile>,
     /// Dense retrievers for hard negatives (at least one).
     pub retrievers: Vec<ModelFile>,
     #[serde(default)]
@@ -118,6 +123,148 @@ fn default_query_type() -> String {
     "human".into()
 }
 
+/// Query generation, as written: passage preparation, query types, the generator.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateFile {
+    /// `extractive` (no LLM, a baseline), `llm` (in-process, `model` = a Hugging Face
+    /// model directory or a `.gguf` file) or `endpoint` (an OpenAI-compatible server).
+    pub generator: String,
+    /// The LLM (`llm`), or the model name sent to the server (`endpoint`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The tokenizer directory of a `.gguf` model (default: the file's directory).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Query types: built-in names (`question`, `claim`, `title`, `keywords`, `search`,
+    /// `web`) or the names of `[[generate.custom_types]]`. By default all six for an LLM,
+    /// and `title`, `claim`, `keywords` for `extractive`.
+    #[serde(default)]
+    pub types: Option<Vec<String>>,
+    #[serde(default)]
+    pub custom_types: Vec<CustomTypeFile>,
+    /// The run seed: each query's seed derives from (passage hash, type, this).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "default_min_new_tokens")]
+    pub min_new_tokens: usize,
+    /// Passages are truncated to this many characters for generation.
+    #[serde(default = "default_max_chars")]
+    pub max_chars: usize,
+    /// Passages shorter than this (characters) are dropped.
+    #[serde(default = "default_min_chars")]
+    pub min_chars: usize,
+    /// The recipe's near-duplicate removal.
+    #[serde(default = "default_true")]
+    pub dedup: bool,
+    /// At most this many passages (a seeded choice that is stable as the corpus grows).
+    #[serde(default = "default_max_passages")]
+    pub max_passages: Option<usize>,
+    /// Requests handed to the generator at once (an LLM batch, an endpoint's in-flight
+    /// window).
+    #[serde(default = "default_generate_batch")]
+    pub batch_size: usize,
+    /// The server, for `generator = "endpoint"`.
+    #[serde(default)]
+    pub endpoint: Option<EndpointFile>,
+}
+
+/// A query type of the user's: an instruction and a file of examples.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomTypeFile {
+    pub name: String,
+    pub instruction: String,
+    /// JSONL, one `{"passage": ..., "query": ...}` per line; none for a zero-shot type
+    /// (`shots = 0`).
+    #[serde(default)]
+    pub examples: Option<PathBuf>,
+    /// Few-shot examples drawn per passage.
+    #[serde(default = "default_shots")]
+    pub shots: usize,
+}
+
+/// An OpenAI-compatible chat completions server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    /// Base URL, e.g. `http://localhost:8000/v1` (`/chat/completions` is appended).
+    pub url: String,
+    /// The NAME of the environment variable holding the API key (never the key).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_temperature() -> f64 {
+    distillery_operators::llm::DEFAULT_TEMPERATURE
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+fn default_max_new_tokens() -> usize {
+    distillery_operators::llm::DEFAULT_MAX_NEW_TOKENS
+}
+fn default_min_new_tokens() -> usize {
+    1
+}
+fn default_max_chars() -> usize {
+    crate::generate::prepare::DEFAULT_MAX_CHARS
+}
+fn default_min_chars() -> usize {
+    crate::generate::prepare::DEFAULT_MIN_CHARS
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_passages() -> Option<usize> {
+    Some(crate::generate::prepare::DEFAULT_MAX_PASSAGES)
+}
+fn default_generate_batch() -> usize {
+    16
+}
+fn default_shots() -> usize {
+    crate::generate::prompts::DEFAULT_SHOTS
+}
+
+impl GenerateFile {
+    /// The recipe's defaults with `generator` (`extractive`, `llm` or `endpoint`).
+    pub fn with_generator(generator: &str) -> Self {
+        GenerateFile {
+            generator: generator.to_string(),
+            model: None,
+            tokenizer: None,
+            types: None,
+            custom_types: Vec::new(),
+            seed: default_seed(),
+            temperature: default_temperature(),
+            top_p: default_top_p(),
+            max_new_tokens: default_max_new_tokens(),
+            min_new_tokens: default_min_new_tokens(),
+            max_chars: default_max_chars(),
+            min_chars: default_min_chars(),
+            dedup: true,
+            max_passages: default_max_passages(),
+            batch_size: default_generate_batch(),
+            endpoint: None,
+        }
+    }
+}
+
 /// An embedder: a model directory or hub id and optional overrides.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -185,7 +332,11 @@ pub struct Pipeline {
     pub run_dir: PathBuf,
     pub corpus: PathBuf,
     pub held_out: HeldOutFile,
-    pub queries: QueriesFile,
+    /// Human queries, their paths resolved.
+    pub queries: Option<QueriesFile>,
+    /// Query generation, as written (its paths resolved); the generate job resolves it
+    /// further (prompts, generator).
+    pub generate: Option<GenerateFile>,
     /// One embedding setting per retriever.
     pub retrievers: Vec<EmbedSettings>,
     pub candidates: CandidateConfig,
@@ -229,6 +380,13 @@ impl Pipeline {
         };
         if file.retrievers.is_empty() {
             return Err(invalid(origin, "`retrievers`: at least one is needed"));
+        }
+        if file.queries.is_none() && file.generate.is_none() {
+            return Err(invalid(
+                origin,
+                "no queries: give `[queries]` (human queries with qrels), `[generate]` \
+                 (synthetic ones) or both",
+            ));
         }
         file.candidates
             .validate()
@@ -297,11 +455,24 @@ impl Pipeline {
             run_dir,
             corpus: at(&file.corpus),
             held_out: file.held_out.clone(),
-            queries: QueriesFile {
-                path: at(&file.queries.path),
-                qrels: at(&file.queries.qrels),
-                query_type: file.queries.query_type.clone(),
-            },
+            queries: file.queries.as_ref().map(|q| QueriesFile {
+                path: at(&q.path),
+                qrels: at(&q.qrels),
+                query_type: q.query_type.clone(),
+            }),
+            generate: file.generate.as_ref().map(|g| GenerateFile {
+                model: g.model.as_deref().map(resolve_model),
+                tokenizer: g.tokenizer.as_deref().map(at),
+                custom_types: g
+                    .custom_types
+                    .iter()
+                    .map(|c| CustomTypeFile {
+                        examples: c.examples.as_deref().map(at),
+                        ..c.clone()
+                    })
+                    .collect(),
+                ..g.clone()
+            }),
             retrievers,
             candidates: file.candidates.clone(),
             teachers,
@@ -347,8 +518,10 @@ model = "org/model"
         let p = parse(MINIMAL).unwrap();
         assert_eq!(p.run_dir, PathBuf::from("/base/run"));
         assert_eq!(p.corpus, PathBuf::from("/base/c.jsonl"));
-        assert_eq!(p.queries.qrels, PathBuf::from("/abs/train.tsv"));
-        assert_eq!(p.queries.query_type, "human");
+        let queries = p.queries.as_ref().unwrap();
+        assert_eq!(queries.qrels, PathBuf::from("/abs/train.tsv"));
+        assert_eq!(queries.query_type, "human");
+        assert!(p.generate.is_none());
         assert_eq!(p.candidates.rrf_k, 60.0);
         assert_eq!(p.candidates.retrieve_top, 100);
         assert_eq!(p.candidates.source_in_top, 20);

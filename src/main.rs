@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use distillery::config::Pipeline;
+use distillery::config::{EndpointFile, GenerateFile, HeldOutFile, Pipeline};
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
+use distillery::jobs::generate::{run_generate, GenerateJob, GenerateOutcome};
 use distillery::jobs::label::run_label;
 use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::score::{run_score, ScoreJob};
@@ -32,6 +33,9 @@ enum Command {
     Eval(EvalArgs),
     /// Embed any passages (.jsonl, .tsv, .parquet) or queries file into a Parquet file.
     Embed(EmbedArgs),
+    /// Generate synthetic queries for passages: from a configuration's [generate], or for
+    /// any passages file (--input/--output).
+    Generate(GenerateArgs),
     /// Mine hard-negative candidates for every query (retrieve, filter, fuse by RRF).
     Mine(ConfigArgs),
     /// Mine (reused when unchanged), score every candidate with the teachers, filter,
@@ -173,6 +177,148 @@ struct ScoreArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct GenerateArgs {
+    /// The pipeline configuration (its [generate] section); or give --input and --output.
+    #[arg(long, conflicts_with_all = ["input", "output"])]
+    config: Option<PathBuf>,
+    /// Passages (.jsonl BEIR corpus, .tsv, .parquet).
+    #[arg(long, requires = "output")]
+    input: Option<PathBuf>,
+    /// The queries: .parquet, else JSONL (query_id, query_text, query_type, source_id,
+    /// held_out).
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    /// extractive (no LLM: a baseline), llm (--model: a Hugging Face directory or a .gguf
+    /// file) or endpoint (--url: an OpenAI-compatible server).
+    #[arg(long, default_value = "extractive")]
+    generator: String,
+    /// The LLM (llm), or the model name the server knows (endpoint).
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokenizer directory of a .gguf model (default: the file's directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Endpoint base URL, e.g. http://localhost:8000/v1.
+    #[arg(long)]
+    url: Option<String>,
+    /// The NAME of the environment variable holding the endpoint's API key.
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Requests in flight at once (endpoint).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Query types, comma-separated (default: all six; title,claim,keywords for
+    /// extractive).
+    #[arg(long, value_delimiter = ',')]
+    types: Option<Vec<String>>,
+    /// The run seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// At most this many passages (default: the recipe's 100,000).
+    #[arg(long)]
+    max_passages: Option<usize>,
+    /// Passages held out as a synthetic test set (their queries are marked held_out).
+    #[arg(long, default_value_t = distillery::config::DEFAULT_HELD_OUT)]
+    held_out: usize,
+    /// Requests handed to the generator at once.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Run directory (the query cache lives here). Default: <output>.run
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Compute threads for the model (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write the outcome as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
+    on_bad_record: OnBadRecord,
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The job of `generate --input/--output`.
+fn generate_job(
+    a: &GenerateArgs,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> Result<GenerateJob> {
+    let mut file = GenerateFile::with_generator(&a.generator);
+    file.model = a.model.clone();
+    file.tokenizer = a.tokenizer.clone();
+    file.seed = a.seed;
+    file.types = a.types.clone();
+    if let Some(t) = a.temperature {
+        file.temperature = t;
+    }
+    if a.max_passages.is_some() {
+        file.max_passages = a.max_passages;
+    }
+    if let Some(b) = a.batch_size {
+        file.batch_size = b;
+    }
+    if let Some(url) = &a.url {
+        file.endpoint = Some(EndpointFile {
+            url: url.clone(),
+            api_key_env: a.api_key_env.clone(),
+            concurrency: a.concurrency,
+            timeout_s: None,
+            max_retries: None,
+        });
+    }
+    let run_dir = a
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| output.with_extension("run"));
+    let held_out = HeldOutFile {
+        count: a.held_out,
+        ..HeldOutFile::default()
+    };
+    let quarantine =
+        matches!(a.on_bad_record, OnBadRecord::Skip).then(|| run_dir.join("quarantine.jsonl"));
+    let mut job = GenerateJob::from_file(&file, input, &run_dir, &held_out, quarantine)?;
+    job.output = Some(output.to_path_buf());
+    job.quiet = a.quiet;
+    Ok(job)
+}
+
+fn print_generate(o: &GenerateOutcome) {
+    let p = &o.prepare;
+    println!(
+        "passages read {}, kept {} (too short {}, near-duplicates {}, empty after normalising {}, sampled out {}), held out {}",
+        p.read,
+        p.kept,
+        p.too_short.len(),
+        p.duplicates.len(),
+        p.empty_normalised.len(),
+        p.sampled_out,
+        p.held_out.len()
+    );
+    println!(
+        "requests {} ({} from the cache, {} generated now): {} queries, {} failed",
+        o.requests, o.cached, o.generated_now, o.queries, o.failed
+    );
+    if o.generated_now > 0 {
+        let tokens = if o.tokens > 0 {
+            format!(", {:.1} tokens/s", o.tokens_per_second)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:.1}s: {:.2} passages/s{tokens} ({})",
+            o.seconds, o.passages_per_second, o.generator
+        );
+    }
+    println!("queries  {}", o.queries_file.display());
+    if o.failed > 0 {
+        println!("failures {}", o.failures_file.display());
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Kind {
     Passage,
@@ -301,6 +447,26 @@ fn main() -> Result<()> {
                 100.0 * outcome.padding_fraction,
                 a.output.display()
             );
+            report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
+            if let Some(path) = &a.json {
+                write_json(path, &outcome)?;
+            }
+        }
+        Command::Generate(a) => {
+            set_threads(a.threads);
+            let job = match (&a.config, &a.input, &a.output) {
+                (Some(config), _, _) => {
+                    let pipeline = Pipeline::load(config)?;
+                    let mut job = GenerateJob::from_pipeline(&pipeline)?
+                        .with_context(|| format!("{}: no [generate] section", config.display()))?;
+                    job.quiet = a.quiet;
+                    job
+                }
+                (None, Some(input), Some(output)) => generate_job(&a, input, output)?,
+                _ => anyhow::bail!("give --config, or --input and --output"),
+            };
+            let outcome = run_generate(&job)?;
+            print_generate(&outcome);
             report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
             if let Some(path) = &a.json {
                 write_json(path, &outcome)?;

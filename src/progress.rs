@@ -15,12 +15,16 @@ pub struct Progress {
     label: String,
     total: Option<u64>,
     bar: Option<ProgressBar>,
+    /// The unit of the secondary count (`tokens`), when the stage keeps one.
+    secondary_unit: Option<String>,
     log: Mutex<LogState>,
     start: Instant,
 }
 
 struct LogState {
     done: u64,
+    /// A second count shown as a rate (tokens next to passages), when one is kept.
+    secondary: u64,
     last_print: Instant,
 }
 
@@ -33,9 +37,9 @@ impl Progress {
                 None => ProgressBar::new_spinner(),
             };
             let template = if total.is_some() {
-                "{prefix:>20} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}"
+                "{prefix:>20} [{bar:30}] {pos}/{len} {per_sec} {msg} ETA {eta}"
             } else {
-                "{prefix:>20} {pos} {per_sec}"
+                "{prefix:>20} {pos} {per_sec} {msg}"
             };
             if let Ok(style) = ProgressStyle::with_template(template) {
                 bar.set_style(style.progress_chars("=> "));
@@ -48,8 +52,10 @@ impl Progress {
             label: label.to_string(),
             total,
             bar,
+            secondary_unit: None,
             log: Mutex::new(LogState {
                 done: 0,
+                secondary: 0,
                 last_print: if quiet {
                     now + Duration::from_secs(u64::MAX / 4)
                 } else {
@@ -60,22 +66,52 @@ impl Progress {
         }
     }
 
+    /// Also shows the rate of a second count, in `unit`s per second (tokens generated
+    /// next to passages done).
+    pub fn with_secondary(mut self, unit: &str) -> Self {
+        self.secondary_unit = Some(unit.to_string());
+        self
+    }
+
     /// Records `n` more items done.
     pub fn inc(&self, n: u64) {
-        if let Some(bar) = &self.bar {
-            bar.inc(n);
-        }
+        self.inc_with(n, 0);
+    }
+
+    /// Records `n` more items done and `secondary` more of the second count.
+    pub fn inc_with(&self, n: u64, secondary: u64) {
         let Ok(mut log) = self.log.lock() else { return };
         log.done += n;
+        log.secondary += secondary;
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+            if let Some(rate) = self.secondary_rate(log.secondary) {
+                bar.set_message(rate);
+            }
+        }
         if self.bar.is_none() && log.last_print.elapsed() >= LOG_INTERVAL {
             log.last_print = Instant::now();
-            eprintln!("{}", self.line(log.done));
+            eprintln!("{}", self.line(log.done, log.secondary));
         }
     }
 
-    fn line(&self, done: u64) -> String {
+    fn secondary_rate(&self, count: u64) -> Option<String> {
+        let unit = self.secondary_unit.as_ref()?;
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        Some(format!("{:.1} {unit}/s", count as f64 / secs))
+    }
+
+    fn line(&self, done: u64, secondary: u64) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let rate = done as f64 / secs;
+        let line = self.rate_line(done, rate);
+        match self.secondary_rate(secondary) {
+            Some(extra) => format!("{line}, {extra}"),
+            None => line,
+        }
+    }
+
+    fn rate_line(&self, done: u64, rate: f64) -> String {
         match self.total {
             Some(total) if rate > 0.0 => format!(
                 "{}: {done}/{total} ({:.1}/s, ETA {:.0}s)",

@@ -10,11 +10,14 @@
 
 use distillery_operators::llm::ChatMessage;
 
+pub mod cache;
 pub mod endpoint;
 pub mod extractive;
+pub mod llm;
 pub mod postprocess;
 pub mod prepare;
 pub mod prompts;
+pub mod queries_table;
 
 use crate::error::EngineError;
 
@@ -45,7 +48,8 @@ pub struct GenerationRequest {
 /// What generating one request gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Generated {
-    /// A query, post-processed (first non-empty line, quotes stripped).
+    /// A query, post-processed (first non-empty line, a leading label such as
+    /// `Query:` and surrounding quotes stripped).
     Query {
         text: String,
         /// The generator's raw output, before post-processing.

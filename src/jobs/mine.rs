@@ -66,17 +66,26 @@ pub fn held_out_passages(ids: &[String], count: usize, seed: u64) -> HashSet<Pas
     keyed.into_iter().take(count).map(|(_, i)| i).collect()
 }
 
+/// A query to mine candidates for: its text, its source passages (by id) and how it
+/// was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MiningQuery {
+    pub query: Query,
+    pub sources: Vec<String>,
+    pub query_type: String,
+}
+
 /// Human queries with at least one relevant passage, and their sources (by id).
 pub fn read_human_queries(
-    pipeline: &Pipeline,
+    queries_file: &crate::config::QueriesFile,
     read: &crate::corpus::ReadOptions,
-) -> Result<Vec<(Query, Vec<String>)>, EngineError> {
+) -> Result<Vec<MiningQuery>, EngineError> {
     let mut queries = Vec::new();
-    for q in open_queries(&pipeline.queries.path, read)? {
+    for q in open_queries(&queries_file.path, read)? {
         queries.push(q?);
     }
     let known: HashSet<String> = queries.iter().map(|q| q.id.clone()).collect();
-    let qrels = read_qrels(&pipeline.queries.qrels, &known, None, read)?;
+    let qrels = read_qrels(&queries_file.qrels, &known, None, read)?;
     Ok(queries
         .into_iter()
         .filter_map(|q| {
@@ -86,9 +95,45 @@ pub fn read_human_queries(
                 .filter(|(_, &g)| g > 0)
                 .map(|(p, _)| p.clone())
                 .collect();
-            (!sources.is_empty()).then_some((q, sources))
+            (!sources.is_empty()).then(|| MiningQuery {
+                query: q,
+                sources,
+                query_type: queries_file.query_type.clone(),
+            })
         })
         .collect())
+}
+
+/// Every query of the pipeline: the human ones (when `[queries]` is given), then the
+/// generated ones (when `[generate]` is: the generation stage runs first, reused when
+/// unchanged). Generated queries of held-out passages are left out: they are the
+/// synthetic test set, never training examples.
+pub fn mining_queries(
+    pipeline: &Pipeline,
+    read: &crate::corpus::ReadOptions,
+) -> Result<Vec<MiningQuery>, EngineError> {
+    let mut queries = match &pipeline.queries {
+        Some(q) => read_human_queries(q, read)?,
+        None => Vec::new(),
+    };
+    if pipeline.generate.is_some() {
+        let generated = crate::jobs::generate::run_pipeline_generate(pipeline)?;
+        queries.extend(
+            generated
+                .rows
+                .into_iter()
+                .filter(|g| !g.held_out)
+                .map(|g| MiningQuery {
+                    query: Query {
+                        id: g.query_id,
+                        text: g.query_text,
+                    },
+                    sources: vec![g.source_id],
+                    query_type: g.query_type,
+                }),
+        );
+    }
+    Ok(queries)
 }
 
 /// Runs the mining stage.
@@ -96,12 +141,14 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let first = &pipeline.retrievers[0];
     let read = first.read_options()?;
-    let queries = read_human_queries(pipeline, &read)?;
+    let queries = mining_queries(pipeline, &read)?;
     let corpus_hash = hash_file(&pipeline.corpus)?;
     let mut qh = ContentHasher::new();
-    for (q, sources) in &queries {
-        qh.field(&q.id).field(&q.text);
-        for s in sources {
+    for q in &queries {
+        qh.field(&q.query.id)
+            .field(&q.query.text)
+            .field(&q.query_type);
+        for s in &q.sources {
             qh.field(s);
         }
     }
@@ -164,7 +211,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         )?;
         let q_source: Vec<_> = queries
             .iter()
-            .map(|(q, _)| Ok((q.id.clone(), q.text.clone())))
+            .map(|q| Ok((q.query.id.clone(), q.query.text.clone())))
             .collect();
         let q_report = run_embed_stage(
             &store,
@@ -216,13 +263,11 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     struct CandidateKeySettings<'a> {
         candidates: &'a crate::mining::CandidateConfig,
         held_out: &'a crate::config::HeldOutFile,
-        query_type: &'a str,
     }
     let key = StageKey {
         settings_hash: hash_settings(&CandidateKeySettings {
             candidates: &pipeline.candidates,
             held_out: &pipeline.held_out,
-            query_type: &pipeline.queries.query_type,
         })?,
         input_hash: upstream.field(&queries_hash).finish(),
     };
@@ -242,29 +287,31 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         }
     }
 
-    let retrievals = queries
-        .iter()
-        .enumerate()
-        .map(|(qi, (q, sources))| QueryRetrievals {
-            query_id: q.id.clone(),
-            // A judged passage missing from the corpus cannot be a source.
-            sources: sources
-                .iter()
-                .filter_map(|s| index.get(s.as_str()).copied())
-                .collect(),
-            lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
-        });
+    let retrievals = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
+        query_id: q.query.id.clone(),
+        // A judged passage missing from the corpus cannot be a source.
+        sources: q
+            .sources
+            .iter()
+            .filter_map(|s| index.get(s.as_str()).copied())
+            .collect(),
+        lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
+    });
     let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, retrievals);
-    let texts: HashMap<&str, &Query> = queries.iter().map(|(q, _)| (q.id.as_str(), q)).collect();
+    let by_id: HashMap<&str, &MiningQuery> =
+        queries.iter().map(|q| (q.query.id.as_str(), q)).collect();
     let rows: Vec<CandidateRow> = kept
         .iter()
         .map(|c| CandidateRow {
             query_id: c.query_id.clone(),
-            query_text: texts
+            query_text: by_id
                 .get(c.query_id.as_str())
-                .map(|q| q.text.clone())
+                .map(|q| q.query.text.clone())
                 .unwrap_or_default(),
-            query_type: pipeline.queries.query_type.clone(),
+            query_type: by_id
+                .get(c.query_id.as_str())
+                .map(|q| q.query_type.clone())
+                .unwrap_or_default(),
             source_ids: c
                 .sources
                 .iter()

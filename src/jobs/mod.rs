@@ -3,6 +3,7 @@
 
 pub mod embed;
 pub mod eval;
+pub mod generate;
 pub mod label;
 pub mod mine;
 pub mod score;

@@ -221,7 +221,7 @@ impl EndpointGenerator {
         loop {
             attempts += 1;
             let error = match self.attempt(&body) {
-                Ok(completion) => return self.finish(completion),
+                Ok(completion) => return self.finish(request, completion),
                 Err(error) => error,
             };
             if matches!(error, AttemptError::Malformed { .. }) {
@@ -278,12 +278,14 @@ impl EndpointGenerator {
         })
     }
 
-    fn finish(&self, completion: Completion) -> Generated {
-        Generated::Query {
-            text: completion.content.clone(),
-            raw: completion.content,
-            tokens: completion.completion_tokens,
-        }
+    /// The query in the server's answer, post-processed; an answer with none is a
+    /// failure naming the passage and showing the answer.
+    fn finish(&self, request: &GenerationRequest, completion: Completion) -> Generated {
+        super::postprocess::outcome(
+            &request.passage.id,
+            completion.content,
+            completion.completion_tokens,
+        )
     }
 
     fn failed(&self, request: &GenerationRequest, error: &str, attempts: u32) -> Generated {
