@@ -8,10 +8,15 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use distillery::config::{GenerateFile, HeldOutFile, Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
-use distillery::jobs::generate::{run_generate, GenerateJob, GenerateOutcome};
+use distillery::error::EngineError;
+use distillery::generate::extractive::ExtractiveGenerator;
+use distillery::generate::prepare::SampledPassage;
+use distillery::generate::{Generated, GenerationRequest, QueryGenerator};
+use distillery::jobs::generate::{run_generate, run_generate_with, GenerateJob, GenerateOutcome};
 use distillery::jobs::mine::{held_out_passages, run_mine, CANDIDATES_STAGE};
 use distillery::jobs::passage_texts;
 use distillery::schema::candidates_from_batch;
@@ -251,4 +256,109 @@ fn generated_queries_feed_mining_with_their_source_as_positive() {
     // A rerun reuses the generated queries and the candidates.
     let again = run_mine(&p).unwrap();
     assert!(again.reused);
+}
+
+/// The extractive generator, failing as a whole (a model that cannot run) after
+/// `ok_batches` batches.
+struct FailsAfter {
+    inner: ExtractiveGenerator,
+    ok_batches: usize,
+    calls: AtomicUsize,
+}
+
+impl QueryGenerator for FailsAfter {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) >= self.ok_batches {
+            return Err(EngineError::Invalid("the device is gone".into()));
+        }
+        self.inner.generate(requests)
+    }
+}
+
+#[test]
+fn a_run_that_fails_midway_keeps_its_queries_and_resumes_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_head(dir.path(), 40, None);
+    let run = tempfile::tempdir().unwrap();
+    let mut file = GenerateFile::with_generator("extractive");
+    file.batch_size = 10;
+    let j = job(&file, &corpus, run.path(), 0);
+    let fails = |passages: &[SampledPassage]| -> Result<Box<dyn QueryGenerator>, EngineError> {
+        Ok(Box::new(FailsAfter {
+            inner: ExtractiveGenerator::from_passages(passages.iter().map(|p| &p.passage)),
+            ok_batches: 5,
+            calls: AtomicUsize::new(0),
+        }))
+    };
+    let e = run_generate_with(&j, &fails).unwrap_err().to_string();
+    assert!(e.contains("the device is gone"), "{e}");
+    // The five batches before the failure (50 requests) are kept; the rest is generated
+    // by the rerun, and the result equals an uninterrupted run.
+    let resumed = run_generate(&j).unwrap();
+    assert_eq!(resumed.requests, 120);
+    assert_eq!(resumed.cached, 50);
+    assert_eq!(resumed.generated_now, 70);
+    let fresh_run = tempfile::tempdir().unwrap();
+    let fresh = run_generate(&job(&file, &corpus, fresh_run.path(), 0)).unwrap();
+    assert_eq!(texts(&resumed), texts(&fresh));
+}
+
+#[test]
+fn custom_query_types_come_from_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("faq.jsonl");
+    std::fs::write(
+        &examples,
+        "{\"passage\": \"Returns are accepted within 30 days.\", \"query\": \"can I return an item after a month\"}\n\
+         {\"passage\": \"Shipping is free over 50 euros.\", \"query\": \"free delivery threshold\"}\n",
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+run_dir = "{run}"
+corpus = "{corpus}"
+[generate]
+generator = "llm"
+model = "{model}"
+types = ["faq", "title"]
+[[generate.custom_types]]
+name = "faq"
+instruction = "Write a question a customer would ask about this passage."
+examples = "{examples}"
+shots = 2
+[[retrievers]]
+model = "unused"
+"#,
+        run = dir.path().join("run").display(),
+        corpus = scifact_mini().display(),
+        model = root().join("tests/fixtures/llm/tiny-qwen2").display(),
+        examples = examples.display(),
+    );
+    let file: PipelineFile = toml::from_str(&text).unwrap();
+    let p = Pipeline::resolve(file, Path::new("/"), Path::new("test.toml")).unwrap();
+    let job = GenerateJob::from_pipeline(&p).unwrap().unwrap();
+    let names: Vec<&str> = job.prompts.types().iter().map(|t| t.name()).collect();
+    assert_eq!(names, vec!["faq", "title"]);
+    let faq = &job.prompts.types()[0];
+    assert_eq!(faq.shots(), 2);
+    assert_eq!(faq.examples().len(), 2);
+
+    // A custom type left out of `types`, and a bad examples line, are named.
+    let unlisted = text.replace(r#"types = ["faq", "title"]"#, r#"types = ["title"]"#);
+    let file: PipelineFile = toml::from_str(&unlisted).unwrap();
+    let p = Pipeline::resolve(file, Path::new("/"), Path::new("test.toml")).unwrap();
+    let e = GenerateJob::from_pipeline(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("custom type `faq` is not listed in `types`"),
+        "{e}"
+    );
+    std::fs::write(&examples, "{\"passage\": \"x\"}\n").unwrap();
+    let file: PipelineFile = toml::from_str(&text).unwrap();
+    let p = Pipeline::resolve(file, Path::new("/"), Path::new("test.toml")).unwrap();
+    let e = GenerateJob::from_pipeline(&p).unwrap_err().to_string();
+    assert!(e.contains("faq.jsonl:1"), "{e}");
 }

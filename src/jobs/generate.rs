@@ -329,8 +329,22 @@ fn build_generator(
     })
 }
 
-/// Runs the job.
+/// Runs the job with the generator it names.
 pub fn run_generate(job: &GenerateJob) -> Result<GenerateOutcome, EngineError> {
+    run_generate_with(job, &|passages| build_generator(job, passages))
+}
+
+/// Builds the generator once the passages are prepared (the extractive baseline needs
+/// their document frequencies).
+pub type GeneratorFactory<'a> =
+    dyn Fn(&[SampledPassage]) -> Result<Box<dyn QueryGenerator>, EngineError> + 'a;
+
+/// Runs the job with the generator `make` builds (`job.generator` is not used): for
+/// generators of the caller's own.
+pub fn run_generate_with(
+    job: &GenerateJob,
+    make: &GeneratorFactory<'_>,
+) -> Result<GenerateOutcome, EngineError> {
     std::fs::create_dir_all(&job.run_dir).map_err(|source| EngineError::Write {
         path: job.run_dir.clone(),
         source,
@@ -348,7 +362,7 @@ pub fn run_generate(job: &GenerateJob) -> Result<GenerateOutcome, EngineError> {
     let (skipped_records, quarantine) = quarantined(&read)?;
     let passages = prepared.passages;
 
-    let generator = build_generator(job, &passages)?;
+    let generator = make(&passages)?;
     let generator_id = generator.id();
     let types = job.prompts.types();
     let prompt_hashes: Vec<String> = types.iter().map(|t| t.prompt_hash()).collect();
@@ -422,7 +436,17 @@ pub fn run_generate(job: &GenerateJob) -> Result<GenerateOutcome, EngineError> {
             let mut done = 0usize;
             let mut passages_done = 0usize;
             for message in rx.iter() {
-                let (chunk_index, outcomes) = message?;
+                let (chunk_index, outcomes) = match message {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        // Keep what was generated before the failure: a rerun resumes
+                        // after it.
+                        if !pending.is_empty() {
+                            writer.write_part(&[cache_batch(&pending)?])?;
+                        }
+                        return Err(e);
+                    }
+                };
                 let chunk_start = chunk_index * job.batch_size.max(1);
                 let chunk = &missing[chunk_start..chunk_start + outcomes.len()];
                 let mut chunk_tokens = 0u64;
