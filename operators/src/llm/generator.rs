@@ -23,7 +23,7 @@ use super::chat_template::{self, ChatTemplate};
 use super::config::LlmConfig;
 use super::model::Decoder;
 use super::sampling::{next_token, SplitMix64};
-use super::weights::Weights;
+use super::weights::{Phase, Weights};
 use super::{ChatMessage, SamplingParams};
 use crate::error::{OperatorError, Result};
 
@@ -249,18 +249,43 @@ impl LlmGenerator {
 
     /// The logits of the token after the prompt of `messages`.
     pub fn next_token_logits(&self, messages: &[ChatMessage]) -> Result<Vec<f32>> {
+        let mut all = self.continuation_logits(messages, &[])?;
+        all.pop()
+            .ok_or_else(|| internal("a prompt step without logits"))
+    }
+
+    /// The logits after the prompt of `messages`, then after each token of
+    /// `continuation` fed one at a time as generation feeds them (`continuation.len() + 1`
+    /// rows): what the model computes while generating that continuation.
+    pub fn continuation_logits(
+        &self,
+        messages: &[ChatMessage],
+        continuation: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
         let ids = self.prompt_ids(messages)?;
         if ids.is_empty() {
             return Err(OperatorError::Tokenizer(
                 "the rendered prompt has no tokens".into(),
             ));
         }
-        let mut cache = self
-            .decoder
-            .new_cache(&[ids.len()], self.options.padded_attention);
-        let step = StepRows::pack([(0, ids.len())]);
-        let logits = self.decoder.forward(&ids, &step, &mut cache)?;
-        Ok(logits.squeeze(0)?.to_vec1()?)
+        let mut cache = self.decoder.new_cache(
+            &[ids.len() + continuation.len()],
+            self.options.padded_attention,
+        );
+        let mut step = StepRows::pack([(0, ids.len())]);
+        let mut tokens = ids.clone();
+        let mut phase = Phase::Prompt;
+        let mut all = Vec::with_capacity(continuation.len() + 1);
+        for next in continuation.iter().map(Some).chain([None]) {
+            let logits = self.decoder.forward(&tokens, &step, phase, &mut cache)?;
+            all.push(logits.squeeze(0)?.to_vec1()?);
+            if let Some(&t) = next {
+                step = StepRows::pack([(ids.len() + all.len() - 1, 1)]);
+                tokens = vec![t];
+                phase = Phase::Decode;
+            }
+        }
+        Ok(all)
     }
 
     /// Replies to each `(chat, seed)`, in order.
@@ -409,11 +434,13 @@ impl LlmGenerator {
             .iter()
             .flat_map(|&i| prompts[i].iter().copied())
             .collect();
+        let mut phase = Phase::Prompt;
         loop {
             let logits = self
                 .decoder
-                .forward(&tokens, &step, &mut cache)?
+                .forward(&tokens, &step, phase, &mut cache)?
                 .to_vec2::<f32>()?;
+            phase = Phase::Decode;
             let picks = logits
                 .into_par_iter()
                 .zip(active.par_iter())
@@ -555,4 +582,65 @@ fn stop_tokens(config: &LlmConfig, tokenizer: &Tokenizer, eos: &Option<String>) 
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::random::{write_random_gguf, RandomShape};
+    use candle_core::quantized::GgmlDType;
+
+    /// Each row's logits, for prompts prefilled together and then one decode step with
+    /// `next[i]` fed to row i: `[prefill rows, decode rows]`.
+    fn two_steps(llm: &LlmGenerator, prompts: &[Vec<u32>], next: &[u32]) -> Vec<Vec<Vec<f32>>> {
+        let capacity: Vec<usize> = prompts.iter().map(|p| p.len() + 1).collect();
+        let mut cache = llm.decoder.new_cache(&capacity, false);
+        let step = StepRows::pack(prompts.iter().map(|p| (0, p.len())));
+        let tokens: Vec<u32> = prompts.concat();
+        let first = llm
+            .decoder
+            .forward(&tokens, &step, Phase::Prompt, &mut cache)
+            .unwrap();
+        let step = StepRows::pack(prompts.iter().map(|p| (p.len(), 1)));
+        let second = llm
+            .decoder
+            .forward(next, &step, Phase::Decode, &mut cache)
+            .unwrap();
+        vec![first.to_vec2().unwrap(), second.to_vec2().unwrap()]
+    }
+
+    /// Guards the lone-row product of dense matrices: gemm rounds a single row
+    /// differently from a row among others, so without the pairing a request decoded
+    /// alone got other logits (and could sample other tokens) than in a batch.
+    #[test]
+    fn a_rows_logits_are_the_same_bits_alone_and_in_any_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = RandomShape {
+            hidden: 256,
+            intermediate: 512,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 600,
+        };
+        let tokenizer_dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm/tiny-qwen2");
+        let prompt = |n: usize, seed: u32| -> Vec<u32> {
+            (0..n as u32).map(|i| (i * 37 + seed) % 550).collect()
+        };
+        let (a, b, c) = (prompt(7, 1), prompt(30, 2), prompt(12, 3));
+        for dtype in [GgmlDType::F32, GgmlDType::Q8_0] {
+            let path = dir.path().join(format!("{dtype:?}.gguf"));
+            write_random_gguf(&path, &shape, dtype, 11).unwrap();
+            let options = LlmOptions {
+                tokenizer_dir: Some(tokenizer_dir.clone()),
+                ..LlmOptions::default()
+            };
+            let llm = LlmGenerator::load(&path, &options).unwrap();
+            let alone = two_steps(&llm, std::slice::from_ref(&a), &[5]);
+            let batched = two_steps(&llm, &[b.clone(), a.clone(), c.clone()], &[9, 5, 13]);
+            assert_eq!(alone[0][0], batched[0][1], "{dtype:?}: prompt step");
+            assert_eq!(alone[1][0], batched[1][1], "{dtype:?}: decode step");
+        }
+    }
 }

@@ -12,13 +12,15 @@
 //!   lengths, with a CPU attention kernel and a padded, masked one for other devices;
 //! - [`chat_template`]: Jinja rendering with Hugging Face's settings;
 //! - [`sampling`]: greedy, temperature and top-p, and the seeded random stream;
-//! - [`generator`]: tokenisation, batching, stopping, decoding to text.
+//! - [`generator`]: tokenisation, batching, stopping, decoding to text;
+//! - [`random`]: random models as GGUF files, for tests and speed checks.
 
 pub(crate) mod attention;
 pub mod chat_template;
 pub mod config;
 pub mod generator;
 pub(crate) mod model;
+pub mod random;
 pub(crate) mod rope;
 pub mod sampling;
 pub(crate) mod weights;

@@ -15,7 +15,7 @@ use super::attention::tensor::TensorKvCache;
 use super::attention::{AttentionShape, KvCache, StepRows};
 use super::config::LlmConfig;
 use super::rope::Rope;
-use super::weights::{Embedding, Linear, Projections, Weights};
+use super::weights::{Embedding, Linear, Phase, Projections, Weights};
 use crate::error::{OperatorError, Result};
 
 /// One decoder layer (`LlamaDecoderLayer`): pre-norm attention and SwiGLU MLP, each
@@ -146,9 +146,16 @@ impl Decoder {
         }
     }
 
-    /// Runs one step: `tokens` are the packed new tokens of the rows of `step`; returns
-    /// the `(rows, vocab)` f32 logits of each row's next token.
-    pub fn forward(&self, tokens: &[u32], step: &StepRows, cache: &mut KvCache) -> Result<Tensor> {
+    /// Runs one step: `tokens` are the packed new tokens of the rows of `step` (prompt
+    /// tokens or generated ones, as `phase` says); returns the `(rows, vocab)` f32 logits
+    /// of each row's next token.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        step: &StepRows,
+        phase: Phase,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let c = &self.config;
         if tokens.len() != step.tokens() || tokens.is_empty() {
             return Err(OperatorError::Candle(candle_core::Error::Msg(format!(
@@ -164,22 +171,23 @@ impl Decoder {
         cache.begin_step(step)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let [q, k, v] = three(layer.qkv.forward(&h)?)?;
+            let [q, k, v] = three(layer.qkv.forward(&h, phase)?)?;
             let q = self.rope.apply(&q.contiguous()?, c.num_heads, &cos, &sin)?;
             let k = self
                 .rope
                 .apply(&k.contiguous()?, c.num_kv_heads, &cos, &sin)?;
             let a = cache.attend(i, &q, &k, &v)?;
-            x = (x + layer.o.forward(&a)?)?;
+            x = (x + layer.o.forward(&a, phase)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let [gate, up] = two(layer.gate_up.forward(&h)?)?;
+            let [gate, up] = two(layer.gate_up.forward(&h, phase)?)?;
             let gated = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&gated)?)?;
+            x = (x + layer.down.forward(&gated, phase)?)?;
         }
         let last = step.last_tokens();
         let last = Tensor::from_slice(&last, last.len(), &self.device)?;
         let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?;
+        // A few rows only, even after a prompt: the quantized kernel reads less.
+        let logits = self.lm_head.forward(&x, Phase::Decode)?;
         debug_assert_eq!(self.lm_head.out_features(), c.vocab_size);
         Ok(logits)
     }
