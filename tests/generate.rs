@@ -362,3 +362,31 @@ model = "unused"
     let e = GenerateJob::from_pipeline(&p).unwrap_err().to_string();
     assert!(e.contains("faq.jsonl:1"), "{e}");
 }
+
+#[test]
+fn an_unreachable_endpoint_stops_the_stage_after_a_run_of_failures() {
+    // A port nobody listens on: every request fails (connection refused, no retries).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let run = tempfile::tempdir().unwrap();
+    let mut file = GenerateFile::with_generator("endpoint");
+    file.model = Some("m".into());
+    file.endpoint = Some(distillery::config::EndpointFile {
+        url: format!("http://127.0.0.1:{port}/v1"),
+        api_key_env: None,
+        concurrency: Some(16),
+        timeout_s: Some(2.0),
+        max_retries: Some(0),
+    });
+    file.batch_size = 64;
+    let e = run_generate(&job(&file, &scifact_mini(), run.path(), 0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("256 requests in a row failed"), "{e}");
+    assert!(
+        e.contains("Connection refused") || e.contains("connection"),
+        "{e}"
+    );
+}

@@ -53,6 +53,12 @@ pub const PART_SECONDS: Duration = Duration::from_secs(30);
 /// Generated batches waiting for the writer: one being written while the next waits.
 pub const GENERATED_QUEUE_DEPTH: usize = 2;
 
+/// Requests failing in a row before the stage stops: a server that is down, a key that
+/// is refused, a model that only emits end-of-turn. Far above what a few bad passages
+/// give, low enough that a dead endpoint costs minutes of retries, not days. What was
+/// generated is kept; the rerun retries the failures.
+pub const MAX_FAILURES_IN_A_ROW: usize = 256;
+
 /// The generated queries of a pipeline, as a file in its run directory.
 pub const QUERIES_FILE: &str = "generated-queries.parquet";
 /// The failures of the last run, one JSON object per line.
@@ -435,6 +441,8 @@ pub fn run_generate_with(
             let mut last_commit = Instant::now();
             let mut done = 0usize;
             let mut passages_done = 0usize;
+            let mut failures_in_a_row = 0usize;
+            let mut last_failure = String::new();
             for message in rx.iter() {
                 let (chunk_index, outcomes) = match message {
                     Ok(batch) => batch,
@@ -453,9 +461,14 @@ pub fn run_generate_with(
                 for (&(p, t), outcome) in chunk.iter().zip(outcomes) {
                     let passage = &passages[p].passage;
                     match &outcome {
-                        Generated::Query { tokens, .. } => chunk_tokens += *tokens as u64,
+                        Generated::Query { tokens, .. } => {
+                            chunk_tokens += *tokens as u64;
+                            failures_in_a_row = 0;
+                        }
                         Generated::Failed { reason } => {
                             failures.insert((p, t), reason.clone());
+                            failures_in_a_row += 1;
+                            last_failure.clone_from(reason);
                         }
                     }
                     let row = CachedOutcome {
@@ -479,6 +492,14 @@ pub fn run_generate_with(
                 };
                 progress.inc_with((now_done - passages_done) as u64, chunk_tokens);
                 passages_done = now_done;
+                if failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
+                    writer.write_part(&[cache_batch(&pending)?])?;
+                    return Err(EngineError::Invalid(format!(
+                        "{failures_in_a_row} requests in a row failed, the last: {last_failure}; \
+                         stopping (the queries generated so far are kept and a rerun \
+                         retries the failures)"
+                    )));
+                }
                 if pending.len() >= PART_ROWS || last_commit.elapsed() >= PART_SECONDS {
                     writer.write_part(&[cache_batch(&pending)?])?;
                     pending.clear();
