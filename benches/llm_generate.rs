@@ -19,9 +19,16 @@
 //! `new_tokens - 1` tokens per prompt. Model loading and one warm-up generation are not
 //! timed. Prints one JSON line per mode (and writes them as a list to `--json`).
 //!
+//! `--mode kernels` is a diagnostic instead: it times candle's quantized products
+//! (`QMatMul::forward`) for each distinct (matrix, storage type) of the GGUF file at 1, 8
+//! and 128 rows, as stored and in the variants that could be faster (see [`kernels`]),
+//! and sums them into the matrix time of one decode step and one prompt step. Comparing
+//! that with the measured step says how much of a step is matrix products and how much
+//! is everything else (attention, norms, RoPE, sampling, synchronisation).
+//!
 //! usage: cargo bench -p distillery --bench llm_generate -- --model FILE.gguf
-//!            --prompts prompts.json [--new-tokens N] [--mode single|batched|both]
-//!            [--json OUT]
+//!            [--prompts prompts.json] [--new-tokens N]
+//!            [--mode single|batched|both|kernels] [--json OUT]
 //! Threads: RAYON_NUM_THREADS (candle's CPU kernels and the generator's sampling run on
 //! rayon's pool and on candle's pool of the same size).
 
@@ -42,6 +49,7 @@ struct Args {
     prompts: PathBuf,
     new_tokens: usize,
     modes: Vec<&'static str>,
+    kernels: bool,
     json: Option<PathBuf>,
 }
 
@@ -50,6 +58,7 @@ fn parse_args() -> Result<Args> {
     let mut prompts = None;
     let mut new_tokens = DEFAULT_NEW_TOKENS;
     let mut modes = vec!["single", "batched"];
+    let mut kernels = false;
     let mut json = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,7 +83,11 @@ fn parse_args() -> Result<Args> {
                     "single" => vec!["single"],
                     "batched" => vec!["batched"],
                     "both" => vec!["single", "batched"],
-                    other => bail!("--mode is single, batched or both, not `{other}`"),
+                    "kernels" => {
+                        kernels = true;
+                        vec![]
+                    }
+                    other => bail!("--mode is single, batched, both or kernels, not `{other}`"),
                 }
             }
             "--json" => json = Some(PathBuf::from(value()?)),
@@ -83,11 +96,15 @@ fn parse_args() -> Result<Args> {
             }
         }
     }
+    if !kernels && prompts.is_none() {
+        bail!("--prompts prompts.json is required");
+    }
     Ok(Args {
         model: model.ok_or_else(|| anyhow!("--model FILE.gguf is required"))?,
-        prompts: prompts.ok_or_else(|| anyhow!("--prompts prompts.json is required"))?,
+        prompts: prompts.unwrap_or_default(),
         new_tokens,
         modes,
+        kernels,
         json,
     })
 }
@@ -140,6 +157,14 @@ fn timed(
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.kernels {
+        let report = kernels::report(&args.model)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string(&report)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let prompts = read_prompts(&args.prompts)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
@@ -214,4 +239,264 @@ fn main() -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Timing of candle's quantized matrix products, matrix by matrix.
+///
+/// Variants timed besides the stored weight:
+/// - `q8_0 widened` (Q5_0 matrices): candle 0.11's Q5_0 x Q8_0 dot product is its
+///   scalar fallback (no SIMD). A Q5_0 block is `d * (q - 16)` with 5-bit `q`, so the
+///   same block in Q8_0 (same `d`, `q - 16` as i8) holds exactly the same values and
+///   runs on the SIMD Q8_0 kernel, for 34 bytes per 32 weights instead of 22.
+/// - `k padded to a multiple of 256` (Q8_0, also after widening): candle's AVX-512 VNNI
+///   tiled kernels for Q8_0 are chosen only when the input width is a multiple of 256
+///   (`repack_x86::select`); Qwen2.5-0.5B's 896 is not, so every matrix but ffn_down
+///   runs on the plain dot-product kernel. Zero blocks appended to each row (and zeros
+///   to each input row, the copy timed too) change no product.
+/// - `dequantized f32` (8 and 128 rows): dequantize the whole matrix, then a dense f32
+///   product, both timed per call.
+///
+/// Every variant's output at 8 rows is compared with the exact f32 product of the stored
+/// weights (`max_abs_diff_vs_f32`): the quantized kernels round the input rows to 8 bits
+/// (per 32 values for Q8_0 / Q5_0, per 256 for the k-quants and the tiled kernels), so
+/// their error is that rounding, and a variant as accurate as the stored path shows an
+/// error of the same size.
+mod kernels {
+    use std::collections::BTreeMap;
+    use std::fs::File;
+    use std::path::Path;
+    use std::time::Instant;
+
+    use anyhow::{bail, Context, Result};
+    use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use serde_json::{json, Value};
+
+    /// Rows timed: one decode step of one sequence, of the batched bench's 8, and a
+    /// 128-token prompt.
+    const ROWS: [usize; 3] = [1, 8, 128];
+    /// Each timing repeats the product until this many seconds have passed...
+    const MIN_SECONDS: f64 = 0.15;
+    /// ...in this many batches, whose median per-call time is reported.
+    const BATCHES: usize = 3;
+    /// candle's x86 tiled kernels need input widths in multiples of this (QK_K).
+    const TILE_K: usize = 256;
+    const Q8_0_BLOCK: usize = 32;
+    const Q8_0_BYTES: usize = 34;
+    const Q5_0_BYTES: usize = 22;
+
+    /// A product under test: the weight and whether inputs are zero-padded to its width.
+    struct Variant {
+        name: String,
+        weight: Weight,
+        k: usize,
+    }
+
+    enum Weight {
+        Quantized(QMatMul),
+        /// Dequantized (and multiplied in f32) on every call.
+        Dequantized(std::sync::Arc<QTensor>),
+    }
+
+    impl Variant {
+        fn forward(&self, x: &Tensor) -> Result<Tensor> {
+            let (_, width) = x.dims2()?;
+            let x = if self.k > width {
+                x.pad_with_zeros(1, 0, self.k - width)?
+            } else {
+                x.clone()
+            };
+            Ok(match &self.weight {
+                Weight::Quantized(w) => w.forward(&x)?,
+                Weight::Dequantized(q) => x.matmul(&q.dequantize(&Device::Cpu)?.t()?)?,
+            })
+        }
+    }
+
+    /// Q5_0 -> Q8_0, block for block, exactly.
+    fn widen_q5_0(q: &QTensor) -> Result<QTensor> {
+        let data = q.data()?;
+        if data.len() % Q5_0_BYTES != 0 {
+            bail!("Q5_0 data of {} bytes", data.len());
+        }
+        let mut out = Vec::with_capacity(data.len() / Q5_0_BYTES * Q8_0_BYTES);
+        for block in data.chunks_exact(Q5_0_BYTES) {
+            let (d, rest) = block.split_at(2);
+            let (qh, qs) = rest.split_at(4);
+            let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+            out.extend_from_slice(d);
+            let mut wide = [0u8; Q8_0_BLOCK];
+            for (j, &byte) in qs.iter().enumerate() {
+                let lo = (byte & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+                let hi = (byte >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                wide[j] = (lo as i8 - 16) as u8;
+                wide[j + 16] = (hi as i8 - 16) as u8;
+            }
+            out.extend_from_slice(&wide);
+        }
+        Ok(ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &out,
+            q.shape().dims().to_vec(),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// A Q8_0 matrix with zero blocks appended to each row up to width `k`.
+    fn pad_q8_0(q: &QTensor, k: usize) -> Result<QTensor> {
+        let (n, width) = q.shape().dims2()?;
+        let data = q.data()?;
+        let row = width / Q8_0_BLOCK * Q8_0_BYTES;
+        let pad = vec![0u8; (k - width) / Q8_0_BLOCK * Q8_0_BYTES];
+        let mut out = Vec::with_capacity(n * (row + pad.len()));
+        for r in data.chunks_exact(row) {
+            out.extend_from_slice(r);
+            out.extend_from_slice(&pad);
+        }
+        Ok(ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &out,
+            vec![n, k],
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Median seconds per call of `f`.
+    fn time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let start = Instant::now();
+        f()?;
+        let once = start.elapsed().as_secs_f64().max(1e-7);
+        let reps = ((MIN_SECONDS / BATCHES as f64 / once).ceil() as usize).clamp(1, 100_000);
+        let mut per_call = Vec::with_capacity(BATCHES);
+        for _ in 0..BATCHES {
+            let start = Instant::now();
+            for _ in 0..reps {
+                f()?;
+            }
+            per_call.push(start.elapsed().as_secs_f64() / reps as f64);
+        }
+        per_call.sort_by(f64::total_cmp);
+        Ok(per_call[BATCHES / 2])
+    }
+
+    /// `blk.3.ffn_down.weight` -> `ffn_down`; other names as they are.
+    fn kind(name: &str) -> String {
+        match name.strip_prefix("blk.") {
+            Some(rest) => rest
+                .split_once('.')
+                .map(|(_, r)| r.trim_end_matches(".weight").to_string())
+                .unwrap_or_else(|| name.to_string()),
+            None => name.trim_end_matches(".weight").to_string(),
+        }
+    }
+
+    pub fn report(path: &Path) -> Result<Value> {
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        // (kind, type) -> (a representative tensor name, count)
+        let mut groups: BTreeMap<(String, String), (String, usize)> = BTreeMap::new();
+        for (name, info) in &content.tensor_infos {
+            if info.shape.rank() != 2 || (name == "token_embd.weight" && !tied) {
+                continue;
+            }
+            let key = (kind(name), format!("{:?}", info.ggml_dtype));
+            let entry = groups.entry(key).or_insert_with(|| (name.clone(), 0));
+            entry.1 += 1;
+            if name < &entry.0 {
+                entry.0 = name.clone();
+            }
+        }
+        let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+        let mut rows_out = Vec::new();
+        // rows -> (stored, best) summed seconds of one step's products.
+        let mut step: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        for ((kind, dtype), (name, count)) in &groups {
+            let q = std::sync::Arc::new(content.tensor(&mut file, name, &Device::Cpu)?);
+            let (n, k) = q.shape().dims2()?;
+            let mut variants = vec![Variant {
+                name: "stored".into(),
+                weight: Weight::Quantized(QMatMul::from_arc(q.clone())?),
+                k,
+            }];
+            let q8 = match q.dtype() {
+                GgmlDType::Q5_0 => {
+                    let w = widen_q5_0(&q)?;
+                    let w = std::sync::Arc::new(w);
+                    variants.push(Variant {
+                        name: "q8_0 widened".into(),
+                        weight: Weight::Quantized(QMatMul::from_arc(w.clone())?),
+                        k,
+                    });
+                    Some(w)
+                }
+                GgmlDType::Q8_0 => Some(q.clone()),
+                _ => None,
+            };
+            if let Some(q8) = q8 {
+                if k % TILE_K != 0 {
+                    let kp = k.div_ceil(TILE_K) * TILE_K;
+                    variants.push(Variant {
+                        name: format!("q8_0 k padded {k}->{kp}"),
+                        weight: Weight::Quantized(QMatMul::from_qtensor(pad_q8_0(&q8, kp)?)?),
+                        k: kp,
+                    });
+                }
+            }
+            variants.push(Variant {
+                name: "dequantized f32".into(),
+                weight: Weight::Dequantized(q.clone()),
+                k,
+            });
+            let probe = Tensor::randn(0f32, 1f32, (8, k), &Device::Cpu)?;
+            // The exact product of the stored weights (dequantized, f32).
+            let reference = probe.matmul(&q.dequantize(&Device::Cpu)?.t()?)?;
+            for &m in &ROWS {
+                let x = Tensor::randn(0f32, 1f32, (m, k), &Device::Cpu)?;
+                let mut stored = f64::NAN;
+                let mut best = f64::INFINITY;
+                for v in &variants {
+                    if m == 1 && matches!(v.weight, Weight::Dequantized(_)) {
+                        continue;
+                    }
+                    let seconds = time(|| {
+                        v.forward(&x)?;
+                        Ok(())
+                    })?;
+                    let diff = (v.forward(&probe)? - &reference)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
+                    if v.name == "stored" {
+                        stored = seconds;
+                    }
+                    best = best.min(seconds);
+                    let row = json!({
+                        "matrix": kind, "type": dtype, "count": count, "n": n, "k": k,
+                        "rows": m, "variant": v.name, "ms_per_call": seconds * 1e3,
+                        "max_abs_diff_vs_f32": diff, "threads": threads,
+                    });
+                    println!("{row}");
+                    rows_out.push(row);
+                }
+                let e = step.entry(m).or_insert((0.0, 0.0));
+                e.0 += stored * *count as f64;
+                e.1 += best * *count as f64;
+            }
+        }
+        let steps: Vec<Value> = step
+            .iter()
+            .map(|(m, (stored, best))| {
+                json!({"rows": m, "stored_ms": stored * 1e3, "best_variant_ms": best * 1e3})
+            })
+            .collect();
+        println!("{}", json!({ "step_matrix_time": steps }));
+        Ok(
+            json!({ "model": path.display().to_string(), "threads": threads,
+                   "products": rows_out, "step_matrix_time": steps }),
+        )
+    }
 }
