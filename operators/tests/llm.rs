@@ -521,6 +521,75 @@ fn copy_model(model: &str) -> tempfile::TempDir {
     dir
 }
 
+#[test]
+fn mistral_is_llama_without_biases() {
+    // Mistral's architecture is Llama's: the tiny Llama read as `mistral` generates the
+    // same ids. A sliding window shorter than a request is refused, naming the window.
+    let expected = expected();
+    let dir = copy_model("tiny-llama");
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"mistral\"");
+    std::fs::write(&config, &text).unwrap();
+    let llm = load(dir.path(), &LlmOptions::default());
+    assert_eq!(
+        llm.config().family,
+        distillery_operators::llm::Family::Mistral
+    );
+    check_greedy(&llm, &expected["tiny-llama"], "tiny-llama as mistral");
+
+    let windowed = text.replacen('{', "{\n  \"sliding_window\": 32,", 1);
+    std::fs::write(&config, windowed).unwrap();
+    let llm = load(dir.path(), &LlmOptions::default());
+    let long = messages(&expected["tiny-llama"]["prompts"][2]["messages"]);
+    let e = llm
+        .generate(&[(long, 0)], &greedy(5))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sliding") && e.contains("window 32"), "{e}");
+}
+
+#[test]
+fn sharded_safetensors_load_as_one_file() {
+    // The tiny Qwen2's tensors split over two shards listed by an index: same replies.
+    let expected = expected();
+    let dir = copy_model("tiny-qwen2");
+    let single = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let shard = i % 2;
+        shards[shard].insert(name.clone(), tensors[name].clone());
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        weight_map.insert(name.clone(), Value::String(file));
+    }
+    for (shard, map) in shards.iter().enumerate() {
+        let file = dir
+            .path()
+            .join(format!("model-0000{}-of-00002.safetensors", shard + 1));
+        candle_core::safetensors::save(map, file).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let llm = load(dir.path(), &LlmOptions::default());
+    check_greedy(&llm, &expected["tiny-qwen2"], "tiny-qwen2 sharded");
+    let files = llm.fingerprint_material().files;
+    assert!(files.contains(&dir.path().join("model.safetensors.index.json")));
+    assert!(files.contains(&dir.path().join("model-00002-of-00002.safetensors")));
+}
+
 fn load_err(path: &Path) -> String {
     LlmGenerator::load(path, &LlmOptions::default())
         .unwrap_err()

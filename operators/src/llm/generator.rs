@@ -9,8 +9,14 @@
 //! is prefilled in one step, then decoded one token per row per step, and a row that
 //! finishes leaves the group at once (the others go on without it). Outputs come back in
 //! request order. Greedy decoding gives transformers' `generate(do_sample=False)` tokens;
-//! sampling draws from each request's own seeded stream ([`super::sampling`]), and on
-//! the CPU a request's tokens do not depend on the other requests of the call.
+//! sampling draws from each request's own seeded stream ([`super::sampling`]).
+//!
+//! Determinism on the CPU: a row's logits are the same bits alone or in any batch (its
+//! attention sees only its own tokens, quantized products are row by row, and dense
+//! products never take gemm's single-row path), so with its own random stream a
+//! request's tokens do not depend on the other requests of the call, nor on
+//! `max_batch_rows`. On other devices the padded path's reductions depend on the batch
+//! width; the tokens are the same up to rounding.
 
 use std::path::{Path, PathBuf};
 

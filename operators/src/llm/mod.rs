@@ -6,9 +6,9 @@
 //! replies for many requests at once with a key/value cache: greedy, or sampled with a
 //! per-request seed. The pieces, bottom-up:
 //! - [`config`]: the architecture, from config.json or GGUF metadata;
-//! - [`weights`]: safetensors or GGUF tensors behind one interface, dense or quantized
+//! - `weights`: safetensors or GGUF tensors behind one interface, dense or quantized
 //!   linear layers;
-//! - [`rope`], [`attention`] and [`model`]: the decoder over packed rows of different
+//! - `rope`, `attention` and `model`: the decoder over packed rows of different
 //!   lengths, with a CPU attention kernel and a padded, masked one for other devices;
 //! - [`chat_template`]: Jinja rendering with Hugging Face's settings;
 //! - [`sampling`]: greedy, temperature and top-p, and the seeded random stream;

@@ -6,7 +6,10 @@
 //! and the MLP treat them as one `(T, hidden)` matrix, RoPE rotates each token by its own
 //! position, and the [`KvCache`] keeps the rows apart in attention. Only each row's last
 //! token goes through the final norm and the output projection: a step returns
-//! `(rows, vocab)` logits, the distribution of each row's next token.
+//! `(rows, vocab)` logits, the distribution of each row's next token. A step is a
+//! [`Phase::Prompt`] (quantized matrices dequantized for the step and multiplied in f32)
+//! or a [`Phase::Decode`] (candle's quantized kernels), so how a token is computed
+//! depends on whether it is a prompt token, never on the other rows of its step.
 
 use candle_core::{Device, Tensor};
 
