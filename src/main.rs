@@ -373,7 +373,27 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
     }
 }
 
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it), so that
+/// `distillery ... | head` ends quietly like any Unix tool instead of panicking in
+/// `println!` on the closed pipe.
+#[cfg(unix)]
+fn restore_sigpipe() {
+    /// SIGPIPE and SIG_DFL: 13 and 0 on Linux, macOS and the BSDs.
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    unsafe extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> Result<()> {
+    #[cfg(unix)]
+    restore_sigpipe();
     let cli = Cli::parse();
     match cli.command {
         Command::Eval(a) => {
