@@ -103,6 +103,13 @@ fn check_greedy(llm: &LlmGenerator, reference: &Value, what: &str) {
     }
 }
 
+/// The engine shares one generator between threads.
+#[test]
+fn the_generator_is_send_and_sync() {
+    fn shared<T: Send + Sync>() {}
+    shared::<LlmGenerator>();
+}
+
 #[test]
 fn chat_template_and_prompt_ids_equal_transformers() {
     let expected = expected();
@@ -753,7 +760,13 @@ fn unsupported_gguf_architecture_is_named() {
 /// Generated tokens per second of a Qwen2.5-0.5B-shaped random model (Q8_0), one row
 /// and eight rows. Not a benchmark (run on a quiet machine for that): a check that the
 /// shape runs and a figure to compare with llama.cpp. Run with
-/// `cargo test --release -p distillery-operators --test llm -- --ignored --nocapture`.
+/// `cargo test --release -p distillery-operators --test llm -- --ignored --nocapture`;
+/// DISTILLERY_SPEED_DTYPE=q4k, DISTILLERY_SPEED_ROWS=1,4,16, DISTILLERY_SPEED_PASSAGE
+/// (sentences added to each prompt) and DISTILLERY_SPEED_GGUF (an existing file) vary
+/// it. On a 2-core machine shared with other work, CANDLE_NUM_THREADS=1 (candle's
+/// quantized kernels on one thread; f32 products still use both cores) decoded 2.4x
+/// faster than candle's default of both cores, whose per-product synchronisation waits
+/// on a descheduled thread.
 #[test]
 #[ignore]
 fn qwen2_5_0_5b_shaped_speed() {
@@ -768,10 +781,18 @@ fn qwen2_5_0_5b_shaped_speed() {
         Ok(path) => load(Path::new(&path), &LlmOptions::default()),
         Err(_) => random_model(dir.path(), "qwen-0.5b-shape.gguf", &shape, dtype),
     };
+    // DISTILLERY_SPEED_PASSAGE: sentences of passage to add to each prompt (about 20
+    // tokens each), to time prompts of query-generation length.
+    let passage: usize = std::env::var("DISTILLERY_SPEED_PASSAGE")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0);
     let prompt = |i: usize| {
+        let text =
+            "Cells regulate gene expression through DNA methylation, which changes with age. "
+                .repeat(passage);
         vec![ChatMessage::new(
             "user",
-            format!("Write a query about topic number {i} in biology."),
+            format!("{text}Write a query about topic number {i} in biology."),
         )]
     };
     let params = SamplingParams {
