@@ -708,9 +708,10 @@ fn random_model(dir: &Path, file: &str, shape: &RandomShape, dtype: GgmlDType) -
 }
 
 #[test]
-fn gguf_q4_k_computes_its_dequantized_function() {
-    // Q4_K packs 256 weights per block (4-bit values, 6-bit scales per 32): a model of
-    // width 256 in Q4_K against the same file dequantized to f32, as for Q8_0 above.
+fn gguf_q4_k_and_q5_0_compute_their_dequantized_function() {
+    // A model of width 256 in Q4_K (256 weights per block: 4-bit values, 6-bit scales
+    // per 32) and in Q5_0 (which loading turns into Q8_0, candle having no fast CPU
+    // kernel for it), each against the same file dequantized to f32, as for Q8_0 above.
     let dir = tempfile::tempdir().unwrap();
     let shape = RandomShape {
         hidden: 256,
@@ -720,27 +721,31 @@ fn gguf_q4_k_computes_its_dequantized_function() {
         kv_heads: 2,
         vocab: 576,
     };
-    let q4 = random_model(dir.path(), "q4k.gguf", &shape, GgmlDType::Q4K);
-    assert_eq!(q4.quantization().as_deref(), Some("Q4K"));
-    dequantized_copy(&dir.path().join("q4k.gguf"), &dir.path().join("f32.gguf"));
     let options = LlmOptions {
         tokenizer_dir: Some(fixtures().join("tiny-qwen2")),
         ..LlmOptions::default()
     };
-    let f32 = load(&dir.path().join("f32.gguf"), &options);
-    let m = vec![ChatMessage::new("user", "What is DNA methylation?")];
-    let continuation = [10, 20, 30];
-    let a = q4.continuation_logits(&m, &continuation).unwrap();
-    let b = f32.continuation_logits(&m, &continuation).unwrap();
-    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        let gap = relative_gap(x, y);
-        assert!(
-            gap < 0.2,
-            "Q4_K step {step}: {gap} standard deviations from its f32 weights"
-        );
+    for (dtype, runs_as) in [(GgmlDType::Q4K, "Q4K"), (GgmlDType::Q5_0, "Q8_0")] {
+        let file = format!("{dtype:?}.gguf");
+        let quantized = random_model(dir.path(), &file, &shape, dtype);
+        assert_eq!(quantized.quantization().as_deref(), Some(runs_as));
+        let f32_file = dir.path().join(format!("{dtype:?}-f32.gguf"));
+        dequantized_copy(&dir.path().join(&file), &f32_file);
+        let f32 = load(&f32_file, &options);
+        let m = vec![ChatMessage::new("user", "What is DNA methylation?")];
+        let continuation = [10, 20, 30];
+        let a = quantized.continuation_logits(&m, &continuation).unwrap();
+        let b = f32.continuation_logits(&m, &continuation).unwrap();
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            let gap = relative_gap(x, y);
+            assert!(
+                gap < 0.2,
+                "{dtype:?} step {step}: {gap} standard deviations from its f32 weights"
+            );
+        }
+        let out = quantized.generate(&[(m, 3)], &sampled()).unwrap();
+        assert!(!out[0].token_ids.is_empty());
     }
-    let out = q4.generate(&[(m, 3)], &sampled()).unwrap();
-    assert!(!out[0].token_ids.is_empty());
 }
 
 #[test]
