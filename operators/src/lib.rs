@@ -1,6 +1,6 @@
 //! distillery's model-facing operators: BERT-family encoders (in candle, and a faster
 //! CPU-only kernel), their sentence-transformers configuration, tokenisation and
-//! token-budget batching.
+//! token-budget batching; decoder LLMs for query generation (`llm`).
 //! Everything here is synchronous and single-model; the engine (crate `distillery`)
 //! owns threads, channels and the dataflow.
 
@@ -9,8 +9,8 @@ pub mod bert;
 pub mod cpu_bert;
 pub mod cross_encoder;
 pub mod embedder;
-pub mod llm;
 pub mod error;
+pub mod llm;
 pub mod st_config;
 pub mod student;
 pub mod tiny;
