@@ -355,7 +355,7 @@ fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<
 
 fn print_mine(outcome: &MineOutcome, pipeline: &Pipeline) {
     println!(
-        "passages {} (held out {}), queries with a relevant passage {}",
+        "passages {} (held out {}), queries {} (human ones with a relevant passage, generated ones of passages not held out)",
         outcome.passages, outcome.held_out, outcome.queries
     );
     println!("{}", outcome.stats);
