@@ -8,7 +8,10 @@
 //! dense matrices; GGUF matrices stay in their stored quantization (Q8_0, Q4_K, ...) and
 //! are multiplied by candle's quantized kernels, except f32/f16/bf16 ones, which are
 //! widened to f32 like safetensors weights, and, on the CPU, the types of
-//! [`SLOW_ON_CPU`], which become Q8_0.
+//! [`SLOW_ON_CPU`], which become Q8_0. On the CPU a Q8_0 matrix whose input width is not
+//! a multiple of [`TILED_WIDTH`] gets zero blocks appended to every row (and its inputs
+//! zero columns), which leaves the product unchanged and lets candle use its tiled
+//! kernels (see [`pad_for_tiles`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,6 +29,9 @@ pub(crate) struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
     out_features: usize,
+    /// The width of the inputs; the weight may be wider (zero columns, see
+    /// [`pad_for_tiles`]), in which case inputs are widened with zeros to match.
+    in_features: usize,
 }
 
 /// Which tokens a step carries, which decides how quantized products run.
@@ -43,6 +49,19 @@ impl Linear {
     /// `x` is `(T, in)`; the result `(T, out)`. The arithmetic of a row depends on the
     /// row and the phase only, never on the other rows (see [`dense_product`]).
     pub fn forward(&self, x: &Tensor, phase: Phase) -> Result<Tensor> {
+        let width = match &self.weight {
+            QMatMul::QTensor(q) => q.shape().dims()[1],
+            _ => self.in_features,
+        };
+        let padded;
+        let x = if width > self.in_features {
+            let zeros =
+                Tensor::zeros((x.dim(0)?, width - self.in_features), x.dtype(), x.device())?;
+            padded = Tensor::cat(&[x, &zeros], 1)?;
+            &padded
+        } else {
+            x
+        };
         let y = match (&self.weight, phase) {
             (QMatMul::Tensor(w), _) => dense_product(x, w)?,
             (QMatMul::QTensor(q), Phase::Prompt) if x.device().is_cpu() => {
@@ -114,6 +133,7 @@ impl Projections {
                         weight,
                         bias,
                         out_features: widths.iter().sum(),
+                        in_features: parts[0].in_features,
                     },
                     widths,
                 }
@@ -154,7 +174,7 @@ impl Projections {
 /// one type over the same input width (a quantized matrix is a sequence of independent
 /// rows of blocks, so stacking is concatenating bytes).
 fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
-    if parts.len() < 2 {
+    if parts.len() < 2 || parts.iter().any(|p| p.in_features != parts[0].in_features) {
         return Ok(None);
     }
     if parts.iter().all(|p| matches!(p.weight, QMatMul::Tensor(_))) {
@@ -207,7 +227,12 @@ fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
     Dense(Tensor),
-    Quantized(Arc<QTensor>),
+    /// `table` may carry zero columns past `hidden` (see [`pad_for_tiles`]), so that
+    /// the same storage serves as a tiled output projection.
+    Quantized {
+        table: Arc<QTensor>,
+        hidden: usize,
+    },
 }
 
 impl Embedding {
@@ -215,22 +240,77 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Dense(w) => w.index_select(ids, 0)?,
-            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Quantized { table, hidden } => {
+                let rows = table.embedding(ids)?;
+                if rows.dim(1)? > *hidden {
+                    rows.narrow(1, 0, *hidden)?.contiguous()?
+                } else {
+                    rows
+                }
+            }
         })
     }
 
     /// The same matrix as an output projection (tied embeddings), sharing its storage.
     pub fn as_linear(&self) -> Result<Linear> {
-        let (weight, rows) = match self {
-            Embedding::Dense(w) => (QMatMul::Tensor(w.clone()), w.dim(0)?),
-            Embedding::Quantized(q) => (QMatMul::from_arc(q.clone())?, q.shape().dims()[0]),
+        let (weight, rows, in_features) = match self {
+            Embedding::Dense(w) => (QMatMul::Tensor(w.clone()), w.dim(0)?, w.dim(1)?),
+            Embedding::Quantized { table, hidden } => (
+                QMatMul::from_arc(table.clone())?,
+                table.shape().dims()[0],
+                *hidden,
+            ),
         };
         Ok(Linear {
             weight,
             bias: None,
             out_features: rows,
+            in_features,
         })
     }
+}
+
+/// The input widths (in values) candle 0.11's tiled x86 kernels require: they walk the
+/// input in super-blocks of 256 (`QK_K`). Qwen2.5-0.5B's hidden size, 896, is not one.
+pub const TILED_WIDTH: usize = 256;
+
+/// The output widths the tiled kernels require a multiple of (`TILE_N`: 16 rows per
+/// tile).
+pub const TILE_ROWS: usize = 16;
+
+/// `q` with zero blocks appended to each row up to the next multiple of
+/// [`TILED_WIDTH`] columns, when that lets candle multiply it with its tiled kernels:
+/// Q8_0 on the CPU, with an output width that is a multiple of [`TILE_ROWS`]. A zero
+/// block (scale 0, values 0) adds exact zeros to every dot product, and the inputs are
+/// widened with zeros too ([`Linear::forward`]), so the product is the same sum; the
+/// tiled kernels were measured 2.3x (one row) to 4.7x (8 rows) faster on 896-wide
+/// matrices, which outweighs the 14% more bytes read. Otherwise `q` is returned as is.
+fn pad_for_tiles(q: Arc<QTensor>) -> Result<Arc<QTensor>> {
+    let dims = q.shape().dims().to_vec();
+    let dtype = q.dtype();
+    let (rows, width) = (dims[0], dims[1]);
+    let device = q.device();
+    if !device.is_cpu()
+        || dtype != GgmlDType::Q8_0
+        || width % TILED_WIDTH == 0
+        || rows % TILE_ROWS != 0
+        || width % dtype.block_size() != 0
+    {
+        return Ok(q);
+    }
+    let padded_width = width.div_ceil(TILED_WIDTH) * TILED_WIDTH;
+    let row_bytes = width / dtype.block_size() * dtype.type_size();
+    let pad_bytes = (padded_width - width) / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut bytes = Vec::with_capacity(rows * (row_bytes + pad_bytes));
+    // A Q8_0 block is an f16 scale and 32 i8 values; all-zero bytes are scale 0.0 and
+    // values 0.
+    for row in data.chunks_exact(row_bytes) {
+        bytes.extend_from_slice(row);
+        bytes.resize(bytes.len() + pad_bytes, 0);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
+    Ok(Arc::new(QTensor::new(storage, (rows, padded_width))?))
 }
 
 /// Weights read from safetensors files, widened to f32 on the model's device.
@@ -437,12 +517,13 @@ impl Weights {
             }
             Raw::Quantized(q) => {
                 self.check_shape(&name, q.shape().dims(), &[out_dim, in_dim])?;
-                if self.device.is_cpu() && SLOW_ON_CPU.contains(&q.dtype()) {
+                let q = if self.device.is_cpu() && SLOW_ON_CPU.contains(&q.dtype()) {
                     let dense = q.dequantize(&self.device)?;
-                    QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?
+                    Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
                 } else {
-                    QMatMul::from_arc(q)?
-                }
+                    q
+                };
+                QMatMul::from_arc(pad_for_tiles(q)?)?
             }
         };
         let bias = if bias {
@@ -454,6 +535,7 @@ impl Weights {
             weight,
             bias,
             out_features: out_dim,
+            in_features: in_dim,
         })
     }
 
@@ -470,7 +552,10 @@ impl Weights {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                         Embedding::Dense(q.dequantize(&self.device)?)
                     }
-                    _ => Embedding::Quantized(q),
+                    _ => Embedding::Quantized {
+                        table: pad_for_tiles(q)?,
+                        hidden,
+                    },
                 }
             }
         })
