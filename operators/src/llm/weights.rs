@@ -656,6 +656,41 @@ pub(crate) fn gguf_name(hf: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// A Q8_0 matrix of `rows x width` with values a reader can regenerate.
+    fn q8(rows: usize, width: usize) -> Arc<QTensor> {
+        let values: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let dense = Tensor::from_vec(values, (rows, width), &Device::Cpu).unwrap();
+        Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap())
+    }
+
+    #[test]
+    fn padding_for_tiles_adds_only_zero_columns() {
+        // 96 columns (three Q8_0 blocks) padded to 256: the first 96 dequantize to the
+        // same bits, the other 160 to exact zeros.
+        let q = q8(16, 96);
+        let padded = pad_for_tiles(Arc::clone(&q)).unwrap();
+        assert_eq!(padded.shape().dims(), &[16, 256]);
+        let before = q.dequantize(&Device::Cpu).unwrap();
+        let after = padded.dequantize(&Device::Cpu).unwrap();
+        let kept = after.narrow(1, 0, 96).unwrap();
+        assert_eq!(
+            kept.to_vec2::<f32>().unwrap(),
+            before.to_vec2::<f32>().unwrap()
+        );
+        let added = after.narrow(1, 96, 160).unwrap().to_vec2::<f32>().unwrap();
+        assert!(added.iter().flatten().all(|&v| v == 0.0));
+
+        // Left as they are: a width already a multiple of 256, and an output width the
+        // tiled kernels cannot take (not a multiple of 16 rows).
+        assert_eq!(
+            pad_for_tiles(q8(16, 256)).unwrap().shape().dims(),
+            &[16, 256]
+        );
+        assert_eq!(pad_for_tiles(q8(8, 96)).unwrap().shape().dims(), &[8, 96]);
+    }
+
     #[test]
     fn gguf_names_follow_llama_cpp() {
         assert_eq!(
