@@ -31,7 +31,7 @@ use distillery_operators::llm::{LlmOptions, SamplingParams};
 use serde::Serialize;
 
 use crate::config::{GenerateFile, HeldOutFile, Pipeline};
-use crate::corpus::{open_passages, BadRecordPolicy, Quarantine, ReadOptions};
+use crate::corpus::open_passages;
 use crate::error::EngineError;
 use crate::generate::cache::CachedOutcome;
 use crate::generate::cache::{cache_batch, cache_key, cache_schema, cache_stage, read_cache};
@@ -42,7 +42,7 @@ use crate::generate::prepare::{PrepareOptions, PrepareReport, Preparer, SampledP
 use crate::generate::prompts::{PromptSet, QueryTypeSpec, BUILTIN_TYPES};
 use crate::generate::queries_table::{query_id, write_queries_file, GeneratedQuery};
 use crate::generate::{Generated, QueryGenerator};
-use crate::jobs::quarantined;
+use crate::jobs::{quarantined, read_options};
 use crate::progress::Progress;
 use crate::store::StageStore;
 
@@ -310,16 +310,6 @@ pub fn run_pipeline_generate(pipeline: &Pipeline) -> Result<GenerateOutcome, Eng
     run_generate(&job)
 }
 
-fn read_options(job: &GenerateJob) -> Result<ReadOptions, EngineError> {
-    Ok(ReadOptions {
-        policy: match &job.quarantine {
-            None => BadRecordPolicy::Fail,
-            Some(path) => BadRecordPolicy::Skip(Quarantine::create(path)?),
-        },
-        ..ReadOptions::default()
-    })
-}
-
 fn build_generator(
     job: &GenerateJob,
     passages: &[SampledPassage],
@@ -356,7 +346,7 @@ pub fn run_generate_with(
         source,
     })?;
     let store = StageStore::open(&job.run_dir)?;
-    let read = read_options(job)?;
+    let read = read_options(job.quarantine.as_deref())?;
     let mut preparer =
         Preparer::new(job.prepare.clone()).map_err(|e| EngineError::Invalid(e.to_string()))?;
     for passage in open_passages(&job.corpus, &read)? {
@@ -401,15 +391,17 @@ pub fn run_generate_with(
         .collect();
     let requests = passages.len() * types.len();
     let cached = requests - missing.len();
+    // passages_missing[i]: distinct passages among missing[..=i].
+    let passages_missing = distinct_prefix_counts(&missing);
+    let generated_passages = passages_missing.last().copied().unwrap_or(0);
 
     let mut failures: HashMap<(usize, usize), String> = HashMap::new();
     let mut tokens = 0u64;
     let start = Instant::now();
     if !missing.is_empty() {
-        let passages_missing = distinct_prefix_counts(&missing);
         let progress = Progress::new(
             &format!("generate ({})", short_id(&generator_id)),
-            passages_missing.last().copied().map(|n| n as u64),
+            Some(generated_passages as u64),
             job.quiet,
         )
         .with_secondary("tokens");
@@ -544,10 +536,6 @@ pub fn run_generate_with(
     if let Some(output) = &job.output {
         write_queries_file(output, &rows)?;
     }
-    let generated_passages = distinct_prefix_counts(&missing)
-        .last()
-        .copied()
-        .unwrap_or(0);
     let per_second = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
     let outcome = GenerateOutcome {
         generator: generator_id,

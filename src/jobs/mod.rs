@@ -72,14 +72,7 @@ impl EmbedSettings {
     }
 
     pub fn read_options(&self) -> Result<ReadOptions, EngineError> {
-        let policy = match &self.quarantine {
-            None => BadRecordPolicy::Fail,
-            Some(path) => BadRecordPolicy::Skip(Quarantine::create(path)?),
-        };
-        Ok(ReadOptions {
-            policy,
-            ..ReadOptions::default()
-        })
+        read_options(self.quarantine.as_deref())
     }
 
     /// Resolves and loads the embedder; a tiny model, when one must be built, gets a
@@ -121,6 +114,18 @@ impl EmbedSettings {
         let embedder = Embedder::load(&resolved.dir, &options, &Device::Cpu)?;
         Ok((Arc::new(embedder), resolved))
     }
+}
+
+/// Reading that fails on the first bad record, or skips bad records into `quarantine`.
+pub fn read_options(quarantine: Option<&Path>) -> Result<ReadOptions, EngineError> {
+    let policy = match quarantine {
+        None => BadRecordPolicy::Fail,
+        Some(path) => BadRecordPolicy::Skip(Quarantine::create(path)?),
+    };
+    Ok(ReadOptions {
+        policy,
+        ..ReadOptions::default()
+    })
 }
 
 /// Records skipped into the quarantine of `read`, and its path (none under `Fail`).
