@@ -54,6 +54,7 @@
 //!
 //! No column is nullable and list items are never null.
 
+pub mod bm25;
 mod candidates;
 mod combine;
 mod examples;
