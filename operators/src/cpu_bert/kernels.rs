@@ -103,6 +103,39 @@ pub fn gelu_erf<const F: bool>(x: f32) -> f32 {
     0.5 * x * one_plus_erf
 }
 
+/// `1 / sqrt(2 pi)`: the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// The exact GELU and its derivative, `(gelu(x), Phi(x) + x phi(x))`, from one erfc
+/// evaluation (as in [`gelu_erf`]): `Phi(x) = (1 + erf(x / sqrt 2)) / 2` and
+/// `phi(x) = exp(-x^2 / 2) / sqrt(2 pi)`, the same `exp(-a^2)` erfc needs.
+#[inline(always)]
+pub fn gelu_erf_and_grad<const F: bool>(x: f32) -> (f32, f32) {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / madd::<F>(ERFC_T_SCALE, a, 1.0);
+    let mut p = ERFC_POLY[ERFC_POLY.len() - 1];
+    for c in ERFC_POLY.iter().rev().skip(1) {
+        p = madd::<F>(p, t, *c);
+    }
+    let gauss = exp::<F>(-(a * a));
+    let erfc_a = t * p * gauss;
+    let one_plus_erf = if z >= 0.0 { 2.0 - erfc_a } else { erfc_a };
+    let cdf = 0.5 * one_plus_erf;
+    (x * cdf, madd::<F>(x * INV_SQRT_2PI, gauss, cdf))
+}
+
+/// GELU's tanh approximation and its derivative:
+/// `d/dx [x (1 + tanh u) / 2] = (1 + tanh u) / 2 + x (1 - tanh^2 u) u' / 2`.
+#[inline(always)]
+pub fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
+    let u = GELU_TANH_SCALE * madd::<F>(GELU_TANH_CUBIC * x * x, x, x);
+    let du = GELU_TANH_SCALE * madd::<F>(3.0 * GELU_TANH_CUBIC * x, x, 1.0);
+    let tanh = 1.0 - 2.0 / (exp::<F>(2.0 * u) + 1.0);
+    let half = 0.5 * (1.0 + tanh);
+    (x * half, madd::<F>(0.5 * x * (1.0 - tanh * tanh), du, half))
+}
+
 /// GELU's tanh approximation, with `tanh(u) = 1 - 2 / (e^(2u) + 1)`.
 #[inline(always)]
 pub fn gelu_tanh<const F: bool>(x: f32) -> f32 {
@@ -113,7 +146,7 @@ pub fn gelu_tanh<const F: bool>(x: f32) -> f32 {
 
 /// Sum of `xs` in [`LANES`] partial sums, combined in a fixed order.
 #[inline(always)]
-fn lane_sum(xs: &[f32]) -> f32 {
+pub(crate) fn lane_sum(xs: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -127,7 +160,7 @@ fn lane_sum(xs: &[f32]) -> f32 {
 
 /// Sum of `(x - mean)^2` over `xs`, in [`LANES`] partial sums.
 #[inline(always)]
-fn lane_sq_dev(xs: &[f32], mean: f32) -> f32 {
+pub(crate) fn lane_sq_dev(xs: &[f32], mean: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail: f32 = chunks
@@ -146,7 +179,7 @@ fn lane_sq_dev(xs: &[f32], mean: f32) -> f32 {
 
 /// Largest element of `xs` (negative infinity when empty), in [`LANES`] partial maxima.
 #[inline(always)]
-fn lane_max(xs: &[f32]) -> f32 {
+pub(crate) fn lane_max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail = chunks
@@ -257,7 +290,7 @@ mod portable {
 
 /// Whether the CPU runs the AVX-512 copies (std caches the detection).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx2")
@@ -266,7 +299,8 @@ fn has_avx512() -> bool {
 
 /// Generates, for each named portable kernel, an AVX-512 copy (with fused multiply-adds)
 /// and a public wrapper that runs the fastest copy the CPU supports. The copies may differ
-/// in the last bits; on one machine the same copy always runs.
+/// in the last bits; on one machine the same copy always runs. The invoking module must
+/// hold a `portable` module with a `<const F: bool>` definition of each named kernel.
 macro_rules! dispatched {
     ($($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*);)*) => {
         #[cfg(target_arch = "x86_64")]
@@ -284,7 +318,7 @@ macro_rules! dispatched {
             $(#[$doc])*
             pub fn $name($($arg: $ty),*) {
                 #[cfg(target_arch = "x86_64")]
-                if has_avx512() {
+                if $crate::cpu_bert::kernels::has_avx512() {
                     // SAFETY: the CPU has every feature the AVX-512 copy is compiled for.
                     unsafe { avx512::$name($($arg),*) };
                     return;
@@ -294,6 +328,7 @@ macro_rules! dispatched {
         )*
     };
 }
+pub(crate) use dispatched;
 
 dispatched! {
     /// Adds `bias` to each row of `rows` (rows of `bias.len()` floats) and applies `act`.

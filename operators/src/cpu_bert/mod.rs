@@ -27,8 +27,8 @@
 //! thread timing. Results may differ in the last bits between batch compositions, as the
 //! products' blocking does.
 
-mod kernels;
-mod matmul;
+pub(crate) mod kernels;
+pub(crate) mod matmul;
 
 use std::ops::Range;
 use std::sync::Mutex;

@@ -15,9 +15,14 @@
 //!   [`Student::save_weights`] / [`Student::export_sentence_transformers`] write them.
 //! - Queries and passages have their own maximum length and prompt ([`StudentOptions`]).
 
+mod cpu_train;
 mod export;
 mod fused;
+mod gradients;
 mod model;
+
+pub use cpu_train::CHUNK_TOKENS;
+pub use gradients::{chunks_by_padded_budget, GradientPath, Gradients, GRAPH_TOKEN_BUDGET};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
