@@ -130,6 +130,13 @@ fn mine_and_label_keep_the_recipes_invariants_and_reuse_scores() {
         first.train
     );
 
+    // The cross-encoder's cache keeps the name it had before teachers had kinds
+    // (computed at bc3127a): teacher kinds must not orphan existing caches.
+    assert!(run
+        .path()
+        .join("stages/teacher-1bd68bbba7c2ec25-cache")
+        .is_dir());
+
     // A second run finds every pair in the teacher's cache and changes nothing.
     let second = run_label(&p).unwrap();
     assert!(second.mine.reused);

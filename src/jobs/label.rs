@@ -1,11 +1,18 @@
 //! `distillery label`: teacher scores for every (query, candidate) pair, then the
 //! teacher funnel and the `examples` table (RECIPE.md section 4).
 //!
-//! Runs `mine` first (reused when unchanged). Per teacher, scores live in an append-only
-//! cache stage named after the teacher's fingerprint, keyed per pair by a hash of the
-//! query text and the passage text: a pair is never scored twice by the same teacher,
-//! across runs and corpus changes. Missing pairs are scored by one device stage (which
-//! resumes when killed) and then appended to the cache.
+//! Runs `mine` first (reused when unchanged). A teacher is a cross-encoder, a bi-encoder
+//! or BM25 ([`teacher::PairTeacher`], one file per kind). Per teacher, scores live in an
+//! append-only cache stage named after the teacher's fingerprint, keyed per pair by a
+//! hash of the query text and the passage text: a pair is never scored twice by the same
+//! teacher, across runs and corpus changes, and teachers of different kinds or settings
+//! never share a cache. Missing pairs are scored by the teacher (its device stages resume
+//! when killed) and then appended to the cache.
+
+pub mod bi_encoder;
+pub mod bm25;
+pub mod cross_encoder;
+pub mod teacher;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -15,23 +22,20 @@ use arrow::array::{Array, ArrayRef, Float32Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
-use candle_core::Device;
-use distillery_operators::cross_encoder::{CrossEncoder, CrossEncoderOptions};
 use serde::Serialize;
 
 use crate::config::Pipeline;
-use crate::dataflow::{run_device_stage, EmbedStage, StageOutput, CHUNK_ROWS};
+use crate::dataflow::CHUNK_ROWS;
 use crate::error::EngineError;
-use crate::executor::ScorePairs;
 use crate::jobs::mine::{run_mine, MineOutcome, CANDIDATES_STAGE};
 use crate::jobs::passage_texts;
 use crate::mining::{
     example_from_labelled, examples_schema, examples_to_batch, label_queries, write_examples_jsonl,
     Example, PassageIdx, ScoredQuery, TeacherStats,
 };
-use crate::model::fingerprint;
 use crate::schema::{candidates_from_batch, CandidateRow};
 use crate::store::{hash_settings, ContentHasher, StageKey, StageStatus, StageStore};
+use teacher::{load_teacher, PairToScore, ScoringContext};
 
 /// The examples stage's name.
 pub const EXAMPLES_STAGE: &str = "examples";
@@ -54,14 +58,15 @@ pub struct LabelOutcome {
     pub jsonl: Option<PathBuf>,
 }
 
-fn scores_schema() -> SchemaRef {
+/// The schema of a teacher's score stages: pair key, score.
+pub(crate) fn scores_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new(COL_PAIR, DataType::Utf8, false),
         Field::new(COL_SCORE, DataType::Float32, false),
     ]))
 }
 
-fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordBatch, ArrowError> {
+pub(crate) fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordBatch, ArrowError> {
     let p: ArrayRef = Arc::new(StringArray::from_iter_values(pairs.iter()));
     let s: ArrayRef = Arc::new(Float32Array::from(scores));
     RecordBatch::try_new(scores_schema(), vec![p, s])
@@ -75,7 +80,7 @@ pub fn pair_key(query: &str, passage: &str) -> String {
     h.finish()
 }
 
-fn read_scores(
+pub(crate) fn read_scores(
     store: &StageStore,
     stage: &str,
     into: &mut HashMap<String, f32>,
@@ -102,7 +107,9 @@ fn read_scores(
 pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
     if pipeline.teachers.is_empty() {
         return Err(EngineError::Invalid(
-            "no [[teachers]] in the configuration: label needs at least one cross-encoder".into(),
+            "no [[teachers]] in the configuration: label needs at least one teacher \
+             (kind = \"cross-encoder\", \"bi-encoder\" or \"bm25\")"
+                .into(),
         ));
     }
     let mine = run_mine(pipeline)?;
@@ -144,30 +151,15 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
     let mut per_teacher: Vec<HashMap<String, f32>> = Vec::new();
     let mut scored_now = Vec::new();
     let mut teacher_ids = Vec::new();
-    for (t, teacher) in pipeline.teachers.iter().enumerate() {
-        let dir = PathBuf::from(&teacher.model);
-        let model = CrossEncoder::load(
-            &dir,
-            &CrossEncoderOptions {
-                max_length: teacher.max_length,
-            },
-            &Device::Cpu,
-        )?;
-        #[derive(Serialize)]
-        struct TeacherKey<'a> {
-            model: &'a str,
-            max_length: usize,
-        }
-        let fp = fingerprint(&dir)?;
-        let settings_hash = hash_settings(&TeacherKey {
-            model: &fp,
-            max_length: model.max_length(),
-        })?;
+    for (t, settings) in pipeline.teachers.iter().enumerate() {
+        let teacher = load_teacher(pipeline, t, settings)?;
+        let settings_hash = teacher.fingerprint().to_string();
         teacher_ids.push(settings_hash.clone());
         // Stage names come from the hash, never from the user's path.
-        let cache_stage = format!("teacher-{}-cache", &settings_hash[..16]);
+        let stage_prefix = format!("teacher-{}", &settings_hash[..16]);
+        let cache_stage = format!("{stage_prefix}-cache");
         let cache_key = StageKey {
-            settings_hash: settings_hash.clone(),
+            settings_hash,
             input_hash: "append-only cache".into(),
         };
         let mut known = HashMap::new();
@@ -177,56 +169,42 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
         ) {
             read_scores(&store, &cache_stage, &mut known)?;
         }
-        let missing: Vec<(&String, &(String, String))> = pairs
+        let missing: Vec<PairToScore<'_>> = pairs
             .iter()
             .filter(|(k, _)| !known.contains_key(*k))
+            .map(|(k, (q, p))| PairToScore {
+                key: k,
+                query: q,
+                passage: p,
+            })
             .collect();
         scored_now.push(missing.len());
         if !missing.is_empty() {
-            let mut mh = ContentHasher::new();
-            for (k, _) in &missing {
-                mh.field(k);
-            }
-            let pending = EmbedStage {
-                stage: format!("teacher-{}-pending", &settings_hash[..16]),
-                key: StageKey {
-                    settings_hash: settings_hash.clone(),
-                    input_hash: mh.finish(),
-                },
-                kind: distillery_operators::TextKind::Passage,
+            let ctx = ScoringContext {
+                store: &store,
+                stage_prefix,
+                label: format!("teacher {t} ({})", settings.kind.name()),
                 batcher: pipeline.retrievers[0].batcher(),
                 workers: pipeline.workers,
-                chunk_rows: CHUNK_ROWS,
-                total: Some(missing.len() as u64),
-                label: format!("teacher {t}: score pairs"),
+                threads: pipeline.threads,
                 quiet: false,
             };
-            let source: Vec<_> = missing
-                .iter()
-                .map(|(k, (q, p))| Ok(((*k).clone(), (q.clone(), p.clone()))))
-                .collect();
-            let output = StageOutput {
-                schema: scores_schema(),
-                to_batch: Arc::new(scores_batch),
-            };
-            run_device_stage(
-                &store,
-                Arc::new(ScorePairs {
-                    model: Arc::new(model),
-                }),
-                Box::new(source.into_iter()),
-                &pending,
-                output,
-            )?;
+            let scores = teacher.score_pairs(&missing, &ctx)?;
+            if scores.len() != missing.len() {
+                return Err(EngineError::Dataflow(format!(
+                    "teacher {t} returned {} scores for {} pairs; this is a bug",
+                    scores.len(),
+                    missing.len()
+                )));
+            }
             // Append the new scores to the cache (a part at a time, each atomic).
-            let mut fresh = HashMap::new();
-            read_scores(&store, &pending.stage, &mut fresh)?;
             let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
-            for batch in store.read(&pending.stage)? {
-                writer.write_part(&[batch?])?;
+            for (chunk, chunk_scores) in missing.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS)) {
+                let keys: Vec<String> = chunk.iter().map(|p| p.key.to_string()).collect();
+                writer.write_part(&[scores_batch(&keys, chunk_scores.to_vec())?])?;
             }
             drop(writer);
-            known.extend(fresh);
+            known.extend(missing.iter().map(|p| p.key.to_string()).zip(scores));
         }
         per_teacher.push(known);
     }

@@ -1,0 +1,133 @@
+//! The BM25 teacher: Okapi BM25 ([`crate::mining::bm25`]) of the query against the
+//! passage, with document frequencies and the average length of the pipeline's whole
+//! corpus (held-out passages included: they are part of the collection the statistics
+//! describe).
+//!
+//! The statistics are built only when pairs need scoring, by one streamed pass over the
+//! corpus that keeps a term -> document frequency map and never the passages. The
+//! fingerprint holds `k1`, `b` and the corpus file's content hash: another corpus means
+//! other statistics, so other scores. Scoring is CPU only, split over the engine's
+//! threads in contiguous ranges, so a score never depends on the thread count.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::TeacherKind;
+use crate::corpus::{BadRecordPolicy, Quarantine, ReadOptions};
+use crate::error::EngineError;
+use crate::jobs::{count_records, hash_file, passage_texts};
+use crate::mining::bm25::{Bm25Params, Bm25Stats};
+use crate::progress::Progress;
+use crate::store::hash_settings;
+
+use super::teacher::{PairTeacher, PairToScore, ScoringContext};
+
+/// Pairs a scoring thread takes at a time between progress updates.
+const PROGRESS_STEP: usize = 4096;
+
+/// A BM25 teacher over one corpus file.
+pub struct Bm25Teacher {
+    params: Bm25Params,
+    corpus: PathBuf,
+    /// Where bad corpus records go when the run skips them (a file of this teacher's,
+    /// so that the run's quarantine lists each bad record once); `None` fails on them.
+    quarantine: Option<PathBuf>,
+    fingerprint: String,
+}
+
+/// Every setting a BM25 teacher's scores depend on.
+#[derive(Serialize)]
+struct Bm25Key<'a> {
+    kind: &'a str,
+    k1: f64,
+    b: f64,
+    corpus: &'a str,
+}
+
+impl Bm25Teacher {
+    /// A BM25 teacher with `params` over `corpus`; `skip_bad_records` follows the run's
+    /// policy, with this teacher's quarantine in `run_dir`.
+    pub fn new(
+        params: Bm25Params,
+        corpus: &Path,
+        skip_bad_records: bool,
+        run_dir: &Path,
+    ) -> Result<Self, EngineError> {
+        let corpus_hash = hash_file(corpus)?;
+        let fingerprint = hash_settings(&Bm25Key {
+            kind: TeacherKind::BM25,
+            k1: params.k1,
+            b: params.b,
+            corpus: &corpus_hash,
+        })?;
+        Ok(Self {
+            params,
+            corpus: corpus.to_path_buf(),
+            quarantine: skip_bad_records.then(|| run_dir.join("bm25-corpus-quarantine.jsonl")),
+            fingerprint,
+        })
+    }
+
+    /// The corpus statistics, by one streamed pass.
+    pub fn corpus_stats(&self, label: &str, quiet: bool) -> Result<Bm25Stats, EngineError> {
+        let read = match &self.quarantine {
+            None => ReadOptions::default(),
+            Some(path) => ReadOptions {
+                policy: BadRecordPolicy::Skip(Quarantine::create(path)?),
+                ..ReadOptions::default()
+            },
+        };
+        let progress = Progress::new(label, count_records(&self.corpus), quiet);
+        let mut stats = Bm25Stats::default();
+        for item in passage_texts(&self.corpus, &read)? {
+            let (_, text) = item?;
+            stats.add_document(&text);
+            progress.inc(1);
+        }
+        progress.finish();
+        if let BadRecordPolicy::Skip(q) = &read.policy {
+            q.finish()?;
+        }
+        Ok(stats)
+    }
+}
+
+impl PairTeacher for Bm25Teacher {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn score_pairs(
+        &self,
+        pairs: &[PairToScore<'_>],
+        ctx: &ScoringContext<'_>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let stats = self.corpus_stats(&format!("{}: bm25 statistics", ctx.label), ctx.quiet)?;
+        let progress = Progress::new(
+            &format!("{}: score pairs", ctx.label),
+            Some(pairs.len() as u64),
+            ctx.quiet,
+        );
+        let mut scores = vec![0.0f32; pairs.len()];
+        let per_thread = pairs.len().div_ceil(ctx.threads.max(1)).max(1);
+        std::thread::scope(|scope| {
+            for (out, input) in scores.chunks_mut(per_thread).zip(pairs.chunks(per_thread)) {
+                let (stats, progress, params) = (&stats, &progress, self.params);
+                scope.spawn(move || {
+                    for (o, i) in out
+                        .chunks_mut(PROGRESS_STEP)
+                        .zip(input.chunks(PROGRESS_STEP))
+                    {
+                        for (s, p) in o.iter_mut().zip(i) {
+                            *s = stats.score(params, p.query, p.passage) as f32;
+                        }
+                        progress.inc(i.len() as u64);
+                    }
+                });
+            }
+        });
+        progress.finish();
+        Ok(scores)
+    }
+}

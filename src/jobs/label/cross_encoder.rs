@@ -1,0 +1,118 @@
+//! The cross-encoder teacher: a sequence-classification model reads query and passage
+//! together and gives the pair one logit. Pairs run as one device stage (tokenised and
+//! batched on the workers, resumable when killed), `<prefix>-pending`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use distillery_operators::cross_encoder::{CrossEncoder, CrossEncoderOptions};
+use distillery_operators::TextKind;
+use serde::Serialize;
+
+use crate::dataflow::{run_device_stage, EmbedStage, StageOutput, CHUNK_ROWS};
+use crate::error::EngineError;
+use crate::executor::ScorePairs;
+use crate::model::fingerprint;
+use crate::store::{hash_settings, ContentHasher, StageKey};
+
+use super::teacher::{PairTeacher, PairToScore, ScoringContext};
+use super::{read_scores, scores_batch, scores_schema};
+
+/// A loaded cross-encoder and its fingerprint.
+pub struct CrossEncoderTeacher {
+    model: Arc<CrossEncoder>,
+    fingerprint: String,
+}
+
+/// The settings a cross-encoder's scores depend on. Its serialised form is the one the
+/// cache had before teachers had kinds: changing it would orphan every existing cache.
+#[derive(Serialize)]
+struct CrossEncoderKey<'a> {
+    model: &'a str,
+    max_length: usize,
+}
+
+impl CrossEncoderTeacher {
+    /// Loads the model directory `dir`; `max_length` caps tokens per pair.
+    pub fn load(dir: &Path, max_length: Option<usize>) -> Result<Self, EngineError> {
+        let model = CrossEncoder::load(dir, &CrossEncoderOptions { max_length }, &Device::Cpu)?;
+        let files = fingerprint(dir)?;
+        let fingerprint = hash_settings(&CrossEncoderKey {
+            model: &files,
+            max_length: model.max_length(),
+        })?;
+        Ok(Self {
+            model: Arc::new(model),
+            fingerprint,
+        })
+    }
+}
+
+impl PairTeacher for CrossEncoderTeacher {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn score_pairs(
+        &self,
+        pairs: &[PairToScore<'_>],
+        ctx: &ScoringContext<'_>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut input = ContentHasher::new();
+        for p in pairs {
+            input.field(p.key);
+        }
+        let stage = EmbedStage {
+            stage: format!("{}-pending", ctx.stage_prefix),
+            key: StageKey {
+                settings_hash: self.fingerprint.clone(),
+                input_hash: input.finish(),
+            },
+            // Pairs are tokenised as pairs; the kind only matters to embedders.
+            kind: TextKind::Passage,
+            batcher: ctx.batcher,
+            workers: ctx.workers,
+            chunk_rows: CHUNK_ROWS,
+            total: Some(pairs.len() as u64),
+            label: format!("{}: score pairs", ctx.label),
+            quiet: ctx.quiet,
+        };
+        let source: Vec<_> = pairs
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.key.to_string(),
+                    (p.query.to_string(), p.passage.to_string()),
+                ))
+            })
+            .collect();
+        let output = StageOutput {
+            schema: scores_schema(),
+            to_batch: Arc::new(scores_batch),
+        };
+        run_device_stage(
+            ctx.store,
+            Arc::new(ScorePairs {
+                model: self.model.clone(),
+            }),
+            Box::new(source.into_iter()),
+            &stage,
+            output,
+        )?;
+        let mut scored = HashMap::new();
+        read_scores(ctx.store, &stage.stage, &mut scored)?;
+        pairs
+            .iter()
+            .map(|p| {
+                scored.get(p.key).copied().ok_or_else(|| {
+                    EngineError::Dataflow(format!(
+                        "stage {}: no score for pair {}; this is a bug",
+                        stage.stage, p.key
+                    ))
+                })
+            })
+            .collect()
+    }
+}

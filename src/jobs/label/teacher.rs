@@ -1,0 +1,97 @@
+//! What every teacher kind implements: score (query, passage) pairs, and say which
+//! settings its scores depend on.
+//!
+//! A teacher's [`PairTeacher::fingerprint`] names its score cache: two teachers share a
+//! cache exactly when their fingerprints are equal, so each kind hashes its kind's name
+//! with every setting that can change a score (a cross-encoder keeps the hash it had
+//! before kinds existed, so existing caches stay valid). [`PairTeacher::score_pairs`]
+//! scores only the pairs the cache lacks; it may keep resumable stages of its own in the
+//! store, named after [`ScoringContext::stage_prefix`].
+
+use std::path::PathBuf;
+
+use distillery_operators::TokenBudgetBatcher;
+
+use crate::config::{Pipeline, TeacherKind, TeacherSettings};
+use crate::error::EngineError;
+use crate::store::StageStore;
+
+use super::bi_encoder::BiEncoderTeacher;
+use super::bm25::Bm25Teacher;
+use super::cross_encoder::CrossEncoderTeacher;
+
+/// One pair to score: its cache key and the two texts the teacher sees.
+#[derive(Debug, Clone, Copy)]
+pub struct PairToScore<'a> {
+    pub key: &'a str,
+    pub query: &'a str,
+    pub passage: &'a str,
+}
+
+/// Where and how a teacher runs.
+#[derive(Debug, Clone)]
+pub struct ScoringContext<'a> {
+    pub store: &'a StageStore,
+    /// The start of the names of the teacher's own stages (`teacher-<16 hex digits>`).
+    pub stage_prefix: String,
+    /// Progress label (`teacher 0`).
+    pub label: String,
+    pub batcher: TokenBudgetBatcher,
+    /// Timely workers of device stages.
+    pub workers: usize,
+    /// Threads for CPU-only scoring.
+    pub threads: usize,
+    pub quiet: bool,
+}
+
+/// A teacher: anything that gives a (query, passage) pair a relevance score.
+pub trait PairTeacher {
+    /// The hash of every setting the scores depend on (64 hex digits).
+    fn fingerprint(&self) -> &str;
+
+    /// One score per pair, in the order of `pairs`.
+    fn score_pairs(
+        &self,
+        pairs: &[PairToScore<'_>],
+        ctx: &ScoringContext<'_>,
+    ) -> Result<Vec<f32>, EngineError>;
+}
+
+/// Loads the teacher `settings` describes; `index` is its place in `[[teachers]]`.
+pub fn load_teacher(
+    pipeline: &Pipeline,
+    index: usize,
+    settings: &TeacherSettings,
+) -> Result<Box<dyn PairTeacher>, EngineError> {
+    Ok(match &settings.kind {
+        TeacherKind::CrossEncoder { model, max_length } => Box::new(CrossEncoderTeacher::load(
+            &PathBuf::from(model),
+            *max_length,
+        )?),
+        TeacherKind::BiEncoder {
+            model,
+            max_seq_length,
+            query_prefix,
+            passage_prefix,
+        } => {
+            let embed = crate::jobs::EmbedSettings {
+                model: Some(model.clone()),
+                max_seq_length: *max_seq_length,
+                query_prefix: query_prefix.clone(),
+                passage_prefix: passage_prefix.clone(),
+                ..pipeline.retrievers[0].clone()
+            };
+            Box::new(BiEncoderTeacher::load(
+                &embed,
+                &pipeline.corpus,
+                &pipeline.run_dir.join(format!("teacher{index}-tiny-model")),
+            )?)
+        }
+        TeacherKind::Bm25(params) => Box::new(Bm25Teacher::new(
+            *params,
+            &pipeline.corpus,
+            pipeline.quarantine.is_some(),
+            &pipeline.run_dir,
+        )?),
+    })
+}
