@@ -218,7 +218,7 @@ fn main() -> Result<()> {
             let value = terms.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             (grads_of(&terms.total.backward()?, &vars), value)
         } else {
-            let (g, v) = batch_gradients(&student, &vars, &loss, &batch, QUERIES)?;
+            let (g, v) = batch_gradients(&student, &loss, &batch, QUERIES)?;
             (g, v.total)
         };
         clip_grad_norm(&mut grads, CLIP)?;

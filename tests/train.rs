@@ -112,7 +112,7 @@ fn gradient_caching_equals_one_full_batch_backward() {
     let vars = student.vars();
     let batch = prepare(&student, &refs, &texts, &intern, LIST).unwrap();
     // Micro-batches of 2 queries: three re-embedding passes.
-    let (cached, values) = batch_gradients(&student, &vars, &loss, &batch, 2).unwrap();
+    let (cached, values) = batch_gradients(&student, &loss, &batch, 2).unwrap();
 
     // The reference: everything embedded with the graph, one backward.
     let q_texts: Vec<&str> = ex.iter().map(|e| e.query_text.as_str()).collect();

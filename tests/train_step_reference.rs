@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use distillery::train::gradcache::{batch_gradients, PreparedBatch};
+use distillery::train::gradcache::{batch_gradients_on, PreparedBatch};
 use distillery::train::loss::{LossConfig, LossMode, TeacherLists};
+use distillery_operators::student::GradientPath;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{Student, StudentOptions};
 use serde::Deserialize;
@@ -101,17 +102,23 @@ fn train_step_gradients_equal_pytorch_in_every_mode() {
     .unwrap();
     let batch = batch(&f);
     let named = s.named_vars();
-    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
     assert_eq!(f.modes.len(), 3);
     assert_eq!(reference.len(), 3 * named.len());
 
-    for (mode_name, want) in &f.modes {
+    // Both gradient paths: the hand-written CPU kernel (the trainer's on the CPU) and
+    // candle's autograd (other devices).
+    for (path, (mode_name, want)) in [GradientPath::Kernel, GradientPath::Graph]
+        .into_iter()
+        .flat_map(|p| f.modes.iter().map(move |m| (p, m)))
+    {
         let mode: LossMode = serde_json::from_value(serde_json::json!(mode_name)).unwrap();
+        let key = mode_name;
+        let mode_name = &format!("{mode_name} ({path:?})");
         let config = LossConfig {
             mode,
             ..LossConfig::default()
         };
-        let (grads, got) = batch_gradients(&s, &vars, &config, &batch, MICRO_BATCH).unwrap();
+        let (grads, got) = batch_gradients_on(&s, path, &config, &batch, MICRO_BATCH).unwrap();
 
         let loss_diff = relative(got.total, want.total);
         assert!(
@@ -133,7 +140,7 @@ fn train_step_gradients_equal_pytorch_in_every_mode() {
 
         let mut worst = (0.0f64, String::new());
         for ((name, _), grad) in named.iter().zip(&grads) {
-            let want = &reference[&format!("{mode_name}/{name}")];
+            let want = &reference[&format!("{key}/{name}")];
             let grad = grad
                 .as_ref()
                 .unwrap_or_else(|| panic!("{mode_name}: no gradient for {name}"));

@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
-use distillery_operators::student::Student;
-use distillery_operators::{TextKind, TokenBatch, TokenizedText};
+use distillery_operators::student::{GradientPath, Gradients, Student};
+use distillery_operators::TextKind;
 
 use crate::error::EngineError;
 use crate::mining::Example;
@@ -115,82 +115,21 @@ pub fn prepare(
     })
 }
 
-fn token_batch(rows: impl Iterator<Item = Vec<u32>>) -> TokenBatch {
-    TokenBatch {
-        rows: rows
-            .enumerate()
-            .map(|(i, ids)| TokenizedText::new(i, ids))
-            .collect(),
-    }
-}
-
-/// Padded tokens per forward pass that keeps its graph for backward: bounds the memory
-/// of the second pass whatever the micro-batch. Attention keeps `texts x len^2` scores per
-/// layer, so at 4,096 tokens a chunk is 32 texts of 128 tokens or 8 of 512 (about 100 MB
-/// of scores per layer at 512); measured, a 16-query micro-batch of 20 passages of 128
-/// tokens in one graph held 18 GB.
-pub const BACKWARD_TOKEN_BUDGET: usize = 4096;
-
-/// Consecutive chunks of `rows` whose padded size (`count x longest`) stays within
-/// `budget` (a longer single row still gets a chunk of its own). Order is kept.
-fn chunks_by_budget(rows: &[&Vec<u32>], budget: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut longest) = (0, 0);
-    for (i, r) in rows.iter().enumerate() {
-        let next = longest.max(r.len().max(1));
-        if i > start && (i - start + 1) * next > budget {
-            out.push(start..i);
-            start = i;
-            longest = r.len().max(1);
-        } else {
-            longest = next;
-        }
-    }
-    if start < rows.len() {
-        out.push(start..rows.len());
-    }
-    out
-}
-
-/// Embeddings of `rows` without a graph, `[rows, d]`, computed a chunk at a time.
+/// Embeddings of `rows` without gradients, `[rows, d]`.
 fn embed_no_grad(student: &Student, rows: &[&Vec<u32>]) -> Result<Tensor, EngineError> {
-    let mut parts = Vec::new();
-    for c in chunks_by_budget(rows, BACKWARD_TOKEN_BUDGET) {
-        parts.push(student.embed_no_grad(&token_batch(rows[c].iter().map(|r| (*r).clone())))?);
-    }
-    if parts.is_empty() {
-        return Ok(Tensor::zeros(
-            (0, student.dim()),
-            DType::F32,
-            student.device(),
-        )?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    Ok(student.embed_rows(&rows)?)
 }
 
-/// Adds to `total` the parameter gradient of `sum(embed(rows) * grads)`, a chunk at a
-/// time (each chunk's graph is freed before the next is built).
+/// Adds to `total` the parameter gradient of `sum(embed(rows) * grads)`.
 fn backward_cached(
     student: &Student,
-    vars: &[Var],
     rows: &[&Vec<u32>],
     grads: &Tensor,
-    total: &mut [Option<Tensor>],
+    total: &mut Gradients,
 ) -> Result<(), EngineError> {
-    for c in chunks_by_budget(rows, BACKWARD_TOKEN_BUDGET) {
-        let e = student.embed(&token_batch(rows[c.clone()].iter().map(|r| (*r).clone())))?;
-        let surrogate = (&e * grads.narrow(0, c.start, c.len())?)?.sum_all()?;
-        let g = surrogate.backward()?;
-        for (slot, var) in total.iter_mut().zip(vars) {
-            if let Some(grad) = g.get(var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    None => grad.clone(),
-                    Some(acc) => (acc + grad)?,
-                });
-            }
-        }
-    }
-    Ok(())
+    let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    Ok(student.accumulate_gradients(&rows, grads, total)?)
 }
 
 /// Flat valid-passage rows -> `[Q, L, d]` with zero padding, and the flat row index of each
@@ -220,11 +159,28 @@ fn pad_lists(
     Ok((padded, slots))
 }
 
-/// The full-batch gradient of the loss with respect to every variable of `vars` (in that
-/// order), computed micro-batch by micro-batch; and the loss values.
+/// The full-batch gradient of the loss with respect to every variable of
+/// [`Student::vars`] (in that order), computed micro-batch by micro-batch on the
+/// student's default path; and the loss values.
 pub fn batch_gradients(
     student: &Student,
-    vars: &[Var],
+    loss: &LossConfig,
+    batch: &PreparedBatch,
+    micro_batch: usize,
+) -> Result<(Vec<Option<Tensor>>, LossValues), EngineError> {
+    batch_gradients_on(
+        student,
+        student.default_gradient_path(),
+        loss,
+        batch,
+        micro_batch,
+    )
+}
+
+/// [`batch_gradients`] on a chosen gradient path.
+pub fn batch_gradients_on(
+    student: &Student,
+    path: GradientPath,
     loss: &LossConfig,
     batch: &PreparedBatch,
     micro_batch: usize,
@@ -267,7 +223,7 @@ pub fn batch_gradients(
 
     // 3. Re-embed each micro-batch with the graph, a token-budget chunk at a time, and
     // back-propagate the cached gradients.
-    let mut total: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut total = student.zero_gradients_on(path);
     let mut p_at = 0;
     for r in &ranges {
         let q_mb: Vec<&Vec<u32>> = batch.queries[r.clone()].iter().collect();
@@ -275,10 +231,10 @@ pub fn batch_gradients(
         let dq_mb = dq.narrow(0, r.start, r.len())?;
         let dp_mb = dp_flat.narrow(0, p_at, p_mb.len())?;
         p_at += p_mb.len();
-        backward_cached(student, vars, &q_mb, &dq_mb, &mut total)?;
-        backward_cached(student, vars, &p_mb, &dp_mb, &mut total)?;
+        backward_cached(student, &q_mb, &dq_mb, &mut total)?;
+        backward_cached(student, &p_mb, &dp_mb, &mut total)?;
     }
-    Ok((total, values))
+    Ok((student.gradient_tensors(total)?, values))
 }
 
 /// The loss of a batch without any gradient (dev evaluation).
@@ -302,21 +258,4 @@ pub fn batch_loss(
         kl: terms.kl.as_ref().map(scalar).transpose()?,
         infonce: terms.infonce.as_ref().map(scalar).transpose()?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_keep_order_and_respect_the_token_budget() {
-        let rows: Vec<Vec<u32>> = [3, 5, 2, 8, 1, 20].iter().map(|&n| vec![0; n]).collect();
-        let refs: Vec<&Vec<u32>> = rows.iter().collect();
-        // Budget 10: [3,5] pads to 2 x 5 = 10; adding 2 keeps 3 x 5 = 15 > 10, so it starts
-        // a chunk; [2, 8] = 16 > 10 splits again; [8, 1] = 16 > 10; [1] then [20] alone.
-        let c = chunks_by_budget(&refs, 10);
-        assert_eq!(c, vec![0..2, 2..3, 3..4, 4..5, 5..6]);
-        assert_eq!(chunks_by_budget(&refs, 1000), vec![0..6]);
-        assert!(chunks_by_budget(&[], 10).is_empty());
-    }
 }

@@ -307,7 +307,7 @@ pub fn train(
                 .collect();
             let batch = prepare(student, &chosen, texts, &intern, settings.list_len)?;
             let (mut grads, values) =
-                batch_gradients(student, &vars, &settings.loss, &batch, settings.micro_batch)?;
+                batch_gradients(student, &settings.loss, &batch, settings.micro_batch)?;
             if !values.total.is_finite() {
                 return Err(EngineError::Invalid(format!(
                     "non-finite loss {} at step {} (epoch {}, batch {} of the epoch): stopping, nothing was updated",
