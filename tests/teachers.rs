@@ -1,0 +1,265 @@
+//! Teacher kinds other than the cross-encoder: a bi-encoder's score is the cosine of the
+//! embedder's own embeddings, a BM25 teacher's is BM25 over the pipeline's corpus, and
+//! `label` with one of each caches both, reuses both, and re-scores only the teacher
+//! whose settings changed.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use distillery::config::{Pipeline, PipelineFile};
+use distillery::corpus::ReadOptions;
+use distillery::jobs::label::bi_encoder::{cosine, BiEncoderTeacher};
+use distillery::jobs::label::bm25::Bm25Teacher;
+use distillery::jobs::label::teacher::{PairTeacher, PairToScore, ScoringContext};
+use distillery::jobs::label::{pair_key, run_label, EXAMPLES_STAGE};
+use distillery::jobs::mine::CANDIDATES_STAGE;
+use distillery::jobs::passage_texts;
+use distillery::mining::bm25::{Bm25Params, Bm25Stats};
+use distillery::mining::examples_from_batch;
+use distillery::schema::candidates_from_batch;
+use distillery::store::StageStore;
+use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+use distillery_operators::{
+    Embedder, EmbedderOptions, TextKind, TokenBatch, TokenBudgetBatcher, TokenizedText,
+};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn corpus_path() -> PathBuf {
+    root().join("datasets/scifact-mini/corpus.jsonl")
+}
+
+/// `(id, text)` of every passage of the shipped SciFact subset.
+fn corpus() -> Vec<(String, String)> {
+    passage_texts(&corpus_path(), &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// A tiny random sentence embedder whose tokenizer is trained on the corpus.
+fn tiny_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = corpus().into_iter().map(|(_, t)| t).collect();
+    write_tiny_bert(dir.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
+    dir
+}
+
+fn context(store: &StageStore) -> ScoringContext<'_> {
+    ScoringContext {
+        store,
+        stage_prefix: "teacher-test".into(),
+        label: "teacher test".into(),
+        batcher: TokenBudgetBatcher {
+            max_tokens: 4096,
+            max_rows: 64,
+        },
+        workers: 2,
+        threads: 2,
+        quiet: true,
+    }
+}
+
+/// One text embedded alone, as the embedder does it.
+fn embed_alone(embedder: &Embedder, text: &str, kind: TextKind) -> Vec<f32> {
+    let ids = embedder.tokenize(&[text], kind).unwrap().remove(0);
+    let batch = TokenBatch {
+        rows: vec![TokenizedText::new(0, ids)],
+    };
+    embedder.embed_batch(&batch).unwrap()
+}
+
+#[test]
+fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
+    let model = tiny_model();
+    // Different prompts on the two sides, so embedding a query as a passage (or the
+    // reverse) gives another score.
+    let options = EmbedderOptions {
+        max_seq_length: None,
+        query_prefix: Some("query: ".into()),
+        passage_prefix: Some("passage: ".into()),
+    };
+    let embedder = Arc::new(Embedder::load(model.path(), &options, &Device::Cpu).unwrap());
+    let teacher = BiEncoderTeacher::new(embedder.clone()).unwrap();
+
+    let texts = corpus();
+    let queries = [
+        "What reduces the risk of heart disease?",
+        "vitamin D deficiency in children",
+    ];
+    // Two queries, five passages, one passage shared by both queries.
+    let pairs: Vec<(String, &str, &str)> = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3), (1, 4)]
+        .iter()
+        .map(|&(q, p)| {
+            let passage = texts[p].1.as_str();
+            (pair_key(queries[q], passage), queries[q], passage)
+        })
+        .collect();
+    let to_score: Vec<PairToScore<'_>> = pairs
+        .iter()
+        .map(|(key, query, passage)| PairToScore {
+            key,
+            query,
+            passage,
+        })
+        .collect();
+    let run = tempfile::tempdir().unwrap();
+    let store = StageStore::open(run.path()).unwrap();
+    let got = teacher.score_pairs(&to_score, &context(&store)).unwrap();
+
+    assert_eq!(got.len(), pairs.len());
+    for (p, &score) in to_score.iter().zip(&got) {
+        let q = embed_alone(&embedder, p.query, TextKind::Query);
+        let d = embed_alone(&embedder, p.passage, TextKind::Passage);
+        let want = cosine(&q, &d);
+        assert!((score - want).abs() < 1e-5, "{score} vs {want}");
+        // The sides matter: the passage embedded as a query scores otherwise.
+        let swapped = cosine(&q, &embed_alone(&embedder, p.passage, TextKind::Query));
+        assert!((score - swapped).abs() > 1e-4, "{score} vs {swapped}");
+    }
+    // Scores tell pairs apart.
+    assert!(got.iter().any(|&s| (s - got[0]).abs() > 1e-3), "{got:?}");
+
+    // Another prompt is another teacher.
+    let plain = Embedder::load(model.path(), &EmbedderOptions::default(), &Device::Cpu).unwrap();
+    let other = BiEncoderTeacher::new(Arc::new(plain)).unwrap();
+    assert_ne!(other.fingerprint(), teacher.fingerprint());
+}
+
+#[test]
+fn cosine_of_known_vectors() {
+    // (1, 2, 2) has norm 3, (2, 1, 2) norm 3, dot 2 + 2 + 4 = 8: cosine 8/9.
+    assert!((cosine(&[1.0, 2.0, 2.0], &[2.0, 1.0, 2.0]) - 8.0 / 9.0).abs() < 1e-7);
+    assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+}
+
+fn pipeline(run: &Path, model: &Path, b: f64) -> Pipeline {
+    let data = root().join("datasets/scifact-mini");
+    let text = format!(
+        r#"
+run_dir = "{run}"
+corpus = "{data}/corpus.jsonl"
+[held_out]
+count = 25
+[queries]
+path = "{data}/queries.jsonl"
+qrels = "{data}/qrels/test.tsv"
+[[retrievers]]
+model = "{model}"
+[candidates]
+retrieve_top = 50
+source_in_top = 50
+fused_top = 50
+[[teachers]]
+kind = "bi-encoder"
+model = "{model}"
+weight = 1
+[[teachers]]
+kind = "bm25"
+weight = 1
+b = {b}
+[teacher]
+require_source_first = false
+[engine]
+threads = 2
+"#,
+        run = run.display(),
+        data = data.display(),
+        model = model.display(),
+    );
+    let file: PipelineFile = toml::from_str(&text).unwrap();
+    Pipeline::resolve(file, Path::new("/"), Path::new("test.toml")).unwrap()
+}
+
+/// The scores of a teacher's cache stage, by pair key.
+fn cached_scores(store: &StageStore, stage: &str) -> HashMap<String, f32> {
+    use arrow::array::{Float32Array, StringArray};
+    let mut out = HashMap::new();
+    for batch in store.read(stage).unwrap() {
+        let batch = batch.unwrap();
+        let pairs = batch.column(0).as_any().downcast_ref::<StringArray>();
+        let scores = batch.column(1).as_any().downcast_ref::<Float32Array>();
+        let (pairs, scores) = (pairs.unwrap(), scores.unwrap());
+        for i in 0..batch.num_rows() {
+            out.insert(pairs.value(i).to_string(), scores.value(i));
+        }
+    }
+    out
+}
+
+#[test]
+fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed() {
+    let model = tiny_model();
+    let run = tempfile::tempdir().unwrap();
+    let p = pipeline(run.path(), model.path(), 0.4);
+
+    let first = run_label(&p).unwrap();
+    assert!(first.pairs > 0);
+    assert_eq!(first.scored_now, vec![first.pairs, first.pairs]);
+    assert!(first.examples > 0);
+    let store = StageStore::open(run.path()).unwrap();
+    let mut examples = Vec::new();
+    for b in store.read(EXAMPLES_STAGE).unwrap() {
+        examples.extend(examples_from_batch(&b.unwrap()).unwrap());
+    }
+    assert_eq!(examples.len(), first.examples);
+
+    // The BM25 cache holds BM25 over the whole corpus (Anserini's k1 and b), pair by pair.
+    let bm25 = Bm25Teacher::new(
+        Bm25Params { k1: 0.9, b: 0.4 },
+        &corpus_path(),
+        false,
+        run.path(),
+    )
+    .unwrap();
+    let cache = cached_scores(
+        &store,
+        &format!("teacher-{}-cache", &bm25.fingerprint()[..16]),
+    );
+    assert_eq!(cache.len(), first.pairs);
+    let texts: HashMap<String, String> = corpus().into_iter().collect();
+    let mut stats = Bm25Stats::default();
+    for t in texts.values() {
+        stats.add_document(t);
+    }
+    assert_eq!(stats.documents(), 500);
+    let mut rows = Vec::new();
+    for b in store.read(CANDIDATES_STAGE).unwrap() {
+        rows.extend(candidates_from_batch(&b.unwrap()).unwrap());
+    }
+    let mut positive = 0;
+    for r in &rows {
+        for c in &r.candidate_ids {
+            let passage = &texts[c];
+            let want = stats.score(Bm25Params::default(), &r.query_text, passage) as f32;
+            assert_eq!(cache[&pair_key(&r.query_text, passage)], want);
+            positive += usize::from(want > 0.0);
+        }
+    }
+    assert!(positive > 0);
+
+    // A rerun serves every pair from the two caches.
+    let second = run_label(&p).unwrap();
+    assert_eq!(second.scored_now, vec![0, 0]);
+    assert_eq!(second.pairs, first.pairs);
+    assert_eq!(second.examples, first.examples);
+
+    // Another b is another BM25 teacher: only it scores again.
+    let p = pipeline(run.path(), model.path(), 0.75);
+    let third = run_label(&p).unwrap();
+    assert_eq!(third.scored_now, vec![0, first.pairs]);
+    let other = Bm25Teacher::new(
+        Bm25Params { k1: 0.9, b: 0.75 },
+        &corpus_path(),
+        false,
+        run.path(),
+    )
+    .unwrap();
+    assert_ne!(other.fingerprint(), bm25.fingerprint());
+}
