@@ -596,7 +596,7 @@ impl Pipeline {
             .teachers
             .iter()
             .enumerate()
-            .map(|(i, t)| t.resolve(i, &resolve_model))
+            .map(|(i, t)| t.resolve(i, resolve_model))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(origin, e))?;
         let threads = file

@@ -10,9 +10,9 @@
 //!   stemming and an English stopword list, so its scores differ.)
 //! - **idf** is Lucene's: `ln(1 + (N - df + 0.5) / (df + 0.5))`, `N` the documents in
 //!   the corpus and `df` those containing the term; always positive.
-//! - **Score** of query `q` against passage `d` of `dl` tokens:
-//!   `sum over the tokens t of q of idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b
-//!   + b * dl / avgdl))`. A query token that occurs twice counts twice (as Anserini's
+//! - **Score** of query `q` against passage `d` of `dl` tokens, summed over the tokens
+//!   `t` of `q`: `idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * dl /
+//!   avgdl))`, with `avgdl` the corpus's mean length. A query token that occurs twice counts twice (as Anserini's
 //!   bag-of-words query weights a term by its count). Lucene since 8.0 leaves out the
 //!   constant factor `k1 + 1`, which scales every score alike and so changes neither a
 //!   ranking nor a percentile calibration; it also rounds document lengths to one byte,
