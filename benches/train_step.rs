@@ -11,13 +11,21 @@
 //! false-negative rule drops entries 1..=8 of a query's list from its InfoNCE candidates,
 //! as on the PyTorch side.
 //!
-//! Modes: `cached` (the trainer's path: `batch_gradients` with a micro-batch of 16, so one
-//! micro-batch is the whole step and gradient caching's extra no-graph forward pass is
-//! part of the cost) and `plain` (one forward with the graph, loss, backward: the same work
-//! PyTorch does). One warm-up step, then `--steps` timed steps; prints one JSON line.
+//! Modes:
+//! - `cached`: the trainer's path, `batch_gradients` with a micro-batch of 16 (the
+//!   student's CPU training kernel). One micro-batch is the whole step here, but gradient
+//!   caching's extra forward pass without gradients is part of the cost, as it is at the
+//!   recipe's scale (4,096 queries a step).
+//! - `plain`: the same work PyTorch does: one forward keeping activations
+//!   (`Student::forward_keep`), the loss, its gradient, one backward
+//!   (`Student::backward_kept`), all on the CPU kernel.
+//! - `graph`: one forward with candle's autograd graph, loss, `backward()` (the path of
+//!   non-CPU devices; the path this bench measured before the kernel).
+//!
+//! One warm-up step, then `--steps` timed steps; prints one JSON line.
 //!
 //! usage: cargo bench -p distillery --bench train_step -- [--model DIR] [--corpus FILE]
-//!            [--steps N] [--mode cached|plain] [--json OUT]
+//!            [--steps N] [--mode cached|plain|graph] [--json OUT]
 //! Threads: set RAYON_NUM_THREADS (candle's CPU kernels run on rayon's pool).
 
 use std::io::BufRead;
@@ -25,10 +33,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Var};
 use distillery::train::gradcache::{batch_gradients, PreparedBatch};
 use distillery::train::loss::{distillation_loss, LossConfig, TeacherLists};
 use distillery::train::optim::{clip_grad_norm, grads_of, AdamW, AdamWConfig};
+use distillery_operators::student::GradientPath;
 use distillery_operators::{Student, StudentOptions, TextKind, TokenBatch, TokenizedText};
 
 /// The micro-batch: queries per optimizer step.
@@ -48,11 +57,28 @@ const DEFAULT_STEPS: usize = 3;
 const DEFAULT_MODEL: &str = "/work/shared/models/all-MiniLM-L6-v2";
 const DEFAULT_CORPUS: &str = "/work/shared/datasets/scifact/corpus.jsonl";
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Cached,
+    Plain,
+    Graph,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Cached => "cached",
+            Self::Plain => "plain",
+            Self::Graph => "graph",
+        }
+    }
+}
+
 struct Args {
     model: PathBuf,
     corpus: PathBuf,
     steps: usize,
-    plain: bool,
+    mode: Mode,
     json: Option<PathBuf>,
 }
 
@@ -63,7 +89,7 @@ fn parse_args() -> Result<Args> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
         corpus: PathBuf::from(DEFAULT_CORPUS),
         steps: DEFAULT_STEPS,
-        plain: false,
+        mode: Mode::Cached,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -85,10 +111,11 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--mode" => {
-                args.plain = match value()?.as_str() {
-                    "cached" => false,
-                    "plain" => true,
-                    other => bail!("--mode is cached or plain, not `{other}`"),
+                args.mode = match value()?.as_str() {
+                    "cached" => Mode::Cached,
+                    "plain" => Mode::Plain,
+                    "graph" => Mode::Graph,
+                    other => bail!("--mode is cached, plain or graph, not `{other}`"),
                 }
             }
             "--json" => args.json = Some(PathBuf::from(value()?)),
@@ -204,12 +231,30 @@ fn main() -> Result<()> {
     let lists: Vec<Vec<Vec<u32>>> = passages.chunks(LIST_LEN).map(<[_]>::to_vec).collect();
     let batch = PreparedBatch::from_tokens(queries.clone(), lists, teacher_lists()?)?;
     let (qb, pb) = (token_batch(&queries), token_batch(&passages));
+    let q_rows: Vec<&[u32]> = queries.iter().map(Vec::as_slice).collect();
+    let p_rows: Vec<&[u32]> = passages.iter().map(Vec::as_slice).collect();
 
     let loss = LossConfig::default();
     let vars = student.vars();
     let mut optim = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let mut step = || -> Result<f64> {
-        let (mut grads, value) = if args.plain {
+        let (mut grads, value) = if args.mode == Mode::Plain {
+            let (q, q_kept) = student.forward_keep(&q_rows)?;
+            let (p, p_kept) = student.forward_keep(&p_rows)?;
+            let (q, p) = (Var::from_tensor(&q)?, Var::from_tensor(&p)?);
+            let d = p.dim(1)?;
+            let p3 = p.as_tensor().reshape((QUERIES, LIST_LEN, d))?;
+            let terms = distillation_loss(&loss, q.as_tensor(), &p3, &teacher_lists()?)?;
+            let value = terms.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let g = terms.total.backward()?;
+            let zero = |v: &Var| v.as_tensor().zeros_like();
+            let dq = g.get(q.as_tensor()).cloned().map_or_else(|| zero(&q), Ok)?;
+            let dp = g.get(p.as_tensor()).cloned().map_or_else(|| zero(&p), Ok)?;
+            let mut total = student.zero_gradients_on(GradientPath::Kernel);
+            student.backward_kept(q_kept, &dq, &mut total)?;
+            student.backward_kept(p_kept, &dp, &mut total)?;
+            (student.gradient_tensors(total)?, value)
+        } else if args.mode == Mode::Graph {
             let q = student.embed(&qb)?;
             let p = student.embed(&pb)?;
             let d = p.dim(1)?;
@@ -243,7 +288,7 @@ fn main() -> Result<()> {
     }
     let report = serde_json::json!({
         "side": "distillery",
-        "mode": if args.plain { "plain" } else { "cached" },
+        "mode": args.mode.name(),
         "queries_per_step": QUERIES,
         "passages_per_step": QUERIES * LIST_LEN,
         "tokens": TOKENS,

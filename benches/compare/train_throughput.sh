@@ -6,14 +6,16 @@
 # distillery, PyTorch, ...) so drift in machine load hits both.
 #
 # usage: benches/compare/train_throughput.sh [-r ROUNDS] [--steps N] [--threads N]
-#            [--model DIR] [--corpus corpus.jsonl] [--mode cached|plain] [--out DIR]
+#            [--model DIR] [--corpus corpus.jsonl] [--mode cached|plain|graph] [--out DIR]
 #            [--torch-only]
 #   -r ROUNDS   rounds of (distillery, PyTorch); default 2. Medians are reported.
 #   --steps N   timed steps per run after one warm-up step; default 3.
 #   --threads   threads for both sides; default 2.
 #   --mode      distillery's path: cached (the trainer's: gradient caching with one
-#               micro-batch of 16, which adds a no-graph forward pass) or plain (one forward
-#               with the graph, the same work PyTorch does); default cached.
+#               micro-batch of 16, which adds a forward pass without gradients), plain
+#               (one forward keeping activations, then backward: the same work PyTorch
+#               does; both on the student's CPU kernel) or graph (candle's autograd, the
+#               path before the kernel); default cached.
 #   --out DIR   keep every run's JSON, logs and summary.json there (default: a temp dir
 #               that is removed at the end).
 #   --torch-only  skip distillery (checks the PyTorch half alone).
@@ -55,7 +57,7 @@ done
 for v in "$rounds" "$steps" "$threads"; do
   case "$v" in ''|*[!0-9]*|0) die "-r, --steps and --threads take positive integers, got '$v'" ;; esac
 done
-case "$mode" in cached|plain) ;; *) die "--mode is cached or plain, got '$mode'" ;; esac
+case "$mode" in cached|plain|graph) ;; *) die "--mode is cached, plain or graph, got '$mode'" ;; esac
 [ -f "$model/config.json" ] || die "model directory not found: $model (pass --model DIR)"
 [ -f "$corpus" ] || die "corpus not found: $corpus"
 

@@ -228,6 +228,39 @@ fn gradients_add_up_over_calls() {
 }
 
 #[test]
+fn kept_activations_give_the_recomputed_gradients_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
+    let ids = token_rows(&s, 10);
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let d = Tensor::from_vec(
+        pseudo(rows.len() * s.dim(), 13),
+        (rows.len(), s.dim()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (e, kept) = s.forward_keep(&rows).unwrap();
+    assert_eq!(flat(&e), flat(&s.embed_rows(&rows).unwrap()));
+    let mut g = s.zero_gradients_on(GradientPath::Kernel);
+    s.backward_kept(kept, &d, &mut g).unwrap();
+    let kept: Vec<Vec<f32>> = s
+        .gradient_tensors(g)
+        .unwrap()
+        .iter()
+        .map(|t| t.as_ref().map(flat).unwrap_or_default())
+        .collect();
+    assert_eq!(kept, grads(&s, GradientPath::Kernel, &rows, &d));
+    // Kept activations need kernel-path gradients.
+    let (_, again) = s.forward_keep(&rows).unwrap();
+    let mut graph = s.zero_gradients_on(GradientPath::Graph);
+    let e = s
+        .backward_kept(again, &d, &mut graph)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kernel-path"), "{e}");
+}
+
+#[test]
 fn the_same_bits_whatever_the_thread_count() {
     let dir = tempfile::tempdir().unwrap();
     let s = student(dir.path(), &TinyBertSpec::default(), "gelu");

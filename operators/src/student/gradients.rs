@@ -36,6 +36,9 @@ pub enum GradientPath {
     Graph,
 }
 
+/// Activations of [`Student::forward_keep`], for [`Student::backward_kept`].
+pub struct KeptActivations(cpu_train::Kept);
+
 /// Parameter gradients being added up, in the form of their path.
 pub struct Gradients {
     inner: Inner,
@@ -177,6 +180,47 @@ impl Student {
                 Ok(())
             }
         }
+    }
+
+    /// Embeddings `[rows, dim]` of token-id rows, keeping every activation the
+    /// backward pass needs, so that [`Student::backward_kept`] runs no second forward:
+    /// plain (not cached) training of a batch that fits in memory whole (about 150 KB per
+    /// token for MiniLM's shape). The CPU kernel only; elsewhere an error.
+    pub fn forward_keep(&self, rows: &[&[u32]]) -> Result<(Tensor, KeptActivations)> {
+        if !self.device.is_cpu() {
+            return Err(crate::error::OperatorError::Candle(
+                candle_core::Error::Msg(
+                    "forward_keep runs the CPU training kernel; this student is not on the CPU"
+                        .into(),
+                ),
+            ));
+        }
+        let (flat, kept) = self.with_weights(|w, shape| cpu_train::forward_keep(w, shape, rows))?;
+        let t = Tensor::from_vec(flat, (rows.len(), self.dim()), &self.device)?;
+        Ok((t, KeptActivations(kept)))
+    }
+
+    /// Adds to kernel-path `grads` the gradient of `sum_rows dot(d_embeddings[row],
+    /// embedding(row))` from activations kept by [`Student::forward_keep`] (the weights
+    /// must not have changed in between).
+    pub fn backward_kept(
+        &self,
+        kept: KeptActivations,
+        d_embeddings: &Tensor,
+        grads: &mut Gradients,
+    ) -> Result<()> {
+        let Inner::Kernel(g) = &mut grads.inner else {
+            return Err(crate::error::OperatorError::Candle(
+                candle_core::Error::Msg(
+                    "backward_kept needs kernel-path gradients (zero_gradients_on(Kernel))".into(),
+                ),
+            ));
+        };
+        let d: Vec<f32> = d_embeddings
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        self.with_weights(|w, shape| cpu_train::backward_kept(w, shape, kept.0, &d, g))
     }
 
     /// The gradients as tensors, one slot per variable of [`Student::vars`] (in that
