@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side training throughput: one optimizer step (16 queries x 20 passages, 128
 # tokens each, the recipe's loss, backward, clip 1.0, AdamW) in distillery
-# (benches/train_step.rs, candle) and in PyTorch (train_step_torch.py, transformers'
-# BertModel), same machine, same thread count, same run, interleaved (distillery, PyTorch,
+# (benches/train_step.rs: the student's CPU training kernel, or candle's autograd with
+# --mode graph) and in PyTorch (train_step_torch.py, transformers' BertModel), same machine, same thread count, same run, interleaved (distillery, PyTorch,
 # distillery, PyTorch, ...) so drift in machine load hits both.
 #
 # usage: benches/compare/train_throughput.sh [-r ROUNDS] [--steps N] [--threads N]
@@ -192,7 +192,7 @@ with open(os.path.join(work, "summary.json"), "w") as f:
 
 print(f"{summary['date_utc']}  nproc {summary['nproc']}  {cpu}  git {git_rev}")
 print(f"{threads} threads, {rounds} rounds, load {load_before} -> {load_after}")
-for side, name in (("distillery", f"distillery (candle, {mode})"), ("torch", "PyTorch (BertModel)")):
+for side, name in (("distillery", f"distillery ({mode})"), ("torch", "PyTorch (BertModel)")):
     if side in summary:
         s = summary[side]
         each = ", ".join(f"{v:.3f}" for v in s["queries_per_second"])
