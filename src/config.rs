@@ -472,13 +472,15 @@ impl Pipeline {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Pipeline, EngineError> {
+    /// A pipeline from TOML text, resolved as if read from `/base/p.toml`.
+    pub(crate) fn parse(text: &str) -> Result<Pipeline, EngineError> {
         let file: PipelineFile =
             toml::from_str(text).map_err(|e| EngineError::Invalid(e.to_string()))?;
         Pipeline::resolve(file, Path::new("/base"), Path::new("/base/p.toml"))
     }
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid configuration.
+    pub(crate) const MINIMAL: &str = r#"
 run_dir = "run"
 corpus = "c.jsonl"
 [queries]

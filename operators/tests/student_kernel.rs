@@ -69,6 +69,21 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A tiny erf-GELU student, `count` token rows for it, and pseudo-random embedding
+/// gradients for those rows from `seed`.
+fn setup(count: usize, seed: u64) -> (tempfile::TempDir, Student, Vec<Vec<u32>>, Tensor) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
+    let ids = token_rows(&s, count);
+    let d = Tensor::from_vec(
+        pseudo(count * s.dim(), seed),
+        (count, s.dim()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (dir, s, ids, d)
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -178,21 +193,13 @@ fn relu_matches_autograd() {
 #[test]
 fn a_batch_past_one_chunk_matches_autograd() {
     // 240 texts, a quarter of them 128 tokens: past the kernel's 8,192-token chunk.
-    let dir = tempfile::tempdir().unwrap();
-    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
-    let ids = token_rows(&s, 240);
+    let (_dir, s, ids, d) = setup(240, 5);
     let tokens: usize = ids.iter().map(Vec::len).sum();
     assert!(
         tokens > distillery_operators::student::CHUNK_TOKENS,
         "{tokens} tokens"
     );
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let d = Tensor::from_vec(
-        pseudo(rows.len() * s.dim(), 5),
-        (rows.len(), s.dim()),
-        &Device::Cpu,
-    )
-    .unwrap();
     let k = grads(&s, GradientPath::Kernel, &rows, &d);
     let g = grads(&s, GradientPath::Graph, &rows, &d);
     let (w, name) = worst(&s, &k, &g);
@@ -201,16 +208,8 @@ fn a_batch_past_one_chunk_matches_autograd() {
 
 #[test]
 fn gradients_add_up_over_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
-    let ids = token_rows(&s, 8);
+    let (_dir, s, ids, d) = setup(8, 9);
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let d = Tensor::from_vec(
-        pseudo(rows.len() * s.dim(), 9),
-        (rows.len(), s.dim()),
-        &Device::Cpu,
-    )
-    .unwrap();
     let whole = grads(&s, GradientPath::Kernel, &rows, &d);
     let mut g = s.zero_gradients();
     s.accumulate_gradients(&rows[..3], &d.narrow(0, 0, 3).unwrap(), &mut g)
@@ -229,16 +228,8 @@ fn gradients_add_up_over_calls() {
 
 #[test]
 fn kept_activations_give_the_recomputed_gradients_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
-    let ids = token_rows(&s, 10);
+    let (_dir, s, ids, d) = setup(10, 13);
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let d = Tensor::from_vec(
-        pseudo(rows.len() * s.dim(), 13),
-        (rows.len(), s.dim()),
-        &Device::Cpu,
-    )
-    .unwrap();
     let (e, kept) = s.forward_keep(&rows).unwrap();
     assert_eq!(flat(&e), flat(&s.embed_rows(&rows).unwrap()));
     let mut g = s.zero_gradients_on(GradientPath::Kernel);
@@ -262,16 +253,8 @@ fn kept_activations_give_the_recomputed_gradients_bit_for_bit() {
 
 #[test]
 fn the_same_bits_whatever_the_thread_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = student(dir.path(), &TinyBertSpec::default(), "gelu");
-    let ids = token_rows(&s, 12);
+    let (_dir, s, ids, d) = setup(12, 1);
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let d = Tensor::from_vec(
-        pseudo(rows.len() * s.dim(), 1),
-        (rows.len(), s.dim()),
-        &Device::Cpu,
-    )
-    .unwrap();
     let run = |threads: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

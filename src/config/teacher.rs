@@ -188,27 +188,8 @@ fn default_weight() -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::{Pipeline, PipelineFile};
-    use crate::error::EngineError;
-
-    fn parse(text: &str) -> Result<Pipeline, EngineError> {
-        let file: PipelineFile =
-            toml::from_str(text).map_err(|e| EngineError::Invalid(e.to_string()))?;
-        Pipeline::resolve(file, Path::new("/base"), Path::new("/base/p.toml"))
-    }
-
-    const MINIMAL: &str = r#"
-run_dir = "run"
-corpus = "c.jsonl"
-[queries]
-path = "q.jsonl"
-qrels = "/abs/train.tsv"
-[[retrievers]]
-model = "org/model"
-"#;
+    use crate::config::tests::{parse, MINIMAL};
 
     #[test]
     fn teacher_kinds_resolve_with_their_defaults() {
