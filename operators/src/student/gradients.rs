@@ -96,11 +96,21 @@ impl Student {
         Shape::new(&self.config, self.pooling, self.normalize)
     }
 
-    fn with_weights<R>(&self, f: impl FnOnce(&Weights<'_>, &Shape) -> Result<R>) -> Result<R> {
+    /// Runs `f` on the variables borrowed in place, the kernel's shape and its reusable
+    /// buffers.
+    fn with_weights<R>(
+        &self,
+        f: impl FnOnce(&Weights<'_>, &Shape, &mut cpu_train::Scratch) -> Result<R>,
+    ) -> Result<R> {
         let shape = self.kernel_shape()?;
         let vars: HashMap<&str, &Var> = self.named.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let weights = Weights::borrow(&vars, shape.layers)?;
-        f(&weights, &shape)
+        let mut scratch = self.kernel_scratch.lock().map_err(|_| {
+            crate::error::OperatorError::Candle(candle_core::Error::Msg(
+                "the student kernel's buffers were poisoned by a panic".into(),
+            ))
+        })?;
+        f(&weights, &shape, &mut scratch)
     }
 
     /// Embeddings `[rows, dim]` of token-id rows, nothing recorded: the kernel's forward
@@ -108,7 +118,7 @@ impl Student {
     /// tokens at a time) elsewhere.
     pub fn embed_rows(&self, rows: &[&[u32]]) -> Result<Tensor> {
         if self.device.is_cpu() {
-            let flat = self.with_weights(|w, shape| cpu_train::embed(w, shape, rows))?;
+            let flat = self.with_weights(|w, shape, s| cpu_train::embed(w, shape, rows, s))?;
             return Ok(Tensor::from_vec(
                 flat,
                 (rows.len(), self.dim()),
@@ -160,7 +170,7 @@ impl Student {
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1()?;
-                self.with_weights(|w, shape| cpu_train::accumulate(w, shape, rows, &d, g))
+                self.with_weights(|w, shape, s| cpu_train::accumulate(w, shape, rows, &d, g, s))
             }
             Inner::Graph(total) => {
                 let vars = self.vars();
@@ -195,7 +205,8 @@ impl Student {
                 ),
             ));
         }
-        let (flat, kept) = self.with_weights(|w, shape| cpu_train::forward_keep(w, shape, rows))?;
+        let (flat, kept) =
+            self.with_weights(|w, shape, s| cpu_train::forward_keep(w, shape, rows, s))?;
         let t = Tensor::from_vec(flat, (rows.len(), self.dim()), &self.device)?;
         Ok((t, KeptActivations(kept)))
     }
@@ -220,7 +231,7 @@ impl Student {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        self.with_weights(|w, shape| cpu_train::backward_kept(w, shape, kept.0, &d, g))
+        self.with_weights(|w, shape, s| cpu_train::backward_kept(w, shape, kept.0, &d, g, s))
     }
 
     /// The gradients as tensors, one slot per variable of [`Student::vars`] (in that

@@ -99,6 +99,8 @@ pub struct Student {
     query_prefix: String,
     passage_prefix: String,
     dir: PathBuf,
+    /// The CPU training kernel's buffers, kept between calls.
+    kernel_scratch: std::sync::Mutex<cpu_train::Scratch>,
 }
 
 fn tokenizer_with_limit(base: &Tokenizer, max_length: usize) -> Result<Tokenizer> {
@@ -204,6 +206,7 @@ impl Student {
                 .unwrap_or_default(),
             config,
             dir: dir.to_path_buf(),
+            kernel_scratch: std::sync::Mutex::default(),
         })
     }
 

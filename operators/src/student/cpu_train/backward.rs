@@ -25,6 +25,15 @@ fn weight_grad(dw: &mut [f32], dy: &[f32], dy_view: View, x: &[f32], x_view: Vie
     );
 }
 
+/// Buffers of one layer's backward, reused from layer to layer and call to call
+/// (products write them whole, so stale contents never leak).
+#[derive(Default)]
+pub(crate) struct BackwardScratch {
+    d_ff: Vec<f32>,
+    d_ctx: Vec<f32>,
+    d_qkv: Vec<f32>,
+}
+
 /// One layer backward: `dy` holds d(layer output) and becomes d(layer input); the
 /// layer's parameter gradients are added to `g` (in [`LAYER_TENSORS`] order).
 fn layer_backward(
@@ -32,8 +41,9 @@ fn layer_backward(
     shape: &Shape,
     texts: &[Range<usize>],
     acts: &LayerActs,
-    dy: &mut Vec<f32>,
+    dy: &mut [f32],
     g: &mut [Vec<f32>],
+    scratch: &mut BackwardScratch,
 ) {
     let (h, i) = (shape.hidden, shape.intermediate);
     let t = acts.input.len() / h;
@@ -58,9 +68,10 @@ fn layer_backward(
         View::row_major(t, i),
     );
     // d(post) = dy Wo2, then through the activation.
-    let mut d_ff = vec![0.0f32; t * i];
+    scratch.d_ff.resize(t * i, 0.0);
+    let d_ff = scratch.d_ff.as_mut_slice();
     gemm(
-        &mut d_ff,
+        d_ff,
         View::row_major(t, i),
         dy,
         View::row_major(t, h),
@@ -70,7 +81,7 @@ fn layer_backward(
         1.0,
         threads(),
     );
-    rows::par_activation_backward(&mut d_ff, &acts.pre, i, shape.act);
+    rows::par_activation_backward(d_ff, &acts.pre, i, shape.act);
     rows::add_column_sums(&mut g[at::BI], &d_ff);
     weight_grad(
         &mut g[at::WI],
@@ -91,7 +102,6 @@ fn layer_backward(
         1.0,
         threads(),
     );
-    drop(d_ff);
     // Attention layer norm: dy -> d(ctx Wo^T + bo + input).
     {
         let (g1, b1) = g.split_at_mut(at::B1);
@@ -112,9 +122,10 @@ fn layer_backward(
         &acts.ctx,
         View::row_major(t, h),
     );
-    let mut d_ctx = vec![0.0f32; t * h];
+    scratch.d_ctx.resize(t * h, 0.0);
+    let d_ctx = scratch.d_ctx.as_mut_slice();
     gemm(
-        &mut d_ctx,
+        d_ctx,
         View::row_major(t, h),
         dy,
         View::row_major(t, h),
@@ -124,16 +135,16 @@ fn layer_backward(
         1.0,
         threads(),
     );
-    let mut d_qkv = vec![0.0f32; t * 3 * h];
+    scratch.d_qkv.resize(t * 3 * h, 0.0);
+    let d_qkv = scratch.d_qkv.as_mut_slice();
     attention::backward(
         &acts.qkv,
         &acts.ctx,
         &d_ctx,
-        &mut d_qkv,
+        d_qkv,
         texts,
         shape.attention(),
     );
-    drop(d_ctx);
     // d(input) = dy (residual) + sum over q, k, v of d(proj) W.
     for (k, (wk, bk)) in [(at::WQ, at::BQ), (at::WK, at::BK), (at::WV, at::BV)]
         .into_iter()
@@ -250,6 +261,7 @@ pub(super) fn backward_chunk(
     kept: &KeptChunk,
     d_emb: &[f32],
     grads: &mut Gradients,
+    scratch: &mut BackwardScratch,
 ) {
     if kept.chunk.tokens() == 0 {
         return;
@@ -264,6 +276,7 @@ pub(super) fn backward_chunk(
             &kept.layers[l],
             &mut dy,
             &mut grads.grads[base..base + LAYER_TENSORS.len()],
+            scratch,
         );
     }
     embed_backward(

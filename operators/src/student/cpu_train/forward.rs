@@ -231,15 +231,18 @@ pub(super) struct KeptChunk {
 }
 
 /// Forward over one chunk, keeping every layer's activations.
-pub(super) fn forward_chunk(p: &Params<'_>, shape: &Shape, chunk: Chunk) -> KeptChunk {
+/// `layers` are buffers to reuse (any number; more are made as needed).
+pub(super) fn forward_chunk(
+    p: &Params<'_>,
+    shape: &Shape,
+    chunk: Chunk,
+    mut layers: Vec<LayerActs>,
+) -> KeptChunk {
     let (h, t) = (shape.hidden, chunk.tokens());
-    let mut layers: Vec<LayerActs> = (0..shape.layers)
-        .map(|_| {
-            let mut a = LayerActs::default();
-            a.sized(t, shape);
-            a
-        })
-        .collect();
+    layers.resize_with(shape.layers, LayerActs::default);
+    for a in layers.iter_mut() {
+        a.sized(t, shape);
+    }
     let mut emb_xhat = vec![0.0; t * h];
     let mut emb_rstd = vec![0.0; t];
     let mut last = vec![0.0; t * h];

@@ -38,6 +38,7 @@ use crate::cpu_bert::kernels::Activation;
 use crate::error::{OperatorError, Result};
 use crate::st_config::Pooling;
 use attention::Heads;
+use backward::BackwardScratch;
 use forward::{KeptChunk, LayerActs};
 pub use params::Gradients;
 pub(crate) use params::Weights;
@@ -171,14 +172,32 @@ fn validate(rows: &[&[u32]], shape: &Shape) -> Result<()> {
     Ok(())
 }
 
+/// Buffers reused from call to call: one chunk's activations and backward's buffers
+/// (about 1.2 GB for MiniLM at [`CHUNK_TOKENS`]). Fresh buffers of that size cost page
+/// faults on every call (the allocator maps them anew each time).
+#[derive(Default)]
+pub struct Scratch {
+    layers: Vec<LayerActs>,
+    backward: BackwardScratch,
+}
+
 /// Embeddings `[rows, hidden]` of `rows` (token ids), without keeping anything.
-pub(crate) fn embed(weights: &Weights<'_>, shape: &Shape, rows: &[&[u32]]) -> Result<Vec<f32>> {
+pub(crate) fn embed(
+    weights: &Weights<'_>,
+    shape: &Shape,
+    rows: &[&[u32]],
+    scratch: &mut Scratch,
+) -> Result<Vec<f32>> {
     validate(rows, shape)?;
     let p = weights.params(shape)?;
     let h = shape.hidden;
     let mut out = vec![0.0; rows.len() * h];
-    let mut acts = LayerActs::default();
-    let mut next = Vec::new();
+    if scratch.layers.len() < 2 {
+        scratch.layers.resize_with(2, LayerActs::default);
+    }
+    let (acts, spare) = scratch.layers.split_at_mut(1);
+    let acts = &mut acts[0];
+    let next = &mut spare[0].input;
     for range in chunks(rows, CHUNK_TOKENS) {
         let chunk = Chunk::new(&rows[range.clone()]);
         let t = chunk.tokens();
@@ -193,8 +212,8 @@ pub(crate) fn embed(weights: &Weights<'_>, shape: &Shape, rows: &[&[u32]]) -> Re
             &mut acts.rstd1,
         );
         for w in &p.layers {
-            forward::layer_forward(w, shape, &chunk.texts, &mut acts, &mut next);
-            std::mem::swap(&mut acts.input, &mut next);
+            forward::layer_forward(w, shape, &chunk.texts, acts, next);
+            std::mem::swap(&mut acts.input, next);
         }
         forward::pool(
             shape,
@@ -229,6 +248,7 @@ pub(crate) fn forward_keep(
     weights: &Weights<'_>,
     shape: &Shape,
     rows: &[&[u32]],
+    scratch: &mut Scratch,
 ) -> Result<(Vec<f32>, Kept)> {
     validate(rows, shape)?;
     let p = weights.params(shape)?;
@@ -239,7 +259,9 @@ pub(crate) fn forward_keep(
         chunks: Vec::new(),
     };
     for range in chunks(rows, CHUNK_TOKENS) {
-        let c = forward::forward_chunk(&p, shape, Chunk::new(&rows[range.clone()]));
+        // The first chunk takes the reusable buffers; kept chunks hold their own.
+        let reuse = std::mem::take(&mut scratch.layers);
+        let c = forward::forward_chunk(&p, shape, Chunk::new(&rows[range.clone()]), reuse);
         out[range.start * h..range.end * h].copy_from_slice(&c.pooled);
         kept.chunks.push((range, c));
     }
@@ -255,6 +277,7 @@ pub(crate) fn backward_kept(
     kept: Kept,
     d_embeddings: &[f32],
     grads: &mut Gradients,
+    scratch: &mut Scratch,
 ) -> Result<()> {
     let h = shape.hidden;
     check_gradients(kept.rows, d_embeddings, h)?;
@@ -266,7 +289,11 @@ pub(crate) fn backward_kept(
             &c,
             &d_embeddings[range.start * h..range.end * h],
             grads,
+            &mut scratch.backward,
         );
+        if scratch.layers.is_empty() {
+            scratch.layers = c.layers;
+        }
     }
     Ok(())
 }
@@ -280,20 +307,24 @@ pub(crate) fn accumulate(
     rows: &[&[u32]],
     d_embeddings: &[f32],
     grads: &mut Gradients,
+    scratch: &mut Scratch,
 ) -> Result<()> {
     validate(rows, shape)?;
     let h = shape.hidden;
     check_gradients(rows.len(), d_embeddings, h)?;
     let p = weights.params(shape)?;
     for range in chunks(rows, CHUNK_TOKENS) {
-        let c = forward::forward_chunk(&p, shape, Chunk::new(&rows[range.clone()]));
+        let reuse = std::mem::take(&mut scratch.layers);
+        let c = forward::forward_chunk(&p, shape, Chunk::new(&rows[range.clone()]), reuse);
         backward::backward_chunk(
             &p,
             shape,
             &c,
             &d_embeddings[range.start * h..range.end * h],
             grads,
+            &mut scratch.backward,
         );
+        scratch.layers = c.layers;
     }
     Ok(())
 }
