@@ -82,10 +82,10 @@ fn layer_backward(
         threads(),
     );
     rows::par_activation_backward(d_ff, &acts.pre, i, shape.act);
-    rows::add_column_sums(&mut g[at::BI], &d_ff);
+    rows::add_column_sums(&mut g[at::BI], d_ff);
     weight_grad(
         &mut g[at::WI],
-        &d_ff,
+        d_ff,
         View::row_major(t, i),
         &acts.h1,
         View::row_major(t, h),
@@ -94,7 +94,7 @@ fn layer_backward(
     gemm(
         dy,
         View::row_major(t, h),
-        &d_ff,
+        d_ff,
         View::row_major(t, i),
         w[at::WI],
         View::row_major(i, h),
@@ -137,14 +137,7 @@ fn layer_backward(
     );
     scratch.d_qkv.resize(t * 3 * h, 0.0);
     let d_qkv = scratch.d_qkv.as_mut_slice();
-    attention::backward(
-        &acts.qkv,
-        &acts.ctx,
-        &d_ctx,
-        d_qkv,
-        texts,
-        shape.attention(),
-    );
+    attention::backward(&acts.qkv, &acts.ctx, d_ctx, d_qkv, texts, shape.attention());
     // d(input) = dy (residual) + sum over q, k, v of d(proj) W.
     for (k, (wk, bk)) in [(at::WQ, at::BQ), (at::WK, at::BK), (at::WV, at::BV)]
         .into_iter()
@@ -156,17 +149,11 @@ fn layer_backward(
                 *a += x;
             }
         }
-        weight_grad(
-            &mut g[wk],
-            &d_qkv,
-            block,
-            &acts.input,
-            View::row_major(t, h),
-        );
+        weight_grad(&mut g[wk], d_qkv, block, &acts.input, View::row_major(t, h));
         gemm(
             dy,
             View::row_major(t, h),
-            &d_qkv,
+            d_qkv,
             block,
             w[wk],
             View::row_major(h, h),

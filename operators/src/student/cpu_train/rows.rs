@@ -306,7 +306,7 @@ mod tests {
             assert!((a - b).abs() < 1e-6);
         }
         assert!((rstd[0] - 1.0 / s).abs() < 1e-6);
-        assert!((rows[1] - (2.0 * -1.0 / s + 1.0)).abs() < 1e-6);
+        assert!((rows[1] - (-2.0 / s + 1.0)).abs() < 1e-6);
 
         // Backward of L = sum(w * y) against central differences of L in f64.
         let w = [0.3f64, -1.2, 0.7, 2.0];
