@@ -94,7 +94,22 @@ impl Progress {
             eprintln!("{}", self.line(log.done, log.secondary));
         }
     }
+}
 
+/// Below this many items a second, a rate reads better as seconds per item (a training
+/// step of 25 s would otherwise show as "0.0/s").
+const SLOW_RATE: f64 = 0.1;
+
+/// `12.3/s`, or `25.0 s each` when slower than [`SLOW_RATE`].
+fn rate_text(rate: f64) -> String {
+    if rate > 0.0 && rate < SLOW_RATE {
+        format!("{:.1} s each", 1.0 / rate)
+    } else {
+        format!("{rate:.1}/s")
+    }
+}
+
+impl Progress {
     fn secondary_rate(&self, count: u64) -> Option<String> {
         let unit = self.secondary_unit.as_ref()?;
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
@@ -114,12 +129,12 @@ impl Progress {
     fn rate_line(&self, done: u64, rate: f64) -> String {
         match self.total {
             Some(total) if rate > 0.0 => format!(
-                "{}: {done}/{total} ({:.1}/s, ETA {:.0}s)",
+                "{}: {done}/{total} ({}, ETA {:.0}s)",
                 self.label,
-                rate,
+                rate_text(rate),
                 total.saturating_sub(done) as f64 / rate
             ),
-            _ => format!("{}: {done} ({rate:.1}/s)", self.label),
+            _ => format!("{}: {done} ({})", self.label, rate_text(rate)),
         }
     }
 
@@ -130,5 +145,19 @@ impl Progress {
             bar.finish_and_clear();
         }
         (done, self.start.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate_text;
+
+    #[test]
+    fn slow_rates_read_as_seconds_each() {
+        assert_eq!(rate_text(12.34), "12.3/s");
+        assert_eq!(rate_text(0.1), "0.1/s");
+        // One step every 25 s: 0.04/s would print as 0.0/s.
+        assert_eq!(rate_text(0.04), "25.0 s each");
+        assert_eq!(rate_text(0.0), "0.0/s");
     }
 }
