@@ -2,14 +2,16 @@
 //! Memory Limited Setup"): the gradient of a loss over a whole accumulated batch, with
 //! memory bounded by one micro-batch.
 //!
-//! 1. Embed every query and passage of the batch without recording the graph.
+//! 1. Embed every query and passage of the batch without gradients.
 //! 2. Compute the loss on those embeddings (as leaf variables) and its gradient with
 //!    respect to each embedding.
-//! 3. Re-embed each micro-batch with the graph, back-propagate `sum(embedding * cached
-//!    gradient)`, and add up the parameter gradients.
+//! 3. Re-embed each micro-batch keeping what backward needs, back-propagate
+//!    `sum(embedding * cached gradient)`, and add up the parameter gradients.
 //!
 //! The sum of step 3 is exactly the full-batch parameter gradient (the chain rule through
-//! the embeddings), so a step is the same as one giant backward pass (tested).
+//! the embeddings), so a step is the same as one giant backward pass (tested). Steps 1
+//! and 3 are the student's gradient API: its CPU training kernel on the CPU, candle's
+//! autograd elsewhere (`distillery_operators::student::GradientPath`).
 
 use std::collections::HashMap;
 
@@ -192,7 +194,7 @@ pub fn batch_gradients_on(
         .map(|s| s..(s + micro).min(q_count))
         .collect();
 
-    // 1. Embeddings without a graph.
+    // 1. Embeddings without gradients.
     let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
     let p_rows: Vec<&Vec<u32>> = batch.passages.iter().flatten().collect();
     let q_all = Var::from_tensor(&embed_no_grad(student, &q_rows)?)?;
@@ -221,7 +223,7 @@ pub fn batch_gradients_on(
     let slot_index = Tensor::from_vec(slots, (p_flat.dim(0)?,), dp.device())?;
     let dp_flat = dp.index_select(&slot_index, 0)?;
 
-    // 3. Re-embed each micro-batch with the graph, a token-budget chunk at a time, and
+    // 3. Re-embed each micro-batch with gradients, a chunk at a time, and
     // back-propagate the cached gradients.
     let mut total = student.zero_gradients_on(path);
     let mut p_at = 0;
