@@ -75,6 +75,9 @@ fn embed_alone(embedder: &Embedder, text: &str, kind: TextKind) -> Vec<f32> {
     embedder.embed_batch(&batch).unwrap()
 }
 
+/// How far a cosine may move between batch compositions of the CPU embedder.
+const BATCH_NOISE: f32 = 5e-5;
+
 #[test]
 fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
     let model = tiny_model();
@@ -114,15 +117,24 @@ fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
     let got = teacher.score_pairs(&to_score, &context(&store)).unwrap();
 
     assert_eq!(got.len(), pairs.len());
+    let mut side_gap = 0.0f32;
     for (p, &score) in to_score.iter().zip(&got) {
         let q = embed_alone(&embedder, p.query, TextKind::Query);
         let d = embed_alone(&embedder, p.passage, TextKind::Passage);
         let want = cosine(&q, &d);
-        assert!((score - want).abs() < 1e-5, "{score} vs {want}");
+        // The teacher embeds texts in batches, `embed_alone` one at a time: the CPU
+        // kernel's products may differ in the last bits between batch compositions
+        // (seen: 1.3e-5 on a cosine of 0.956).
+        assert!((score - want).abs() < BATCH_NOISE, "{score} vs {want}");
         // The sides matter: the passage embedded as a query scores otherwise.
         let swapped = cosine(&q, &embed_alone(&embedder, p.passage, TextKind::Query));
-        assert!((score - swapped).abs() > 1e-4, "{score} vs {swapped}");
+        side_gap = side_gap.max((score - swapped).abs());
     }
+    // Seen 2.2e-3 to 2.4e-3 over the six pairs on this tiny model; batch noise is 50x less.
+    assert!(
+        side_gap > 1e-3,
+        "the query and passage prompts barely matter: {side_gap}"
+    );
     // Scores tell pairs apart.
     assert!(got.iter().any(|&s| (s - got[0]).abs() > 1e-3), "{got:?}");
 
