@@ -130,9 +130,10 @@ fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
         let swapped = cosine(&q, &embed_alone(&embedder, p.passage, TextKind::Query));
         side_gap = side_gap.max((score - swapped).abs());
     }
-    // Seen 2.2e-3 to 2.4e-3 over the six pairs on this tiny model; batch noise is 50x less.
+    // 9.6e-4 on this tiny model (its vocabulary is built deterministically); batch noise
+    // is at most BATCH_NOISE, 20x less.
     assert!(
-        side_gap > 1e-3,
+        side_gap > 10.0 * BATCH_NOISE,
         "the query and passage prompts barely matter: {side_gap}"
     );
     // Scores tell pairs apart.
