@@ -91,6 +91,11 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn grads(s: &Student, path: GradientPath, rows: &[&[u32]], d: &Tensor) -> Vec<Vec<f32>> {
     let mut g: Gradients = s.zero_gradients_on(path);
     s.accumulate_gradients(rows, d, &mut g).unwrap();
+    flat_gradients(s, g)
+}
+
+/// Each variable's gradient as a flat vector (empty for none), in `vars()` order.
+fn flat_gradients(s: &Student, g: Gradients) -> Vec<Vec<f32>> {
     s.gradient_tensors(g)
         .unwrap()
         .iter()
@@ -216,12 +221,7 @@ fn gradients_add_up_over_calls() {
         .unwrap();
     s.accumulate_gradients(&rows[3..], &d.narrow(0, 3, 5).unwrap(), &mut g)
         .unwrap();
-    let split: Vec<Vec<f32>> = s
-        .gradient_tensors(g)
-        .unwrap()
-        .iter()
-        .map(|t| t.as_ref().map(flat).unwrap_or_default())
-        .collect();
+    let split = flat_gradients(&s, g);
     let (w, name) = worst(&s, &split, &whole);
     assert!(w < 1e-5, "{name} differs by {w:.2e}");
 }
@@ -234,12 +234,7 @@ fn kept_activations_give_the_recomputed_gradients_bit_for_bit() {
     assert_eq!(flat(&e), flat(&s.embed_rows(&rows).unwrap()));
     let mut g = s.zero_gradients_on(GradientPath::Kernel);
     s.backward_kept(kept, &d, &mut g).unwrap();
-    let kept: Vec<Vec<f32>> = s
-        .gradient_tensors(g)
-        .unwrap()
-        .iter()
-        .map(|t| t.as_ref().map(flat).unwrap_or_default())
-        .collect();
+    let kept = flat_gradients(&s, g);
     assert_eq!(kept, grads(&s, GradientPath::Kernel, &rows, &d));
     // Kept activations need kernel-path gradients.
     let (_, again) = s.forward_keep(&rows).unwrap();

@@ -49,7 +49,7 @@ use matmul::{gemm, Parallelism, View};
 const FFN_TILE_ROWS: usize = 1024;
 
 /// torch.nn.functional.normalize's floor on a row's norm: a zero row stays zero.
-const MIN_NORM: f32 = 1e-12;
+pub(crate) const MIN_NORM: f32 = 1e-12;
 
 /// A layer's weights, transposed to `[in, out]` row-major.
 struct Dense {

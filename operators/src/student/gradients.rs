@@ -62,7 +62,7 @@ fn token_batch(rows: &[&[u32]]) -> TokenBatch {
 
 /// Consecutive ranges of `rows` whose padded size (`count x longest`) stays within
 /// `budget` (a longer single row still gets a range of its own). Order is kept.
-pub fn chunks_by_padded_budget(rows: &[&[u32]], budget: usize) -> Vec<std::ops::Range<usize>> {
+fn chunks_by_padded_budget(rows: &[&[u32]], budget: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut longest) = (0, 0);
     for (i, r) in rows.iter().enumerate() {
@@ -249,5 +249,22 @@ impl Student {
                 Ok(self.named.iter().map(|(n, _)| by_name.remove(n)).collect())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_order_and_respect_the_token_budget() {
+        let rows: Vec<Vec<u32>> = [3, 5, 2, 8, 1, 20].iter().map(|&n| vec![0; n]).collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        // Budget 10: [3,5] pads to 2 x 5 = 10; adding 2 keeps 3 x 5 = 15 > 10, so it starts
+        // a chunk; [2, 8] = 16 > 10 splits again; [8, 1] = 16 > 10; [1] then [20] alone.
+        let c = chunks_by_padded_budget(&refs, 10);
+        assert_eq!(c, vec![0..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(chunks_by_padded_budget(&refs, 1000), vec![0..6]);
+        assert!(chunks_by_padded_budget(&[], 10).is_empty());
     }
 }

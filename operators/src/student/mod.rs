@@ -22,9 +22,7 @@ mod gradients;
 mod model;
 
 pub use cpu_train::CHUNK_TOKENS;
-pub use gradients::{
-    chunks_by_padded_budget, GradientPath, Gradients, KeptActivations, GRAPH_TOKEN_BUDGET,
-};
+pub use gradients::{GradientPath, Gradients, KeptActivations, GRAPH_TOKEN_BUDGET};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -35,6 +35,7 @@ use std::ops::Range;
 
 use crate::bert::BertConfig;
 use crate::cpu_bert::kernels::Activation;
+use crate::cpu_bert::MIN_NORM;
 use crate::error::{OperatorError, Result};
 use crate::st_config::Pooling;
 use attention::Heads;
@@ -47,9 +48,6 @@ pub(crate) use params::Weights;
 /// 150 KB per token for MiniLM's shape, so 8,192 tokens hold 1.2 GB; products over 8,192
 /// rows are as efficient as over more.
 pub const CHUNK_TOKENS: usize = 8192;
-
-/// torch.nn.functional.normalize's floor on a row's norm.
-const MIN_NORM: f32 = 1e-12;
 
 pub(super) fn bug(message: String) -> OperatorError {
     OperatorError::Candle(candle_core::Error::Msg(format!(

@@ -52,6 +52,29 @@ fn kernel_names(layers: usize) -> Vec<String> {
     out
 }
 
+/// Floats in each tensor of one layer, in [`LAYER_TENSORS`] order.
+fn layer_sizes(shape: &Shape) -> [usize; 16] {
+    let (h, i) = (shape.hidden, shape.intermediate);
+    [
+        h * h,
+        h,
+        h * h,
+        h,
+        h * h,
+        h,
+        h * h,
+        h,
+        h,
+        h,
+        i * h,
+        i,
+        h * i,
+        h,
+        h,
+        h,
+    ]
+}
+
 /// One tensor per parameter in kernel order, as f32 slices.
 pub(super) struct Params<'a> {
     pub(super) word: &'a [f32],
@@ -113,7 +136,7 @@ impl<'v> Weights<'v> {
                 .ok_or_else(|| bug("a parameter is not contiguous".into()))?;
             slices.push(&data[start..end]);
         }
-        let (h, i) = (shape.hidden, shape.intermediate);
+        let h = shape.hidden;
         let expect = |k: usize, n: usize| -> Result<()> {
             if slices[k].len() == n {
                 Ok(())
@@ -129,25 +152,7 @@ impl<'v> Weights<'v> {
         let mut layers = Vec::with_capacity(shape.layers);
         for l in 0..shape.layers {
             let base = EMBEDDING_TENSORS.len() + l * LAYER_TENSORS.len();
-            let sizes = [
-                h * h,
-                h,
-                h * h,
-                h,
-                h * h,
-                h,
-                h * h,
-                h,
-                h,
-                h,
-                i * h,
-                i,
-                h * i,
-                h,
-                h,
-                h,
-            ];
-            for (k, n) in sizes.iter().enumerate() {
+            for (k, n) in layer_sizes(shape).iter().enumerate() {
                 expect(base + k, *n)?;
             }
             let mut arr: [&[f32]; 16] = [&[]; 16];
@@ -173,7 +178,7 @@ pub struct Gradients {
 
 impl Gradients {
     pub(crate) fn zeros(shape: &Shape, type_vocab: usize) -> Self {
-        let (h, i) = (shape.hidden, shape.intermediate);
+        let h = shape.hidden;
         let mut grads = vec![
             vec![0.0; shape.vocab * h],
             vec![0.0; shape.positions * h],
@@ -182,24 +187,7 @@ impl Gradients {
             vec![0.0; h],
         ];
         for _ in 0..shape.layers {
-            for n in [
-                h * h,
-                h,
-                h * h,
-                h,
-                h * h,
-                h,
-                h * h,
-                h,
-                h,
-                h,
-                i * h,
-                i,
-                h * i,
-                h,
-                h,
-                h,
-            ] {
+            for n in layer_sizes(shape) {
                 grads.push(vec![0.0; n]);
             }
         }
