@@ -92,17 +92,13 @@ impl Student {
         }
     }
 
-    fn kernel_shape(&self) -> Result<Shape> {
-        Shape::new(&self.config, self.pooling, self.normalize)
-    }
-
     /// Runs `f` on the variables borrowed in place, the kernel's shape and its reusable
     /// buffers.
     fn with_weights<R>(
         &self,
         f: impl FnOnce(&Weights<'_>, &Shape, &mut cpu_train::Scratch) -> Result<R>,
     ) -> Result<R> {
-        let shape = self.kernel_shape()?;
+        let shape = self.kernel_shape;
         let vars: HashMap<&str, &Var> = self.named.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let weights = Weights::borrow(&vars, shape.layers)?;
         let mut scratch = self.kernel_scratch.lock().map_err(|_| {
@@ -144,13 +140,9 @@ impl Student {
     /// graph).
     pub fn zero_gradients_on(&self, path: GradientPath) -> Gradients {
         let inner = match path {
-            GradientPath::Kernel if self.device.is_cpu() => match self.kernel_shape() {
-                Ok(shape) => Inner::Kernel(cpu_train::Gradients::zeros(
-                    &shape,
-                    self.config.type_vocab_size,
-                )),
-                Err(_) => Inner::Graph(vec![None; self.named.len()]),
-            },
+            GradientPath::Kernel if self.device.is_cpu() => Inner::Kernel(
+                cpu_train::Gradients::zeros(&self.kernel_shape, self.config.type_vocab_size),
+            ),
             _ => Inner::Graph(vec![None; self.named.len()]),
         };
         Gradients { inner }

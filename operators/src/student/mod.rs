@@ -97,6 +97,8 @@ pub struct Student {
     query_prefix: String,
     passage_prefix: String,
     dir: PathBuf,
+    /// The CPU training kernel's view of the network (derived once from the config).
+    kernel_shape: cpu_train::Shape,
     /// The CPU training kernel's buffers, kept between calls.
     kernel_scratch: std::sync::Mutex<cpu_train::Scratch>,
 }
@@ -202,6 +204,7 @@ impl Student {
                 .or_else(|| prompt("passage"))
                 .or_else(|| prompt("document"))
                 .unwrap_or_default(),
+            kernel_shape: cpu_train::Shape::new(&config, spec.pooling, spec.normalize)?,
             config,
             dir: dir.to_path_buf(),
             kernel_scratch: std::sync::Mutex::default(),
