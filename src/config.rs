@@ -27,7 +27,9 @@ use crate::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use crate::mining::{CandidateConfig, TeacherConfig};
 use crate::train::trainer::TrainSettings;
 
+mod preflight;
 mod teacher;
+pub use preflight::RunPart;
 pub use teacher::{TeacherFile, TeacherKind, TeacherSettings};
 
 /// Passages held out of training by default: the recipe's synthetic test set size.
@@ -338,8 +340,12 @@ pub struct Pipeline {
     /// The student, its model path resolved.
     pub student: Option<StudentFile>,
     pub train: TrainSettings,
+    /// No progress output (`--quiet`).
+    pub quiet: bool,
     /// The file as written, for the record kept in the run directory.
     pub file: PipelineFile,
+    /// The configuration file, for errors.
+    pub origin: PathBuf,
 }
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> EngineError {
@@ -384,7 +390,7 @@ impl Pipeline {
         let run_dir = at(&file.run_dir);
         let quarantine = match file.engine.on_bad_record.as_str() {
             "fail" => None,
-            "skip" => Some(run_dir.join("quarantine.jsonl")),
+            "skip" => Some(run_dir.join(QUARANTINE_FILE)),
             other => {
                 return Err(invalid(
                     origin,
@@ -463,10 +469,54 @@ impl Pipeline {
                 ..s.clone()
             }),
             train: file.train.clone(),
+            quiet: false,
             file,
+            origin: origin.to_path_buf(),
         })
     }
 }
+
+impl Pipeline {
+    /// Applies the command line's engine options over the file's: `--quiet`, `-w`,
+    /// `--on-bad-record skip|fail` (`Some(true)` skips into `run_dir/quarantine.jsonl`).
+    pub fn override_engine(
+        &mut self,
+        workers: Option<usize>,
+        skip_bad_records: Option<bool>,
+        quiet: bool,
+    ) {
+        if let Some(w) = workers {
+            self.workers = w.max(1);
+        }
+        if let Some(skip) = skip_bad_records {
+            self.quarantine = skip.then(|| self.run_dir.join(QUARANTINE_FILE));
+        }
+        self.quiet |= quiet;
+        for r in &mut self.retrievers {
+            r.workers = self.workers;
+            r.quarantine.clone_from(&self.quarantine);
+            r.quiet = self.quiet;
+        }
+    }
+
+    /// The run's quarantine, opened (and shared by every reader of this process) when the
+    /// run skips bad records.
+    pub fn open_quarantine(&self) -> Result<Option<crate::corpus::Quarantine>, EngineError> {
+        Ok(match &self.quarantine {
+            Some(path) => {
+                std::fs::create_dir_all(&self.run_dir).map_err(|source| EngineError::Write {
+                    path: self.run_dir.clone(),
+                    source,
+                })?;
+                Some(crate::corpus::Quarantine::open(path)?)
+            }
+            None => None,
+        })
+    }
+}
+
+/// The quarantine's file name in a run directory.
+pub const QUARANTINE_FILE: &str = "quarantine.jsonl";
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use distillery::config::{EndpointFile, GenerateFile, HeldOutFile, Pipeline};
+use distillery::config::{
+    EndpointFile, GenerateFile, HeldOutFile, Pipeline, RunPart, QUARANTINE_FILE,
+};
+use distillery::corpus::Quarantine;
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
@@ -54,6 +57,34 @@ struct ConfigArgs {
     /// The pipeline configuration (TOML; see the README).
     #[arg(long)]
     config: PathBuf,
+    /// Timely worker threads (tokenisation and batching); default: the configuration's
+    /// [engine] workers.
+    #[arg(short = 'w', long)]
+    workers: Option<usize>,
+    /// What to do with a bad input record: stop with an error naming it, or skip it into
+    /// the run directory's quarantine.jsonl; default: the configuration's
+    /// [engine] on_bad_record.
+    #[arg(long, value_enum)]
+    on_bad_record: Option<OnBadRecord>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl ConfigArgs {
+    /// The configuration, checked and resolved, with the command line's options over it.
+    fn pipeline(&self) -> Result<Pipeline> {
+        let mut pipeline = Pipeline::load(&self.config)?;
+        pipeline.override_engine(
+            self.workers,
+            self.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
+            self.quiet,
+        );
+        set_threads(Some(pipeline.threads));
+        std::fs::create_dir_all(&pipeline.run_dir)
+            .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+        Ok(pipeline)
+    }
 }
 
 #[derive(Args)]
@@ -93,7 +124,7 @@ struct ModelArgs {
     quiet: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OnBadRecord {
     Fail,
     Skip,
@@ -235,8 +266,12 @@ struct GenerateArgs {
     /// Write the outcome as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
-    on_bad_record: OnBadRecord,
+    /// What to do with a bad input record: stop with an error naming it, or skip it into
+    /// the run directory's quarantine.jsonl (default: fail; with --config, the
+    /// configuration's [engine] on_bad_record).
+    #[arg(long, value_enum)]
+    on_bad_record: Option<OnBadRecord>,
+    /// No progress output.
     #[arg(long)]
     quiet: bool,
 }
@@ -279,7 +314,7 @@ fn generate_job(
         ..HeldOutFile::default()
     };
     let quarantine =
-        matches!(a.on_bad_record, OnBadRecord::Skip).then(|| run_dir.join("quarantine.jsonl"));
+        matches!(a.on_bad_record, Some(OnBadRecord::Skip)).then(|| run_dir.join(QUARANTINE_FILE));
     let mut job = GenerateJob::from_file(&file, input, &run_dir, &held_out, quarantine)?;
     job.output = Some(output.to_path_buf());
     job.quiet = a.quiet;
@@ -335,7 +370,7 @@ fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
         batch_rows: m.batch_rows,
         workers: m.workers,
         quarantine: matches!(m.on_bad_record, OnBadRecord::Skip)
-            .then(|| run_dir.join("quarantine.jsonl")),
+            .then(|| run_dir.join(QUARANTINE_FILE)),
         quiet: m.quiet,
     }
 }
@@ -371,6 +406,16 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
             path.display()
         );
     }
+}
+
+/// Reports what the run's quarantine (held open by the command, so every stage's readers
+/// shared it) received: the bad records this command skipped.
+fn report_run_quarantine(quarantine: Option<Quarantine>) -> Result<()> {
+    if let Some(q) = quarantine {
+        let skipped = q.finish()?;
+        report_quarantine(skipped, Some(q.path()));
+    }
+    Ok(())
 }
 
 /// Restores the default action of SIGPIPE (the Rust runtime ignores it), so that
@@ -476,11 +521,15 @@ fn main() -> Result<()> {
             set_threads(a.threads);
             let job = match (&a.config, &a.input, &a.output) {
                 (Some(config), _, _) => {
-                    let pipeline = Pipeline::load(config)?;
-                    let mut job = GenerateJob::from_pipeline(&pipeline)?
-                        .with_context(|| format!("{}: no [generate] section", config.display()))?;
-                    job.quiet = a.quiet;
-                    job
+                    let mut pipeline = Pipeline::load(config)?;
+                    pipeline.override_engine(
+                        None,
+                        a.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
+                        a.quiet,
+                    );
+                    pipeline.preflight(RunPart::Generate)?;
+                    GenerateJob::from_pipeline(&pipeline)?
+                        .with_context(|| format!("{}: no [generate] section", config.display()))?
                 }
                 (None, Some(input), Some(output)) => generate_job(&a, input, output)?,
                 _ => anyhow::bail!("give --config, or --input and --output"),
@@ -493,18 +542,15 @@ fn main() -> Result<()> {
             }
         }
         Command::Mine(a) => {
-            let pipeline = Pipeline::load(&a.config)?;
-            set_threads(Some(pipeline.threads));
-            std::fs::create_dir_all(&pipeline.run_dir)
-                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let pipeline = a.pipeline()?;
+            let quarantine = pipeline.open_quarantine()?;
             let outcome = run_mine(&pipeline)?;
             print_mine(&outcome, &pipeline);
+            report_run_quarantine(quarantine)?;
         }
         Command::Label(a) => {
-            let pipeline = Pipeline::load(&a.config)?;
-            set_threads(Some(pipeline.threads));
-            std::fs::create_dir_all(&pipeline.run_dir)
-                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let pipeline = a.pipeline()?;
+            let quarantine = pipeline.open_quarantine()?;
             let outcome = run_label(&pipeline)?;
             print_mine(&outcome.mine, &pipeline);
             let now: Vec<String> = outcome.scored_now.iter().map(|n| n.to_string()).collect();
@@ -526,12 +572,11 @@ fn main() -> Result<()> {
             }
             let stats = pipeline.run_dir.join("label-stats.json");
             write_json(&stats, &outcome)?;
+            report_run_quarantine(quarantine)?;
         }
         Command::Train(a) => {
-            let pipeline = Pipeline::load(&a.config)?;
-            set_threads(Some(pipeline.threads));
-            std::fs::create_dir_all(&pipeline.run_dir)
-                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+            let pipeline = a.pipeline()?;
+            let quarantine = pipeline.open_quarantine()?;
             let outcome = run_train(&pipeline, None)?;
             let r = &outcome.report;
             if let Some(step) = r.resumed_from {
@@ -549,6 +594,7 @@ fn main() -> Result<()> {
             println!("dev loss per epoch: {}", losses.join(", "));
             println!("best model: {}", outcome.model.display());
             write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;
+            report_run_quarantine(quarantine)?;
         }
         Command::Score(a) => {
             set_threads(a.threads);
@@ -567,8 +613,8 @@ fn main() -> Result<()> {
             job.max_length = a.max_length;
             job.batch_tokens = a.batch_tokens;
             job.workers = a.workers;
-            job.quarantine = matches!(a.on_bad_record, OnBadRecord::Skip)
-                .then(|| run_dir.join("quarantine.jsonl"));
+            job.quarantine =
+                matches!(a.on_bad_record, OnBadRecord::Skip).then(|| run_dir.join(QUARANTINE_FILE));
             job.quiet = a.quiet;
             let outcome = run_score(&job)?;
             if outcome.reused {

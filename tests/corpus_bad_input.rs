@@ -103,7 +103,7 @@ const PASSAGE_CASES: &[Case] = &[
 ];
 
 fn skip_options(dir: &Path) -> (ReadOptions, Quarantine) {
-    let quarantine = Quarantine::create(&dir.join("quarantine.jsonl")).unwrap();
+    let quarantine = Quarantine::open(&dir.join("quarantine.jsonl")).unwrap();
     let opts = ReadOptions {
         policy: BadRecordPolicy::Skip(quarantine.clone()),
         ..ReadOptions::default()
@@ -276,9 +276,22 @@ fn bad_qrels_rows_under_both_policies() {
 }
 
 #[test]
-fn empty_file_is_zero_records_and_missing_file_names_its_path() {
-    let reader = open_passages(&fixture("empty.jsonl"), &ReadOptions::default()).unwrap();
-    assert_eq!(reader.count(), 0);
+fn empty_file_is_an_error_and_missing_file_names_its_path() {
+    let empty = fixture("empty.jsonl");
+    let read: Vec<_> = open_passages(&empty, &ReadOptions::default())
+        .unwrap()
+        .collect();
+    match read.as_slice() {
+        [Err(
+            e @ CorpusError::NoRecords {
+                path, skipped: 0, ..
+            },
+        )] => {
+            assert_eq!(path, &empty);
+            assert!(e.to_string().contains("the file is empty"), "{e}");
+        }
+        other => panic!("expected one NoRecords error, got {other:?}"),
+    }
 
     let missing = fixture("no_such_corpus.jsonl");
     let err = open_passages(&missing, &ReadOptions::default()).unwrap_err();

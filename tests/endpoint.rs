@@ -277,7 +277,7 @@ fn order_is_kept_and_concurrency_is_bounded() {
     // order.
     let server = FaultServer::start(|key, attempt| {
         let i: u64 = key.trim_start_matches('p').parse().unwrap();
-        if i % 5 == 0 && attempt == 0 {
+        if i.is_multiple_of(5) && attempt == 0 {
             return Reply::status(502, "bad gateway");
         }
         Reply::Delay(

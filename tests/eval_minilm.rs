@@ -10,20 +10,9 @@ use distillery::eval::EvalOptions;
 use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::EmbedSettings;
 
-fn minilm_dir() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("DISTILLERY_MINILM_DIR").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/all-MiniLM-L6-v2")),
-    ];
-    let found = candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("model.safetensors").is_file());
-    if found.is_none() {
-        eprintln!("SKIPPED: all-MiniLM-L6-v2 not found (set DISTILLERY_MINILM_DIR, or run tools/fetch-minilm.sh)");
-    }
-    found
-}
+#[path = "support/minilm.rs"]
+mod minilm;
+use minilm::minilm_dir;
 
 #[test]
 fn scifact_mini_metrics_equal_sentence_transformers_and_pytrec_eval() {

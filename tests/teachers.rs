@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
+use distillery::jobs::eval::read_matrix;
 use distillery::jobs::label::bi_encoder::{cosine, BiEncoderTeacher};
 use distillery::jobs::label::bm25::Bm25Teacher;
 use distillery::jobs::label::teacher::{PairTeacher, PairToScore, ScoringContext};
@@ -63,6 +64,7 @@ fn context(store: &StageStore) -> ScoringContext<'_> {
         workers: 2,
         threads: 2,
         quiet: true,
+        known: Vec::new(),
     }
 }
 
@@ -152,6 +154,15 @@ fn cosine_of_known_vectors() {
     assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
 }
 
+/// The fingerprint of a bi-encoder teacher of `model` with its own prompts.
+fn teacher_fingerprint(model: &Path) -> String {
+    let embedder = Embedder::load(model, &EmbedderOptions::default(), &Device::Cpu).unwrap();
+    BiEncoderTeacher::new(Arc::new(embedder))
+        .unwrap()
+        .fingerprint()
+        .to_string()
+}
+
 fn pipeline(run: &Path, model: &Path, b: f64) -> Pipeline {
     let data = root().join("datasets/scifact-mini");
     let text = format!(
@@ -216,7 +227,18 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     assert!(first.pairs > 0);
     assert_eq!(first.scored_now, vec![first.pairs, first.pairs]);
     assert!(first.examples > 0);
+    // The bi-encoder teacher is the retriever's model with the retriever's settings: it
+    // takes every query and passage vector from the retriever's stages and embeds none.
+    let reuse = first.teacher_embeddings[0];
+    assert_eq!((reuse.queries_embedded, reuse.passages_embedded), (0, 0));
     let store = StageStore::open(run.path()).unwrap();
+    let teacher_stages: Vec<_> = std::fs::read_dir(run.path().join("stages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("teacher-") && !n.ends_with("-cache"))
+        .collect();
+    assert!(teacher_stages.is_empty(), "{teacher_stages:?}");
+
     let mut examples = Vec::new();
     for b in store.read(EXAMPLES_STAGE).unwrap() {
         examples.extend(examples_from_batch(&b.unwrap()).unwrap());
@@ -224,13 +246,7 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     assert_eq!(examples.len(), first.examples);
 
     // The BM25 cache holds BM25 over the whole corpus (Anserini's k1 and b), pair by pair.
-    let bm25 = Bm25Teacher::new(
-        Bm25Params { k1: 0.9, b: 0.4 },
-        &corpus_path(),
-        false,
-        run.path(),
-    )
-    .unwrap();
+    let bm25 = Bm25Teacher::new(Bm25Params { k1: 0.9, b: 0.4 }, &corpus_path(), None).unwrap();
     let cache = cached_scores(
         &store,
         &format!("teacher-{}-cache", &bm25.fingerprint()[..16]),
@@ -257,6 +273,39 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     }
     assert!(positive > 0);
 
+    // The bi-encoder's scores are the cosines of the retriever's own vectors, and it
+    // took one vector per distinct query text and candidate passage text.
+    let bi = cached_scores(
+        &store,
+        &format!("teacher-{}-cache", &teacher_fingerprint(model.path())[..16]),
+    );
+    let q = read_matrix(&store, "r0-queries").unwrap();
+    let d = read_matrix(&store, "r0-passages").unwrap();
+    let q_row: HashMap<&str, usize> = q
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let d_row: HashMap<&str, usize> = d
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let mut query_texts = std::collections::HashSet::new();
+    let mut passage_texts_seen = std::collections::HashSet::new();
+    for r in &rows {
+        query_texts.insert(r.query_text.as_str());
+        for c in &r.candidate_ids {
+            passage_texts_seen.insert(texts[c].as_str());
+            let want = cosine(q.row(q_row[r.query_id.as_str()]), d.row(d_row[c.as_str()]));
+            assert_eq!(bi[&pair_key(&r.query_text, &texts[c])], want);
+        }
+    }
+    assert_eq!(reuse.queries_reused, query_texts.len() as u64);
+    assert_eq!(reuse.passages_reused, passage_texts_seen.len() as u64);
+
     // A rerun serves every pair from the two caches.
     let second = run_label(&p).unwrap();
     assert_eq!(second.scored_now, vec![0, 0]);
@@ -267,12 +316,6 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     let p = pipeline(run.path(), model.path(), 0.75);
     let third = run_label(&p).unwrap();
     assert_eq!(third.scored_now, vec![0, first.pairs]);
-    let other = Bm25Teacher::new(
-        Bm25Params { k1: 0.9, b: 0.75 },
-        &corpus_path(),
-        false,
-        run.path(),
-    )
-    .unwrap();
+    let other = Bm25Teacher::new(Bm25Params { k1: 0.9, b: 0.75 }, &corpus_path(), None).unwrap();
     assert_ne!(other.fingerprint(), bm25.fingerprint());
 }

@@ -298,3 +298,75 @@ fn a_stopped_run_resumes_to_bit_identical_weights_and_exports_a_loadable_model()
         .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
+
+/// Regression: the resumed log kept the row of the checkpoint's own step and logged that
+/// step again (with the default settings, a kill in the first epoch duplicated row 0).
+/// A kill after steps that no checkpoint holds is simulated by putting back an older
+/// checkpoint over a run that went further: the log then has rows the checkpoint does
+/// not, which the resumed run must replace, not repeat.
+#[test]
+fn a_resumed_loss_log_equals_the_uninterrupted_one_byte_for_byte() {
+    let passages = corpus();
+    let texts: HashMap<String, String> = passages.iter().cloned().collect();
+    let ex = examples(&passages, 20);
+    let model = tempfile::tempdir().unwrap();
+    let _ = tiny_student(model.path(), &passages);
+    let run = |dir: &Path, stop: Option<u64>| {
+        let student = tiny_student(model.path(), &passages);
+        train(
+            &student,
+            ex.clone(),
+            &texts,
+            &settings(),
+            dir,
+            (None, None),
+            quiet(stop),
+        )
+        .unwrap()
+    };
+    let whole = tempfile::tempdir().unwrap();
+    run(whole.path(), None);
+    let log = std::fs::read_to_string(whole.path().join("loss-log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 1 + 8);
+
+    for (checkpoint_at, killed_at) in [(0, 3), (5, 7)] {
+        let broken = tempfile::tempdir().unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        if checkpoint_at > 0 {
+            run(broken.path(), Some(checkpoint_at));
+            copy_dir(
+                &broken.path().join("checkpoint"),
+                &saved.path().join("checkpoint"),
+            );
+        }
+        run(broken.path(), Some(killed_at));
+        let before = std::fs::read_to_string(broken.path().join("loss-log.csv")).unwrap();
+        assert_eq!(before.lines().count() as u64, 1 + killed_at);
+        // The kill: the checkpoint on disk is the one of `checkpoint_at` (none for 0).
+        std::fs::remove_dir_all(broken.path().join("checkpoint")).unwrap();
+        if checkpoint_at > 0 {
+            copy_dir(
+                &saved.path().join("checkpoint"),
+                &broken.path().join("checkpoint"),
+            );
+        }
+        let resumed = run(broken.path(), None);
+        assert_eq!(
+            resumed.resumed_from,
+            (checkpoint_at > 0).then_some(checkpoint_at)
+        );
+        let resumed_log = std::fs::read_to_string(broken.path().join("loss-log.csv")).unwrap();
+        assert_eq!(
+            resumed_log, log,
+            "killed at {killed_at}, checkpoint {checkpoint_at}"
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}

@@ -105,7 +105,9 @@ impl BertConfig {
                 "gelu, gelu_new, gelu_pytorch_tanh, relu",
             )
         })?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(OperatorError::BadConfig {
                 path: path.to_path_buf(),
                 what: "BERT config.json",

@@ -19,24 +19,9 @@ use distillery_operators::{
 };
 use serde_json::Value;
 
-fn minilm_dir() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("DISTILLERY_MINILM_DIR").map(PathBuf::from),
-        Some(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2"),
-        ),
-    ];
-    let found = candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("model.safetensors").is_file());
-    if found.is_none() {
-        eprintln!(
-            "SKIPPED: all-MiniLM-L6-v2 not found (set DISTILLERY_MINILM_DIR, or run tools/fetch-minilm.sh)"
-        );
-    }
-    found
-}
+#[path = "../../tests/support/minilm.rs"]
+mod minilm;
+use minilm::minilm_dir;
 
 fn embed(e: &Embedder, texts: &[&str]) -> Vec<Vec<f32>> {
     let ids = e.tokenize(texts, TextKind::Passage).unwrap();

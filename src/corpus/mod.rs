@@ -13,8 +13,10 @@
 //! - **Bad input is named.** Every problem with a record is a [`BadRecord`] giving the
 //!   file, the 1-based line (the row, for Parquet), the field and what was expected
 //!   versus found. A duplicate id names the line where the id was first seen. Blank lines
-//!   in text formats hold no record and are passed over. An empty file is zero records;
-//!   a missing file is [`CorpusError::Io`] naming its path.
+//!   in text formats hold no record and are passed over. A file with no good record
+//!   (empty, only blank lines, or every record bad and quarantined) ends with
+//!   [`CorpusError::NoRecords`]: a run over nothing is a mistake, never a silent
+//!   success. A missing file is [`CorpusError::Io`] naming its path.
 //! - **Nothing is dropped without a trace.** Under [`BadRecordPolicy::Fail`] (the
 //!   default) the iterator yields the error and then ends. Under
 //!   [`BadRecordPolicy::Skip`] each bad record goes to the [`Quarantine`] file and
@@ -65,6 +67,17 @@ pub enum CorpusError {
         path: PathBuf,
         #[source]
         source: ::parquet::errors::ParquetError,
+    },
+    /// The file holds no good record: it is empty, or every record was bad and skipped.
+    #[error("{}: no records{}", path.display(), match (skipped, quarantine) {
+        (0, _) => " (the file is empty)".to_string(),
+        (n, Some(q)) => format!(": all {n} were bad and are in {}", q.display()),
+        (n, None) => format!(": all {n} were bad"),
+    })]
+    NoRecords {
+        path: PathBuf,
+        skipped: u64,
+        quarantine: Option<PathBuf>,
     },
     /// The quarantine file could not be created or written.
     #[error("cannot write quarantine file {}: {source}", path.display())]
@@ -189,17 +202,21 @@ impl SeenIds {
 /// Applies a policy to a source's items; ends after the first error it yields.
 struct Driver<S> {
     source: S,
+    path: PathBuf,
     policy: BadRecordPolicy,
     skipped: u64,
+    good: u64,
     done: bool,
 }
 
 impl<S: Source> Driver<S> {
-    fn new(source: S, policy: BadRecordPolicy) -> Self {
+    fn new(source: S, path: &Path, policy: BadRecordPolicy) -> Self {
         Driver {
             source,
+            path: path.to_path_buf(),
             policy,
             skipped: 0,
+            good: 0,
             done: false,
         }
     }
@@ -207,8 +224,19 @@ impl<S: Source> Driver<S> {
     fn next_record(&mut self) -> Option<Result<S::Record, CorpusError>> {
         while !self.done {
             let outcome = match self.source.next_item() {
+                Ok(None) if self.good == 0 => Some(Err(CorpusError::NoRecords {
+                    path: self.path.clone(),
+                    skipped: self.skipped,
+                    quarantine: match &self.policy {
+                        BadRecordPolicy::Skip(q) => Some(q.path().to_path_buf()),
+                        BadRecordPolicy::Fail => None,
+                    },
+                })),
                 Ok(None) => None,
-                Ok(Some(Item::Good(record))) => return Some(Ok(record)),
+                Ok(Some(Item::Good(record))) => {
+                    self.good += 1;
+                    return Some(Ok(record));
+                }
                 Ok(Some(Item::Bad { error, raw })) => match self.policy.handle(error, &raw) {
                     Ok(()) => {
                         self.skipped += 1;
@@ -348,7 +376,7 @@ pub fn open_passages(path: &Path, opts: &ReadOptions) -> Result<PassageReader, C
         Format::Parquet => PassageSource::Parquet(parquet::ParquetSource::open(path)?),
     };
     Ok(PassageReader {
-        driver: Driver::new(source, opts.policy.clone()),
+        driver: Driver::new(source, path, opts.policy.clone()),
         path: path.to_path_buf(),
     })
 }
@@ -367,7 +395,7 @@ pub fn open_queries(path: &Path, opts: &ReadOptions) -> Result<QueryReader, Corp
         }
     };
     Ok(QueryReader {
-        driver: Driver::new(source, opts.policy.clone()),
+        driver: Driver::new(source, path, opts.policy.clone()),
         path: path.to_path_buf(),
     })
 }
@@ -454,7 +482,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body = "{\"_id\":\"a\",\"text\":\"1\"}\nnot json\n{\"_id\":\"a\",\"text\":\"2\"}\n";
         let path = write(dir.path(), "c.jsonl", body);
-        let quarantine = Quarantine::create(&dir.path().join("q.jsonl")).unwrap();
+        let quarantine = Quarantine::open(&dir.path().join("q.jsonl")).unwrap();
         let opts = ReadOptions {
             policy: BadRecordPolicy::Skip(quarantine.clone()),
             ..ReadOptions::default()
@@ -464,6 +492,45 @@ mod tests {
         assert_eq!(ids, vec!["a"]);
         assert_eq!(reader.skipped(), 2);
         assert_eq!(quarantine.finish().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_file_whose_every_record_is_bad_is_an_error_naming_the_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let quarantine_path = dir.path().join("q.jsonl");
+        let quarantine = Quarantine::open(&quarantine_path).unwrap();
+        let opts = ReadOptions {
+            policy: BadRecordPolicy::Skip(quarantine),
+            ..ReadOptions::default()
+        };
+        let passages = write(dir.path(), "c.jsonl", "not json\n\n{\"text\":\"no id\"}\n");
+        let queries = write(dir.path(), "q.tsv", "\n\n");
+        let results: Vec<_> = open_passages(&passages, &opts).unwrap().collect();
+        match results.as_slice() {
+            [Err(
+                e @ CorpusError::NoRecords {
+                    skipped: 2,
+                    quarantine: Some(q),
+                    ..
+                },
+            )] => {
+                assert_eq!(q, &quarantine_path);
+                let text = e.to_string();
+                assert!(
+                    text.contains("c.jsonl: no records: all 2 were bad"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected NoRecords after 2 skipped, got {other:?}"),
+        }
+        let results: Vec<_> = open_queries(&queries, &opts).unwrap().collect();
+        assert!(
+            matches!(
+                results.as_slice(),
+                [Err(CorpusError::NoRecords { skipped: 0, .. })]
+            ),
+            "{results:?}"
+        );
     }
 
     #[test]

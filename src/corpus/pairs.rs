@@ -332,7 +332,7 @@ pub fn open_pairs(path: &Path, opts: &ReadOptions) -> Result<PairReader, CorpusE
     let format = format_of(path, opts, EXPECTED_EXTENSIONS)?;
     let source = PairSource::open(path, format)?;
     Ok(PairReader {
-        driver: Driver::new(source, opts.policy.clone()),
+        driver: Driver::new(source, path, opts.policy.clone()),
         path: path.to_path_buf(),
     })
 }
@@ -574,7 +574,7 @@ mod tests {
         );
         assert!(reader.next().is_none());
 
-        let quarantine = Quarantine::create(&dir.path().join("q.jsonl")).unwrap();
+        let quarantine = Quarantine::open(&dir.path().join("q.jsonl")).unwrap();
         let opts = ReadOptions {
             policy: BadRecordPolicy::Skip(quarantine.clone()),
             ..ReadOptions::default()

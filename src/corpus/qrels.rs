@@ -232,7 +232,7 @@ mod tests {
     fn skip_quarantines_bad_rows_and_keeps_the_rest() {
         let (dir, path) =
             write("query-id\tcorpus-id\tscore\n1\td1\t1\n9\td1\t1\n3\td2\tx\n3\td3\t1\n");
-        let quarantine = Quarantine::create(&dir.path().join("q.jsonl")).unwrap();
+        let quarantine = Quarantine::open(&dir.path().join("q.jsonl")).unwrap();
         let opts = ReadOptions {
             policy: BadRecordPolicy::Skip(quarantine.clone()),
             ..ReadOptions::default()

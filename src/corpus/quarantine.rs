@@ -6,14 +6,21 @@
 //! [`MAX_RAW_BYTES`]) and the raw text's length in bytes before the cut, so a reader
 //! can tell a cut entry from a whole one.
 //!
-//! The handle is cheap to clone and every clone writes to the same file, so the readers
-//! of one run (corpus, queries, qrels) can share it. Entries are buffered; they reach
-//! the disk on [`Quarantine::finish`] or when the last clone is dropped.
+//! The file belongs to a run and outlives a command: [`Quarantine::open`] appends to it,
+//! and an entry already in it (the same file, line, field, reason and raw bytes) is not
+//! written again, so however many stages and commands read a bad record, it is listed
+//! once. Within a process there is one handle per file: opening a path that is open
+//! returns the open handle, so every reader of a command (corpus, queries, qrels, in
+//! every stage) shares it. [`Quarantine::count`] is how many distinct bad records this
+//! handle met, the ones listed by earlier commands included: what the command skipped.
+//! Entries are buffered; they reach the disk on [`Quarantine::finish`] or when the last
+//! clone is dropped.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use serde::Serialize;
 
@@ -25,6 +32,10 @@ use crate::error::BadRecord;
 /// "line" (a binary file read as text) cannot blow up the quarantine file.
 pub const MAX_RAW_BYTES: usize = 4096;
 
+/// The quarantine files this process has open, by absolute path.
+static OPEN_QUARANTINES: LazyLock<Mutex<HashMap<PathBuf, Weak<Mutex<Inner>>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// A shared, append-only quarantine file. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Quarantine {
@@ -35,7 +46,10 @@ pub struct Quarantine {
 #[derive(Debug)]
 struct Inner {
     writer: BufWriter<File>,
-    count: u64,
+    /// blake3 of every entry line in the file (written earlier or by this handle).
+    listed: HashSet<[u8; 32]>,
+    /// The entries this handle met, written now or listed before.
+    met: HashSet<[u8; 32]>,
 }
 
 impl Drop for Inner {
@@ -57,18 +71,54 @@ struct Entry<'a> {
 }
 
 impl Quarantine {
-    /// Creates (or truncates) the quarantine file at `path`.
-    pub fn create(path: &Path) -> Result<Self, CorpusError> {
-        let file = File::create(path).map_err(|source| CorpusError::Quarantine {
+    /// Opens the quarantine file at `path` for appending, creating it if needed; the
+    /// handle already open on it, when there is one in this process.
+    pub fn open(path: &Path) -> Result<Self, CorpusError> {
+        let error = |source| CorpusError::Quarantine {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let absolute = std::path::absolute(path).map_err(error)?;
+        let mut open = OPEN_QUARANTINES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.retain(|_, inner| inner.strong_count() > 0);
+        if let Some(inner) = open.get(&absolute).and_then(Weak::upgrade) {
+            return Ok(Quarantine {
+                path: Arc::new(path.to_path_buf()),
+                inner,
+            });
+        }
+        let existing = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(error(e)),
+        };
+        let listed = existing
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| *blake3::hash(line).as_bytes())
+            .collect();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(error)?;
+        let mut writer = BufWriter::new(file);
+        // A run killed while writing can leave a last line without its newline; the
+        // next entry starts on a line of its own.
+        if existing.last().is_some_and(|&b| b != b'\n') {
+            writer.write_all(b"\n").map_err(error)?;
+        }
+        let inner = Arc::new(Mutex::new(Inner {
+            writer,
+            listed,
+            met: HashSet::new(),
+        }));
+        open.insert(absolute, Arc::downgrade(&inner));
         Ok(Quarantine {
             path: Arc::new(path.to_path_buf()),
-            inner: Arc::new(Mutex::new(Inner {
-                writer: BufWriter::new(file),
-                count: 0,
-            })),
+            inner,
         })
     }
 
@@ -77,7 +127,8 @@ impl Quarantine {
         &self.path
     }
 
-    /// Appends one skipped record: its error and its raw bytes.
+    /// Records one skipped record, its error and its raw bytes: appended unless the file
+    /// lists it already.
     pub fn record(&self, bad: &BadRecord, raw: &[u8]) -> Result<(), CorpusError> {
         let entry = Entry {
             file: bad.location.file.display().to_string(),
@@ -87,24 +138,28 @@ impl Quarantine {
             raw: truncate_lossy(raw),
             raw_bytes: raw.len(),
         };
-        let mut inner = self.lock();
-        let write = serde_json::to_writer(&mut inner.writer, &entry)
-            .map_err(std::io::Error::from)
-            .and_then(|()| inner.writer.write_all(b"\n"));
-        write.map_err(|source| CorpusError::Quarantine {
+        let error = |source| CorpusError::Quarantine {
             path: self.path.to_path_buf(),
             source,
-        })?;
-        inner.count += 1;
+        };
+        let line = serde_json::to_vec(&entry).map_err(|e| error(e.into()))?;
+        let id = *blake3::hash(&line).as_bytes();
+        let mut inner = self.lock();
+        inner.met.insert(id);
+        if inner.listed.insert(id) {
+            inner.writer.write_all(&line).map_err(error)?;
+            inner.writer.write_all(b"\n").map_err(error)?;
+        }
         Ok(())
     }
 
-    /// How many records have been quarantined so far, by every clone of this handle.
+    /// How many distinct bad records this handle met (and so its readers skipped),
+    /// whether this handle wrote them or the file listed them already.
     pub fn count(&self) -> u64 {
-        self.lock().count
+        self.lock().met.len() as u64
     }
 
-    /// Flushes the entries to disk and returns how many there are.
+    /// Flushes the entries to disk and returns [`Self::count`].
     pub fn finish(&self) -> Result<u64, CorpusError> {
         let mut inner = self.lock();
         inner
@@ -114,7 +169,7 @@ impl Quarantine {
                 path: self.path.to_path_buf(),
                 source,
             })?;
-        Ok(inner.count)
+        Ok(inner.met.len() as u64)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -162,7 +217,7 @@ mod tests {
     fn entries_are_json_lines_shared_by_clones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.jsonl");
-        let q = Quarantine::create(&path).unwrap();
+        let q = Quarantine::open(&path).unwrap();
         let clone = q.clone();
         q.record(&bad(3, Some("_id"), "missing"), b"{\"text\":\"x\"}")
             .unwrap();
@@ -184,11 +239,60 @@ mod tests {
     }
 
     #[test]
+    fn a_record_met_again_is_counted_but_listed_once_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quarantine.jsonl");
+        {
+            let first = Quarantine::open(&path).unwrap();
+            first
+                .record(&bad(3, Some("_id"), "missing"), b"{}")
+                .unwrap();
+            // A second reader of the same command: the same handle, the same record.
+            let second = Quarantine::open(&path).unwrap();
+            second
+                .record(&bad(3, Some("_id"), "missing"), b"{}")
+                .unwrap();
+            second.record(&bad(9, None, "bad utf-8"), b"\xff").unwrap();
+            assert_eq!(first.finish().unwrap(), 2);
+        }
+        // A later command meets one of them again and one new record.
+        let later = Quarantine::open(&path).unwrap();
+        later.record(&bad(9, None, "bad utf-8"), b"\xff").unwrap();
+        later
+            .record(&bad(12, Some("text"), "not a string"), b"1")
+            .unwrap();
+        assert_eq!(later.finish().unwrap(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["line"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(lines, vec![3, 9, 12]);
+    }
+
+    #[test]
+    fn an_entry_cut_by_a_kill_does_not_swallow_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quarantine.jsonl");
+        std::fs::write(&path, "{\"file\":\"c.jsonl\",\"li").unwrap();
+        let q = Quarantine::open(&path).unwrap();
+        q.record(&bad(2, None, "r"), b"x").unwrap();
+        q.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["line"], 2);
+    }
+
+    #[test]
     fn drop_flushes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.jsonl");
         {
-            let q = Quarantine::create(&path).unwrap();
+            let q = Quarantine::open(&path).unwrap();
             q.record(&bad(1, None, "r"), b"x").unwrap();
         }
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
@@ -208,7 +312,7 @@ mod tests {
     #[test]
     fn unwritable_path_is_a_quarantine_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Quarantine::create(&dir.path().join("no/such/dir/q.jsonl")).unwrap_err();
+        let err = Quarantine::open(&dir.path().join("no/such/dir/q.jsonl")).unwrap_err();
         assert!(matches!(err, CorpusError::Quarantine { .. }), "{err}");
     }
 }

@@ -30,7 +30,7 @@ use crossbeam_channel::bounded;
 use distillery_operators::llm::{LlmOptions, SamplingParams};
 use serde::Serialize;
 
-use crate::config::{GenerateFile, HeldOutFile, Pipeline};
+use crate::config::{GenerateFile, HeldOutFile, Pipeline, RunPart};
 use crate::corpus::open_passages;
 use crate::error::EngineError;
 use crate::generate::cache::CachedOutcome;
@@ -143,14 +143,15 @@ impl GenerateJob {
         let Some(file) = &pipeline.generate else {
             return Ok(None);
         };
-        Self::from_file(
+        let mut job = Self::from_file(
             file,
             &pipeline.corpus,
             &pipeline.run_dir,
             &pipeline.held_out,
             pipeline.quarantine.clone(),
-        )
-        .map(Some)
+        )?;
+        job.quiet = pipeline.quiet;
+        Ok(Some(job))
     }
 
     /// The job of a `[generate]` section over `corpus`; `held_out` is the pipeline's
@@ -304,6 +305,7 @@ fn generator_choice(
 
 /// Runs the pipeline's `[generate]` (an error when it has none).
 pub fn run_pipeline_generate(pipeline: &Pipeline) -> Result<GenerateOutcome, EngineError> {
+    pipeline.preflight(RunPart::Generate)?;
     let job = GenerateJob::from_pipeline(pipeline)?.ok_or_else(|| {
         EngineError::Invalid("the configuration has no [generate] section".into())
     })?;

@@ -24,7 +24,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, RunPart};
 use crate::dataflow::CHUNK_ROWS;
 use crate::error::EngineError;
 use crate::jobs::mine::{run_mine, MineOutcome, CANDIDATES_STAGE};
@@ -35,7 +35,7 @@ use crate::mining::{
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
 use crate::store::{hash_settings, ContentHasher, StageKey, StageStatus, StageStore};
-use teacher::{load_teacher, PairToScore, ScoringContext};
+use teacher::{load_teacher, EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
 
 /// The examples stage's name.
 pub const EXAMPLES_STAGE: &str = "examples";
@@ -51,6 +51,8 @@ pub struct LabelOutcome {
     /// Pairs each teacher needed, and how many of them it had to score now.
     pub pairs: usize,
     pub scored_now: Vec<usize>,
+    /// Per teacher: texts it embedded now and texts it took from a retriever's stage.
+    pub teacher_embeddings: Vec<EmbeddingCounts>,
     pub stats: TeacherStats,
     pub examples: usize,
     pub train: usize,
@@ -112,6 +114,7 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
                 .into(),
         ));
     }
+    pipeline.preflight(RunPart::Label)?;
     let mine = run_mine(pipeline)?;
     let store = StageStore::open(&pipeline.run_dir)?;
     let mut rows: Vec<CandidateRow> = Vec::new();
@@ -148,8 +151,38 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
         }
     }
 
+    // Where each text sits in the retrievers' embedding stages: passages by id, queries
+    // by query id.
+    let passage_id_of_text: HashMap<String, String> = texts
+        .iter()
+        .map(|(id, text)| (text.clone(), id.clone()))
+        .collect();
+    let query_id_of_text: HashMap<String, String> = rows
+        .iter()
+        .map(|r| (r.query_text.clone(), r.query_id.clone()))
+        .collect();
+    let known: Vec<KnownEmbeddings<'_>> = mine
+        .embeddings
+        .iter()
+        .flat_map(|(passages, queries)| {
+            [
+                KnownEmbeddings {
+                    stage: passages.stage.clone(),
+                    settings_hash: passages.settings_hash.clone(),
+                    id_of_text: &passage_id_of_text,
+                },
+                KnownEmbeddings {
+                    stage: queries.stage.clone(),
+                    settings_hash: queries.settings_hash.clone(),
+                    id_of_text: &query_id_of_text,
+                },
+            ]
+        })
+        .collect();
+
     let mut per_teacher: Vec<HashMap<String, f32>> = Vec::new();
     let mut scored_now = Vec::new();
+    let mut teacher_embeddings = Vec::new();
     let mut teacher_ids = Vec::new();
     for (t, settings) in pipeline.teachers.iter().enumerate() {
         let teacher = load_teacher(pipeline, t, settings)?;
@@ -162,16 +195,16 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
             settings_hash,
             input_hash: "append-only cache".into(),
         };
-        let mut known = HashMap::new();
+        let mut cached = HashMap::new();
         if matches!(
             store.status(&cache_stage, &cache_key)?,
             StageStatus::Partial { .. }
         ) {
-            read_scores(&store, &cache_stage, &mut known)?;
+            read_scores(&store, &cache_stage, &mut cached)?;
         }
         let missing: Vec<PairToScore<'_>> = pairs
             .iter()
-            .filter(|(k, _)| !known.contains_key(*k))
+            .filter(|(k, _)| !cached.contains_key(*k))
             .map(|(k, (q, p))| PairToScore {
                 key: k,
                 query: q,
@@ -187,7 +220,8 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
                 batcher: pipeline.retrievers[0].batcher(),
                 workers: pipeline.workers,
                 threads: pipeline.threads,
-                quiet: false,
+                quiet: pipeline.quiet,
+                known: known.clone(),
             };
             let scores = teacher.score_pairs(&missing, &ctx)?;
             if scores.len() != missing.len() {
@@ -204,9 +238,10 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
                 writer.write_part(&[scores_batch(&keys, chunk_scores.to_vec())?])?;
             }
             drop(writer);
-            known.extend(missing.iter().map(|p| p.key.to_string()).zip(scores));
+            cached.extend(missing.iter().map(|p| p.key.to_string()).zip(scores));
         }
-        per_teacher.push(known);
+        teacher_embeddings.push(teacher.embedding_counts());
+        per_teacher.push(cached);
     }
 
     // The teacher funnel over every candidates row.
@@ -311,6 +346,7 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
         mine,
         pairs: pairs.len(),
         scored_now,
+        teacher_embeddings,
         stats,
         examples: examples.len(),
         train: examples.len() - dev,

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use distillery_operators::TextKind;
 use serde::Serialize;
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, RunPart};
 use crate::corpus::{open_queries, read_qrels};
 use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::jobs::eval::read_matrix;
-use crate::jobs::{count_records, hash_file, passage_texts};
+use crate::jobs::{count_records, embedding_settings_hash, hash_file, passage_texts};
 use crate::mining::{select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals};
 use crate::model::fingerprint;
 use crate::record::Query;
@@ -39,14 +39,19 @@ pub struct MineOutcome {
     /// The candidates stage, for the stages downstream.
     #[serde(skip)]
     pub candidates: CompletedStage,
+    /// Every retriever's passage and query embedding stages. Their row ids are the
+    /// passage ids and the query ids.
+    #[serde(skip)]
+    pub embeddings: Vec<(EmbeddedStage, EmbeddedStage)>,
 }
 
-#[derive(Serialize)]
-struct EmbedKeySettings<'a> {
-    model: &'a str,
-    max_seq_length: usize,
-    prefix: &'a str,
-    kind: &'a str,
+/// An embedding stage of the run, complete for the current inputs, and the settings
+/// hash of its vectors ([`crate::jobs::embedding_settings_hash`]): what a later stage
+/// with the same embedder can take instead of embedding again.
+#[derive(Debug, Clone)]
+pub struct EmbeddedStage {
+    pub stage: String,
+    pub settings_hash: String,
 }
 
 /// The `count` passages with the smallest seeded hash of their id: a choice that does
@@ -138,10 +143,32 @@ pub fn mining_queries(
 
 /// Runs the mining stage.
 pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
+    pipeline.preflight(RunPart::Mine)?;
     let store = StageStore::open(&pipeline.run_dir)?;
     let first = &pipeline.retrievers[0];
     let read = first.read_options()?;
     let queries = mining_queries(pipeline, &read)?;
+    if queries.is_empty() {
+        return Err(EngineError::Invalid(format!(
+            "{}: no queries to mine candidates for: {}",
+            pipeline.origin.display(),
+            match (&pipeline.queries, &pipeline.generate) {
+                (Some(q), _) => format!(
+                    "no query of {} has a relevant passage in {}{}",
+                    q.path.display(),
+                    q.qrels.display(),
+                    if pipeline.generate.is_some() {
+                        ", and generation gave none outside the held-out passages"
+                    } else {
+                        ""
+                    }
+                ),
+                (None, _) => "generation gave no query outside the held-out passages \
+                              (see generate-failures.jsonl and generate-report.json)"
+                    .to_string(),
+            }
+        )));
+    }
     let corpus_hash = hash_file(&pipeline.corpus)?;
     let mut qh = ContentHasher::new();
     for q in &queries {
@@ -158,6 +185,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     let mut lists_per_retriever: Vec<Vec<Vec<PassageIdx>>> = Vec::new();
     let mut passage_ids: Option<Vec<String>> = None;
     let mut upstream = ContentHasher::new();
+    let mut embedded = Vec::new();
     for (i, settings) in pipeline.retrievers.iter().enumerate() {
         let (embedder, _) = settings.load_embedder(
             &pipeline.corpus,
@@ -166,21 +194,11 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         )?;
         let model = fingerprint(embedder.dir())?;
         let stage = |name: String, kind: TextKind, input_hash: &str, total| {
-            let key_settings = EmbedKeySettings {
-                model: &model,
-                max_seq_length: embedder.max_seq_length(),
-                prefix: embedder.prefix(kind),
-                kind: if kind == TextKind::Query {
-                    "query"
-                } else {
-                    "passage"
-                },
-            };
             Ok::<_, EngineError>(EmbedStage {
                 label: format!("retriever {i}: {name}"),
                 stage: name,
                 key: StageKey {
-                    settings_hash: hash_settings(&key_settings)?,
+                    settings_hash: embedding_settings_hash(&embedder, &model, kind)?,
                     input_hash: input_hash.to_string(),
                 },
                 kind,
@@ -222,6 +240,16 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         upstream
             .field(p_report.completed.content_hash())
             .field(q_report.completed.content_hash());
+        embedded.push((
+            EmbeddedStage {
+                stage: p_stage.stage.clone(),
+                settings_hash: p_stage.key.settings_hash.clone(),
+            },
+            EmbeddedStage {
+                stage: q_stage.stage.clone(),
+                settings_hash: q_stage.key.settings_hash.clone(),
+            },
+        ));
         let p = read_matrix(&store, &p_stage.stage)?;
         let q = read_matrix(&store, &q_stage.stage)?;
         match &passage_ids {
@@ -282,6 +310,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
                     stats,
                     reused: true,
                     candidates,
+                    embeddings: embedded,
                 });
             }
         }
@@ -298,6 +327,15 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
     });
     let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, retrievals);
+    if kept.is_empty() {
+        // Nothing to label or train on: say so now, with the funnel, not after the
+        // teachers have run over nothing.
+        return Err(EngineError::Invalid(format!(
+            "no query kept; {stats}. See [candidates] in {} (and whether the queries' \
+             relevant passages are in the corpus)",
+            pipeline.origin.display()
+        )));
+    }
     let by_id: HashMap<&str, &MiningQuery> =
         queries.iter().map(|q| (q.query.id.as_str(), q)).collect();
     let rows: Vec<CandidateRow> = kept
@@ -342,6 +380,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
         stats,
         reused: false,
         candidates,
+        embeddings: embedded,
     })
 }
 

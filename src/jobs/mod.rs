@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use distillery_operators::{Embedder, EmbedderOptions, TokenBudgetBatcher};
+use distillery_operators::{Embedder, EmbedderOptions, TextKind, TokenBudgetBatcher};
 
 use crate::corpus::{open_passages, BadRecordPolicy, Quarantine, ReadOptions};
 use crate::dataflow::TextSource;
@@ -84,19 +84,9 @@ impl EmbedSettings {
         tiny_dir: &Path,
     ) -> Result<(Arc<Embedder>, ResolvedModel), EngineError> {
         let resolved = resolve_model(self.model.as_deref(), tiny_dir, &mut || {
-            // Training a tiny tokenizer reads the corpus once more; under `Skip` its bad
-            // records go to a quarantine of its own, so the run's quarantine lists each
-            // bad record once.
-            let tokenizer_read = match &read.policy {
-                BadRecordPolicy::Fail => ReadOptions::default(),
-                BadRecordPolicy::Skip(_) => ReadOptions {
-                    policy: BadRecordPolicy::Skip(Quarantine::create(
-                        &tiny_dir.with_extension("tokenizer-quarantine.jsonl"),
-                    )?),
-                    ..ReadOptions::default()
-                },
-            };
-            let reader = open_passages(corpus, &tokenizer_read)?;
+            // Training a tiny tokenizer reads the corpus once more; the run's quarantine
+            // lists each bad record once however often it is read.
+            let reader = open_passages(corpus, read)?;
             let mut texts = Vec::new();
             for p in reader {
                 texts.push(p?.embedding_text());
@@ -116,11 +106,41 @@ impl EmbedSettings {
     }
 }
 
+/// What an embedding depends on besides its text. One key for every stage that embeds
+/// (the retrievers', a bi-encoder teacher's): two stages with equal keys hold the same
+/// vector for the same text, so one can take the other's.
+#[derive(serde::Serialize)]
+struct EmbeddingKey<'a> {
+    /// [`crate::model::fingerprint`] of the model's files.
+    model: &'a str,
+    max_seq_length: usize,
+    prefix: &'a str,
+    kind: &'a str,
+}
+
+/// The settings hash of `embedder`'s embeddings of `kind` texts; `model_fingerprint` is
+/// [`crate::model::fingerprint`] of its directory.
+pub fn embedding_settings_hash(
+    embedder: &Embedder,
+    model_fingerprint: &str,
+    kind: TextKind,
+) -> Result<String, EngineError> {
+    Ok(crate::store::hash_settings(&EmbeddingKey {
+        model: model_fingerprint,
+        max_seq_length: embedder.max_seq_length(),
+        prefix: embedder.prefix(kind),
+        kind: match kind {
+            TextKind::Query => "query",
+            TextKind::Passage => "passage",
+        },
+    })?)
+}
+
 /// Reading that fails on the first bad record, or skips bad records into `quarantine`.
 pub fn read_options(quarantine: Option<&Path>) -> Result<ReadOptions, EngineError> {
     let policy = match quarantine {
         None => BadRecordPolicy::Fail,
-        Some(path) => BadRecordPolicy::Skip(Quarantine::create(path)?),
+        Some(path) => BadRecordPolicy::Skip(Quarantine::open(path)?),
     };
     Ok(ReadOptions {
         policy,

@@ -133,7 +133,7 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
     let read = ReadOptions {
         policy: match &job.quarantine {
             None => BadRecordPolicy::Fail,
-            Some(path) => BadRecordPolicy::Skip(Quarantine::create(path)?),
+            Some(path) => BadRecordPolicy::Skip(Quarantine::open(path)?),
         },
         ..ReadOptions::default()
     };

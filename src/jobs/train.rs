@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use distillery_operators::student::{Student, StudentOptions};
 
-use crate::config::Pipeline;
+use crate::config::{Pipeline, RunPart};
 use crate::error::EngineError;
 use crate::jobs::label::{run_label, LabelOutcome, EXAMPLES_STAGE};
 use crate::jobs::passage_texts;
@@ -35,6 +35,7 @@ pub fn run_train(
             "no [student] in the configuration: train needs a model to fine-tune".into(),
         )
     })?;
+    pipeline.preflight(RunPart::Train)?;
     let label = run_label(pipeline)?;
     let store = StageStore::open(&pipeline.run_dir)?;
     let mut examples = Vec::new();
@@ -75,7 +76,7 @@ pub fn run_train(
         prompts,
         RunControl {
             stop_after,
-            quiet: false,
+            quiet: pipeline.quiet,
         },
     )?;
     Ok(TrainOutcome {

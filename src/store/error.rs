@@ -71,6 +71,13 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// Another process has the run directory open.
+    #[error(
+        "run directory {} is in use by another distillery process; wait for it to end, \
+         or give this run another directory",
+        run_dir.display()
+    )]
+    RunLocked { run_dir: PathBuf },
     /// A committed part's file differs from what the manifest recorded for it.
     #[error("part {} is damaged: {reason}", path.display())]
     PartDamaged { path: PathBuf, reason: String },

@@ -25,9 +25,14 @@
 //!   caller how many rows of its output to skip. A caller whose output is deterministic
 //!   and cut into parts at deterministic row counts thus ends with the same parts as an
 //!   uninterrupted run.
-//! - **One owner.** One process opens a run directory at a time, through one
-//!   [`StageStore`] (clone the handle to share it between threads). Each stage has at most
-//!   one open [`StageWriter`]; different stages can be written concurrently.
+//! - **One owner.** One process opens a run directory at a time: [`StageStore::open`]
+//!   takes an exclusive lock on `<run>/run.lock` and refuses a directory another process
+//!   holds ([`StoreError::RunLocked`]). Within a process there is one handle per run
+//!   directory: opening a directory that is already open returns the same handle, so
+//!   every stage of a command reads and extends one manifest and no stage can write the
+//!   manifest from a stale view of it (which once made `mine` delete the query cache
+//!   that `generate`, run inside it, had just committed). Each stage has at most one open
+//!   [`StageWriter`]; different stages can be written concurrently.
 //! - **Names.** Stage names are chosen by the engine (1 to 64 of `a-z`, `0-9`, `-`, `_`),
 //!   part names are generated; no name ever comes from document content.
 
@@ -39,10 +44,12 @@ mod reader;
 mod recovery;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, TryLockError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -63,11 +70,25 @@ use recovery::STAGES_DIR;
 /// for memory.
 const VERIFY_BUFFER_BYTES: usize = 1 << 20;
 
-/// A handle on an open run directory. Cheap to clone; clones share the manifest.
+/// The lock file of a run directory: held exclusively by the process that has it open.
+pub const LOCK_FILE: &str = "run.lock";
+
+/// How long [`StageStore::open`] waits for the run directory's lock before it reports the
+/// directory busy. A handle of this process that was just dropped releases the lock as
+/// its file closes, a moment after the last clone goes; another process's run holds it
+/// for as long as it runs, so waiting longer would only delay the error.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The run directories this process has open, by canonical path: [`StageStore::open`]
+/// hands out the live handle of a directory instead of a second one.
+static OPEN_RUNS: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// A handle on an open run directory. Cheap to clone; clones, and every other handle
+/// this process opens on the same directory, share the manifest.
 #[derive(Debug, Clone)]
 pub struct StageStore {
     shared: Arc<Shared>,
-    recovery: Arc<RecoveryReport>,
 }
 
 /// State shared by a store's handles and its writers.
@@ -75,6 +96,9 @@ pub struct StageStore {
 pub(crate) struct Shared {
     run_dir: PathBuf,
     state: Mutex<State>,
+    recovery: RecoveryReport,
+    /// Holds the exclusive lock on [`LOCK_FILE`] while the directory is open.
+    _lock: File,
 }
 
 #[derive(Debug)]
@@ -161,6 +185,10 @@ impl CompletedStage {
 impl StageStore {
     /// Opens the run directory, creating it if needed, loads its manifest and repairs what
     /// a killed run left behind (see [`RecoveryReport`], kept as [`Self::recovery`]).
+    ///
+    /// A directory this process already has open is not opened again: the call returns
+    /// the open handle (its recovery happened when it was first opened). A directory
+    /// another process has open is [`StoreError::RunLocked`].
     pub fn open(run_dir: impl AsRef<Path>) -> Result<StageStore, StoreError> {
         let run_dir = run_dir.as_ref().to_path_buf();
         let stages = run_dir.join(STAGES_DIR);
@@ -169,18 +197,30 @@ impl StageStore {
                 .map_err(StoreError::io("create directory", &stages))?;
             sync_dir(&run_dir)?;
         }
+        let canonical = run_dir
+            .canonicalize()
+            .map_err(StoreError::io("resolve", &run_dir))?;
+        let mut open_runs = OPEN_RUNS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        open_runs.retain(|_, handle| handle.strong_count() > 0);
+        if let Some(shared) = open_runs.get(&canonical).and_then(Weak::upgrade) {
+            return Ok(StageStore { shared });
+        }
+        let lock = lock_run_dir(&run_dir)?;
         let mut manifest = Manifest::load(&run_dir)?;
         let recovery = recovery::recover(&run_dir, &mut manifest)?;
-        Ok(StageStore {
-            shared: Arc::new(Shared {
-                run_dir,
-                state: Mutex::new(State {
-                    manifest,
-                    open_writers: HashSet::new(),
-                }),
+        let shared = Arc::new(Shared {
+            run_dir,
+            state: Mutex::new(State {
+                manifest,
+                open_writers: HashSet::new(),
             }),
-            recovery: Arc::new(recovery),
-        })
+            recovery,
+            _lock: lock,
+        });
+        open_runs.insert(canonical, Arc::downgrade(&shared));
+        Ok(StageStore { shared })
     }
 
     /// The run directory.
@@ -190,7 +230,7 @@ impl StageStore {
 
     /// What [`Self::open`] repaired.
     pub fn recovery(&self) -> &RecoveryReport {
-        &self.recovery
+        &self.shared.recovery
     }
 
     /// Where `stage` stands relative to `key`.
@@ -344,6 +384,38 @@ impl StageStore {
             None => Err(StoreError::UnknownStage {
                 stage: stage.to_string(),
             }),
+        }
+    }
+}
+
+/// Takes the exclusive lock on `run_dir`'s [`LOCK_FILE`], waiting up to [`LOCK_WAIT`].
+fn lock_run_dir(run_dir: &Path) -> Result<File, StoreError> {
+    let path = run_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(StoreError::io("open", &path))?;
+    let start = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::RunLocked {
+                    run_dir: run_dir.to_path_buf(),
+                })
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    op: "lock",
+                    path,
+                    source,
+                })
+            }
         }
     }
 }
@@ -545,6 +617,56 @@ mod tests {
         };
         assert_eq!(write(5), write(5));
         assert_ne!(write(5), write(6));
+    }
+
+    /// Regression: `label` opened the run, then `mine` and `generate` inside it each
+    /// opened their own handle; the outer handle's next manifest write dropped the query
+    /// cache the inner one had committed, and recovery then deleted its parts.
+    #[test]
+    fn handles_opened_on_one_directory_share_one_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let outer = StageStore::open(dir.path()).unwrap();
+        {
+            let inner = StageStore::open(dir.path().join(".")).unwrap();
+            let mut writer = inner.begin("queries", key("q", "i"), schema()).unwrap();
+            writer.write_part(&[batch(0, 2)]).unwrap();
+            writer.finish().unwrap();
+        }
+        let mut writer = outer.begin("candidates", key("c", "i"), schema()).unwrap();
+        writer.write_part(&[batch(0, 1)]).unwrap();
+        writer.finish().unwrap();
+        drop(outer);
+
+        let reopened = StageStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.recovery(), &RecoveryReport::default());
+        for (stage, k) in [("queries", key("q", "i")), ("candidates", key("c", "i"))] {
+            assert!(
+                reopened.completed(stage, &k).unwrap().is_some(),
+                "{stage} was lost"
+            );
+            reopened.verify(stage).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_directory_locked_by_another_owner_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another process's lock, as flock sees it: another open file description.
+        let held = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join(LOCK_FILE))
+            .unwrap();
+        held.lock().unwrap();
+        let err = StageStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::RunLocked { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another"), "{err}");
+        held.unlock().unwrap();
+        let store = StageStore::open(dir.path()).unwrap();
+        drop(store);
+        // Released with the last handle: the directory opens again.
+        StageStore::open(dir.path()).unwrap();
     }
 
     #[test]

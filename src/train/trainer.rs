@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use distillery_operators::student::Student;
@@ -44,8 +45,12 @@ pub struct TrainSettings {
     pub max_grad_norm: f64,
     /// Passages per query list (the recipe's top 20).
     pub list_len: usize,
-    /// Also checkpoint every this many steps (0: only at the end of each epoch).
+    /// Also checkpoint after every this many steps (0: no step bound).
     pub checkpoint_every: u64,
+    /// Also checkpoint after the first step that ends this many minutes after the last
+    /// checkpoint (0: no time bound). With the step bound, whichever comes first: a kill
+    /// loses at most this long of training (plus one step), however slow a step is.
+    pub checkpoint_minutes: f64,
     pub seed: u64,
 }
 
@@ -62,10 +67,16 @@ impl Default for TrainSettings {
             max_grad_norm: 1.0,
             list_len: 20,
             checkpoint_every: 0,
+            checkpoint_minutes: DEFAULT_CHECKPOINT_MINUTES,
             seed: 42,
         }
     }
 }
+
+/// The default time bound between checkpoints. A MiniLM checkpoint (weights and two
+/// AdamW moments, ~270 MB) takes about a second to write on these machines; every ten
+/// minutes that is well under 1% of the run, and a kill costs at most ten minutes.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 10.0;
 
 /// Where a run stands; saved in every checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -198,13 +209,17 @@ fn load_checkpoint(
     Ok(Some(saved.state))
 }
 
-/// Keeps the loss log's rows up to `step` (a resumed run rewrites what came after).
-fn open_log(path: &Path, up_to_step: u64) -> Result<std::fs::File, EngineError> {
+/// Opens the loss log for appending after its rows of the steps a checkpoint at
+/// `global_step` holds: a row is logged by the step that takes `global_step` from `s` to
+/// `s + 1`, so those are the rows of steps `0..global_step`. Later rows (steps taken
+/// after the checkpoint, by a run killed before the next one) are dropped: the resumed
+/// run takes those steps again and logs them once.
+fn open_log(path: &Path, global_step: u64) -> Result<std::fs::File, EngineError> {
     let mut kept = vec![LOG_HEADER.to_string()];
     if let Ok(text) = std::fs::read_to_string(path) {
         for line in text.lines().skip(1) {
             let step: Option<u64> = line.split(',').next().and_then(|s| s.parse().ok());
-            if step.is_some_and(|s| s <= up_to_step) {
+            if step.is_some_and(|s| s < global_step) {
                 kept.push(line.to_string());
             }
         }
@@ -214,6 +229,17 @@ fn open_log(path: &Path, up_to_step: u64) -> Result<std::fs::File, EngineError> 
         .append(true)
         .open(path)
         .map_err(io_err(path))
+}
+
+/// Whether the step that brought the run to `global_step` ends with a checkpoint, the
+/// last one written `since_last` ago: the step bound or the time bound, whichever comes
+/// first (epoch ends always checkpoint).
+fn checkpoint_due(settings: &TrainSettings, global_step: u64, since_last: Duration) -> bool {
+    let by_steps =
+        settings.checkpoint_every > 0 && global_step.is_multiple_of(settings.checkpoint_every);
+    let by_time = settings.checkpoint_minutes > 0.0
+        && since_last.as_secs_f64() >= settings.checkpoint_minutes * 60.0;
+    by_steps || by_time
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
@@ -237,6 +263,12 @@ pub fn train(
         .loss
         .validate()
         .map_err(|e| EngineError::Invalid(format!("[train.loss] {e}")))?;
+    if !(settings.checkpoint_minutes.is_finite() && settings.checkpoint_minutes >= 0.0) {
+        return Err(EngineError::Invalid(format!(
+            "[train] checkpoint_minutes must be a number >= 0, found {}",
+            settings.checkpoint_minutes
+        )));
+    }
     let set = TrainingSet::new(examples);
     if set.train.is_empty() {
         return Err(EngineError::Invalid(
@@ -278,6 +310,7 @@ pub fn train(
     let log_path = dir.join(LOG_FILE);
     let mut log = open_log(&log_path, state.global_step)?;
     let mut dev_losses = Vec::new();
+    let mut last_checkpoint = Instant::now();
     let total_steps = steps * settings.max_epochs;
     let progress = Progress::new(
         "train steps",
@@ -330,8 +363,9 @@ pub fn train(
             state.global_step += 1;
             state.step_in_epoch += 1;
             progress.inc(1);
-            if settings.checkpoint_every > 0 && state.global_step % settings.checkpoint_every == 0 {
+            if checkpoint_due(settings, state.global_step, last_checkpoint.elapsed()) {
                 save_checkpoint(&checkpoint, student, &opt, &state)?;
+                last_checkpoint = Instant::now();
             }
         }
         // End of epoch: dev loss, best model, patience.
@@ -358,6 +392,7 @@ pub fn train(
         state.finished = state.epochs_without_improvement >= settings.patience
             || state.epoch >= settings.max_epochs;
         save_checkpoint(&checkpoint, student, &opt, &state)?;
+        last_checkpoint = Instant::now();
     }
     progress.finish();
     drop(log);
@@ -402,4 +437,36 @@ fn dev_loss(
         kl: None,
         infonce: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_default_a_checkpoint_is_due_every_ten_minutes_whatever_the_steps() {
+        let defaults = TrainSettings::default();
+        let minutes = |m: f64| Duration::from_secs_f64(m * 60.0);
+        assert!(!checkpoint_due(&defaults, 1, minutes(9.9)));
+        assert!(checkpoint_due(&defaults, 1, minutes(10.0)));
+        assert!(!checkpoint_due(&defaults, 1_000_000, minutes(0.5)));
+    }
+
+    #[test]
+    fn steps_and_time_bound_it_whichever_comes_first() {
+        let settings = TrainSettings {
+            checkpoint_every: 3,
+            checkpoint_minutes: 1.0,
+            ..TrainSettings::default()
+        };
+        assert!(checkpoint_due(&settings, 3, Duration::from_secs(1)));
+        assert!(!checkpoint_due(&settings, 4, Duration::from_secs(59)));
+        assert!(checkpoint_due(&settings, 4, Duration::from_secs(60)));
+        let never = TrainSettings {
+            checkpoint_every: 0,
+            checkpoint_minutes: 0.0,
+            ..TrainSettings::default()
+        };
+        assert!(!checkpoint_due(&never, 3, Duration::from_secs(86_400)));
+    }
 }

@@ -159,7 +159,9 @@ impl ModelConfig {
             });
         }
         if encoder.num_attention_heads == 0
-            || encoder.hidden_size % encoder.num_attention_heads != 0
+            || !encoder
+                .hidden_size
+                .is_multiple_of(encoder.num_attention_heads)
         {
             return Err(bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

@@ -7,13 +7,17 @@
 //! not once per pair (a query has tens of candidates, a passage is a candidate of
 //! several queries), by two embedding stages that resume when killed,
 //! `<prefix>-queries` and `<prefix>-passages`, with the embedding stages' progress,
-//! rate and ETA. Their ids are hashes of the texts. The embeddings of the texts being
-//! scored are then held while the cosines are taken: `4 x dim` bytes a text (1.5 KB for
-//! MiniLM), about what the passage texts themselves already take.
+//! rate and ETA. Their ids are hashes of the texts. A text that a retriever with the
+//! same embedding settings ([`crate::jobs::embedding_settings_hash`]: the model's files,
+//! maximum length, prefix and side) already embedded is taken from the retriever's stage
+//! and not embedded again: a bi-encoder teacher with the retriever's own model embeds
+//! nothing. The embeddings of the texts being scored are then held while the cosines are
+//! taken: `4 x dim` bytes a text (1.5 KB for MiniLM), about what the passage texts
+//! themselves already take.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use distillery_operators::{Embedder, TextKind};
 use serde::Serialize;
@@ -23,17 +27,33 @@ use crate::corpus::ReadOptions;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::jobs::eval::read_matrix;
-use crate::jobs::EmbedSettings;
+use crate::jobs::{embedding_settings_hash, EmbedSettings};
 use crate::model::fingerprint;
 use crate::schema::EmbeddingMatrix;
 use crate::store::{hash_settings, ContentHasher, StageKey};
 
-use super::teacher::{PairTeacher, PairToScore, ScoringContext};
+use super::teacher::{EmbeddingCounts, PairTeacher, PairToScore, ScoringContext};
 
 /// A loaded sentence embedder and its fingerprint.
 pub struct BiEncoderTeacher {
     embedder: Arc<Embedder>,
+    /// [`fingerprint`] of the model's files.
+    model: String,
     fingerprint: String,
+    counts: Mutex<EmbeddingCounts>,
+}
+
+/// The vectors of one side's distinct texts: each text's matrix and row.
+struct SideVectors<'t> {
+    matrices: Vec<EmbeddingMatrix>,
+    at: HashMap<&'t str, (usize, usize)>,
+}
+
+impl SideVectors<'_> {
+    fn get(&self, text: &str) -> &[f32] {
+        let (m, row) = self.at[text];
+        self.matrices[m].row(row)
+    }
 }
 
 /// Every setting a bi-encoder's scores depend on.
@@ -78,32 +98,79 @@ impl BiEncoderTeacher {
         })?;
         Ok(Self {
             embedder,
+            model: files,
             fingerprint,
+            counts: Mutex::new(EmbeddingCounts::default()),
         })
     }
 
-    /// Embeds the distinct texts of one side; returns each text's row in the matrix.
+    /// The vectors of the distinct texts of one side: taken from a known stage with the
+    /// same embedding settings where it holds the text, embedded in the teacher's own
+    /// stage otherwise. Returns them with (embedded now, reused).
     fn embed_side<'t>(
         &self,
         texts: impl Iterator<Item = &'t str>,
         kind: TextKind,
         ctx: &ScoringContext<'_>,
-    ) -> Result<(HashMap<&'t str, usize>, EmbeddingMatrix), EngineError> {
+    ) -> Result<(SideVectors<'t>, u64, u64), EngineError> {
         let side = match kind {
             TextKind::Query => "queries",
             TextKind::Passage => "passages",
         };
-        let mut row_of: HashMap<&str, usize> = HashMap::new();
-        let mut items: Vec<(String, String)> = Vec::new();
-        let mut input = ContentHasher::new();
+        let mut distinct: Vec<&'t str> = Vec::new();
+        let mut seen: HashSet<&'t str> = HashSet::new();
         for t in texts {
-            if row_of.contains_key(t) {
+            if seen.insert(t) {
+                distinct.push(t);
+            }
+        }
+        let mut vectors = SideVectors {
+            matrices: Vec::new(),
+            at: HashMap::new(),
+        };
+        let settings = embedding_settings_hash(&self.embedder, &self.model, kind)?;
+        for known in ctx.known.iter().filter(|k| k.settings_hash == settings) {
+            let wanted: HashMap<&str, &'t str> = distinct
+                .iter()
+                .filter(|t| !vectors.at.contains_key(*t))
+                .filter_map(|&t| known.id_of_text.get(t).map(|id| (id.as_str(), t)))
+                .collect();
+            if wanted.is_empty() {
                 continue;
             }
-            row_of.insert(t, items.len());
+            let m = vectors.matrices.len();
+            let mut taken = EmbeddingMatrix::default();
+            for batch in ctx.store.read(&known.stage)? {
+                let mut part = EmbeddingMatrix::default();
+                part.extend_from_batch(&batch?)?;
+                taken.dim = part.dim;
+                for (row, id) in part.ids.iter().enumerate() {
+                    if let Some(&text) = wanted.get(id.as_str()) {
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            vectors.at.entry(text)
+                        {
+                            slot.insert((m, taken.ids.len()));
+                            taken.ids.push(id.clone());
+                            taken.values.extend_from_slice(part.row(row));
+                        }
+                    }
+                }
+            }
+            vectors.matrices.push(taken);
+        }
+        let reused = vectors.at.len() as u64;
+
+        let mut items: Vec<(String, String)> = Vec::new();
+        let mut missing: Vec<&'t str> = Vec::new();
+        let mut input = ContentHasher::new();
+        for &t in distinct.iter().filter(|t| !vectors.at.contains_key(*t)) {
             let id = ContentHasher::new().field(t).finish();
             input.field(&id);
             items.push((id, t.to_string()));
+            missing.push(t);
+        }
+        if items.is_empty() {
+            return Ok((vectors, 0, reused));
         }
         let stage = EmbedStage {
             stage: format!("{}-{side}", ctx.stage_prefix),
@@ -123,6 +190,7 @@ impl BiEncoderTeacher {
             quiet: ctx.quiet,
         };
         let expected: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+        let embedded = items.len() as u64;
         let source: TextSource = Box::new(items.into_iter().map(Ok));
         run_embed_stage(ctx.store, self.embedder.clone(), source, &stage)?;
         let matrix = read_matrix(ctx.store, &stage.stage)?;
@@ -134,7 +202,12 @@ impl BiEncoderTeacher {
                 stage.stage
             )));
         }
-        Ok((row_of, matrix))
+        let m = vectors.matrices.len();
+        for (row, t) in missing.into_iter().enumerate() {
+            vectors.at.insert(t, (m, row));
+        }
+        vectors.matrices.push(matrix);
+        Ok((vectors, embedded, reused))
     }
 }
 
@@ -164,18 +237,29 @@ impl PairTeacher for BiEncoderTeacher {
         pairs: &[PairToScore<'_>],
         ctx: &ScoringContext<'_>,
     ) -> Result<Vec<f32>, EngineError> {
-        let (query_row, queries) =
+        let (queries, queries_embedded, queries_reused) =
             self.embed_side(pairs.iter().map(|p| p.query), TextKind::Query, ctx)?;
-        let (passage_row, passages) =
+        let (passages, passages_embedded, passages_reused) =
             self.embed_side(pairs.iter().map(|p| p.passage), TextKind::Passage, ctx)?;
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = EmbeddingCounts {
+            queries_embedded,
+            queries_reused,
+            passages_embedded,
+            passages_reused,
+        };
         Ok(pairs
             .iter()
-            .map(|p| {
-                cosine(
-                    queries.row(query_row[p.query]),
-                    passages.row(passage_row[p.passage]),
-                )
-            })
+            .map(|p| cosine(queries.get(p.query), passages.get(p.passage)))
             .collect())
+    }
+
+    fn embedding_counts(&self) -> EmbeddingCounts {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -30,8 +30,8 @@ const PROGRESS_STEP: usize = 4096;
 pub struct Bm25Teacher {
     params: Bm25Params,
     corpus: PathBuf,
-    /// Where bad corpus records go when the run skips them (a file of this teacher's,
-    /// so that the run's quarantine lists each bad record once); `None` fails on them.
+    /// The run's quarantine when the run skips bad records (each is listed once however
+    /// many stages read it); `None` fails on them.
     quarantine: Option<PathBuf>,
     fingerprint: String,
 }
@@ -46,13 +46,12 @@ struct Bm25Key<'a> {
 }
 
 impl Bm25Teacher {
-    /// A BM25 teacher with `params` over `corpus`; `skip_bad_records` follows the run's
-    /// policy, with this teacher's quarantine in `run_dir`.
+    /// A BM25 teacher with `params` over `corpus`; `quarantine` is the run's, when it
+    /// skips bad records.
     pub fn new(
         params: Bm25Params,
         corpus: &Path,
-        skip_bad_records: bool,
-        run_dir: &Path,
+        quarantine: Option<&Path>,
     ) -> Result<Self, EngineError> {
         let corpus_hash = hash_file(corpus)?;
         let fingerprint = hash_settings(&Bm25Key {
@@ -64,7 +63,7 @@ impl Bm25Teacher {
         Ok(Self {
             params,
             corpus: corpus.to_path_buf(),
-            quarantine: skip_bad_records.then(|| run_dir.join("bm25-corpus-quarantine.jsonl")),
+            quarantine: quarantine.map(Path::to_path_buf),
             fingerprint,
         })
     }
@@ -74,7 +73,7 @@ impl Bm25Teacher {
         let read = match &self.quarantine {
             None => ReadOptions::default(),
             Some(path) => ReadOptions {
-                policy: BadRecordPolicy::Skip(Quarantine::create(path)?),
+                policy: BadRecordPolicy::Skip(Quarantine::open(path)?),
                 ..ReadOptions::default()
             },
         };

@@ -8,6 +8,7 @@
 //! scores only the pairs the cache lacks; it may keep resumable stages of its own in the
 //! store, named after [`ScoringContext::stage_prefix`].
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use distillery_operators::TokenBudgetBatcher;
@@ -42,6 +43,28 @@ pub struct ScoringContext<'a> {
     /// Threads for CPU-only scoring.
     pub threads: usize,
     pub quiet: bool,
+    /// Embeddings the run already holds (the retrievers'): a teacher that embeds with
+    /// the same settings takes them instead of embedding the texts again.
+    pub known: Vec<KnownEmbeddings<'a>>,
+}
+
+/// An embedding stage of the run and how to find a text's row in it.
+#[derive(Debug, Clone)]
+pub struct KnownEmbeddings<'a> {
+    pub stage: String,
+    /// [`crate::jobs::embedding_settings_hash`] of its vectors.
+    pub settings_hash: String,
+    /// The row id of each text the stage embedded.
+    pub id_of_text: &'a HashMap<String, String>,
+}
+
+/// Texts a teacher embedded now and texts it took from [`ScoringContext::known`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EmbeddingCounts {
+    pub queries_embedded: u64,
+    pub queries_reused: u64,
+    pub passages_embedded: u64,
+    pub passages_reused: u64,
 }
 
 /// A teacher: anything that gives a (query, passage) pair a relevance score.
@@ -55,6 +78,12 @@ pub trait PairTeacher {
         pairs: &[PairToScore<'_>],
         ctx: &ScoringContext<'_>,
     ) -> Result<Vec<f32>, EngineError>;
+
+    /// What the last [`Self::score_pairs`] embedded and reused (nothing, for teachers
+    /// that embed no text on their own).
+    fn embedding_counts(&self) -> EmbeddingCounts {
+        EmbeddingCounts::default()
+    }
 }
 
 /// Loads the teacher `settings` describes; `index` is its place in `[[teachers]]`.
@@ -90,8 +119,7 @@ pub fn load_teacher(
         TeacherKind::Bm25(params) => Box::new(Bm25Teacher::new(
             *params,
             &pipeline.corpus,
-            pipeline.quarantine.is_some(),
-            &pipeline.run_dir,
+            pipeline.quarantine.as_deref(),
         )?),
     })
 }

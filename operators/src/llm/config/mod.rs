@@ -115,14 +115,16 @@ impl LlmConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return bad("vocab_size, hidden_size and the number of layers must be positive".into());
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "{} attention heads cannot share {} key/value heads evenly",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head dimension {} must be even (rotary pairs)",
                 self.head_dim
