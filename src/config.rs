@@ -70,6 +70,32 @@ pub struct PipelineFile {
     /// How to train it; the recipe's settings by default.
     #[serde(default)]
     pub train: TrainSettings,
+    /// What `run` evaluates the base and the fine-tuned student on.
+    #[serde(default)]
+    pub eval: EvalFile,
+}
+
+/// What `distillery run` evaluates on, besides the synthetic test set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalFile {
+    /// A BEIR dataset directory (corpus, queries.jsonl, qrels/<split>.tsv) to evaluate on.
+    pub dataset: Option<PathBuf>,
+    /// Its qrels split.
+    pub split: String,
+    /// Also evaluate on the generated queries of the held-out passages (RECIPE.md's
+    /// synthetic test set), when the configuration generates queries.
+    pub synthetic: bool,
+}
+
+impl Default for EvalFile {
+    fn default() -> Self {
+        Self {
+            dataset: None,
+            split: "test".into(),
+            synthetic: true,
+        }
+    }
 }
 
 /// The student embedder to fine-tune.
@@ -340,6 +366,8 @@ pub struct Pipeline {
     /// The student, its model path resolved.
     pub student: Option<StudentFile>,
     pub train: TrainSettings,
+    /// What `run` evaluates on, its dataset path resolved.
+    pub eval: EvalFile,
     /// No progress output (`--quiet`).
     pub quiet: bool,
     /// The file as written, for the record kept in the run directory.
@@ -364,11 +392,21 @@ impl Pipeline {
     /// Checks `file` and resolves its relative paths against `base`; `origin` names the
     /// file in errors.
     pub fn resolve(file: PipelineFile, base: &Path, origin: &Path) -> Result<Self, EngineError> {
-        let at = |p: &Path| {
-            if p.is_absolute() {
+        // `.` components dropped: `run_dir = "."` is the base itself, not `base/.`.
+        let at = |p: &Path| -> PathBuf {
+            let joined = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 base.join(p)
+            };
+            let clean: PathBuf = joined
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect();
+            if clean.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                clean
             }
         };
         if file.retrievers.is_empty() {
@@ -469,6 +507,10 @@ impl Pipeline {
                 ..s.clone()
             }),
             train: file.train.clone(),
+            eval: EvalFile {
+                dataset: file.eval.dataset.as_deref().map(at),
+                ..file.eval.clone()
+            },
             quiet: false,
             file,
             origin: origin.to_path_buf(),

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod corpus;
 pub mod dataflow;
+pub mod driver;
 pub mod error;
 pub mod eval;
 pub mod executor;

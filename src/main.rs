@@ -8,6 +8,7 @@ use distillery::config::{
     EndpointFile, GenerateFile, HeldOutFile, Pipeline, RunPart, QUARANTINE_FILE,
 };
 use distillery::corpus::Quarantine;
+use distillery::driver::{demo, run_recipe};
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
@@ -32,6 +33,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole recipe: generate, mine, label, train, then evaluate the base and
+    /// the fine-tuned model; writes run-summary.json and report.html. Without --config,
+    /// the demo on the SciFact subset shipped with distillery.
+    Run(RunArgs),
     /// Embed a BEIR dataset, retrieve exactly, and report nDCG@10, Recall@100, MRR@10.
     Eval(EvalArgs),
     /// Embed any passages (.jsonl, .tsv, .parquet) or queries file into a Parquet file.
@@ -85,6 +90,29 @@ impl ConfigArgs {
             .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
         Ok(pipeline)
     }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The pipeline configuration (TOML; see the README). Default: the demo.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The run directory, over the configuration's run_dir (the demo's default:
+    /// runs/demo).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Timely worker threads (tokenisation and batching); default: the configuration's
+    /// [engine] workers.
+    #[arg(short = 'w', long)]
+    workers: Option<usize>,
+    /// What to do with a bad input record: stop with an error naming it, or skip it into
+    /// the run directory's quarantine.jsonl; default: the configuration's
+    /// [engine] on_bad_record.
+    #[arg(long, value_enum)]
+    on_bad_record: Option<OnBadRecord>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -408,6 +436,90 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
     }
 }
 
+/// `distillery run`: the recipe of a configuration, or the demo.
+fn run_command(a: &RunArgs) -> Result<()> {
+    let mut pipeline = match &a.config {
+        Some(config) => {
+            let mut p = Pipeline::load(config)?;
+            if let Some(dir) = &a.run_dir {
+                p.run_dir = dir.clone();
+            }
+            p
+        }
+        None => {
+            let dir = a
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(demo::DEMO_RUN_DIR));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let (p, model) = demo::demo_pipeline(&dir)?;
+            eprintln!(
+                "demo: the recipe on the SciFact subset shipped with distillery, with {}",
+                demo::describe(&model)
+            );
+            eprintln!("demo: its configuration is {}", p.origin.display());
+            p
+        }
+    };
+    pipeline.override_engine(
+        a.workers,
+        a.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
+        a.quiet,
+    );
+    set_threads(Some(pipeline.threads));
+    std::fs::create_dir_all(&pipeline.run_dir)
+        .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+    let quarantine = pipeline.open_quarantine()?;
+    let outcome = run_recipe(&pipeline)?;
+    let metric = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.4}"));
+    println!(
+        "examples {} (train {}, dev {}); trained {} steps",
+        outcome.label.examples,
+        outcome.label.train,
+        outcome.label.dev,
+        outcome.train.report.state.global_step
+    );
+    for e in &outcome.evaluations {
+        println!("{} ({} queries):", e.set, e.queries);
+        println!(
+            "  {:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
+            "base",
+            metric(e.base.ndcg_at_10),
+            metric(e.base.recall_at_100),
+            metric(e.base.mrr_at_10)
+        );
+        println!(
+            "  {:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
+            "fine-tuned",
+            metric(e.fine_tuned.ndcg_at_10),
+            metric(e.fine_tuned.recall_at_100),
+            metric(e.fine_tuned.mrr_at_10)
+        );
+        if let (Some(base), Some(tuned)) = (e.base.ndcg_at_10, e.fine_tuned.ndcg_at_10) {
+            if tuned < base {
+                println!(
+                    "  the fine-tuned model is WORSE than its base here ({:+.4} nDCG@10): \
+                     keep the base, or change the teachers or the training (see the README)",
+                    tuned - base
+                );
+            }
+        }
+    }
+    println!("model    {}", outcome.model.display());
+    println!(
+        "examples {}",
+        pipeline.run_dir.join("stages").join("examples").display()
+    );
+    println!("report   {}", outcome.report.display());
+    println!(
+        "summary  {} ({:.1} s)",
+        outcome.summary.display(),
+        outcome.seconds
+    );
+    report_run_quarantine(quarantine)
+}
+
 /// Reports what the run's quarantine (held open by the command, so every stage's readers
 /// shared it) received: the bad records this command skipped.
 fn report_run_quarantine(quarantine: Option<Quarantine>) -> Result<()> {
@@ -441,6 +553,7 @@ fn main() -> Result<()> {
     restore_sigpipe();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(a) => run_command(&a)?,
         Command::Eval(a) => {
             let threads = set_threads(a.model.threads);
             let name = a

@@ -91,7 +91,7 @@ fn the_readme_table_lists_exactly_the_options_of_every_command() {
     let table = readme_table();
     assert_eq!(
         table.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["embed", "eval", "generate", "label", "mine", "score", "train"]
+        ["embed", "eval", "generate", "label", "mine", "run", "score", "train"]
     );
     for (command, options) in &table {
         let help = help_options(command);

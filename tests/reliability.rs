@@ -13,142 +13,12 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
-
-/// Passages of the shipped SciFact subset the fixture keeps: enough for every query to
-/// find 20 candidates, few enough that a whole `train` takes seconds.
-const PASSAGES: usize = 60;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn distillery(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("DISTILLERY_MODEL")
-        .env("HF_HUB_CACHE", cwd.join("no-hub-cache"))
-        .output()
-        .unwrap()
-}
-
-/// Runs a command that must succeed; returns its stderr.
-fn ok(args: &[&str], cwd: &Path) -> String {
-    let out = distillery(args, cwd);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "distillery {}: {stderr}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    stderr
-}
-
-/// A bad corpus line, a bad query line and a bad qrels row, each once.
-const BAD_PASSAGE: &str = "{\"_id\": 3.5, \"text\": \"an id must be a string\"}";
-const BAD_QUERY: &str = "{\"_id\": \"q-bad\"}";
-const BAD_QREL: &str = "q1\tsome-passage\tmany";
-
-/// A run directory's fixture: the first [`PASSAGES`] passages of scifact-mini (with
-/// [`BAD_PASSAGE`] among them when `bad`), human queries for a few of them, a tiny
-/// random model as retriever, bi-encoder teacher and student, and `pipeline.toml`.
-fn fixture(bad: bool) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let corpus =
-        std::fs::read_to_string(root().join("datasets/scifact-mini/corpus.jsonl")).unwrap();
-    let mut lines: Vec<&str> = corpus.lines().take(PASSAGES).collect();
-    if bad {
-        lines.insert(7, BAD_PASSAGE);
-    }
-    std::fs::write(d.join("corpus.jsonl"), lines.join("\n") + "\n").unwrap();
-    let ids: Vec<String> = corpus
-        .lines()
-        .take(PASSAGES)
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].to_string())
-        .collect();
-    let mut queries = String::new();
-    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
-    for (i, id) in ids.iter().take(10).enumerate() {
-        let text: serde_json::Value = serde_json::from_str(corpus.lines().nth(i).unwrap()).unwrap();
-        let title = text["title"].as_str().unwrap_or("passage");
-        queries.push_str(&serde_json::json!({"_id": format!("q{i}"), "text": title}).to_string());
-        queries.push('\n');
-        qrels.push_str(&format!("q{i}\t{}\t1\n", id.trim_matches('"')));
-    }
-    if bad {
-        queries.push_str(BAD_QUERY);
-        queries.push('\n');
-        qrels.push_str(BAD_QREL);
-        qrels.push('\n');
-    }
-    std::fs::write(d.join("queries.jsonl"), queries).unwrap();
-    std::fs::write(d.join("qrels.tsv"), qrels).unwrap();
-    let texts: Vec<String> = corpus
-        .lines()
-        .take(PASSAGES)
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!(
-                "{} {}",
-                v["title"].as_str().unwrap_or(""),
-                v["text"].as_str().unwrap()
-            )
-        })
-        .collect();
-    write_tiny_bert(&d.join("model"), texts.iter(), &TinyBertSpec::default()).unwrap();
-    write_config(d, "model", if bad { "skip" } else { "fail" });
-    dir
-}
-
-fn write_config(dir: &Path, teacher_model: &str, on_bad_record: &str) {
-    let text = format!(
-        r#"
-run_dir = "run"
-corpus = "corpus.jsonl"
-[held_out]
-count = 5
-[queries]
-path = "queries.jsonl"
-qrels = "qrels.tsv"
-[generate]
-generator = "extractive"
-[[retrievers]]
-model = "model"
-[candidates]
-retrieve_top = 20
-source_in_top = 20
-fused_top = 20
-[[teachers]]
-kind = "bm25"
-[[teachers]]
-kind = "bi-encoder"
-model = "{teacher_model}"
-[teacher]
-require_source_first = false
-keep_top = 5
-[student]
-model = "model"
-query_max_length = 16
-passage_max_length = 48
-[train]
-micro_batch = 8
-accumulation = 4
-max_epochs = 1
-list_len = 5
-[engine]
-threads = 2
-on_bad_record = "{on_bad_record}"
-"#
-    );
-    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
-}
+#[path = "support/recipe.rs"]
+mod recipe;
+use recipe::{distillery, fixture, ok, write_config, BAD_PASSAGE};
 
 /// What the last run of generation (alone or inside another command) generated now.
 fn generated_now(dir: &Path) -> u64 {
@@ -273,8 +143,9 @@ fn every_bad_record_is_listed_once_and_every_command_counts_it() {
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // The first bad record read: the human queries are read before the corpus.
-    assert!(stderr.contains("queries.jsonl:11 field `text`"), "{stderr}");
+    // The first bad record read: generation reads the corpus before mining reads the
+    // human queries.
+    assert!(stderr.contains("corpus.jsonl:8 field `_id`"), "{stderr}");
 }
 
 #[test]

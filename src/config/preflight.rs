@@ -28,6 +28,8 @@ pub enum RunPart {
     Label,
     /// `train`: also the student.
     Train,
+    /// `run`: also what `[eval]` evaluates on.
+    Evaluate,
 }
 
 /// The files a model directory of some kind must hold, and why.
@@ -133,6 +135,41 @@ impl Pipeline {
                 ),
                 _ => problems
                     .push("student: no [student] section; train needs a model to fine-tune".into()),
+            }
+        }
+        if part >= RunPart::Evaluate {
+            if let (Some(written), Some(dataset)) = (&file.eval.dataset, &self.eval.dataset) {
+                let name = format!(
+                    "eval.dataset = {:?} ({})",
+                    written.display(),
+                    dataset.display()
+                );
+                let split = format!("qrels/{}.tsv", self.eval.split);
+                if !dataset.is_dir() {
+                    problems.push(format!("{name}: not a directory"));
+                } else {
+                    let corpus = crate::jobs::eval::CORPUS_FILES
+                        .iter()
+                        .any(|f| dataset.join(f).is_file());
+                    for (missing, what) in [
+                        (
+                            !corpus,
+                            "no corpus.jsonl, corpus.parquet or corpus.tsv".to_string(),
+                        ),
+                        (
+                            !dataset.join("queries.jsonl").is_file(),
+                            "no queries.jsonl".into(),
+                        ),
+                        (
+                            !dataset.join(&split).is_file(),
+                            format!("no {split} (eval.split)"),
+                        ),
+                    ] {
+                        if missing {
+                            problems.push(format!("{name}: {what}"));
+                        }
+                    }
+                }
             }
         }
         if problems.is_empty() {

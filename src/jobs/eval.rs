@@ -3,24 +3,31 @@
 //!
 //! Stages (each reused when its key is unchanged): `passage-embeddings`,
 //! `query-embeddings`; then exact top-k in memory, the metrics, and a TREC run file.
+//! [`evaluate_retrieval`] is the same evaluation for any model and query set, as
+//! `distillery run` uses it; its stages share the embedding key of every other stage
+//! ([`crate::jobs::embedding_settings_hash`]), so it reads a retriever's passages when
+//! the model and settings are the same.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use distillery_operators::TextKind;
+use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
 use serde::Serialize;
 
-use crate::corpus::{open_queries, read_qrels};
+use crate::corpus::{open_queries, read_qrels, ReadOptions};
 use crate::dataflow::{run_embed_stage, EmbedStage, EmbedStageReport};
 use crate::error::EngineError;
 use crate::eval::{evaluate, write_run_file, EvalOptions, EvalReport, Run};
-use crate::jobs::{count_records, hash_file, passage_texts, quarantined, EmbedSettings};
+use crate::jobs::{
+    count_records, embedding_settings_hash, hash_file, passage_texts, quarantined, EmbedSettings,
+};
 use crate::model::{fingerprint, ResolvedModel};
-use crate::record::Query;
+use crate::record::{Qrels, Query};
 use crate::retrieval::exact_top_k;
 use crate::schema::EmbeddingMatrix;
-use crate::store::{hash_settings, ContentHasher, StageKey, StageStore};
+use crate::store::{ContentHasher, StageKey, StageStore};
 
 /// Corpus file names looked for in a dataset directory, in order.
 pub const CORPUS_FILES: [&str; 3] = ["corpus.jsonl", "corpus.parquet", "corpus.tsv"];
@@ -61,16 +68,6 @@ pub struct EvalOutcome {
     pub report: EvalReport,
 }
 
-/// Settings that shape an embedding stage's output.
-#[derive(Serialize)]
-struct EmbedStageSettings<'a> {
-    stage: &'a str,
-    model: &'a str,
-    max_seq_length: usize,
-    prefix: &'a str,
-    text: &'a str,
-}
-
 fn find_corpus(dataset: &Path) -> Result<PathBuf, EngineError> {
     CORPUS_FILES
         .iter()
@@ -85,131 +82,207 @@ fn find_corpus(dataset: &Path) -> Result<PathBuf, EngineError> {
         })
 }
 
-/// Runs the evaluation.
-pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel), EngineError> {
-    let start = Instant::now();
-    let corpus = find_corpus(&settings.dataset)?;
-    let queries_path = settings.dataset.join("queries.jsonl");
-    let qrels_path = settings
-        .dataset
-        .join("qrels")
-        .join(format!("{}.tsv", settings.split));
+/// A BEIR dataset's corpus, and its judged queries of one split (queries without a
+/// judgement are left out: they cannot be scored).
+pub fn read_beir(
+    dataset: &Path,
+    split: &str,
+    read: &ReadOptions,
+) -> Result<(PathBuf, Vec<Query>, Qrels), EngineError> {
+    let corpus = find_corpus(dataset)?;
+    let queries_path = dataset.join("queries.jsonl");
+    let qrels_path = dataset.join("qrels").join(format!("{split}.tsv"));
     if !qrels_path.is_file() {
         return Err(EngineError::Invalid(format!(
-            "{}: no qrels for split `{}`",
-            qrels_path.display(),
-            settings.split
+            "{}: no qrels for split `{split}`",
+            qrels_path.display()
         )));
     }
-    let read = settings.embed.read_options()?;
-
     // Queries and judgements are small: read them whole, keep the judged queries.
     let mut queries: Vec<Query> = Vec::new();
-    for q in open_queries(&queries_path, &read)? {
+    for q in open_queries(&queries_path, read)? {
         queries.push(q?);
     }
     let known: HashSet<String> = queries.iter().map(|q| q.id.clone()).collect();
-    let qrels = read_qrels(&qrels_path, &known, None, &read)?;
+    let qrels = read_qrels(&qrels_path, &known, None, read)?;
     queries.retain(|q| qrels.get(&q.id).is_some_and(|j| !j.is_empty()));
+    Ok((corpus, queries, qrels))
+}
 
-    let store = StageStore::open(&settings.run_dir)?;
-    let (embedder, resolved) =
-        settings
-            .embed
-            .load_embedder(&corpus, &read, &settings.run_dir.join("tiny-model"))?;
-    let model_id = fingerprint(&resolved.dir)?;
-    let stage = |name: &str, kind: TextKind, input_hash: String, total, label: &str| {
-        let s = EmbedStageSettings {
-            stage: name,
-            model: &model_id,
-            max_seq_length: embedder.max_seq_length(),
-            prefix: embedder.prefix(kind),
-            text: "title + \" \" + text",
-        };
+/// One model's exact retrieval over a corpus for one set of judged queries.
+pub struct RetrievalEval<'a> {
+    pub store: &'a StageStore,
+    pub embedder: Arc<Embedder>,
+    /// [`fingerprint`] of the model's directory.
+    pub model_fingerprint: &'a str,
+    pub corpus: &'a Path,
+    /// [`hash_file`] of the corpus.
+    pub corpus_hash: &'a str,
+    pub read: &'a ReadOptions,
+    /// The stage names of the passage and query embeddings, when computed here. A
+    /// complete stage of the run with the same key (the retrievers' passages, for the
+    /// same model and settings) is read instead.
+    pub passages_stage: String,
+    pub queries_stage: String,
+    pub queries: &'a [Query],
+    pub qrels: &'a Qrels,
+    pub batcher: TokenBudgetBatcher,
+    pub workers: usize,
+    /// Threads for the top-k selection.
+    pub threads: usize,
+    pub quiet: bool,
+    pub options: &'a EvalOptions,
+    /// Progress labels start with this.
+    pub label: &'a str,
+}
+
+/// What [`evaluate_retrieval`] measured.
+#[derive(Debug, Clone)]
+pub struct RetrievalScores {
+    pub report: EvalReport,
+    pub run: Run,
+    pub passages: usize,
+    /// The passage embedding stage (reused, or run now).
+    pub passage_stage: EmbedStageReport,
+}
+
+/// Embeds the corpus and the queries (each stage reused when complete under its key,
+/// under any name), retrieves exactly and scores the ranking with trec_eval's rules.
+pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, EngineError> {
+    let stage = |name: &str, kind: TextKind, input_hash: String, total, label: String| {
         Ok::<_, EngineError>(EmbedStage {
             stage: name.to_string(),
             key: StageKey {
-                settings_hash: hash_settings(&s)?,
+                settings_hash: embedding_settings_hash(&e.embedder, e.model_fingerprint, kind)?,
                 input_hash,
             },
             kind,
-            batcher: settings.embed.batcher(),
-            workers: settings.embed.workers,
+            batcher: e.batcher,
+            workers: e.workers,
             chunk_rows: crate::dataflow::CHUNK_ROWS,
             total,
-            label: label.to_string(),
-            quiet: settings.embed.quiet,
+            label,
+            quiet: e.quiet,
         })
     };
-
-    let passage_stage = stage(
-        "passage-embeddings",
+    let mut passage_stage = stage(
+        &e.passages_stage,
         TextKind::Passage,
-        hash_file(&corpus)?,
-        count_records(&corpus),
-        "embed passages",
+        e.corpus_hash.to_string(),
+        count_records(e.corpus),
+        format!("{}: embed passages", e.label),
     )?;
+    if let Some(found) = e.store.find_completed(&passage_stage.key)? {
+        passage_stage.stage = found.stage;
+    }
     let passages = run_embed_stage(
-        &store,
-        embedder.clone(),
-        passage_texts(&corpus, &read)?,
+        e.store,
+        e.embedder.clone(),
+        passage_texts(e.corpus, e.read)?,
         &passage_stage,
     )?;
 
     let mut qh = ContentHasher::new();
-    for q in &queries {
+    for q in e.queries {
         qh.field(&q.id).field(&q.text);
     }
-    let query_stage = stage(
-        "query-embeddings",
+    let mut query_stage = stage(
+        &e.queries_stage,
         TextKind::Query,
         qh.finish(),
-        Some(queries.len() as u64),
-        "embed queries",
+        Some(e.queries.len() as u64),
+        format!("{}: embed queries", e.label),
     )?;
-    let query_source = queries
+    if let Some(found) = e.store.find_completed(&query_stage.key)? {
+        query_stage.stage = found.stage;
+    }
+    let query_source: Vec<_> = e
+        .queries
         .iter()
         .map(|q| Ok((q.id.clone(), q.text.clone())))
-        .collect::<Vec<_>>()
-        .into_iter();
-    run_embed_stage(&store, embedder, Box::new(query_source), &query_stage)?;
+        .collect();
+    run_embed_stage(
+        e.store,
+        e.embedder.clone(),
+        Box::new(query_source.into_iter()),
+        &query_stage,
+    )?;
 
-    let p = read_matrix(&store, "passage-embeddings")?;
-    let q = read_matrix(&store, "query-embeddings")?;
-    let deepest = settings
-        .eval
+    let p = read_matrix(e.store, &passage_stage.stage)?;
+    let q = read_matrix(e.store, &query_stage.stage)?;
+    let deepest = e
+        .options
         .ndcg_at
         .iter()
-        .chain(&settings.eval.recall_at)
-        .chain(&settings.eval.mrr_at)
-        .chain(&settings.eval.precision_at)
+        .chain(&e.options.recall_at)
+        .chain(&e.options.mrr_at)
+        .chain(&e.options.precision_at)
         .copied()
         .max()
         .unwrap_or(10);
     // One more than the deepest cutoff, so that dropping a query's own id (BEIR's
     // rule) still leaves enough results.
-    let k = deepest + usize::from(settings.eval.ignore_identical_ids);
-    let hits = exact_top_k(&q.values, &p.values, p.dim, k, settings.threads)?;
+    let k = deepest + usize::from(e.options.ignore_identical_ids);
+    let hits = exact_top_k(&q.values, &p.values, p.dim, k, e.threads)?;
     let mut run: Run = BTreeMap::new();
     for (qi, list) in hits.into_iter().enumerate() {
         let qid = &q.ids[qi];
         let ranked: Vec<(String, f32)> = list
             .into_iter()
             .map(|h| (p.ids[h.passage as usize].clone(), h.score))
-            .filter(|(pid, _)| !(settings.eval.ignore_identical_ids && pid == qid))
+            .filter(|(pid, _)| !(e.options.ignore_identical_ids && pid == qid))
             .take(deepest)
             .collect();
         run.insert(qid.clone(), ranked);
     }
     let report =
-        evaluate(&run, &qrels, &settings.eval).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        evaluate(&run, e.qrels, e.options).map_err(|err| EngineError::Invalid(err.to_string()))?;
+    Ok(RetrievalScores {
+        report,
+        run,
+        passages: p.len(),
+        passage_stage: passages,
+    })
+}
+
+/// Runs the evaluation.
+pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel), EngineError> {
+    let start = Instant::now();
+    let read = settings.embed.read_options()?;
+    let (corpus, queries, qrels) = read_beir(&settings.dataset, &settings.split, &read)?;
+    let store = StageStore::open(&settings.run_dir)?;
+    let (embedder, resolved) =
+        settings
+            .embed
+            .load_embedder(&corpus, &read, &settings.run_dir.join("tiny-model"))?;
+    let model_id = fingerprint(&resolved.dir)?;
+    let corpus_hash = hash_file(&corpus)?;
+    let scores = evaluate_retrieval(&RetrievalEval {
+        store: &store,
+        embedder,
+        model_fingerprint: &model_id,
+        corpus: &corpus,
+        corpus_hash: &corpus_hash,
+        read: &read,
+        passages_stage: "passage-embeddings".into(),
+        queries_stage: "query-embeddings".into(),
+        queries: &queries,
+        qrels: &qrels,
+        batcher: settings.embed.batcher(),
+        workers: settings.embed.workers,
+        threads: settings.threads,
+        quiet: settings.embed.quiet,
+        options: &settings.eval,
+        label: "eval",
+    })?;
     let run_file = settings
         .run_dir
         .join(format!("run.{}.trec", settings.split));
-    write_run_file(&run_file, &run, "distillery")
+    write_run_file(&run_file, &scores.run, "distillery")
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
 
     let (skipped_records, quarantine) = quarantined(&read)?;
+    let report = scores.report;
     let outcome = EvalOutcome {
         skipped_records,
         quarantine,
@@ -217,8 +290,8 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
         recall_at_100: report.recall_at(100),
         mrr_at_10: report.mrr_at(10),
         queries: report.query_count(),
-        passages: p.len(),
-        passages_per_second: rate(&passages),
+        passages: scores.passages,
+        passages_per_second: rate(&scores.passage_stage),
         model: resolved.dir.display().to_string(),
         tiny_model: resolved.origin == crate::model::ModelOrigin::Tiny,
         run_file,

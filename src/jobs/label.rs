@@ -116,6 +116,12 @@ pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
     }
     pipeline.preflight(RunPart::Label)?;
     let mine = run_mine(pipeline)?;
+    label_with(pipeline, mine)
+}
+
+/// Teacher scoring and labelling of `mine`'s candidates; inputs not checked here
+/// ([`Pipeline::preflight`]).
+pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let mut rows: Vec<CandidateRow> = Vec::new();
     for batch in store.read(CANDIDATES_STAGE)? {

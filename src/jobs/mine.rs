@@ -17,6 +17,7 @@ use crate::corpus::{open_queries, read_qrels};
 use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::jobs::eval::read_matrix;
+use crate::jobs::generate::GenerateOutcome;
 use crate::jobs::{count_records, embedding_settings_hash, hash_file, passage_texts};
 use crate::mining::{select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals};
 use crate::model::fingerprint;
@@ -110,44 +111,58 @@ pub fn read_human_queries(
 }
 
 /// Every query of the pipeline: the human ones (when `[queries]` is given), then the
-/// generated ones (when `[generate]` is: the generation stage runs first, reused when
-/// unchanged). Generated queries of held-out passages are left out: they are the
-/// synthetic test set, never training examples.
+/// generated ones of `generated` (the pipeline's `[generate]` outcome, when it has one).
+/// Generated queries of held-out passages are left out: they are the synthetic test set,
+/// never training examples.
 pub fn mining_queries(
     pipeline: &Pipeline,
     read: &crate::corpus::ReadOptions,
+    generated: Option<&GenerateOutcome>,
 ) -> Result<Vec<MiningQuery>, EngineError> {
     let mut queries = match &pipeline.queries {
         Some(q) => read_human_queries(q, read)?,
         None => Vec::new(),
     };
-    if pipeline.generate.is_some() {
-        let generated = crate::jobs::generate::run_pipeline_generate(pipeline)?;
+    if let Some(generated) = generated {
         queries.extend(
             generated
                 .rows
-                .into_iter()
+                .iter()
                 .filter(|g| !g.held_out)
                 .map(|g| MiningQuery {
                     query: Query {
-                        id: g.query_id,
-                        text: g.query_text,
+                        id: g.query_id.clone(),
+                        text: g.query_text.clone(),
                     },
-                    sources: vec![g.source_id],
-                    query_type: g.query_type,
+                    sources: vec![g.source_id.clone()],
+                    query_type: g.query_type.clone(),
                 }),
         );
     }
     Ok(queries)
 }
 
-/// Runs the mining stage.
+/// Runs the mining stage, after the generation stage when the pipeline has one (each
+/// reused when unchanged).
 pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     pipeline.preflight(RunPart::Mine)?;
+    let generated = match pipeline.generate {
+        Some(_) => Some(crate::jobs::generate::run_pipeline_generate(pipeline)?),
+        None => None,
+    };
+    mine_with(pipeline, generated.as_ref())
+}
+
+/// The mining stage over the human queries and `generated`'s (see [`mining_queries`]);
+/// inputs not checked here ([`Pipeline::preflight`]).
+pub fn mine_with(
+    pipeline: &Pipeline,
+    generated: Option<&GenerateOutcome>,
+) -> Result<MineOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let first = &pipeline.retrievers[0];
     let read = first.read_options()?;
-    let queries = mining_queries(pipeline, &read)?;
+    let queries = mining_queries(pipeline, &read, generated)?;
     if queries.is_empty() {
         return Err(EngineError::Invalid(format!(
             "{}: no queries to mine candidates for: {}",

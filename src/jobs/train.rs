@@ -30,13 +30,23 @@ pub fn run_train(
     pipeline: &Pipeline,
     stop_after: Option<u64>,
 ) -> Result<TrainOutcome, EngineError> {
+    pipeline.preflight(RunPart::Train)?;
+    let label = run_label(pipeline)?;
+    train_with(pipeline, label, stop_after)
+}
+
+/// Training on `label`'s examples (see [`run_train`]); inputs not checked here
+/// ([`Pipeline::preflight`]).
+pub fn train_with(
+    pipeline: &Pipeline,
+    label: LabelOutcome,
+    stop_after: Option<u64>,
+) -> Result<TrainOutcome, EngineError> {
     let student_file = pipeline.student.as_ref().ok_or_else(|| {
         EngineError::Invalid(
             "no [student] in the configuration: train needs a model to fine-tune".into(),
         )
     })?;
-    pipeline.preflight(RunPart::Train)?;
-    let label = run_label(pipeline)?;
     let store = StageStore::open(&pipeline.run_dir)?;
     let mut examples = Vec::new();
     for batch in store.read(EXAMPLES_STAGE)? {

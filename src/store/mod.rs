@@ -266,6 +266,23 @@ impl StageStore {
         })
     }
 
+    /// A stage finished under exactly `key`, whatever its name (the first by name):
+    /// two stages with equal keys hold the same rows, so a caller can read the one
+    /// that exists instead of computing another.
+    pub fn find_completed(&self, key: &StageKey) -> Result<Option<CompletedStage>, StoreError> {
+        let state = self.shared.lock();
+        Ok(state
+            .manifest
+            .stages
+            .iter()
+            .find(|(_, entry)| entry.complete && entry.key == *key)
+            .map(|(name, entry)| CompletedStage {
+                stage: name.clone(),
+                key: entry.key.clone(),
+                parts: entry.parts.clone(),
+            }))
+    }
+
     /// Takes ownership of `stage` to write it under `key` with `schema`.
     ///
     /// - Unfinished under the same key, and its parts have `schema`'s fields: resumes,
@@ -386,6 +403,27 @@ impl StageStore {
             }),
         }
     }
+}
+
+/// Writes `bytes` as the file `path` through the store's durable protocol (temporary
+/// name, fsync, rename, fsync of the directory): a reader sees the old file or the whole
+/// new one, never a prefix. For the files of a run outside its stages (reports,
+/// summaries).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let invalid = || StoreError::Io {
+        op: "name",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(invalid)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    durable::write_atomically(dir, name, bytes)
 }
 
 /// Takes the exclusive lock on `run_dir`'s [`LOCK_FILE`], waiting up to [`LOCK_WAIT`].
@@ -667,6 +705,18 @@ mod tests {
         drop(store);
         // Released with the last handle: the directory opens again.
         StageStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_stage_is_found_by_its_key_under_any_name_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StageStore::open(dir.path()).unwrap();
+        let mut writer = store.begin("r0-passages", key("m", "c"), schema()).unwrap();
+        writer.write_part(&[batch(0, 2)]).unwrap();
+        assert_eq!(store.find_completed(&key("m", "c")).unwrap(), None);
+        let done = writer.finish().unwrap();
+        assert_eq!(store.find_completed(&key("m", "c")).unwrap(), Some(done));
+        assert_eq!(store.find_completed(&key("m", "other")).unwrap(), None);
     }
 
     #[test]

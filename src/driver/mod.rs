@@ -1,0 +1,303 @@
+//! `distillery run`: the whole recipe on one run directory, from a corpus to a
+//! fine-tuned model evaluated against its base.
+//!
+//! The driver runs the parts in the recipe's order: generation, mining (every
+//! retriever's embeddings, exact retrieval, the candidate funnel), labelling (teacher
+//! scores, filters, normalisation, split), training, then evaluation of the base student
+//! and the fine-tuned one on the same query sets: the generated queries of the held-out
+//! passages (RECIPE.md's synthetic test set) and, with `[eval] dataset`, a BEIR split.
+//! It ends with `run-summary.json` and `report.html` in the run directory.
+//!
+//! Contracts:
+//! - **The same work as the stage commands.** Each part is the library function the
+//!   stage command runs, over the same stage store: `run` writes the same examples and
+//!   the same model bytes as `generate`, `mine`, `label` and `train` one by one, and
+//!   after any of them it recomputes nothing they computed.
+//! - **Resumable.** Every part keeps its results in the stage store (or the trainer's
+//!   checkpoint); a killed run started again resumes where its parts left off.
+//! - **Checked first.** Every input of every part is checked before the first starts
+//!   ([`Pipeline::preflight`]).
+//!
+//! Today the parts run one after another: a part starts when the one before it has
+//! finished. Streaming between them (queries into retrieval as they are generated,
+//! candidates into scoring chunk by chunk) is the engine work that follows.
+
+pub mod demo;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use distillery_operators::{Embedder, EmbedderOptions};
+use serde::Serialize;
+
+use crate::config::{Pipeline, RunPart};
+use crate::error::EngineError;
+use crate::eval::{EvalOptions, EvalReport};
+use crate::generate::queries_table::GeneratedQuery;
+use crate::jobs::eval::{evaluate_retrieval, read_beir, RetrievalEval};
+use crate::jobs::generate::{run_pipeline_generate, GenerateOutcome};
+use crate::jobs::hash_file;
+use crate::jobs::label::{label_with, LabelOutcome};
+use crate::jobs::mine::{mine_with, MineOutcome};
+use crate::jobs::train::{train_with, TrainOutcome};
+use crate::model::fingerprint;
+use crate::record::{Qrels, Query};
+use crate::store::StageStore;
+
+/// The summary `run` writes into the run directory.
+pub const SUMMARY_FILE: &str = "run-summary.json";
+/// The report `run` writes into the run directory.
+pub const REPORT_FILE: &str = "report.html";
+
+/// Wall time of one part of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartTime {
+    pub part: String,
+    pub seconds: f64,
+}
+
+/// nDCG@10, Recall@100 and MRR@10 of one model on one query set.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Metrics {
+    pub ndcg_at_10: Option<f64>,
+    pub recall_at_100: Option<f64>,
+    pub mrr_at_10: Option<f64>,
+}
+
+impl Metrics {
+    fn of(report: &EvalReport) -> Self {
+        Self {
+            ndcg_at_10: report.ndcg_at(10),
+            recall_at_100: report.recall_at(100),
+            mrr_at_10: report.mrr_at(10),
+        }
+    }
+}
+
+/// The base and the fine-tuned student on one query set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// `synthetic` (the held-out passages' generated queries) or `beir:<dir>:<split>`.
+    pub set: String,
+    pub queries: usize,
+    pub passages: usize,
+    pub base: Metrics,
+    pub fine_tuned: Metrics,
+}
+
+/// What `run` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOutcome {
+    pub generate: Option<GenerateOutcome>,
+    pub mine: MineOutcome,
+    pub label: LabelOutcome,
+    pub train: TrainOutcome,
+    pub evaluations: Vec<Evaluation>,
+    pub parts: Vec<PartTime>,
+    pub seconds: f64,
+    pub base_model: PathBuf,
+    pub model: PathBuf,
+    pub summary: PathBuf,
+    pub report: PathBuf,
+}
+
+/// Runs the whole recipe of `pipeline` (see the module docs).
+pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
+    pipeline.preflight(RunPart::Evaluate)?;
+    let start = Instant::now();
+    let mut parts = Vec::new();
+    let mut timed = |name: &str, since: Instant| {
+        parts.push(PartTime {
+            part: name.to_string(),
+            seconds: since.elapsed().as_secs_f64(),
+        })
+    };
+
+    let t = Instant::now();
+    let generate = match pipeline.generate {
+        Some(_) => Some(run_pipeline_generate(pipeline)?),
+        None => None,
+    };
+    timed("generate", t);
+    let t = Instant::now();
+    let mine = mine_with(pipeline, generate.as_ref())?;
+    timed("mine", t);
+    let t = Instant::now();
+    let label = label_with(pipeline, mine.clone())?;
+    timed("label", t);
+    let t = Instant::now();
+    let train = train_with(pipeline, label.clone(), None)?;
+    timed("train", t);
+
+    let t = Instant::now();
+    let student = pipeline
+        .student
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid("no [student]: preflight let it through".into()))?;
+    let base_model = PathBuf::from(&student.model);
+    let evaluations = evaluate_models(
+        pipeline,
+        generate.as_ref().map(|g| g.rows.as_slice()),
+        &base_model,
+        &train.model,
+    )?;
+    timed("evaluate", t);
+
+    let outcome = RunOutcome {
+        generate,
+        mine,
+        label,
+        train: train.clone(),
+        evaluations,
+        parts,
+        seconds: start.elapsed().as_secs_f64(),
+        base_model,
+        model: train.model.clone(),
+        summary: pipeline.run_dir.join(SUMMARY_FILE),
+        report: pipeline.run_dir.join(REPORT_FILE),
+    };
+    let text = serde_json::to_string_pretty(&outcome)
+        .map_err(|e| EngineError::Invalid(format!("run summary: {e}")))?;
+    crate::store::write_file_atomically(&outcome.summary, (text + "\n").as_bytes())?;
+    let html = report::render(pipeline, &outcome)?;
+    crate::store::write_file_atomically(&outcome.report, html.as_bytes())?;
+    Ok(outcome)
+}
+
+/// A query set to evaluate on: its name, corpus and judged queries.
+struct QuerySet {
+    name: String,
+    corpus: PathBuf,
+    queries: Vec<Query>,
+    qrels: Qrels,
+}
+
+/// The held-out passages' generated queries, each judging its source passage relevant.
+fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
+    let mut queries = Vec::new();
+    let mut qrels = Qrels::new();
+    for g in rows.iter().filter(|g| g.held_out) {
+        queries.push(Query {
+            id: g.query_id.clone(),
+            text: g.query_text.clone(),
+        });
+        qrels
+            .entry(g.query_id.clone())
+            .or_default()
+            .insert(g.source_id.clone(), 1);
+    }
+    QuerySet {
+        name: "synthetic".into(),
+        corpus: corpus.to_path_buf(),
+        queries,
+        qrels,
+    }
+}
+
+/// The base and the fine-tuned model on every query set of the run.
+fn evaluate_models(
+    pipeline: &Pipeline,
+    generated: Option<&[GeneratedQuery]>,
+    base: &Path,
+    fine_tuned: &Path,
+) -> Result<Vec<Evaluation>, EngineError> {
+    let read = pipeline.retrievers[0].read_options()?;
+    let mut sets = Vec::new();
+    if let (true, Some(rows)) = (pipeline.eval.synthetic, generated) {
+        let set = synthetic_set(rows, &pipeline.corpus);
+        if !set.queries.is_empty() {
+            sets.push(set);
+        }
+    }
+    if let Some(dataset) = &pipeline.eval.dataset {
+        let (corpus, queries, qrels) = read_beir(dataset, &pipeline.eval.split, &read)?;
+        sets.push(QuerySet {
+            name: format!("beir:{}:{}", dataset.display(), pipeline.eval.split),
+            corpus,
+            queries,
+            qrels,
+        });
+    }
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let student = pipeline.student.as_ref();
+    // The student's prompts, as training used them; each model's own maximum length.
+    let options = EmbedderOptions {
+        max_seq_length: None,
+        query_prefix: student.and_then(|s| s.query_prefix.clone()),
+        passage_prefix: student.and_then(|s| s.passage_prefix.clone()),
+    };
+    let load = |dir: &Path| -> Result<(Arc<Embedder>, String), EngineError> {
+        let embedder = Embedder::load(dir, &options, &Device::Cpu)?;
+        Ok((Arc::new(embedder), fingerprint(dir)?))
+    };
+    let models = [("base", load(base)?), ("fine-tuned", load(fine_tuned)?)];
+    let options = EvalOptions::default();
+    let mut evaluations = Vec::new();
+    for (index, set) in sets.iter().enumerate() {
+        let corpus_hash = hash_file(&set.corpus)?;
+        let mut metrics = Vec::new();
+        let mut passages = 0;
+        for (which, (embedder, model_fingerprint)) in &models {
+            // Stage names are the engine's: the model's fingerprint and the set's place,
+            // never a path or an id.
+            let tag = format!("eval-{}", &model_fingerprint[..12]);
+            let scores = evaluate_retrieval(&RetrievalEval {
+                store: &store,
+                embedder: embedder.clone(),
+                model_fingerprint,
+                corpus: &set.corpus,
+                corpus_hash: &corpus_hash,
+                read: &read,
+                passages_stage: format!("{tag}-set{index}-passages"),
+                queries_stage: format!("{tag}-set{index}-queries"),
+                queries: &set.queries,
+                qrels: &set.qrels,
+                batcher: pipeline.retrievers[0].batcher(),
+                workers: pipeline.workers,
+                threads: pipeline.threads,
+                quiet: pipeline.quiet,
+                options: &options,
+                label: &format!("evaluate {which} on {}", set.name),
+            })?;
+            passages = scores.passages;
+            metrics.push(Metrics::of(&scores.report));
+        }
+        evaluations.push(Evaluation {
+            set: set.name.clone(),
+            queries: set.queries.len(),
+            passages,
+            base: metrics[0],
+            fine_tuned: metrics[1],
+        });
+    }
+    Ok(evaluations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_set_is_the_held_out_queries_judging_their_source() {
+        let row = |id: &str, source: &str, held_out| GeneratedQuery {
+            query_id: id.into(),
+            query_text: format!("text of {id}"),
+            query_type: "title".into(),
+            source_id: source.into(),
+            held_out,
+        };
+        let rows = [
+            row("a#title", "a", true),
+            row("b#title", "b", false),
+            row("a#claim", "a", true),
+        ];
+        let set = synthetic_set(&rows, Path::new("c.jsonl"));
+        let ids: Vec<&str> = set.queries.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["a#title", "a#claim"]);
+        assert_eq!(set.qrels["a#claim"].get("a"), Some(&1));
+        assert!(!set.qrels.contains_key("b#title"));
+    }
+}

@@ -1,0 +1,117 @@
+//! `distillery run`: the whole recipe in one command does the same work as the stage
+//! commands one by one (the same examples, the same model bytes), recomputes nothing
+//! after them, and ends with an evaluation of the base and the fine-tuned model, a
+//! summary and a report whose every plot is drawn.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+
+#[path = "support/recipe.rs"]
+mod recipe;
+use recipe::{fixture, ok};
+
+/// Every file under `dir`, by path relative to it, with its bytes.
+fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn run_does_what_the_stage_commands_do_and_reports_it() {
+    let one = fixture(false);
+    let steps = fixture(false);
+    ok(&["run", "--config", "pipeline.toml", "--quiet"], one.path());
+    for command in ["generate", "mine", "label", "train"] {
+        ok(
+            &[command, "--config", "pipeline.toml", "--quiet"],
+            steps.path(),
+        );
+    }
+    let (a, b) = (one.path().join("run"), steps.path().join("run"));
+    // The same examples and the same model, byte for byte.
+    assert_eq!(
+        files(&a.join("stages/examples")),
+        files(&b.join("stages/examples"))
+    );
+    let model = files(&a.join("train/best-model"));
+    assert!(model
+        .iter()
+        .any(|(p, _)| p == Path::new("model.safetensors")));
+    assert_eq!(model, files(&b.join("train/best-model")));
+    assert_eq!(
+        std::fs::read(a.join("train/loss-log.csv")).unwrap(),
+        std::fs::read(b.join("train/loss-log.csv")).unwrap()
+    );
+
+    // After the stage commands, run recomputes nothing of theirs: it only evaluates.
+    ok(
+        &["run", "--config", "pipeline.toml", "--quiet"],
+        steps.path(),
+    );
+    assert_eq!(json(&b.join("generate-report.json"))["generated_now"], 0);
+    let summary = json(&b.join("run-summary.json"));
+    assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0]));
+    assert_eq!(summary["mine"]["reused"], true);
+    assert_eq!(model, files(&b.join("train/best-model")));
+
+    // Base and fine-tuned on the synthetic set and the BEIR split, with metrics in [0, 1].
+    let summary = json(&a.join("run-summary.json"));
+    let evaluations = summary["evaluations"].as_array().unwrap();
+    let sets: Vec<&str> = evaluations
+        .iter()
+        .map(|e| e["set"].as_str().unwrap())
+        .collect();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert_eq!(sets[0], "synthetic");
+    assert!(sets[1].starts_with("beir:"), "{sets:?}");
+    // The synthetic set: the 5 held-out passages' three extractive queries each.
+    assert_eq!(evaluations[0]["queries"], 15);
+    assert_eq!(evaluations[1]["queries"], 10);
+    for e in evaluations {
+        for model in ["base", "fine_tuned"] {
+            for m in ["ndcg_at_10", "recall_at_100", "mrr_at_10"] {
+                let v = e[model][m].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&v), "{model} {m} = {v}");
+            }
+        }
+    }
+    let parts: Vec<&str> = summary["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["part"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts, ["generate", "mine", "label", "train", "evaluate"]);
+
+    // The report: one file, every plot drawn, nothing fetched from elsewhere.
+    let html = std::fs::read_to_string(a.join("report.html")).unwrap();
+    for plot in ["metrics", "funnel", "time", "loss", "dev-loss"] {
+        let at = html
+            .find(&format!("data-plot=\"{plot}\""))
+            .unwrap_or_else(|| panic!("no {plot} plot"));
+        let svg = &html[at..html[at..].find("</svg>").unwrap() + at];
+        assert!(
+            svg.contains("<rect") || svg.contains("<polyline"),
+            "the {plot} plot drew nothing"
+        );
+    }
+    assert!(!html.contains("src=") && !html.contains("<link ") && !html.contains("url("));
+}
