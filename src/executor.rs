@@ -223,6 +223,7 @@ fn run_one<M: BatchModel + ?Sized>(model: &M, job: Job, stats: &mut ExecutorStat
         let t = Instant::now();
         let output = model.run_batch(&job.batch);
         stats.busy += t.elapsed();
+        crate::crash::point("device.batch");
         stats.batches += 1;
         stats.rows += job.batch.rows.len() as u64;
         stats.real_tokens += job.batch.real_tokens() as u64;

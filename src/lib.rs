@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod corpus;
+pub mod crash;
 pub mod dataflow;
 pub mod driver;
 pub mod error;

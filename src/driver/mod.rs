@@ -223,17 +223,21 @@ fn evaluate_models(
     }
     let store = StageStore::open(&pipeline.run_dir)?;
     let student = pipeline.student.as_ref();
-    // The student's prompts, as training used them; each model's own maximum length.
-    let options = EmbedderOptions {
+    // The student's prompts, as training used them, and the base model's maximum length
+    // for both models: the export records the training's passage length, and a
+    // comparison at two lengths would measure the truncation, not the training.
+    let mut options = EmbedderOptions {
         max_seq_length: None,
         query_prefix: student.and_then(|s| s.query_prefix.clone()),
         passage_prefix: student.and_then(|s| s.passage_prefix.clone()),
     };
-    let load = |dir: &Path| -> Result<(Arc<Embedder>, String), EngineError> {
-        let embedder = Embedder::load(dir, &options, &Device::Cpu)?;
-        Ok((Arc::new(embedder), fingerprint(dir)?))
+    let load = |dir: &Path, options: &EmbedderOptions| {
+        let embedder = Embedder::load(dir, options, &Device::Cpu)?;
+        Ok::<_, EngineError>((Arc::new(embedder), fingerprint(dir)?))
     };
-    let models = [("base", load(base)?), ("fine-tuned", load(fine_tuned)?)];
+    let base = load(base, &options)?;
+    options.max_seq_length = Some(base.0.max_seq_length());
+    let models = [("base", base), ("fine-tuned", load(fine_tuned, &options)?)];
     let options = EvalOptions::default();
     let mut evaluations = Vec::new();
     for (index, set) in sets.iter().enumerate() {

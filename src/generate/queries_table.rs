@@ -115,31 +115,27 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
 }
 
 /// Writes the queries to `path`: Parquet when it ends in `.parquet`, JSONL otherwise.
-/// The file is written under a temporary name and renamed: whole or absent.
+/// The file is written through the store's durable protocol: whole or absent.
 pub fn write_queries_file(path: &Path, rows: &[GeneratedQuery]) -> Result<(), EngineError> {
-    let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
-    if path.extension().is_some_and(|e| e == "parquet") {
-        let mut writer = ArrowWriter::try_new(file, queries_schema(), None)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", tmp.display())))?;
-        for chunk in rows.chunks(crate::dataflow::CHUNK_ROWS) {
-            writer
-                .write(&queries_batch(chunk)?)
-                .map_err(|e| EngineError::Invalid(format!("{}: {e}", tmp.display())))?;
+    crate::store::write_file_with(path, |file: &mut std::fs::File, tmp| {
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let parquet = |e| EngineError::Invalid(format!("{}: {e}", tmp.display()));
+            let mut writer = ArrowWriter::try_new(file, queries_schema(), None).map_err(parquet)?;
+            for chunk in rows.chunks(crate::dataflow::CHUNK_ROWS) {
+                writer.write(&queries_batch(chunk)?).map_err(parquet)?;
+            }
+            writer.close().map_err(parquet)?;
+        } else {
+            let mut out = std::io::BufWriter::new(file);
+            for row in rows {
+                let line =
+                    serde_json::to_string(row).map_err(|e| EngineError::Invalid(e.to_string()))?;
+                writeln!(out, "{line}").map_err(write_err(tmp))?;
+            }
+            out.flush().map_err(write_err(tmp))?;
         }
-        writer
-            .close()
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", tmp.display())))?;
-    } else {
-        let mut out = std::io::BufWriter::new(file);
-        for row in rows {
-            let line =
-                serde_json::to_string(row).map_err(|e| EngineError::Invalid(e.to_string()))?;
-            writeln!(out, "{line}").map_err(write_err(&tmp))?;
-        }
-        out.flush().map_err(write_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(write_err(path))
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::error::EngineError;
 use crate::jobs::{count_records, hash_file, passage_texts, quarantined, EmbedSettings};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::schema::embeddings_schema;
-use crate::store::{hash_settings, StageKey, StageStore};
+use crate::store::{hash_settings, write_file_with, StageKey, StageStore};
 
 /// Everything `distillery embed` needs, resolved.
 #[derive(Debug, Clone)]
@@ -124,20 +124,13 @@ fn write_single_file(
     dim: usize,
     output: &Path,
 ) -> Result<(), EngineError> {
-    let io = |source| EngineError::Write {
-        path: output.to_path_buf(),
-        source,
-    };
-    let tmp = output.with_extension("parquet.tmp");
-    let file = File::create(&tmp).map_err(io)?;
-    let mut w = ArrowWriter::try_new(file, embeddings_schema(dim), None)
-        .map_err(|e| EngineError::Invalid(format!("{}: {e}", output.display())))?;
-    for batch in store.read(stage)? {
-        w.write(&batch?)
-            .map_err(|e| EngineError::Invalid(format!("{}: {e}", output.display())))?;
-    }
-    w.close()
-        .map_err(|e| EngineError::Invalid(format!("{}: {e}", output.display())))?;
-    std::fs::rename(&tmp, output).map_err(io)?;
-    Ok(())
+    write_file_with(output, |file: &mut File, _| {
+        let parquet = |e| EngineError::Invalid(format!("{}: {e}", output.display()));
+        let mut w = ArrowWriter::try_new(file, embeddings_schema(dim), None).map_err(parquet)?;
+        for batch in store.read(stage)? {
+            w.write(&batch?).map_err(parquet)?;
+        }
+        w.close().map_err(parquet)?;
+        Ok(())
+    })
 }

@@ -449,6 +449,7 @@ pub fn run_generate_with(
                         return Err(e);
                     }
                 };
+                crate::crash::point("generate.batch");
                 let chunk_start = chunk_index * job.batch_size.max(1);
                 let chunk = &missing[chunk_start..chunk_start + outcomes.len()];
                 let mut chunk_tokens = 0u64;
@@ -561,10 +562,7 @@ pub fn run_generate_with(
     let report = job.run_dir.join(REPORT_FILE);
     let text =
         serde_json::to_string_pretty(&outcome).map_err(|e| EngineError::Invalid(e.to_string()))?;
-    std::fs::write(&report, text + "\n").map_err(|source| EngineError::Write {
-        path: report,
-        source,
-    })?;
+    crate::store::write_file_atomically(&report, (text + "\n").as_bytes())?;
     Ok(outcome)
 }
 
@@ -598,21 +596,23 @@ fn write_failures(
         path: path.to_path_buf(),
         source,
     };
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-    for &(p, t) in list {
-        let reason = reasons
-            .get(&(p, t))
-            .map(String::as_str)
-            .unwrap_or("the generator returned no outcome for this request; this is a bug");
-        let line = serde_json::to_string(&Failure {
-            passage_id: &passages[p].passage.id,
-            query_type: types[t].name(),
-            reason,
-        })
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        writeln!(out, "{line}").map_err(io)?;
-    }
-    out.flush().map_err(io)
+    crate::store::write_file_with(path, |file: &mut std::fs::File, _| {
+        let mut out = std::io::BufWriter::new(file);
+        for &(p, t) in list {
+            let reason = reasons
+                .get(&(p, t))
+                .map(String::as_str)
+                .unwrap_or("the generator returned no outcome for this request; this is a bug");
+            let line = serde_json::to_string(&Failure {
+                passage_id: &passages[p].passage.id,
+                query_type: types[t].name(),
+                reason,
+            })
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            writeln!(out, "{line}").map_err(io)?;
+        }
+        out.flush().map_err(io)
+    })
 }
 
 #[cfg(test)]

@@ -330,16 +330,15 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
     }
     let jsonl = if pipeline.jsonl {
         let path = pipeline.run_dir.join("examples.jsonl");
-        let tmp = path.with_extension("jsonl.tmp");
         let io = |source| EngineError::Write {
             path: path.clone(),
             source,
         };
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut out = std::io::BufWriter::new(file);
-        write_examples_jsonl(&mut out, &examples).map_err(io)?;
-        std::io::Write::flush(&mut out).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        crate::store::write_file_with(&path, |file: &mut std::fs::File, _| {
+            let mut out = std::io::BufWriter::new(file);
+            write_examples_jsonl(&mut out, &examples).map_err(io)?;
+            std::io::Write::flush(&mut out).map_err(io)
+        })?;
         Some(path)
     } else {
         None

@@ -384,10 +384,7 @@ pub fn mine_with(
     let candidates = writer.finish()?;
     let text =
         serde_json::to_string_pretty(&stats).map_err(|e| EngineError::Invalid(e.to_string()))?;
-    std::fs::write(&stats_path, text).map_err(|source| EngineError::Write {
-        path: stats_path.clone(),
-        source,
-    })?;
+    crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
     Ok(MineOutcome {
         passages: passage_ids.len(),
         queries: queries.len(),

@@ -36,7 +36,7 @@ use crate::jobs::{
     count_records, hash_file, quarantined, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS,
 };
 use crate::model::fingerprint;
-use crate::store::{hash_settings, StageKey, StageStore};
+use crate::store::{hash_settings, write_file_with, StageKey, StageStore};
 
 /// The stage's name in the run directory.
 pub const SCORES_STAGE: &str = "scores";
@@ -199,22 +199,17 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
 /// Copies the scores stage into one Parquet file, written under a temporary name and
 /// renamed, so `output` is either absent or whole.
 fn write_single_file(store: &StageStore, output: &Path) -> Result<(), EngineError> {
-    let io = |source| EngineError::Write {
-        path: output.to_path_buf(),
-        source,
-    };
     let parquet = |e: parquet::errors::ParquetError| {
         EngineError::Invalid(format!("cannot write {}: {e}", output.display()))
     };
-    let tmp = output.with_extension("parquet.tmp");
-    let file = File::create(&tmp).map_err(io)?;
-    let mut writer = ArrowWriter::try_new(file, scores_schema(), None).map_err(parquet)?;
-    for batch in store.read(SCORES_STAGE)? {
-        writer.write(&batch?).map_err(parquet)?;
-    }
-    writer.close().map_err(parquet)?;
-    std::fs::rename(&tmp, output).map_err(io)?;
-    Ok(())
+    write_file_with(output, |file: &mut File, _| {
+        let mut writer = ArrowWriter::try_new(file, scores_schema(), None).map_err(parquet)?;
+        for batch in store.read(SCORES_STAGE)? {
+            writer.write(&batch?).map_err(parquet)?;
+        }
+        writer.close().map_err(parquet)?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub(crate) fn write_atomically(
     let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
     file.write_all(bytes)
         .map_err(StoreError::io("write", &tmp))?;
+    crate::crash::point("store.manifest-written");
     file.sync_all().map_err(StoreError::io("sync", &tmp))?;
     drop(file);
     publish(&tmp, dir, final_name)?;

@@ -62,7 +62,8 @@ pub use reader::{StageReader, READ_BATCH_ROWS};
 pub use recovery::RecoveryReport;
 pub use writer::{PartWriter, StageWriter, MAX_ROW_GROUP_BYTES, ZSTD_LEVEL};
 
-use durable::{remove_if_present, sync_dir};
+use durable::remove_if_present;
+pub(crate) use durable::sync_dir;
 use manifest::{Manifest, StageEntry};
 use recovery::STAGES_DIR;
 
@@ -410,6 +411,17 @@ impl StageStore {
 /// new one, never a prefix. For the files of a run outside its stages (reports,
 /// summaries).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_file_with(path, |file: &mut File, tmp: &Path| {
+        std::io::Write::write_all(file, bytes).map_err(StoreError::io("write", tmp))
+    })
+}
+
+/// [`write_file_atomically`] of what `fill` writes into the temporary file it is given
+/// (with its path, for errors): for files written piece by piece (Parquet, JSON lines).
+pub fn write_file_with<E: From<StoreError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File, &Path) -> Result<(), E>,
+) -> Result<(), E> {
     let invalid = || StoreError::Io {
         op: "name",
         path: path.to_path_buf(),
@@ -423,7 +435,14 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    durable::write_atomically(dir, name, bytes)
+    let tmp = dir.join(durable::temp_name(name));
+    let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
+    fill(&mut file, &tmp)?;
+    crate::crash::point("file.before-rename");
+    file.sync_all().map_err(StoreError::io("sync", &tmp))?;
+    drop(file);
+    durable::publish(&tmp, dir, name)?;
+    Ok(())
 }
 
 /// Takes the exclusive lock on `run_dir`'s [`LOCK_FILE`], waiting up to [`LOCK_WAIT`].

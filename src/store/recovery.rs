@@ -15,9 +15,9 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::durable::{is_temp_name, remove_if_present, temp_name};
+use super::durable::{is_temp_name, remove_if_present};
 use super::error::StoreError;
-use super::manifest::{is_part_file_name, validate_stage_name, Manifest, MANIFEST_FILE};
+use super::manifest::{is_part_file_name, validate_stage_name, Manifest};
 
 /// The stage directories' parent inside the run directory.
 pub(crate) const STAGES_DIR: &str = "stages";
@@ -40,8 +40,15 @@ pub(crate) fn recover(
     manifest: &mut Manifest,
 ) -> Result<RecoveryReport, StoreError> {
     let mut report = RecoveryReport::default();
-    if remove_if_present(&run_dir.join(temp_name(MANIFEST_FILE)))? {
-        report.temp_files_removed += 1;
+    // The run directory's own files (the manifest, reports, summaries) are written
+    // through the same temporary names.
+    let entries = std::fs::read_dir(run_dir).map_err(StoreError::io("list", run_dir))?;
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list", run_dir))?;
+        let is_temp = entry.file_name().to_str().is_some_and(is_temp_name);
+        if is_temp && entry.path().is_file() && remove_if_present(&entry.path())? {
+            report.temp_files_removed += 1;
+        }
     }
 
     let stages_dir = run_dir.join(STAGES_DIR);

@@ -245,10 +245,12 @@ impl PartWriter<'_> {
             bytes,
         } = sink;
         file.flush().map_err(StoreError::io("write", &self.tmp))?;
+        crate::crash::point_in("store.part-written", &self.stage.stage);
         file.sync_all().map_err(StoreError::io("sync", &self.tmp))?;
         drop(file);
         publish(&self.tmp, &self.stage.dir, &self.file_name)?;
         self.published = true;
+        crate::crash::point_in("store.part-renamed", &self.stage.stage);
         let entry = PartEntry {
             file: self.file_name.clone(),
             rows: self.rows,

@@ -138,10 +138,8 @@ pub fn loss_plot_svg(rows: &[LogRow]) -> String {
 /// Reads the loss log and writes its plot.
 pub fn write_loss_plot(log: &Path, out: &Path) -> Result<(), EngineError> {
     let rows = read_log(log)?;
-    std::fs::write(out, loss_plot_svg(&rows)).map_err(|source| EngineError::Write {
-        path: out.to_path_buf(),
-        source,
-    })
+    crate::store::write_file_atomically(out, loss_plot_svg(&rows).as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]

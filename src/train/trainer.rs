@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::mining::Example;
 use crate::progress::Progress;
+use crate::store::sync_dir;
 use crate::train::data::{steps_per_epoch, TrainingSet};
 use crate::train::gradcache::{batch_gradients, batch_loss, prepare, LossValues};
 use crate::train::loss::LossConfig;
@@ -156,6 +157,15 @@ fn save_checkpoint(
     })
     .map_err(|e| EngineError::Invalid(e.to_string()))?;
     std::fs::write(tmp.join(STATE_FILE), text).map_err(io_err(&tmp))?;
+    // Durable before it replaces anything: every file, then the directory's entries.
+    for name in [WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let path = tmp.join(name);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&path))?;
+    }
+    sync_dir(&tmp)?;
+    crate::crash::point("train.checkpoint-written");
     // Swap: the old checkpoint stays whole until the new one is complete.
     let old = dir.with_extension("old");
     if dir.exists() {
@@ -163,8 +173,12 @@ fn save_checkpoint(
             std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
         }
         std::fs::rename(dir, &old).map_err(io_err(dir))?;
+        crate::crash::point("train.checkpoint-swapping");
     }
     std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
@@ -224,7 +238,7 @@ fn open_log(path: &Path, global_step: u64) -> Result<std::fs::File, EngineError>
             }
         }
     }
-    std::fs::write(path, kept.join("\n") + "\n").map_err(io_err(path))?;
+    crate::store::write_file_atomically(path, (kept.join("\n") + "\n").as_bytes())?;
     std::fs::OpenOptions::new()
         .append(true)
         .open(path)
@@ -363,6 +377,7 @@ pub fn train(
             state.global_step += 1;
             state.step_in_epoch += 1;
             progress.inc(1);
+            crate::crash::point("train.step");
             if checkpoint_due(settings, state.global_step, last_checkpoint.elapsed()) {
                 save_checkpoint(&checkpoint, student, &opt, &state)?;
                 last_checkpoint = Instant::now();

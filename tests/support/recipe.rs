@@ -134,9 +134,10 @@ model = "model"
 query_max_length = 16
 passage_max_length = 48
 [train]
-micro_batch = 8
-accumulation = 4
-max_epochs = 1
+micro_batch = 4
+accumulation = 2
+max_epochs = 2
+checkpoint_every = 2
 list_len = 5
 [eval]
 dataset = "beir"
