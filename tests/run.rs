@@ -71,6 +71,9 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0]));
     assert_eq!(summary["mine"]["reused"], true);
     assert_eq!(model, files(&b.join("train/best-model")));
+    // Its report still draws the dev loss of the epochs `train` finished.
+    let rerun = std::fs::read_to_string(b.join("report.html")).unwrap();
+    assert!(rerun.contains("data-plot=\"dev-loss\""));
 
     // Base and fine-tuned on the synthetic set and the BEIR split, with metrics in [0, 1].
     let summary = json(&a.join("run-summary.json"));
@@ -114,4 +117,68 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
         );
     }
     assert!(!html.contains("src=") && !html.contains("<link ") && !html.contains("url("));
+    render_in_chromium(&a.join("report.html"));
+}
+
+/// Headless Chromium, where installed.
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| {
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .find(|p| p.is_file())
+}
+
+/// The report loads in headless Chromium without a console message, and every plot drew
+/// something of size (its measured box, recorded by the page's own check).
+fn render_in_chromium(report: &Path) {
+    let Some(browser) = chromium() else {
+        return eprintln!("SKIPPED: no chromium on PATH (apt-get install chromium)");
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            &format!("--user-data-dir={}", profile.path().display()),
+            "--dump-dom",
+            &format!("file://{}", report.display()),
+        ])
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains(":CONSOLE"), "console output: {log}");
+    let at = dom
+        .find("data-plots=\"")
+        .expect("the page's check did not run")
+        + 12;
+    let plots = &dom[at..at + dom[at..].find('"').unwrap()];
+    let drawn: Vec<(&str, &str)> = plots
+        .split(',')
+        .map(|p| p.split_once(':').unwrap())
+        .collect();
+    let names: Vec<&str> = drawn.iter().map(|d| d.0).collect();
+    assert_eq!(
+        names,
+        ["metrics", "funnel", "time", "loss", "dev-loss"],
+        "{plots}"
+    );
+    for (name, size) in drawn {
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (u32, u32) = (w.parse().unwrap(), h.parse().unwrap());
+        assert!(w > 50 && h > 10, "the {name} plot drew {size}");
+    }
 }

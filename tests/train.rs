@@ -259,6 +259,8 @@ fn a_stopped_run_resumes_to_bit_identical_weights_and_exports_a_loadable_model()
     .unwrap();
     assert_eq!(resumed.resumed_from, Some(5));
     assert_eq!(resumed.state.global_step, 8);
+    // The resumed run reports the dev loss of the epoch the stopped run finished too.
+    assert_eq!(resumed.dev_losses, report.dev_losses);
     assert_eq!(
         weights(&a),
         weights(&c),

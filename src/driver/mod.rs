@@ -82,6 +82,8 @@ impl Metrics {
 pub struct Evaluation {
     /// `synthetic` (the held-out passages' generated queries) or `beir:<dir>:<split>`.
     pub set: String,
+    /// A short name of the set for plots: `synthetic`, `beir <split>`.
+    pub label: String,
     pub queries: usize,
     pub passages: usize,
     pub base: Metrics,
@@ -170,6 +172,7 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
 /// A query set to evaluate on: its name, corpus and judged queries.
 struct QuerySet {
     name: String,
+    label: String,
     corpus: PathBuf,
     queries: Vec<Query>,
     qrels: Qrels,
@@ -191,6 +194,7 @@ fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
     }
     QuerySet {
         name: "synthetic".into(),
+        label: "synthetic".into(),
         corpus: corpus.to_path_buf(),
         queries,
         qrels,
@@ -216,6 +220,7 @@ fn evaluate_models(
         let (corpus, queries, qrels) = read_beir(dataset, &pipeline.eval.split, &read)?;
         sets.push(QuerySet {
             name: format!("beir:{}:{}", dataset.display(), pipeline.eval.split),
+            label: format!("beir {}", pipeline.eval.split),
             corpus,
             queries,
             qrels,
@@ -271,6 +276,7 @@ fn evaluate_models(
         }
         evaluations.push(Evaluation {
             set: set.name.clone(),
+            label: set.label.clone(),
             queries: set.queries.len(),
             passages,
             base: metrics[0],

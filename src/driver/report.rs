@@ -1,6 +1,9 @@
 //! `report.html`: one self-contained page of what a run did, drawn from what it
-//! recorded (the run outcome, the trainer's loss log). Inline SVG only: no script, no
-//! network, no file beside it, so it opens anywhere and can be mailed as it is.
+//! recorded (the run outcome, the trainer's loss log). Inline SVG, no network, no file
+//! beside it, so it opens anywhere and can be mailed as it is. One short inline script
+//! measures each drawn plot once the page has laid out and records the sizes on the
+//! page's root element (`data-plots`), so a headless browser can tell that every plot
+//! drew.
 //!
 //! Sections: base against fine-tuned metrics per query set; the funnel from passages to
 //! training examples, with every drop and its reason; wall time per part; the loss and
@@ -25,6 +28,12 @@ const LABEL_WIDTH: f64 = 260.0;
 /// Colours of the base and the fine-tuned model in every chart.
 const BASE_COLOUR: &str = "#8c8c8c";
 const TUNED_COLOUR: &str = "#1f77b4";
+
+/// Records `name:WIDTHxHEIGHT` of every plot's drawn content on the root element.
+const DRAWN_CHECK: &str = "<script>addEventListener('load',function(){var d=[];\
+document.querySelectorAll('svg[data-plot]').forEach(function(s){var b=s.getBBox();\
+d.push(s.dataset.plot+':'+Math.round(b.width)+'x'+Math.round(b.height));});\
+document.documentElement.dataset.plots=d.join(',');});</script>";
 
 /// Escapes text for HTML and SVG.
 pub fn escape(text: &str) -> String {
@@ -144,7 +153,7 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
             ),
             ("MRR@10", e.base.mrr_at_10, e.fine_tuned.mrr_at_10),
         ] {
-            let set: String = e.set.chars().take(24).collect();
+            let set = &e.label;
             bars.push((
                 format!("{set} {name} base"),
                 base.unwrap_or(0.0),
@@ -285,10 +294,11 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
         .map(|(epoch, loss)| (format!("epoch {epoch} dev loss"), *loss, TUNED_COLOUR))
         .collect();
     if dev.is_empty() {
-        html.push_str("<p class=\"note\">No epoch finished in this invocation.</p>");
+        html.push_str("<p class=\"note\">No epoch has finished.</p>");
     } else {
         html.push_str(&bar_chart("dev-loss", &dev, |v| format!("{v:.5}")));
     }
+    html.push_str(DRAWN_CHECK);
     html.push_str("</body></html>\n");
     Ok(html)
 }

@@ -98,7 +98,7 @@ pub struct TrainReport {
     pub steps_per_epoch: u64,
     pub train_queries: usize,
     pub dev_queries: usize,
-    /// Dev loss after each completed epoch.
+    /// Dev loss after each completed epoch (of this run and of the runs it resumed).
     pub dev_losses: Vec<f64>,
     pub best_model: PathBuf,
     pub resumed_from: Option<u64>,
@@ -120,6 +120,53 @@ const WEIGHTS_FILE: &str = "weights.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const LOG_FILE: &str = "loss-log.csv";
 const LOG_HEADER: &str = "step,epoch,lr,loss,kl,infonce,grad_norm";
+/// The dev loss after each epoch, `epoch,dev_loss`: kept so that a resumed run reports
+/// the epochs an earlier run finished.
+const DEV_LOG_FILE: &str = "dev-loss.csv";
+
+/// The dev losses of epochs `0..epochs` from the dev log (those a checkpoint at the start
+/// of `epochs` holds); none when there is no log yet.
+fn read_dev_log(path: &Path, epochs: u64) -> Result<Vec<f64>, EngineError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(EngineError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut losses = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let parsed = line
+            .split_once(',')
+            .and_then(|(e, l)| Some((e.parse::<u64>().ok()?, l.parse::<f64>().ok()?)));
+        match parsed {
+            Some((epoch, loss)) if epoch == losses.len() as u64 && epoch < epochs => {
+                losses.push(loss)
+            }
+            Some(_) => {}
+            None => {
+                return Err(EngineError::Invalid(format!(
+                    "{}:{}: expected epoch,dev_loss, found `{line}`",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(losses)
+}
+
+fn write_dev_log(path: &Path, losses: &[f64]) -> Result<(), EngineError> {
+    let mut text = String::from("epoch,dev_loss\n");
+    for (epoch, loss) in losses.iter().enumerate() {
+        text.push_str(&format!("{epoch},{loss}\n"));
+    }
+    crate::store::write_file_atomically(path, text.as_bytes())?;
+    Ok(())
+}
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
     move |source| EngineError::Write {
@@ -323,7 +370,8 @@ pub fn train(
     }
     let log_path = dir.join(LOG_FILE);
     let mut log = open_log(&log_path, state.global_step)?;
-    let mut dev_losses = Vec::new();
+    let dev_log = dir.join(DEV_LOG_FILE);
+    let mut dev_losses = read_dev_log(&dev_log, state.epoch)?;
     let mut last_checkpoint = Instant::now();
     let total_steps = steps * settings.max_epochs;
     let progress = Progress::new(
@@ -386,6 +434,7 @@ pub fn train(
         // End of epoch: dev loss, best model, patience.
         let dev = dev_loss(student, &set, texts, &intern, settings)?;
         dev_losses.push(dev.total);
+        write_dev_log(&dev_log, &dev_losses)?;
         let improved = state.best_dev.is_none_or(|b| dev.total < b);
         if improved {
             state.best_dev = Some(dev.total);
