@@ -319,6 +319,9 @@ pub struct EngineFile {
     pub batch_rows: usize,
     /// `fail` (default) or `skip` (into `run_dir/quarantine.jsonl`).
     pub on_bad_record: String,
+    /// Where every model runs: `cpu` (default) or `cuda:N` (a build with `--features
+    /// cuda`).
+    pub device: String,
 }
 
 impl Default for EngineFile {
@@ -329,6 +332,7 @@ impl Default for EngineFile {
             batch_tokens: DEFAULT_BATCH_TOKENS,
             batch_rows: DEFAULT_BATCH_ROWS,
             on_bad_record: "fail".into(),
+            device: "cpu".into(),
         }
     }
 }
@@ -361,6 +365,8 @@ pub struct Pipeline {
     pub threads: usize,
     pub batch_tokens: usize,
     pub batch_rows: usize,
+    /// The device every model of the run is loaded on (`[engine] device`), resolved once.
+    pub device: candle_core::Device,
     pub quarantine: Option<PathBuf>,
     pub jsonl: bool,
     /// The student, its model path resolved.
@@ -436,6 +442,12 @@ impl Pipeline {
                 ))
             }
         };
+        let device = resolve_device(&file.engine.device).map_err(|e| {
+            invalid(
+                origin,
+                format!("engine.device = {:?}: {e}", file.engine.device),
+            )
+        })?;
         let resolve_model = |m: &str| {
             let p = at(Path::new(m));
             if p.exists() {
@@ -457,6 +469,7 @@ impl Pipeline {
                 workers: file.engine.workers,
                 quarantine: quarantine.clone(),
                 quiet: false,
+                device: device.clone(),
             })
             .collect();
         let teachers = file
@@ -500,6 +513,7 @@ impl Pipeline {
             threads,
             batch_tokens: file.engine.batch_tokens,
             batch_rows: file.engine.batch_rows,
+            device,
             quarantine,
             jsonl: file.output.jsonl,
             student: file.student.as_ref().map(|s| StudentFile {
@@ -541,6 +555,14 @@ impl Pipeline {
         }
     }
 
+    /// The token-budget batcher of `[engine]`, for every model operator of the run.
+    pub fn batcher(&self) -> distillery_operators::TokenBudgetBatcher {
+        distillery_operators::TokenBudgetBatcher {
+            max_tokens: self.batch_tokens.max(1),
+            max_rows: self.batch_rows.max(1),
+        }
+    }
+
     /// The run's quarantine, opened (and shared by every reader of this process) when the
     /// run skips bad records.
     pub fn open_quarantine(&self) -> Result<Option<crate::corpus::Quarantine>, EngineError> {
@@ -555,6 +577,23 @@ impl Pipeline {
             None => None,
         })
     }
+}
+
+/// The device `[engine] device` names: `cpu`, or `cuda:N` where the build has CUDA.
+pub fn resolve_device(name: &str) -> Result<candle_core::Device, String> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = name
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| "expected `cpu` or `cuda:N` (N the GPU's ordinal)".to_string())?;
+    candle_core::Device::new_cuda(ordinal).map_err(|e| match e {
+        candle_core::Error::NotCompiledWithCudaSupport => {
+            "this build has no CUDA support (build with `--features cuda`)".to_string()
+        }
+        other => format!("cannot open GPU {ordinal}: {other}"),
+    })
 }
 
 /// The quarantine's file name in a run directory.
@@ -598,6 +637,31 @@ model = "org/model"
         assert_eq!(p.held_out.count, 100);
         // A hub id that is not a local path stays a hub id.
         assert_eq!(p.retrievers[0].model.as_deref(), Some("org/model"));
+    }
+
+    #[test]
+    fn the_device_is_resolved_once_and_a_bad_one_named() {
+        assert!(matches!(
+            parse(MINIMAL).unwrap().device,
+            candle_core::Device::Cpu
+        ));
+        for (value, said) in [
+            ("gpu", "expected `cpu` or `cuda:N`"),
+            ("cuda:x", "expected `cpu` or `cuda:N`"),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n[engine]\ndevice = \"{value}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("engine.device = \"{value}\"")), "{e}");
+            assert!(e.contains(said), "{e}");
+        }
+        // Without the cuda feature a GPU is refused by name, not at the first model load.
+        if !cfg!(feature = "cuda") {
+            let e = parse(&format!("{MINIMAL}\n[engine]\ndevice = \"cuda:0\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("no CUDA support"), "{e}");
+        }
     }
 
     #[test]

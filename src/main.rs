@@ -400,6 +400,7 @@ fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
         quarantine: matches!(m.on_bad_record, OnBadRecord::Skip)
             .then(|| run_dir.join(QUARANTINE_FILE)),
         quiet: m.quiet,
+        ..EmbedSettings::default()
     }
 }
 

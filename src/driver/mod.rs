@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use distillery_operators::{Embedder, EmbedderOptions};
 use serde::Serialize;
 
@@ -237,7 +236,7 @@ fn evaluate_models(
         passage_prefix: student.and_then(|s| s.passage_prefix.clone()),
     };
     let load = |dir: &Path, options: &EmbedderOptions| {
-        let embedder = Embedder::load(dir, options, &Device::Cpu)?;
+        let embedder = Embedder::load(dir, options, &pipeline.device)?;
         Ok::<_, EngineError>((Arc::new(embedder), fingerprint(dir)?))
     };
     let base = load(base, &options)?;
@@ -264,7 +263,7 @@ fn evaluate_models(
                 queries_stage: format!("{tag}-set{index}-queries"),
                 queries: &set.queries,
                 qrels: &set.qrels,
-                batcher: pipeline.retrievers[0].batcher(),
+                batcher: pipeline.batcher(),
                 workers: pipeline.workers,
                 threads: pipeline.threads,
                 quiet: pipeline.quiet,

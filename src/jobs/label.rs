@@ -223,7 +223,7 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
                 store: &store,
                 stage_prefix,
                 label: format!("teacher {t} ({})", settings.kind.name()),
-                batcher: pipeline.retrievers[0].batcher(),
+                batcher: pipeline.batcher(),
                 workers: pipeline.workers,
                 threads: pipeline.threads,
                 quiet: pipeline.quiet,

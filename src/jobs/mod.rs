@@ -45,6 +45,8 @@ pub struct EmbedSettings {
     /// Skip bad records into this quarantine file instead of stopping.
     pub quarantine: Option<PathBuf>,
     pub quiet: bool,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl Default for EmbedSettings {
@@ -59,6 +61,7 @@ impl Default for EmbedSettings {
             workers: 1,
             quarantine: None,
             quiet: false,
+            device: Device::Cpu,
         }
     }
 }
@@ -101,7 +104,7 @@ impl EmbedSettings {
             query_prefix: self.query_prefix.clone(),
             passage_prefix: self.passage_prefix.clone(),
         };
-        let embedder = Embedder::load(&resolved.dir, &options, &Device::Cpu)?;
+        let embedder = Embedder::load(&resolved.dir, &options, &self.device)?;
         Ok((Arc::new(embedder), resolved))
     }
 }

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use candle_core::Device;
 use distillery_operators::student::{Student, StudentOptions};
 
 use crate::config::{Pipeline, RunPart};
@@ -71,7 +70,7 @@ pub fn train_with(
         passage_prefix: student_file.passage_prefix.clone(),
     };
     let dir = PathBuf::from(&student_file.model);
-    let student = Student::load(&dir, &options, &Device::Cpu)?;
+    let student = Student::load(&dir, &options, &pipeline.device)?;
     let prompts = (
         student_file.query_prefix.clone(),
         student_file.passage_prefix.clone(),

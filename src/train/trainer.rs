@@ -262,9 +262,18 @@ fn load_checkpoint(
                 dir.display()
             ))
         })?;
-        var.set(t)?;
+        var.set(&t.to_device(var.device())?)?;
     }
     let moments = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)?;
+    let device = student
+        .vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let moments = moments
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&device)?)))
+        .collect::<Result<HashMap<_, _>, candle_core::Error>>()?;
     opt.restore(&moments, saved.adam_steps)
         .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.display())))?;
     Ok(Some(saved.state))

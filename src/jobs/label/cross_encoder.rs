@@ -35,9 +35,13 @@ struct CrossEncoderKey<'a> {
 }
 
 impl CrossEncoderTeacher {
-    /// Loads the model directory `dir`; `max_length` caps tokens per pair.
-    pub fn load(dir: &Path, max_length: Option<usize>) -> Result<Self, EngineError> {
-        let model = CrossEncoder::load(dir, &CrossEncoderOptions { max_length }, &Device::Cpu)?;
+    /// Loads the model directory `dir` on `device`; `max_length` caps tokens per pair.
+    pub fn load(
+        dir: &Path,
+        max_length: Option<usize>,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let model = CrossEncoder::load(dir, &CrossEncoderOptions { max_length }, device)?;
         let files = fingerprint(dir)?;
         let fingerprint = hash_settings(&CrossEncoderKey {
             model: &files,

@@ -96,6 +96,7 @@ pub fn load_teacher(
         TeacherKind::CrossEncoder { model, max_length } => Box::new(CrossEncoderTeacher::load(
             &PathBuf::from(model),
             *max_length,
+            &pipeline.device,
         )?),
         TeacherKind::BiEncoder {
             model,
