@@ -121,7 +121,7 @@ pub struct Done {
 }
 
 /// What the executor did, returned when it stops.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecutorStats {
     pub batches: u64,
     pub rows: u64,
@@ -131,6 +131,38 @@ pub struct ExecutorStats {
     pub busy: Duration,
     /// Time from start to stop.
     pub wall: Duration,
+    /// Jobs waiting in the queue as each batch started, with the seconds since the
+    /// executor started: how far ahead of the device its operators kept. At most
+    /// [`MAX_QUEUE_SAMPLES`], evenly thinned when a stage runs more batches.
+    pub queue_depth: Vec<(f32, u8)>,
+}
+
+/// Queue-depth samples an executor keeps: enough for a plot, bounded for a long stage.
+pub const MAX_QUEUE_SAMPLES: usize = 512;
+
+impl ExecutorStats {
+    /// The share of the wall time the device was running batches (0 when nothing ran).
+    pub fn busy_fraction(&self) -> f64 {
+        let wall = self.wall.as_secs_f64();
+        if wall > 0.0 {
+            (self.busy.as_secs_f64() / wall).min(1.0)
+        } else {
+            0.0
+        }
+    }
+
+    fn sample_queue(&mut self, at: Duration, depth: usize) {
+        if self.queue_depth.len() == MAX_QUEUE_SAMPLES {
+            // Keep every other sample: the series stays evenly spread over the stage.
+            let mut i = 0;
+            self.queue_depth.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+        self.queue_depth
+            .push((at.as_secs_f32(), depth.min(u8::MAX as usize) as u8));
+    }
 }
 
 /// A running executor. Dropping every [`Submitter`] and calling [`DeviceExecutor::join`]
@@ -207,11 +239,13 @@ fn run<M: BatchModel + ?Sized>(
             },
             recv(stop) -> _ => {
                 for job in jobs.try_iter() {
+                    stats.sample_queue(start.elapsed(), jobs.len());
                     run_one(model, job, &mut stats);
                 }
                 break;
             }
         };
+        stats.sample_queue(start.elapsed(), jobs.len());
         run_one(model, job, &mut stats);
     }
     stats.wall = start.elapsed();
@@ -263,6 +297,25 @@ mod tests {
         TokenBatch {
             rows: vec![TokenizedText::new(index, vec![index as u32; len])],
         }
+    }
+
+    #[test]
+    fn queue_samples_stay_bounded_and_evenly_spread() {
+        let mut stats = ExecutorStats::default();
+        for i in 0..(3 * MAX_QUEUE_SAMPLES) {
+            stats.sample_queue(Duration::from_millis(i as u64), i % 3);
+        }
+        assert!(stats.queue_depth.len() <= MAX_QUEUE_SAMPLES);
+        assert!(stats.queue_depth.len() > MAX_QUEUE_SAMPLES / 2);
+        // The kept samples still span the whole stage, in order.
+        let times: Vec<f32> = stats.queue_depth.iter().map(|s| s.0).collect();
+        assert_eq!(times[0], 0.0);
+        assert!(*times.last().unwrap() > 1.0, "{:?}", times.last());
+        assert!(times.windows(2).all(|w| w[0] < w[1]));
+        stats.wall = Duration::from_secs(4);
+        stats.busy = Duration::from_secs(3);
+        assert_eq!(stats.busy_fraction(), 0.75);
+        assert_eq!(ExecutorStats::default().busy_fraction(), 0.0);
     }
 
     #[test]

@@ -106,7 +106,9 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
 
     // The report: one file, every plot drawn, nothing fetched from elsewhere.
     let html = std::fs::read_to_string(a.join("report.html")).unwrap();
-    for plot in ["metrics", "funnel", "time", "loss", "dev-loss"] {
+    for plot in [
+        "metrics", "funnel", "time", "busy", "queue", "loss", "dev-loss",
+    ] {
         let at = html
             .find(&format!("data-plot=\"{plot}\""))
             .unwrap_or_else(|| panic!("no {plot} plot"));
@@ -173,7 +175,7 @@ fn render_in_chromium(report: &Path) {
     let names: Vec<&str> = drawn.iter().map(|d| d.0).collect();
     assert_eq!(
         names,
-        ["metrics", "funnel", "time", "loss", "dev-loss"],
+        ["metrics", "funnel", "time", "busy", "queue", "loss", "dev-loss"],
         "{plots}"
     );
     for (name, size) in drawn {

@@ -74,6 +74,60 @@ pub struct EmbedStage {
     pub quiet: bool,
 }
 
+/// The run's journal of device stages, one [`DeviceStageRecord`] a line.
+pub const DEVICE_JOURNAL: &str = "device-stages.jsonl";
+
+/// What one run of a device stage did, as the journal keeps it: what the report draws.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStageRecord {
+    pub stage: String,
+    pub label: String,
+    /// Items run by this invocation (a resumed stage counts only its own).
+    pub rows: u64,
+    pub batches: u64,
+    /// Wall time of the stage's dataflow.
+    pub seconds: f64,
+    /// Time the device spent running its batches.
+    pub busy_seconds: f64,
+    pub real_tokens: u64,
+    pub padded_tokens: u64,
+    /// `(seconds, jobs waiting)` as each batch started.
+    pub queue_depth: Vec<(f32, u8)>,
+    /// The queue's bound ([`crate::executor::DEVICE_QUEUE_DEPTH`]).
+    pub queue_capacity: usize,
+}
+
+impl DeviceStageRecord {
+    /// Items a second over the stage's wall time.
+    pub fn rows_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.rows as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// The share of the wall time the device was busy.
+    pub fn busy_fraction(&self) -> f64 {
+        if self.seconds > 0.0 {
+            (self.busy_seconds / self.seconds).min(1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Every record of a run's journal, in order (a line a kill cut short is skipped).
+pub fn read_device_journal(run_dir: &std::path::Path) -> Vec<DeviceStageRecord> {
+    std::fs::read_to_string(run_dir.join(DEVICE_JOURNAL))
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What running (or reusing) an embedding stage did.
 #[derive(Debug, Clone)]
 pub struct EmbedStageReport {
@@ -136,6 +190,7 @@ pub fn run_device_stage<M: DeviceModel>(
         progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
+    let store_for_journal = store.clone();
     let store = store.clone();
     let stage_spec = stage.clone();
     let width = model.row_width();
@@ -261,11 +316,27 @@ pub fn run_device_stage<M: DeviceModel>(
     }
     let (completed, rows_embedded) = outcome
         .ok_or_else(|| EngineError::Dataflow("worker 0 returned no stage; this is a bug".into()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let record = DeviceStageRecord {
+        stage: stage.stage.clone(),
+        label: stage.label.clone(),
+        rows: rows_embedded,
+        batches: executor_stats.batches,
+        seconds,
+        busy_seconds: executor_stats.busy.as_secs_f64(),
+        real_tokens: executor_stats.real_tokens,
+        padded_tokens: executor_stats.padded_tokens,
+        queue_depth: executor_stats.queue_depth.clone(),
+        queue_capacity: crate::executor::DEVICE_QUEUE_DEPTH,
+    };
+    let line = serde_json::to_string(&record)
+        .map_err(|e| EngineError::Dataflow(format!("device journal: {e}")))?;
+    store_for_journal.append_journal(DEVICE_JOURNAL, &line)?;
     Ok(EmbedStageReport {
         completed,
         reused: false,
         rows_embedded,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         executor: executor_stats,
     })
 }

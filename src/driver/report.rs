@@ -13,6 +13,7 @@
 use std::fmt::Write;
 
 use crate::config::Pipeline;
+use crate::dataflow::{read_device_journal, DeviceStageRecord};
 use crate::error::EngineError;
 use crate::train::report::{loss_plot_svg, read_log};
 
@@ -28,6 +29,57 @@ const LABEL_WIDTH: f64 = 260.0;
 /// Colours of the base and the fine-tuned model in every chart.
 const BASE_COLOUR: &str = "#8c8c8c";
 const TUNED_COLOUR: &str = "#1f77b4";
+
+/// Size of the queue-depth plot.
+const QUEUE_WIDTH: f64 = 900.0;
+const QUEUE_HEIGHT: f64 = 160.0;
+const QUEUE_MARGIN: f64 = 30.0;
+
+/// The queue depth of every journal record over one time axis, stage after stage.
+fn queue_plot(journal: &[DeviceStageRecord]) -> String {
+    let total: f64 = journal.iter().map(|r| r.seconds.max(1e-9)).sum();
+    let capacity = journal
+        .iter()
+        .map(|r| r.queue_capacity)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let x = |t: f64| QUEUE_MARGIN + t / total * (QUEUE_WIDTH - 2.0 * QUEUE_MARGIN);
+    let y =
+        |d: f64| QUEUE_HEIGHT - QUEUE_MARGIN - d / capacity * (QUEUE_HEIGHT - 2.0 * QUEUE_MARGIN);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" data-plot=\"queue\" width=\"{QUEUE_WIDTH}\" \
+         height=\"{QUEUE_HEIGHT}\" font-family=\"sans-serif\" font-size=\"11\">\
+         <rect x=\"{QUEUE_MARGIN}\" y=\"{QUEUE_MARGIN}\" width=\"{}\" height=\"{}\" \
+         fill=\"none\" stroke=\"#999\"/>",
+        QUEUE_WIDTH - 2.0 * QUEUE_MARGIN,
+        QUEUE_HEIGHT - 2.0 * QUEUE_MARGIN
+    );
+    let mut offset = 0.0;
+    for r in journal {
+        let points: Vec<String> = r
+            .queue_depth
+            .iter()
+            .map(|&(t, d)| format!("{:.1},{:.1}", x(offset + f64::from(t)), y(f64::from(d))))
+            .collect();
+        if !points.is_empty() {
+            let _ = write!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{TUNED_COLOUR}\" stroke-width=\"1.2\" \
+                 points=\"{}\"/>",
+                points.join(" ")
+            );
+        }
+        offset += r.seconds.max(1e-9);
+    }
+    let _ = write!(
+        svg,
+        "<text x=\"{QUEUE_MARGIN}\" y=\"{:.0}\">queue depth 0 .. {capacity} over {total:.1} s \
+         of device stages</text></svg>",
+        QUEUE_MARGIN - 8.0
+    );
+    svg
+}
 
 /// Records `name:WIDTHxHEIGHT` of every plot's drawn content on the root element.
 const DRAWN_CHECK: &str = "<script>addEventListener('load',function(){var d=[];\
@@ -266,9 +318,50 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
     html.push_str(&bar_chart("time", &times, |v| format!("{v:.1} s")));
     html.push_str(
         "<p class=\"note\">A part that found its work in the run directory (a rerun, a \
-         resume) takes only the time to check it. The device executor's busy fraction and \
-         queue depth per stage are not drawn yet.</p>",
+         resume) takes only the time to check it.</p>",
     );
+
+    // The device stages, as the run's journal recorded them (every invocation's).
+    let journal = read_device_journal(&pipeline.run_dir);
+    html.push_str("<h2>Device stages</h2>");
+    if journal.is_empty() {
+        html.push_str("<p class=\"note\">No device stage ran.</p>");
+    } else {
+        html.push_str(
+            "<table><tr><th>stage</th><th>items</th><th>seconds</th><th>items/s</th>\
+             <th>device busy</th><th>batches</th><th>padding</th></tr>",
+        );
+        for r in &journal {
+            let padding = if r.padded_tokens > 0 {
+                100.0 * (1.0 - r.real_tokens as f64 / r.padded_tokens as f64)
+            } else {
+                0.0
+            };
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{:.0}%</td>\
+                 <td>{}</td><td>{padding:.1}%</td></tr>",
+                escape(&r.label),
+                r.rows,
+                r.seconds,
+                r.rows_per_second(),
+                100.0 * r.busy_fraction(),
+                r.batches
+            );
+        }
+        html.push_str("</table>");
+        let busy: Vec<(String, f64, &str)> = journal
+            .iter()
+            .map(|r| (r.label.clone(), 100.0 * r.busy_fraction(), TUNED_COLOUR))
+            .collect();
+        html.push_str(&bar_chart("busy", &busy, |v| format!("{v:.0}% busy")));
+        html.push_str(&queue_plot(&journal));
+        html.push_str(
+            "<p class=\"note\">Queue depth: the batches waiting for the device as each one \
+             started, stage after stage on one time axis; above zero, the device never \
+             waited for its operators.</p>",
+        );
+    }
 
     // Training.
     let r = &outcome.train.report;

@@ -349,6 +349,22 @@ impl StageStore {
         ))
     }
 
+    /// Appends `line` (one JSON object, no newline) to the run's journal file `name`
+    /// (chosen by the engine, e.g. `device-stages.jsonl`): a record of what ran, kept
+    /// across invocations. Not a stage: a kill can cut its last line, which readers skip.
+    pub fn append_journal(&self, name: &'static str, line: &str) -> Result<(), StoreError> {
+        use std::io::Write;
+        let path = self.shared.run_dir.join(name);
+        let _state = self.shared.lock();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(StoreError::io("open", &path))?;
+        file.write_all(format!("{line}\n").as_bytes())
+            .map_err(StoreError::io("append to", &path))
+    }
+
     /// Streams the batches of the stage's committed parts in order (complete or not).
     pub fn read(&self, stage: &str) -> Result<StageReader, StoreError> {
         let parts = self.committed_parts(stage)?;
