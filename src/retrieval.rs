@@ -3,7 +3,8 @@
 //!
 //! Over L2-normalised embeddings the inner product is the cosine. Ties are broken by
 //! passage position (earlier first), so the result never depends on thread count or
-//! block size. Memory is bounded by one score block, `QUERY_BLOCK x PASSAGE_BLOCK`.
+//! block size. Memory is bounded by one score block, `QUERY_BLOCK x PASSAGE_BLOCK`, and
+//! [`TopK`] takes the passages in pieces, so the passage matrix is never held whole.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -57,28 +58,100 @@ pub fn exact_top_k(
     k: usize,
     threads: usize,
 ) -> candle_core::Result<Vec<Vec<Hit>>> {
-    if dim == 0 {
-        return Ok(Vec::new());
+    let mut top = TopK::new(queries, dim, k, threads);
+    top.push(passages)?;
+    top.finish()
+}
+
+/// Exact top-k over passages that arrive in pieces (the parts of an embedding stage, read
+/// from the store one at a time): only the queries, one [`PASSAGE_BLOCK`] of passages and
+/// the heaps are held, never the passage matrix. Pieces are gathered into whole blocks
+/// before they are scored, so the result is the same bits as [`exact_top_k`] over the
+/// whole matrix, however the passages were cut.
+pub struct TopK<'q> {
+    queries: &'q [f32],
+    dim: usize,
+    k: usize,
+    threads: usize,
+    heaps: Vec<BinaryHeap<Worst>>,
+    /// Passages waiting for a whole block.
+    pending: Vec<f32>,
+    /// Position of the first pending passage.
+    scored: usize,
+}
+
+impl<'q> TopK<'q> {
+    /// Top-`k` of each of `queries` (`nq x dim`, row-major) over passages to come.
+    pub fn new(queries: &'q [f32], dim: usize, k: usize, threads: usize) -> Self {
+        let nq = queries.len().checked_div(dim).unwrap_or(0);
+        Self {
+            queries,
+            dim,
+            k,
+            threads: threads.max(1),
+            heaps: (0..nq).map(|_| BinaryHeap::with_capacity(k + 1)).collect(),
+            pending: Vec::with_capacity(PASSAGE_BLOCK * dim),
+            scored: 0,
+        }
     }
-    let nq = queries.len() / dim;
-    let np = passages.len() / dim;
-    let mut heaps: Vec<BinaryHeap<Worst>> =
-        (0..nq).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
-    if k == 0 || np == 0 {
-        return Ok(vec![Vec::new(); nq]);
+
+    /// The next passages, `n x dim` row-major; their positions follow the ones before.
+    pub fn push(&mut self, passages: &[f32]) -> candle_core::Result<()> {
+        if self.dim == 0 {
+            return Ok(());
+        }
+        let block = PASSAGE_BLOCK * self.dim;
+        let mut rest = passages;
+        while !rest.is_empty() {
+            let take = (block - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() == block {
+                self.score_pending()?;
+            }
+        }
+        Ok(())
     }
-    let device = Device::Cpu;
-    let threads = threads.max(1);
-    for p0 in (0..np).step_by(PASSAGE_BLOCK) {
-        let pn = PASSAGE_BLOCK.min(np - p0);
-        let p_t = Tensor::from_slice(&passages[p0 * dim..(p0 + pn) * dim], (pn, dim), &device)?
+
+    /// The `k` best passages of each query, best first.
+    pub fn finish(mut self) -> candle_core::Result<Vec<Vec<Hit>>> {
+        if !self.pending.is_empty() {
+            self.score_pending()?;
+        }
+        Ok(self
+            .heaps
+            .into_iter()
+            .map(|h| {
+                let mut v: Vec<Hit> = h.into_iter().map(|w| w.0).collect();
+                v.sort_by(better);
+                v
+            })
+            .collect())
+    }
+
+    /// Scores the pending block against every query and keeps the best.
+    fn score_pending(&mut self) -> candle_core::Result<()> {
+        let dim = self.dim;
+        let pn = self.pending.len() / dim;
+        let p0 = self.scored;
+        self.scored += pn;
+        let nq = self.heaps.len();
+        if self.k == 0 || nq == 0 || pn == 0 {
+            self.pending.clear();
+            return Ok(());
+        }
+        let device = Device::Cpu;
+        let p_t = Tensor::from_slice(&self.pending, (pn, dim), &device)?
             .t()?
             .contiguous()?;
+        self.pending.clear();
+        let (k, threads) = (self.k, self.threads);
         for q0 in (0..nq).step_by(QUERY_BLOCK) {
             let qn = QUERY_BLOCK.min(nq - q0);
-            let q = Tensor::from_slice(&queries[q0 * dim..(q0 + qn) * dim], (qn, dim), &device)?;
+            let q =
+                Tensor::from_slice(&self.queries[q0 * dim..(q0 + qn) * dim], (qn, dim), &device)?;
             let scores: Vec<f32> = q.matmul(&p_t)?.flatten_all()?.to_vec1()?;
-            let block_heaps = &mut heaps[q0..q0 + qn];
+            let block_heaps = &mut self.heaps[q0..q0 + qn];
             let rows_per_thread = qn.div_ceil(threads);
             std::thread::scope(|s| {
                 for (t, chunk) in block_heaps.chunks_mut(rows_per_thread).enumerate() {
@@ -106,20 +179,44 @@ pub fn exact_top_k(
                 }
             });
         }
+        Ok(())
     }
-    Ok(heaps
-        .into_iter()
-        .map(|h| {
-            let mut v: Vec<Hit> = h.into_iter().map(|w| w.0).collect();
-            v.sort_by(better);
-            v
-        })
-        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passages_in_pieces_give_the_same_bits_as_the_whole_matrix() {
+        // Enough passages for two and a half blocks, cut in uneven pieces.
+        let dim = 8;
+        let np = 2 * PASSAGE_BLOCK + PASSAGE_BLOCK / 2;
+        let mut x = 12345u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let passages: Vec<f32> = (0..np * dim).map(|_| next()).collect();
+        let queries: Vec<f32> = (0..300 * dim).map(|_| next()).collect();
+        let whole = exact_top_k(&queries, &passages, dim, 10, 2).unwrap();
+        for piece in [1, 2048, 5000, PASSAGE_BLOCK] {
+            let mut top = TopK::new(&queries, dim, 10, 3);
+            for chunk in passages.chunks(piece * dim) {
+                top.push(chunk).unwrap();
+            }
+            let got = top.finish().unwrap();
+            assert_eq!(got.len(), whole.len());
+            for (a, b) in got.iter().zip(&whole) {
+                let bits = |h: &[Hit]| -> Vec<(u32, u32)> {
+                    h.iter().map(|x| (x.passage, x.score.to_bits())).collect()
+                };
+                assert_eq!(bits(a), bits(b), "pieces of {piece}");
+            }
+        }
+    }
 
     #[test]
     fn finds_best_by_inner_product_with_deterministic_ties() {

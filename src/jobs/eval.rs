@@ -25,7 +25,6 @@ use crate::jobs::{
 };
 use crate::model::{fingerprint, ResolvedModel};
 use crate::record::{Qrels, Query};
-use crate::retrieval::exact_top_k;
 use crate::schema::EmbeddingMatrix;
 use crate::store::{ContentHasher, StageKey, StageStore};
 
@@ -208,7 +207,6 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
         &query_stage,
     )?;
 
-    let p = read_matrix(e.store, &passage_stage.stage)?;
     let q = read_matrix(e.store, &query_stage.stage)?;
     let deepest = e
         .options
@@ -223,13 +221,20 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
     // One more than the deepest cutoff, so that dropping a query's own id (BEIR's
     // rule) still leaves enough results.
     let k = deepest + usize::from(e.options.ignore_identical_ids);
-    let hits = exact_top_k(&q.values, &p.values, p.dim, k, e.threads)?;
+    let (passage_ids, hits) = top_k_over_stage(
+        e.store,
+        &passage_stage.stage,
+        &q.values,
+        q.dim,
+        k,
+        e.threads,
+    )?;
     let mut run: Run = BTreeMap::new();
     for (qi, list) in hits.into_iter().enumerate() {
         let qid = &q.ids[qi];
         let ranked: Vec<(String, f32)> = list
             .into_iter()
-            .map(|h| (p.ids[h.passage as usize].clone(), h.score))
+            .map(|h| (passage_ids[h.passage as usize].clone(), h.score))
             .filter(|(pid, _)| !(e.options.ignore_identical_ids && pid == qid))
             .take(deepest)
             .collect();
@@ -240,7 +245,7 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
     Ok(RetrievalScores {
         report,
         run,
-        passages: p.len(),
+        passages: passage_ids.len(),
         passage_stage: passages,
     })
 }
@@ -299,6 +304,34 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
         report,
     };
     Ok((outcome, resolved))
+}
+
+/// Exact top-`k` of `queries` (`n x dim`) over the passages of an embedding stage, read
+/// from the store part by part (never the whole matrix); returns the passage ids in
+/// stage order, which the hits' positions index.
+pub fn top_k_over_stage(
+    store: &StageStore,
+    stage: &str,
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+    threads: usize,
+) -> Result<(Vec<String>, Vec<Vec<crate::retrieval::Hit>>), EngineError> {
+    let mut top = crate::retrieval::TopK::new(queries, dim, k, threads);
+    let mut ids = Vec::new();
+    for batch in store.read(stage)? {
+        let mut part = EmbeddingMatrix::default();
+        part.extend_from_batch(&batch?)?;
+        if part.dim != dim && !part.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "stage {stage}: {}-dimensional passages against {dim}-dimensional queries",
+                part.dim
+            )));
+        }
+        top.push(&part.values)?;
+        ids.extend(part.ids);
+    }
+    Ok((ids, top.finish()?))
 }
 
 fn rate(r: &EmbedStageReport) -> Option<f64> {

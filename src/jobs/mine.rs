@@ -16,13 +16,12 @@ use crate::config::{Pipeline, RunPart};
 use crate::corpus::{open_queries, read_qrels};
 use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
-use crate::jobs::eval::read_matrix;
+use crate::jobs::eval::{read_matrix, top_k_over_stage};
 use crate::jobs::generate::GenerateOutcome;
 use crate::jobs::{count_records, embedding_settings_hash, hash_file, passage_texts};
 use crate::mining::{select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals};
 use crate::model::fingerprint;
 use crate::record::Query;
-use crate::retrieval::exact_top_k;
 use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
 use crate::store::{hash_settings, CompletedStage, ContentHasher, StageKey, StageStore};
 
@@ -265,11 +264,18 @@ pub fn mine_with(
                 settings_hash: q_stage.key.settings_hash.clone(),
             },
         ));
-        let p = read_matrix(&store, &p_stage.stage)?;
         let q = read_matrix(&store, &q_stage.stage)?;
+        let (ids, hits) = top_k_over_stage(
+            &store,
+            &p_stage.stage,
+            &q.values,
+            q.dim,
+            pipeline.candidates.retrieve_top,
+            pipeline.threads,
+        )?;
         match &passage_ids {
-            None => passage_ids = Some(p.ids.clone()),
-            Some(ids) if *ids != p.ids => {
+            None => passage_ids = Some(ids),
+            Some(known) if *known != ids => {
                 return Err(EngineError::Invalid(format!(
                     "retriever {i} embedded a different passage list than retriever 0; \
                      the corpus changed during the run?"
@@ -277,13 +283,6 @@ pub fn mine_with(
             }
             Some(_) => {}
         }
-        let hits = exact_top_k(
-            &q.values,
-            &p.values,
-            p.dim,
-            pipeline.candidates.retrieve_top,
-            pipeline.threads,
-        )?;
         lists_per_retriever.push(
             hits.into_iter()
                 .map(|h| h.into_iter().map(|x| x.passage).collect())
