@@ -63,6 +63,45 @@ pub(crate) fn write_atomically(
     Ok(())
 }
 
+/// Writes `bytes` as the file `path` through the store's durable protocol (temporary
+/// name, fsync, rename, fsync of the directory): a reader sees the old file or the whole
+/// new one, never a prefix. For the files of a run outside its stages (reports,
+/// summaries).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_file_with(path, |file: &mut File, tmp: &Path| {
+        std::io::Write::write_all(file, bytes).map_err(StoreError::io("write", tmp))
+    })
+}
+
+/// [`write_file_atomically`] of what `fill` writes into the temporary file it is given
+/// (with its path, for errors): for files written piece by piece (Parquet, JSON lines).
+pub fn write_file_with<E: From<StoreError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File, &Path) -> Result<(), E>,
+) -> Result<(), E> {
+    let invalid = || StoreError::Io {
+        op: "name",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(invalid)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(temp_name(name));
+    let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
+    fill(&mut file, &tmp)?;
+    crate::crash::point("file.before-rename");
+    file.sync_all().map_err(StoreError::io("sync", &tmp))?;
+    drop(file);
+    publish(&tmp, dir, name)?;
+    Ok(())
+}
+
 /// Deletes a file, treating "already gone" as success.
 pub(crate) fn remove_if_present(path: &Path) -> Result<bool, StoreError> {
     match std::fs::remove_file(path) {

@@ -40,24 +40,26 @@ mod durable;
 mod error;
 mod hash;
 mod manifest;
+mod owner;
 mod reader;
 mod recovery;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{File, TryLockError};
+use std::collections::HashSet;
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+pub use durable::{write_file_atomically, write_file_with};
 pub use error::StoreError;
 pub use hash::{hash_settings, ContentHasher};
 pub use manifest::{validate_stage_name, PartEntry, StageKey, MANIFEST_FILE};
+pub use owner::LOCK_FILE;
 pub use reader::{StageReader, READ_BATCH_ROWS};
 pub use recovery::RecoveryReport;
 pub use writer::{PartWriter, StageWriter, MAX_ROW_GROUP_BYTES, ZSTD_LEVEL};
@@ -70,20 +72,6 @@ use recovery::STAGES_DIR;
 /// Read buffer for [`StageStore::verify`]; 1 MiB keeps syscalls few without mattering
 /// for memory.
 const VERIFY_BUFFER_BYTES: usize = 1 << 20;
-
-/// The lock file of a run directory: held exclusively by the process that has it open.
-pub const LOCK_FILE: &str = "run.lock";
-
-/// How long [`StageStore::open`] waits for the run directory's lock before it reports the
-/// directory busy. A handle of this process that was just dropped releases the lock as
-/// its file closes, a moment after the last clone goes; another process's run holds it
-/// for as long as it runs, so waiting longer would only delay the error.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-/// The run directories this process has open, by canonical path: [`StageStore::open`]
-/// hands out the live handle of a directory instead of a second one.
-static OPEN_RUNS: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// A handle on an open run directory. Cheap to clone; clones, and every other handle
 /// this process opens on the same directory, share the manifest.
@@ -201,14 +189,14 @@ impl StageStore {
         let canonical = run_dir
             .canonicalize()
             .map_err(StoreError::io("resolve", &run_dir))?;
-        let mut open_runs = OPEN_RUNS
+        let mut open_runs = owner::OPEN_RUNS
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         open_runs.retain(|_, handle| handle.strong_count() > 0);
         if let Some(shared) = open_runs.get(&canonical).and_then(Weak::upgrade) {
             return Ok(StageStore { shared });
         }
-        let lock = lock_run_dir(&run_dir)?;
+        let lock = owner::lock_run_dir(&run_dir)?;
         let mut manifest = Manifest::load(&run_dir)?;
         let recovery = recovery::recover(&run_dir, &mut manifest)?;
         let shared = Arc::new(Shared {
@@ -418,77 +406,6 @@ impl StageStore {
             None => Err(StoreError::UnknownStage {
                 stage: stage.to_string(),
             }),
-        }
-    }
-}
-
-/// Writes `bytes` as the file `path` through the store's durable protocol (temporary
-/// name, fsync, rename, fsync of the directory): a reader sees the old file or the whole
-/// new one, never a prefix. For the files of a run outside its stages (reports,
-/// summaries).
-pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    write_file_with(path, |file: &mut File, tmp: &Path| {
-        std::io::Write::write_all(file, bytes).map_err(StoreError::io("write", tmp))
-    })
-}
-
-/// [`write_file_atomically`] of what `fill` writes into the temporary file it is given
-/// (with its path, for errors): for files written piece by piece (Parquet, JSON lines).
-pub fn write_file_with<E: From<StoreError>>(
-    path: &Path,
-    fill: impl FnOnce(&mut File, &Path) -> Result<(), E>,
-) -> Result<(), E> {
-    let invalid = || StoreError::Io {
-        op: "name",
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    };
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(invalid)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(durable::temp_name(name));
-    let mut file = File::create(&tmp).map_err(StoreError::io("create", &tmp))?;
-    fill(&mut file, &tmp)?;
-    crate::crash::point("file.before-rename");
-    file.sync_all().map_err(StoreError::io("sync", &tmp))?;
-    drop(file);
-    durable::publish(&tmp, dir, name)?;
-    Ok(())
-}
-
-/// Takes the exclusive lock on `run_dir`'s [`LOCK_FILE`], waiting up to [`LOCK_WAIT`].
-fn lock_run_dir(run_dir: &Path) -> Result<File, StoreError> {
-    let path = run_dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(StoreError::io("open", &path))?;
-    let start = Instant::now();
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::RunLocked {
-                    run_dir: run_dir.to_path_buf(),
-                })
-            }
-            Err(TryLockError::Error(source)) => {
-                return Err(StoreError::Io {
-                    op: "lock",
-                    path,
-                    source,
-                })
-            }
         }
     }
 }
