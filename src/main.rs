@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use distillery::config::{
     EndpointFile, GenerateFile, HeldOutFile, Pipeline, RunPart, QUARANTINE_FILE,
 };
@@ -17,292 +17,11 @@ use distillery::jobs::label::run_label;
 use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::score::{run_score, ScoreJob};
 use distillery::jobs::train::run_train;
-use distillery::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+use distillery::jobs::EmbedSettings;
 use distillery_operators::TextKind;
 
-#[derive(Parser)]
-#[command(
-    name = "distillery",
-    version,
-    about = "Turn a passage corpus into a fine-tuned dense retriever"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the whole recipe: generate, mine, label, train, then evaluate the base and
-    /// the fine-tuned model; writes run-summary.json and report.html. Without --config,
-    /// the demo on the SciFact subset shipped with distillery.
-    Run(RunArgs),
-    /// Embed a BEIR dataset, retrieve exactly, and report nDCG@10, Recall@100, MRR@10.
-    Eval(EvalArgs),
-    /// Embed any passages (.jsonl, .tsv, .parquet) or queries file into a Parquet file.
-    Embed(EmbedArgs),
-    /// Generate synthetic queries for passages: from a configuration's [generate], or for
-    /// any passages file (--input/--output).
-    Generate(GenerateArgs),
-    /// Mine hard-negative candidates for every query (retrieve, filter, fuse by RRF).
-    Mine(ConfigArgs),
-    /// Mine (reused when unchanged), score every candidate with the teachers, filter,
-    /// normalise, split: the examples table.
-    Label(ConfigArgs),
-    /// Score every (query, passage) pair of a file (.jsonl, .tsv) with a cross-encoder
-    /// into a Parquet file.
-    Score(ScoreArgs),
-    /// Label (reused) and fine-tune the student: listwise KL + InfoNCE with gradient
-    /// caching; resumes from the run's checkpoint; exports the best model.
-    Train(ConfigArgs),
-}
-
-#[derive(Args)]
-struct ConfigArgs {
-    /// The pipeline configuration (TOML; see the README).
-    #[arg(long)]
-    config: PathBuf,
-    /// Timely worker threads (tokenisation and batching); default: the configuration's
-    /// [engine] workers.
-    #[arg(short = 'w', long)]
-    workers: Option<usize>,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl; default: the configuration's
-    /// [engine] on_bad_record.
-    #[arg(long, value_enum)]
-    on_bad_record: Option<OnBadRecord>,
-    /// No progress output.
-    #[arg(long)]
-    quiet: bool,
-}
-
-impl ConfigArgs {
-    /// The configuration, checked and resolved, with the command line's options over it.
-    fn pipeline(&self) -> Result<Pipeline> {
-        let mut pipeline = Pipeline::load(&self.config)?;
-        pipeline.override_engine(
-            self.workers,
-            self.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
-            self.quiet,
-        );
-        set_threads(Some(pipeline.threads));
-        std::fs::create_dir_all(&pipeline.run_dir)
-            .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
-        Ok(pipeline)
-    }
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// The pipeline configuration (TOML; see the README). Default: the demo.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The run directory, over the configuration's run_dir (the demo's default:
-    /// runs/demo).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Timely worker threads (tokenisation and batching); default: the configuration's
-    /// [engine] workers.
-    #[arg(short = 'w', long)]
-    workers: Option<usize>,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl; default: the configuration's
-    /// [engine] on_bad_record.
-    #[arg(long, value_enum)]
-    on_bad_record: Option<OnBadRecord>,
-    /// No progress output.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Args)]
-struct ModelArgs {
-    /// Model directory or Hugging Face hub id (in the local hub cache). Default:
-    /// $DISTILLERY_MODEL, then all-MiniLM-L6-v2 from the hub cache, then a tiny random
-    /// model (said so plainly).
-    #[arg(long)]
-    model: Option<String>,
-    /// Maximum tokens per text (default: the model's max_seq_length).
-    #[arg(long)]
-    max_seq_length: Option<usize>,
-    /// Prefix for queries (default: the model's `query` prompt).
-    #[arg(long)]
-    query_prefix: Option<String>,
-    /// Prefix for passages (default: the model's `passage`/`document` prompt).
-    #[arg(long)]
-    passage_prefix: Option<String>,
-    /// Padded tokens per device batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
-    batch_tokens: usize,
-    /// Most texts per device batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_ROWS)]
-    batch_rows: usize,
-    /// Compute threads for the model (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Timely worker threads (tokenisation and batching).
-    #[arg(short = 'w', long, default_value_t = 1)]
-    workers: usize,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl.
-    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
-    on_bad_record: OnBadRecord,
-    /// No progress output.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OnBadRecord {
-    Fail,
-    Skip,
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
-    #[arg(long)]
-    dataset: PathBuf,
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// Run directory (stages are reused from it when inputs and settings are unchanged).
-    /// Default: runs/eval-<dataset name>.
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Write the metrics as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct EmbedArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Passages (.jsonl BEIR corpus, .tsv, .parquet) or, with --kind query, queries.
-    #[arg(long)]
-    input: PathBuf,
-    /// Output Parquet file: columns id, embedding.
-    #[arg(long)]
-    output: PathBuf,
-    #[arg(long, value_enum, default_value_t = Kind::Passage)]
-    kind: Kind,
-    /// Run directory for the stage's parts (resume). Default: <output>.run
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Write timing as JSON here (passages, seconds, passages_per_second).
-    #[arg(long)]
-    json: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct ScoreArgs {
-    /// Cross-encoder directory (config.json, tokenizer.json, model.safetensors): BERT,
-    /// ELECTRA or XLM-RoBERTa sequence classification.
-    #[arg(long)]
-    model: PathBuf,
-    /// Pairs: .jsonl lines {"id"?, "query", "passage"}, or .tsv `query<TAB>passage` or
-    /// `id<TAB>query<TAB>passage`. Without an id, a pair's id is its line number.
-    #[arg(long)]
-    input: PathBuf,
-    /// Output Parquet file: columns id, score, in input order.
-    #[arg(long)]
-    output: PathBuf,
-    /// Most tokens per pair, special tokens included (default: the model's).
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// Write the outcome as JSON here (pairs, seconds, pairs_per_second, ...).
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Run directory for the stage's parts (resume). Default: <output>.run
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Compute threads for the model (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Padded tokens per device batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
-    batch_tokens: usize,
-    /// Timely worker threads (tokenisation and batching).
-    #[arg(short = 'w', long, default_value_t = 1)]
-    workers: usize,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl.
-    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
-    on_bad_record: OnBadRecord,
-    /// No progress output.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// The pipeline configuration (its [generate] section); or give --input and --output.
-    #[arg(long, conflicts_with_all = ["input", "output"])]
-    config: Option<PathBuf>,
-    /// Passages (.jsonl BEIR corpus, .tsv, .parquet).
-    #[arg(long, requires = "output")]
-    input: Option<PathBuf>,
-    /// The queries: .parquet, else JSONL (query_id, query_text, query_type, source_id,
-    /// held_out).
-    #[arg(long, requires = "input")]
-    output: Option<PathBuf>,
-    /// extractive (no LLM: a baseline), llm (--model: a Hugging Face directory or a .gguf
-    /// file) or endpoint (--url: an OpenAI-compatible server).
-    #[arg(long, default_value = "extractive")]
-    generator: String,
-    /// The LLM (llm), or the model name the server knows (endpoint).
-    #[arg(long)]
-    model: Option<String>,
-    /// Tokenizer directory of a .gguf model (default: the file's directory).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Endpoint base URL, e.g. http://localhost:8000/v1.
-    #[arg(long)]
-    url: Option<String>,
-    /// The NAME of the environment variable holding the endpoint's API key.
-    #[arg(long)]
-    api_key_env: Option<String>,
-    /// Requests in flight at once (endpoint).
-    #[arg(long)]
-    concurrency: Option<usize>,
-    /// Query types, comma-separated (default: all six; title,claim,keywords for
-    /// extractive).
-    #[arg(long, value_delimiter = ',')]
-    types: Option<Vec<String>>,
-    /// The run seed.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    #[arg(long)]
-    temperature: Option<f64>,
-    /// At most this many passages (default: the recipe's 100,000).
-    #[arg(long)]
-    max_passages: Option<usize>,
-    /// Passages held out as a synthetic test set (their queries are marked held_out).
-    #[arg(long, default_value_t = distillery::config::DEFAULT_HELD_OUT)]
-    held_out: usize,
-    /// Requests handed to the generator at once.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Run directory (the query cache lives here). Default: <output>.run
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Compute threads for the model (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Write the outcome as JSON here.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl (default: fail; with --config, the
-    /// configuration's [engine] on_bad_record).
-    #[arg(long, value_enum)]
-    on_bad_record: Option<OnBadRecord>,
-    /// No progress output.
-    #[arg(long)]
-    quiet: bool,
-}
+mod cli;
+use cli::{set_threads, Cli, Command, GenerateArgs, Kind, ModelArgs, OnBadRecord, RunArgs};
 
 /// The job of `generate --input/--output`.
 fn generate_job(
@@ -382,12 +101,6 @@ fn print_generate(o: &GenerateOutcome) {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Kind {
-    Passage,
-    Query,
-}
-
 fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
     EmbedSettings {
         model: m.model.clone(),
@@ -402,14 +115,6 @@ fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
         quiet: m.quiet,
         ..EmbedSettings::default()
     }
-}
-
-/// Sets the compute thread count before any model code starts its thread pools.
-fn set_threads(threads: Option<usize>) -> usize {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // Safety of set_var: called first thing in main, before any other thread exists.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    n
 }
 
 fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {

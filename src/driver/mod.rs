@@ -46,6 +46,9 @@ use crate::model::fingerprint;
 use crate::record::{Qrels, Query};
 use crate::store::StageStore;
 
+/// The parts of a run, in order: generate, mine, label, train, evaluate.
+const PARTS: usize = 5;
+
 /// The summary `run` writes into the run directory.
 pub const SUMMARY_FILE: &str = "run-summary.json";
 /// The report `run` writes into the run directory.
@@ -110,6 +113,14 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     pipeline.preflight(RunPart::Evaluate)?;
     let start = Instant::now();
     let mut parts = Vec::new();
+    let quiet = pipeline.quiet;
+    // Says which part starts (the parts' own progress lines follow) and times it.
+    let begin = |name: &str, index: usize| {
+        if !quiet {
+            eprintln!("run [{index}/{PARTS}] {name}");
+        }
+        Instant::now()
+    };
     let mut timed = |name: &str, since: Instant| {
         parts.push(PartTime {
             part: name.to_string(),
@@ -117,23 +128,23 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
         })
     };
 
-    let t = Instant::now();
+    let t = begin("generate", 1);
     let generate = match pipeline.generate {
         Some(_) => Some(run_pipeline_generate(pipeline)?),
         None => None,
     };
     timed("generate", t);
-    let t = Instant::now();
+    let t = begin("mine", 2);
     let mine = mine_with(pipeline, generate.as_ref())?;
     timed("mine", t);
-    let t = Instant::now();
+    let t = begin("label", 3);
     let label = label_with(pipeline, mine.clone())?;
     timed("label", t);
-    let t = Instant::now();
+    let t = begin("train", 4);
     let train = train_with(pipeline, label.clone(), None)?;
     timed("train", t);
 
-    let t = Instant::now();
+    let t = begin("evaluate", 5);
     let student = pipeline
         .student
         .as_ref()
