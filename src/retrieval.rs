@@ -30,6 +30,37 @@ fn better(a: &Hit, b: &Hit) -> Ordering {
         .then_with(|| a.passage.cmp(&b.passage))
 }
 
+/// Offers the scores of passages `p0, p0 + 1, ...` to a query's heap of its `k` best.
+///
+/// Positions only grow (within a block and from block to block), so a new passage wins a
+/// tie against no kept one: once the heap is full, a score enters only when it is
+/// strictly above the worst kept score (in `total_cmp`'s order, as [`better`] compares).
+/// That threshold is held in a register, so the common case (the score stays out) is one
+/// comparison, not a heap look-up.
+fn keep_best(heap: &mut BinaryHeap<Worst>, scores: &[f32], p0: usize, k: usize) {
+    let mut j = 0;
+    while heap.len() < k && j < scores.len() {
+        heap.push(Worst(Hit {
+            passage: (p0 + j) as u32,
+            score: scores[j],
+        }));
+        j += 1;
+    }
+    let Some(mut worst) = heap.peek().map(|w| w.0.score) else {
+        return;
+    };
+    for (offset, &score) in scores[j..].iter().enumerate() {
+        if score.total_cmp(&worst) == Ordering::Greater {
+            heap.pop();
+            heap.push(Worst(Hit {
+                passage: (p0 + j + offset) as u32,
+                score,
+            }));
+            worst = heap.peek().map_or(score, |w| w.0.score);
+        }
+    }
+}
+
 /// Heap entry ordered so that the heap's top is the worst kept hit.
 struct Worst(Hit);
 impl PartialEq for Worst {
@@ -160,20 +191,7 @@ impl<'q> TopK<'q> {
                         for (r, heap) in chunk.iter_mut().enumerate() {
                             let row = t * rows_per_thread + r;
                             let row_scores = &scores[row * pn..(row + 1) * pn];
-                            for (j, &score) in row_scores.iter().enumerate() {
-                                let hit = Hit {
-                                    passage: (p0 + j) as u32,
-                                    score,
-                                };
-                                if heap.len() < k {
-                                    heap.push(Worst(hit));
-                                } else if let Some(top) = heap.peek() {
-                                    if better(&hit, &top.0) == Ordering::Less {
-                                        heap.pop();
-                                        heap.push(Worst(hit));
-                                    }
-                                }
-                            }
+                            keep_best(heap, row_scores, p0, k);
                         }
                     });
                 }
