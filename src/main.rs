@@ -254,10 +254,19 @@ fn restore_sigpipe() {
     }
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is printed as its chain of causes (`error: ...: ...`) with
+/// exit status 1, never as a panic or a backtrace: the errors a user meets name the file,
+/// field or value to fix, and a backtrace would only bury that.
+fn main() {
     #[cfg(unix)]
     restore_sigpipe();
-    let cli = Cli::parse();
+    if let Err(e) = run_cli(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run_command(&a)?,
         Command::Eval(a) => {

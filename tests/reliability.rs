@@ -179,6 +179,8 @@ fn a_wrong_teacher_path_is_refused_at_once_by_its_field_before_any_embedding() {
             stderr.contains("teachers[1].model = \"models/no-such-teacher\""),
             "{stderr}"
         );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
         assert!(took < Duration::from_secs(1), "{command} took {took:?}");
         // Not one stage ran.
         let stages = d.join("run/stages");

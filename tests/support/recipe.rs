@@ -24,6 +24,8 @@ pub fn distillery(args: &[&str], cwd: &Path) -> Output {
         .current_dir(cwd)
         .env_remove("DISTILLERY_MODEL")
         .env("HF_HUB_CACHE", cwd.join("no-hub-cache"))
+        // A user error must read the same with backtraces on: no trace, just the cause.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap()
 }
