@@ -117,9 +117,11 @@ fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
     }
 }
 
+/// Writes `value` as JSON through the store's durable protocol: whole or absent.
 fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    distillery::store::write_file_atomically(path, (text + "\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn print_mine(outcome: &MineOutcome, pipeline: &Pipeline) {

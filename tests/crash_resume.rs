@@ -148,7 +148,8 @@ fn a_run_killed_anywhere_resumes_to_the_same_outputs_and_leaves_no_temporary_fil
             "the run never reached {kind}: {points:?}"
         );
     }
-    // Among the parts: the examples writer's and a teacher cache's.
+    // Among the parts: the candidates', the examples writer's, and the cross-encoder's
+    // scores (its device stage, `teacher-<hash>-pending`).
     for stage in ["examples", "candidates"] {
         assert!(
             chosen
@@ -157,6 +158,13 @@ fn a_run_killed_anywhere_resumes_to_the_same_outputs_and_leaves_no_temporary_fil
             "no kill while writing {stage}"
         );
     }
+    assert!(
+        chosen.iter().any(
+            |&i| points[i - 1].starts_with("store.part-renamed teacher-")
+                && points[i - 1].ends_with("-pending")
+        ),
+        "no kill while scoring pairs"
+    );
     assert!(chosen.len() >= 10, "{} kill points", chosen.len());
 
     for &at in &chosen {

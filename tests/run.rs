@@ -68,7 +68,7 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     );
     assert_eq!(json(&b.join("generate-report.json"))["generated_now"], 0);
     let summary = json(&b.join("run-summary.json"));
-    assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0]));
+    assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0, 0]));
     assert_eq!(summary["mine"]["reused"], true);
     assert_eq!(model, files(&b.join("train/best-model")));
     // Its report still draws the dev loss of the epochs `train` finished.

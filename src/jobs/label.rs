@@ -325,9 +325,9 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
     };
     if store.completed(EXAMPLES_STAGE, &key)?.is_none() {
         let mut writer = store.begin(EXAMPLES_STAGE, key, examples_schema())?;
-        for chunk in examples.chunks(CHUNK_ROWS) {
-            writer.write_part(&[examples_to_batch(chunk)?])?;
-        }
+        writer.write_rows(&examples, CHUNK_ROWS, |chunk| {
+            Ok::<_, EngineError>(examples_to_batch(chunk)?)
+        })?;
         writer.finish()?;
     }
     let jsonl = if pipeline.jsonl {

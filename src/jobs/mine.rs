@@ -314,7 +314,9 @@ pub fn mine_with(
         input_hash: upstream.field(&queries_hash).finish(),
     };
     let stats_path = pipeline.run_dir.join("candidates-stats.json");
-    if let Some(candidates) = store.completed(CANDIDATES_STAGE, &key)? {
+    let complete = store.completed(CANDIDATES_STAGE, &key)?;
+    if let Some(candidates) = &complete {
+        let candidates = candidates.clone();
         if let Ok(text) = std::fs::read_to_string(&stats_path) {
             if let Ok(stats) = serde_json::from_str::<CandidateStats>(&text) {
                 return Ok(MineOutcome {
@@ -376,14 +378,25 @@ pub fn mine_with(
                 .collect(),
         })
         .collect();
-    let mut writer = store.begin(CANDIDATES_STAGE, key, candidates_schema())?;
-    for chunk in rows.chunks(CHUNK_ROWS) {
-        writer.write_part(&[candidates_batch(chunk)?])?;
-    }
-    let candidates = writer.finish()?;
+    // The stats are written before the stage is marked complete: a run killed in between
+    // finds the stage unfinished and writes both again. (A complete stage whose stats are
+    // missing, from a run killed before this order, gets its stats written now.)
     let text =
         serde_json::to_string_pretty(&stats).map_err(|e| EngineError::Invalid(e.to_string()))?;
-    crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
+    let candidates = match complete {
+        Some(candidates) => {
+            crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
+            candidates
+        }
+        None => {
+            let mut writer = store.begin(CANDIDATES_STAGE, key, candidates_schema())?;
+            writer.write_rows(&rows, CHUNK_ROWS, |chunk| {
+                Ok::<_, EngineError>(candidates_batch(chunk)?)
+            })?;
+            crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
+            writer.finish()?
+        }
+    };
     Ok(MineOutcome {
         passages: passage_ids.len(),
         queries: queries.len(),

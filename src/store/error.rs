@@ -71,6 +71,19 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A resumed stage's committed rows do not fit the output being written again: more
+    /// rows than the output has, or parts not cut at the chunk size. The stage's key
+    /// promised the same output; this is a bug, not a user error.
+    #[error(
+        "stage `{stage}`: {committed} rows committed, but the output has {rows} rows in \
+         parts of {chunk_rows}; this is a bug"
+    )]
+    ResumeMismatch {
+        stage: String,
+        committed: u64,
+        rows: u64,
+        chunk_rows: u64,
+    },
     /// Another process has the run directory open.
     #[error(
         "run directory {} is in use by another distillery process; wait for it to end, \

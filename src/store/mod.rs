@@ -671,6 +671,42 @@ mod tests {
         assert_eq!(store.find_completed(&key("m", "other")).unwrap(), None);
     }
 
+    /// Regression: `mine` and `label` wrote their whole output again into a resumed
+    /// stage, after the parts a killed run had committed: every row twice.
+    #[test]
+    fn write_rows_into_a_resumed_stage_writes_each_row_once_in_the_same_parts() {
+        let rows: Vec<i64> = (0..7).collect();
+        let to_batch =
+            |chunk: &[i64]| -> Result<RecordBatch, StoreError> { Ok(batch(chunk[0], chunk.len())) };
+        let whole = tempfile::tempdir().unwrap();
+        let store = StageStore::open(whole.path()).unwrap();
+        let mut writer = store.begin("examples", key("s", "i"), schema()).unwrap();
+        writer.write_rows(&rows, 3, to_batch).unwrap();
+        let expected = writer.finish().unwrap();
+
+        let killed = tempfile::tempdir().unwrap();
+        {
+            let store = StageStore::open(killed.path()).unwrap();
+            let mut writer = store.begin("examples", key("s", "i"), schema()).unwrap();
+            writer.write_part(&[batch(0, 3)]).unwrap();
+            // Killed here: one part committed, the stage not finished.
+        }
+        let store = StageStore::open(killed.path()).unwrap();
+        let mut writer = store.begin("examples", key("s", "i"), schema()).unwrap();
+        assert_eq!(writer.committed_rows(), 3);
+        writer.write_rows(&rows, 3, to_batch).unwrap();
+        let resumed = writer.finish().unwrap();
+        assert_eq!(ns(&store.read_all("examples").unwrap()), rows);
+        assert_eq!(resumed.parts, expected.parts);
+        // More committed rows than the output has is refused, not silently kept.
+        let mut writer = store.begin("other", key("s", "i"), schema()).unwrap();
+        writer.write_part(&[batch(0, 3)]).unwrap();
+        assert!(matches!(
+            writer.write_rows(&rows[..2], 3, to_batch),
+            Err(StoreError::ResumeMismatch { .. })
+        ));
+    }
+
     #[test]
     fn verify_names_a_part_whose_bytes_changed() {
         let dir = tempfile::tempdir().unwrap();

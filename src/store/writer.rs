@@ -144,6 +144,33 @@ impl StageWriter {
         part.commit()
     }
 
+    /// Writes `rows` (the stage's whole output, in order) as parts of `chunk_rows` rows
+    /// each, after the rows this writer already committed (a resumed stage): the parts
+    /// end up as an uninterrupted writer cuts them, and no row is written twice. The
+    /// committed rows must be whole chunks, or all the rows, as this method leaves them.
+    pub fn write_rows<T, E: From<StoreError>>(
+        &mut self,
+        rows: &[T],
+        chunk_rows: usize,
+        to_batch: impl Fn(&[T]) -> Result<RecordBatch, E>,
+    ) -> Result<(), E> {
+        let chunk_rows = chunk_rows.max(1);
+        let done = usize::try_from(self.committed_rows).unwrap_or(usize::MAX);
+        if done > rows.len() || (done % chunk_rows != 0 && done != rows.len()) {
+            return Err(StoreError::ResumeMismatch {
+                stage: self.stage.clone(),
+                committed: self.committed_rows,
+                rows: rows.len() as u64,
+                chunk_rows: chunk_rows as u64,
+            }
+            .into());
+        }
+        for chunk in rows[done..].chunks(chunk_rows) {
+            self.write_part(&[to_batch(chunk)?])?;
+        }
+        Ok(())
+    }
+
     /// Marks the stage complete: from now on `completed` with this key returns it.
     pub fn finish(self) -> Result<CompletedStage, StoreError> {
         let mut state = self.shared.lock();

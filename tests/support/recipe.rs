@@ -106,6 +106,10 @@ pub fn fixture(bad: bool) -> tempfile::TempDir {
 }
 
 pub fn write_config(dir: &Path, teacher_model: &str, on_bad_record: &str) {
+    // The third teacher, the fixtures' tiny BERT cross-encoder, makes scoring a device
+    // stage of its own (the bi-encoder takes the retriever's vectors, BM25 runs no model).
+    let cross_encoder = root().join("tests/fixtures/cross_encoders/bert");
+    let cross_encoder = cross_encoder.display();
     let text = format!(
         r#"
 run_dir = "run"
@@ -128,6 +132,10 @@ kind = "bm25"
 [[teachers]]
 kind = "bi-encoder"
 model = "{teacher_model}"
+[[teachers]]
+kind = "cross-encoder"
+model = "{cross_encoder}"
+max_length = 64
 [teacher]
 require_source_first = false
 keep_top = 5
