@@ -123,7 +123,11 @@ fn a_run_killed_anywhere_resumes_to_the_same_outputs_and_leaves_no_temporary_fil
             chosen.insert(i + 1);
         }
     }
-    let spread = 8;
+    // More with DISTILLERY_KILL_SPREAD=N (a sweep of every point: the trace's length).
+    let spread: usize = std::env::var("DISTILLERY_KILL_SPREAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     for k in 1..=spread {
         chosen.insert(k * points.len() / (spread + 1));
     }
