@@ -146,6 +146,8 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
 
 /// `distillery run`: the recipe of a configuration, or the demo.
 fn run_command(a: &RunArgs) -> Result<()> {
+    // Set when the demo had to build a tiny random model: its metrics mean nothing.
+    let mut tiny_demo = false;
     let mut pipeline = match &a.config {
         Some(config) => {
             let mut p = Pipeline::load(config)?;
@@ -167,6 +169,7 @@ fn run_command(a: &RunArgs) -> Result<()> {
                 demo::describe(&model)
             );
             eprintln!("demo: its configuration is {}", p.origin.display());
+            tiny_demo = model.tiny;
             p
         }
     };
@@ -220,6 +223,12 @@ fn run_command(a: &RunArgs) -> Result<()> {
         pipeline.run_dir.join("stages").join("examples").display()
     );
     println!("report   {}", outcome.report.display());
+    if tiny_demo {
+        println!(
+            "(a TINY RANDOM model: the recipe ran, these metrics mean nothing; see the README \
+             for all-MiniLM-L6-v2)"
+        );
+    }
     println!(
         "summary  {} ({:.1} s)",
         outcome.summary.display(),
