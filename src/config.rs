@@ -81,7 +81,7 @@ pub struct PipelineFile {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalFile {
-    /// A BEIR dataset directory (corpus, queries.jsonl, qrels/<split>.tsv) to evaluate on.
+    /// A BEIR dataset directory (corpus, queries.jsonl, `qrels/<split>.tsv`) to evaluate on.
     pub dataset: Option<PathBuf>,
     /// Its qrels split.
     pub split: String,

@@ -35,7 +35,7 @@ pub const CORPUS_FILES: [&str; 3] = ["corpus.jsonl", "corpus.parquet", "corpus.t
 #[derive(Debug, Clone)]
 pub struct EvalSettings {
     pub embed: EmbedSettings,
-    /// A BEIR dataset directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
+    /// A BEIR dataset directory: corpus.jsonl, queries.jsonl, `qrels/<split>.tsv`.
     pub dataset: PathBuf,
     pub split: String,
     /// Where the stages are kept; a rerun with the same inputs recomputes nothing.

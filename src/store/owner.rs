@@ -14,13 +14,13 @@ use super::Shared;
 /// The lock file of a run directory: held exclusively by the process that has it open.
 pub const LOCK_FILE: &str = "run.lock";
 
-/// How long [`StageStore::open`] waits for the run directory's lock before it reports the
+/// How long [`super::StageStore::open`] waits for the run directory's lock before it reports the
 /// directory busy. A handle of this process that was just dropped releases the lock as
 /// its file closes, a moment after the last clone goes; another process's run holds it
 /// for as long as it runs, so waiting longer would only delay the error.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// The run directories this process has open, by canonical path: [`StageStore::open`]
+/// The run directories this process has open, by canonical path: [`super::StageStore::open`]
 /// hands out the live handle of a directory instead of a second one.
 pub(crate) static OPEN_RUNS: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
