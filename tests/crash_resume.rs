@@ -6,7 +6,8 @@
 //! device batch, each generated batch, each training step, each checkpoint write and
 //! swap). The test then kills a fresh run at a spread of those points
 //! (`DISTILLERY_CRASH_AT`: the process SIGKILLs itself there, as `kill -9` would), starts
-//! it again without the kill, and compares.
+//! it again (every third time killing that restart too, early in its own work) and
+//! compares what the run that finishes produced.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -171,7 +172,7 @@ fn a_run_killed_anywhere_resumes_to_the_same_outputs_and_leaves_no_temporary_fil
     );
     assert!(chosen.len() >= 10, "{} kill points", chosen.len());
 
-    for &at in &chosen {
+    for (n, &at) in chosen.iter().enumerate() {
         let dir = fixture(false);
         let killed = run_with(dir.path(), &[("DISTILLERY_CRASH_AT", at.to_string())]);
         assert_eq!(
@@ -181,6 +182,20 @@ fn a_run_killed_anywhere_resumes_to_the_same_outputs_and_leaves_no_temporary_fil
             points[at - 1],
             String::from_utf8_lossy(&killed.stderr)
         );
+        // Every third time the restarted run is killed too, early in its own work (a
+        // resume of a resume), before the run that finishes.
+        if n % 3 == 2 {
+            let again = run_with(
+                dir.path(),
+                &[("DISTILLERY_CRASH_AT", (at / 2 + 1).to_string())],
+            );
+            assert!(
+                again.status.signal() == Some(9) || again.status.success(),
+                "second kill at {}: {}",
+                at / 2 + 1,
+                String::from_utf8_lossy(&again.stderr)
+            );
+        }
         ok(&["run", "--config", "pipeline.toml", "--quiet"], dir.path());
         let run = dir.path().join("run");
         let got = outputs(&run);
