@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use distillery::config::Pipeline;
-use distillery::jobs::{DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+use distillery::config::{DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 
 #[derive(Parser)]
 #[command(

@@ -23,13 +23,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
-use crate::jobs::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+
 use crate::mining::{CandidateConfig, TeacherConfig};
 use crate::train::trainer::TrainSettings;
 
+mod embed;
 mod generate;
 mod preflight;
 mod teacher;
+pub use embed::{EmbedSettings, DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 pub use generate::{CustomTypeFile, EndpointFile, GenerateFile};
 pub use preflight::RunPart;
 pub use teacher::{TeacherFile, TeacherKind, TeacherSettings};

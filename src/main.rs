@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use distillery::config::EmbedSettings;
 use distillery::config::{
     EndpointFile, GenerateFile, HeldOutFile, Pipeline, RunPart, QUARANTINE_FILE,
 };
@@ -17,7 +18,6 @@ use distillery::jobs::label::run_label;
 use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::score::{run_score, ScoreJob};
 use distillery::jobs::train::run_train;
-use distillery::jobs::EmbedSettings;
 use distillery_operators::TextKind;
 
 mod cli;

@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
+use distillery::config::EmbedSettings;
 use distillery::eval::EvalOptions;
 use distillery::jobs::eval::{run_eval, EvalSettings};
-use distillery::jobs::EmbedSettings;
 
 #[path = "support/minilm.rs"]
 mod minilm;

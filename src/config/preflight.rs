@@ -148,7 +148,7 @@ impl Pipeline {
                 if !dataset.is_dir() {
                     problems.push(format!("{name}: not a directory"));
                 } else {
-                    let corpus = crate::jobs::eval::CORPUS_FILES
+                    let corpus = crate::corpus::CORPUS_FILES
                         .iter()
                         .any(|f| dataset.join(f).is_file());
                     for (missing, what) in [

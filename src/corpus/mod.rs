@@ -42,6 +42,9 @@ pub use pairs::{open_pairs, Pair, PairReader};
 pub use qrels::read_qrels;
 pub use quarantine::{Quarantine, MAX_RAW_BYTES};
 
+/// Corpus file names looked for in a BEIR dataset directory, in order.
+pub const CORPUS_FILES: [&str; 3] = ["corpus.jsonl", "corpus.parquet", "corpus.tsv"];
+
 /// Errors from reading corpus, query and qrels files.
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
@@ -366,6 +369,26 @@ fn format_of(
             path: path.to_path_buf(),
             expected,
         })
+}
+
+/// Reading that fails on the first bad record, or skips bad records into `quarantine`.
+pub fn read_options(quarantine: Option<&Path>) -> Result<ReadOptions, CorpusError> {
+    let policy = match quarantine {
+        None => BadRecordPolicy::Fail,
+        Some(path) => BadRecordPolicy::Skip(Quarantine::open(path)?),
+    };
+    Ok(ReadOptions {
+        policy,
+        ..ReadOptions::default()
+    })
+}
+
+/// Records skipped into the quarantine of `read`, and its path (none under `Fail`).
+pub fn quarantined(read: &ReadOptions) -> Result<(u64, Option<PathBuf>), CorpusError> {
+    Ok(match &read.policy {
+        BadRecordPolicy::Fail => (0, None),
+        BadRecordPolicy::Skip(q) => (q.finish()?, Some(q.path().to_path_buf())),
+    })
 }
 
 /// Opens a passage file (BEIR JSONL, TSV or Parquet) for streaming.

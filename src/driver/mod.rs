@@ -38,12 +38,12 @@ use crate::eval::{EvalOptions, EvalReport};
 use crate::generate::queries_table::GeneratedQuery;
 use crate::jobs::eval::{evaluate_retrieval, read_beir, RetrievalEval};
 use crate::jobs::generate::{run_pipeline_generate, GenerateOutcome};
-use crate::jobs::hash_file;
 use crate::jobs::label::{label_with, LabelOutcome};
 use crate::jobs::mine::{mine_with, MineOutcome};
 use crate::jobs::train::{train_with, TrainOutcome};
 use crate::model::fingerprint;
 use crate::record::{Qrels, Query};
+use crate::store::hash_file;
 use crate::store::StageStore;
 
 /// The parts of a run, in order: generate, mine, label, train, evaluate.

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::error::EngineError;
 use crate::generate::postprocess::outcome;
 use crate::generate::{Generated, GenerationRequest, QueryGenerator};
-use crate::jobs::hash_file;
+use crate::store::hash_file;
 use crate::store::{hash_settings, ContentHasher};
 
 /// Bumped when this wrapper changes what a request produces (prompt rendering, post-

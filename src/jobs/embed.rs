@@ -8,12 +8,15 @@ use distillery_operators::TextKind;
 use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
+use crate::config::EmbedSettings;
 use crate::corpus::open_queries;
+use crate::corpus::quarantined;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use crate::error::EngineError;
-use crate::jobs::{count_records, hash_file, passage_texts, quarantined, EmbedSettings};
+use crate::jobs::{count_records, passage_texts};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::schema::embeddings_schema;
+use crate::store::hash_file;
 use crate::store::{hash_settings, write_file_with, StageKey, StageStore};
 
 /// Everything `distillery embed` needs, resolved.

@@ -16,20 +16,18 @@ use std::time::Instant;
 use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
 use serde::Serialize;
 
-use crate::corpus::{open_queries, read_qrels, ReadOptions};
+use crate::config::EmbedSettings;
+use crate::corpus::quarantined;
+use crate::corpus::{open_queries, read_qrels, ReadOptions, CORPUS_FILES};
 use crate::dataflow::{run_embed_stage, EmbedStage, EmbedStageReport};
 use crate::error::EngineError;
 use crate::eval::{evaluate, write_run_file, EvalOptions, EvalReport, Run};
-use crate::jobs::{
-    count_records, embedding_settings_hash, hash_file, passage_texts, quarantined, EmbedSettings,
-};
+use crate::jobs::{count_records, embedding_settings_hash, passage_texts};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::record::{Qrels, Query};
 use crate::schema::EmbeddingMatrix;
+use crate::store::hash_file;
 use crate::store::{ContentHasher, StageKey, StageStore};
-
-/// Corpus file names looked for in a dataset directory, in order.
-pub const CORPUS_FILES: [&str; 3] = ["corpus.jsonl", "corpus.parquet", "corpus.tsv"];
 
 /// Everything `distillery eval` needs, resolved.
 #[derive(Debug, Clone)]

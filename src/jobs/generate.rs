@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::config::{GenerateFile, HeldOutFile, Pipeline, RunPart};
 use crate::corpus::open_passages;
+use crate::corpus::{quarantined, read_options};
 use crate::error::EngineError;
 use crate::generate::cache::CachedOutcome;
 use crate::generate::cache::{cache_batch, cache_key, cache_schema, cache_stage, read_cache};
@@ -42,7 +43,6 @@ use crate::generate::prepare::{PrepareOptions, PrepareReport, Preparer, SampledP
 use crate::generate::prompts::{PromptSet, QueryTypeSpec, BUILTIN_TYPES};
 use crate::generate::queries_table::{query_id, write_queries_file, GeneratedQuery};
 use crate::generate::{Generated, QueryGenerator};
-use crate::jobs::{quarantined, read_options};
 use crate::progress::Progress;
 use crate::store::StageStore;
 

@@ -18,11 +18,14 @@ use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::jobs::eval::{read_matrix, top_k_over_stage};
 use crate::jobs::generate::GenerateOutcome;
-use crate::jobs::{count_records, embedding_settings_hash, hash_file, passage_texts};
-use crate::mining::{select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals};
+use crate::jobs::{count_records, embedding_settings_hash, passage_texts};
+use crate::mining::{
+    held_out_passages, select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals,
+};
 use crate::model::fingerprint;
 use crate::record::Query;
 use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
+use crate::store::hash_file;
 use crate::store::{hash_settings, CompletedStage, ContentHasher, StageKey, StageStore};
 
 /// The candidates stage's name.
@@ -52,23 +55,6 @@ pub struct MineOutcome {
 pub struct EmbeddedStage {
     pub stage: String,
     pub settings_hash: String,
-}
-
-/// The `count` passages with the smallest seeded hash of their id: a choice that does
-/// not move when other passages are added or removed.
-pub fn held_out_passages(ids: &[String], count: usize, seed: u64) -> HashSet<PassageIdx> {
-    let mut keyed: Vec<([u8; 32], PassageIdx)> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let mut h = blake3::Hasher::new();
-            h.update(&seed.to_le_bytes());
-            h.update(id.as_bytes());
-            (*h.finalize().as_bytes(), i as PassageIdx)
-        })
-        .collect();
-    keyed.sort();
-    keyed.into_iter().take(count).map(|(_, i)| i).collect()
 }
 
 /// A query to mine candidates for: its text, its source passages (by id) and how it
@@ -406,30 +392,4 @@ pub fn mine_with(
         candidates,
         embeddings: embedded,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn held_out_choice_is_stable_when_the_corpus_grows() {
-        let ids: Vec<String> = (0..1000).map(|i| format!("p{i}")).collect();
-        let a = held_out_passages(&ids, 10, 42);
-        assert_eq!(a.len(), 10);
-        let mut more = ids.clone();
-        more.extend((1000..1100).map(|i| format!("p{i}")));
-        let b = held_out_passages(&more, 10, 42);
-        // Added passages can only displace chosen ones, never reshuffle the rest.
-        let a_ids: HashSet<&str> = a.iter().map(|&i| ids[i as usize].as_str()).collect();
-        let b_ids: HashSet<&str> = b.iter().map(|&i| more[i as usize].as_str()).collect();
-        let kept = a_ids.intersection(&b_ids).count();
-        let displaced_by_new = b_ids
-            .iter()
-            .filter(|id| !a_ids.contains(*id))
-            .all(|id| id[1..].parse::<usize>().map(|n| n >= 1000).unwrap_or(false));
-        assert!(displaced_by_new);
-        assert!(kept >= 8, "kept {kept}");
-        assert_ne!(a, held_out_passages(&ids, 10, 7));
-    }
 }

@@ -58,6 +58,7 @@ pub mod bm25;
 mod candidates;
 mod combine;
 mod examples;
+mod held_out;
 mod normalize;
 mod rrf;
 mod split;
@@ -73,6 +74,7 @@ pub use examples::{
     write_examples_jsonl, Example, COL_PASSAGE_IDS, COL_QUERY_ID, COL_QUERY_TEXT, COL_QUERY_TYPE,
     COL_SCORES, COL_SOURCE_IDS, COL_SPLIT,
 };
+pub use held_out::held_out_passages;
 pub use normalize::{percentile, percentile_of_sorted, ScoreScale};
 pub use rrf::{fuse, FusedHit, DEFAULT_RRF_K};
 pub use split::{split_of, Split};

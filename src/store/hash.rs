@@ -2,6 +2,9 @@
 //! [`ContentHasher`] for the content of its inputs. Both are blake3, written as 64
 //! lowercase hex digits, so a reader can check one with `b3sum`.
 
+use std::io::Read;
+use std::path::Path;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -84,6 +87,21 @@ impl std::io::Write for ContentHasher {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A content hash of a file's bytes, streamed.
+pub fn hash_file(path: &Path) -> Result<String, StoreError> {
+    let mut f = std::fs::File::open(path).map_err(StoreError::io("open", path))?;
+    let mut h = ContentHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(StoreError::io("read", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub use options::{
 };
 
 use super::PreparedPassage;
-use crate::jobs::mine::held_out_passages;
+use crate::mining::held_out_passages;
 use crate::record::Passage;
 use crate::store::ContentHasher;
 use dedup::{near_duplicates, Verdict};

@@ -22,12 +22,13 @@ use std::sync::{Arc, Mutex};
 use distillery_operators::{Embedder, TextKind};
 use serde::Serialize;
 
+use crate::config::EmbedSettings;
 use crate::config::TeacherKind;
 use crate::corpus::ReadOptions;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource, CHUNK_ROWS};
 use crate::error::EngineError;
+use crate::jobs::embedding_settings_hash;
 use crate::jobs::eval::read_matrix;
-use crate::jobs::{embedding_settings_hash, EmbedSettings};
 use crate::model::fingerprint;
 use crate::schema::EmbeddingMatrix;
 use crate::store::{hash_settings, ContentHasher, StageKey};

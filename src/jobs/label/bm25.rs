@@ -16,9 +16,10 @@ use serde::Serialize;
 use crate::config::TeacherKind;
 use crate::corpus::{BadRecordPolicy, Quarantine, ReadOptions};
 use crate::error::EngineError;
-use crate::jobs::{count_records, hash_file, passage_texts};
+use crate::jobs::{count_records, passage_texts};
 use crate::mining::bm25::{Bm25Params, Bm25Stats};
 use crate::progress::Progress;
+use crate::store::hash_file;
 use crate::store::hash_settings;
 
 use super::teacher::{PairTeacher, PairToScore, ScoringContext};

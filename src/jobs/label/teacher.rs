@@ -104,7 +104,7 @@ pub fn load_teacher(
             query_prefix,
             passage_prefix,
         } => {
-            let embed = crate::jobs::EmbedSettings {
+            let embed = crate::config::EmbedSettings {
                 model: Some(model.clone()),
                 max_seq_length: *max_seq_length,
                 query_prefix: query_prefix.clone(),
