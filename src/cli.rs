@@ -51,6 +51,13 @@ pub(crate) struct ConfigArgs {
     /// The pipeline configuration (TOML; see the README).
     #[arg(long)]
     pub(crate) config: PathBuf,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
+}
+
+/// The options that override a configuration's `[engine]`.
+#[derive(Args)]
+pub(crate) struct EngineArgs {
     /// Timely worker threads (tokenisation and batching); default: the configuration's
     /// [engine] workers.
     #[arg(short = 'w', long)]
@@ -65,19 +72,26 @@ pub(crate) struct ConfigArgs {
     pub(crate) quiet: bool,
 }
 
-impl ConfigArgs {
-    /// The configuration, checked and resolved, with the command line's options over it.
-    pub(crate) fn pipeline(&self) -> Result<Pipeline> {
-        let mut pipeline = Pipeline::load(&self.config)?;
+impl EngineArgs {
+    /// `pipeline` with these options over its `[engine]`, its compute threads set and
+    /// its run directory made.
+    pub(crate) fn apply(&self, mut pipeline: Pipeline) -> Result<Pipeline> {
         pipeline.override_engine(
             self.workers,
-            self.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
+            self.on_bad_record.map(|o| o == OnBadRecord::Skip),
             self.quiet,
         );
         set_threads(Some(pipeline.threads));
         std::fs::create_dir_all(&pipeline.run_dir)
             .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
         Ok(pipeline)
+    }
+}
+
+impl ConfigArgs {
+    /// The configuration, checked and resolved, with the command line's options over it.
+    pub(crate) fn pipeline(&self) -> Result<Pipeline> {
+        self.engine.apply(Pipeline::load(&self.config)?)
     }
 }
 
@@ -90,18 +104,8 @@ pub(crate) struct RunArgs {
     /// runs/demo).
     #[arg(long)]
     pub(crate) run_dir: Option<PathBuf>,
-    /// Timely worker threads (tokenisation and batching); default: the configuration's
-    /// [engine] workers.
-    #[arg(short = 'w', long)]
-    pub(crate) workers: Option<usize>,
-    /// What to do with a bad input record: stop with an error naming it, or skip it into
-    /// the run directory's quarantine.jsonl; default: the configuration's
-    /// [engine] on_bad_record.
-    #[arg(long, value_enum)]
-    pub(crate) on_bad_record: Option<OnBadRecord>,
-    /// No progress output.
-    #[arg(long)]
-    pub(crate) quiet: bool,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
 }
 
 #[derive(Args)]

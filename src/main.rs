@@ -148,7 +148,7 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
 fn run_command(a: &RunArgs) -> Result<()> {
     // Set when the demo had to build a tiny random model: its metrics mean nothing.
     let mut tiny_demo = false;
-    let mut pipeline = match &a.config {
+    let pipeline = match &a.config {
         Some(config) => {
             let mut p = Pipeline::load(config)?;
             if let Some(dir) = &a.run_dir {
@@ -173,14 +173,7 @@ fn run_command(a: &RunArgs) -> Result<()> {
             p
         }
     };
-    pipeline.override_engine(
-        a.workers,
-        a.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
-        a.quiet,
-    );
-    set_threads(Some(pipeline.threads));
-    std::fs::create_dir_all(&pipeline.run_dir)
-        .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+    let pipeline = a.engine.apply(pipeline)?;
     let quarantine = pipeline.open_quarantine()?;
     let outcome = run_recipe(&pipeline)?;
     let metric = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.4}"));
@@ -193,20 +186,14 @@ fn run_command(a: &RunArgs) -> Result<()> {
     );
     for e in &outcome.evaluations {
         println!("{} ({} queries):", e.set, e.queries);
-        println!(
-            "  {:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
-            "base",
-            metric(e.base.ndcg_at_10),
-            metric(e.base.recall_at_100),
-            metric(e.base.mrr_at_10)
-        );
-        println!(
-            "  {:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
-            "fine-tuned",
-            metric(e.fine_tuned.ndcg_at_10),
-            metric(e.fine_tuned.recall_at_100),
-            metric(e.fine_tuned.mrr_at_10)
-        );
+        for (model, m) in [("base", &e.base), ("fine-tuned", &e.fine_tuned)] {
+            println!(
+                "  {model:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
+                metric(m.ndcg_at_10),
+                metric(m.recall_at_100),
+                metric(m.mrr_at_10)
+            );
+        }
         if let (Some(base), Some(tuned)) = (e.base.ndcg_at_10, e.fine_tuned.ndcg_at_10) {
             if tuned < base {
                 println!(

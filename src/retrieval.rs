@@ -205,23 +205,29 @@ impl<'q> TopK<'q> {
 mod tests {
     use super::*;
 
+    /// `n` values in [-0.5, 0.5) from a fixed linear congruential sequence.
+    fn pseudo_random(n: usize) -> Vec<f32> {
+        let mut x = 12345u64;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
     #[test]
     fn passages_in_pieces_give_the_same_bits_as_the_whole_matrix() {
         // Enough passages for two and a half blocks, cut in uneven pieces.
         let dim = 8;
         let np = 2 * PASSAGE_BLOCK + PASSAGE_BLOCK / 2;
-        let mut x = 12345u64;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        let passages: Vec<f32> = (0..np * dim).map(|_| next()).collect();
-        let queries: Vec<f32> = (0..300 * dim).map(|_| next()).collect();
-        let whole = exact_top_k(&queries, &passages, dim, 10, 2).unwrap();
+        let values = pseudo_random((np + 300) * dim);
+        let (passages, queries) = values.split_at(np * dim);
+        let whole = exact_top_k(queries, passages, dim, 10, 2).unwrap();
         for piece in [1, 2048, 5000, PASSAGE_BLOCK] {
-            let mut top = TopK::new(&queries, dim, 10, 3);
+            let mut top = TopK::new(queries, dim, 10, 3);
             for chunk in passages.chunks(piece * dim) {
                 top.push(chunk).unwrap();
             }
@@ -259,16 +265,9 @@ mod tests {
         // More passages than one block, pseudo-random values.
         let dim = 4;
         let np = PASSAGE_BLOCK + 37;
-        let mut x: u64 = 12345;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        let passages: Vec<f32> = (0..np * dim).map(|_| next()).collect();
-        let queries: Vec<f32> = (0..3 * dim).map(|_| next()).collect();
-        let hits = exact_top_k(&queries, &passages, dim, 5, 2).unwrap();
+        let values = pseudo_random((np + 3) * dim);
+        let (passages, queries) = values.split_at(np * dim);
+        let hits = exact_top_k(queries, passages, dim, 5, 2).unwrap();
         for (qi, got) in hits.iter().enumerate() {
             let q = &queries[qi * dim..(qi + 1) * dim];
             let mut all: Vec<Hit> = (0..np)

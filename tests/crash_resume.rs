@@ -18,7 +18,7 @@ use std::process::Command;
 
 #[path = "support/recipe.rs"]
 mod recipe;
-use recipe::{fixture, ok};
+use recipe::{files, fixture, ok};
 
 /// Runs `distillery run` in `dir` with the crash environment `env`.
 fn run_with(dir: &Path, env: &[(&str, String)]) -> std::process::Output {
@@ -32,25 +32,6 @@ fn run_with(dir: &Path, env: &[(&str, String)]) -> std::process::Output {
         command.env(k, v);
     }
     command.output().unwrap()
-}
-
-/// Every file under `dir`, relative, with its bytes.
-fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), bytes));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// What a run produces for its user: the generated queries, the candidates, the
