@@ -9,8 +9,9 @@
 //!   and hands batches to the one device executor over its bounded queue;
 //! - `WriteParts` ([`write_parts`]) commits each finished chunk as one Parquet part.
 //!
-//! A stage already complete under its key is not run again; a stage begun under its key
-//! resumes after its committed rows.
+//! A stage already complete under its key, under its own name or another stage's, is not
+//! run again (the report's `completed.stage` names where its rows are); a stage begun
+//! under its key resumes after its committed rows.
 
 pub mod infer_op;
 pub mod write_parts;
@@ -169,7 +170,13 @@ pub fn run_device_stage<M: DeviceModel>(
     stage: &EmbedStage,
     output: StageOutput,
 ) -> Result<EmbedStageReport, EngineError> {
-    if let Some(completed) = store.completed(&stage.stage, &stage.key)? {
+    // Reused when complete under its key, under its own name or any other (equal keys
+    // hold the same rows): callers read the rows from `completed.stage`.
+    let done = match store.completed(&stage.stage, &stage.key)? {
+        Some(completed) => Some(completed),
+        None => store.find_completed(&stage.key)?,
+    };
+    if let Some(completed) = done {
         return Ok(EmbedStageReport {
             completed,
             reused: true,

@@ -92,7 +92,7 @@ pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), Engine
         quiet: job.embed.quiet,
     };
     let report = run_embed_stage(&store, embedder.clone(), source, &stage)?;
-    write_single_file(&store, "embeddings", embedder.dim(), &job.output)?;
+    write_single_file(&store, &report.completed.stage, embedder.dim(), &job.output)?;
     let ex = report.executor;
     let (skipped_records, quarantine) = quarantined(&read)?;
     Ok((

@@ -162,16 +162,13 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
             quiet: e.quiet,
         })
     };
-    let mut passage_stage = stage(
+    let passage_stage = stage(
         &e.passages_stage,
         TextKind::Passage,
         e.corpus_hash.to_string(),
         count_records(e.corpus),
         format!("{}: embed passages", e.label),
     )?;
-    if let Some(found) = e.store.find_completed(&passage_stage.key)? {
-        passage_stage.stage = found.stage;
-    }
     let passages = run_embed_stage(
         e.store,
         e.embedder.clone(),
@@ -183,29 +180,26 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
     for q in e.queries {
         qh.field(&q.id).field(&q.text);
     }
-    let mut query_stage = stage(
+    let query_stage = stage(
         &e.queries_stage,
         TextKind::Query,
         qh.finish(),
         Some(e.queries.len() as u64),
         format!("{}: embed queries", e.label),
     )?;
-    if let Some(found) = e.store.find_completed(&query_stage.key)? {
-        query_stage.stage = found.stage;
-    }
     let query_source: Vec<_> = e
         .queries
         .iter()
         .map(|q| Ok((q.id.clone(), q.text.clone())))
         .collect();
-    run_embed_stage(
+    let queries = run_embed_stage(
         e.store,
         e.embedder.clone(),
         Box::new(query_source.into_iter()),
         &query_stage,
     )?;
 
-    let q = read_matrix(e.store, &query_stage.stage)?;
+    let q = read_matrix(e.store, &queries.completed.stage)?;
     let deepest = e
         .options
         .ndcg_at
@@ -221,7 +215,7 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
     let k = deepest + usize::from(e.options.ignore_identical_ids);
     let (passage_ids, hits) = top_k_over_stage(
         e.store,
-        &passage_stage.stage,
+        &passages.completed.stage,
         &q.values,
         q.dim,
         k,

@@ -242,18 +242,18 @@ pub fn mine_with(
             .field(q_report.completed.content_hash());
         embedded.push((
             EmbeddedStage {
-                stage: p_stage.stage.clone(),
+                stage: p_report.completed.stage.clone(),
                 settings_hash: p_stage.key.settings_hash.clone(),
             },
             EmbeddedStage {
-                stage: q_stage.stage.clone(),
+                stage: q_report.completed.stage.clone(),
                 settings_hash: q_stage.key.settings_hash.clone(),
             },
         ));
-        let q = read_matrix(&store, &q_stage.stage)?;
+        let q = read_matrix(&store, &q_report.completed.stage)?;
         let (ids, hits) = top_k_over_stage(
             &store,
-            &p_stage.stage,
+            &p_report.completed.stage,
             &q.values,
             q.dim,
             pipeline.candidates.retrieve_top,

@@ -180,7 +180,7 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
         model: Arc::new(model),
     });
     let report = run_device_stage(&store, scorer, source, &stage, output)?;
-    write_single_file(&store, &job.output)?;
+    write_single_file(&store, &report.completed.stage, &job.output)?;
     let (skipped_records, quarantine) = quarantined(&read)?;
     Ok(ScoreOutcome {
         pairs: report.completed.rows(),
@@ -199,13 +199,13 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
 
 /// Copies the scores stage into one Parquet file, written under a temporary name and
 /// renamed, so `output` is either absent or whole.
-fn write_single_file(store: &StageStore, output: &Path) -> Result<(), EngineError> {
+fn write_single_file(store: &StageStore, stage: &str, output: &Path) -> Result<(), EngineError> {
     let parquet = |e: parquet::errors::ParquetError| {
         EngineError::Invalid(format!("cannot write {}: {e}", output.display()))
     };
     write_file_with(output, |file: &mut File, _| {
         let mut writer = ArrowWriter::try_new(file, scores_schema(), None).map_err(parquet)?;
-        for batch in store.read(SCORES_STAGE)? {
+        for batch in store.read(stage)? {
             writer.write(&batch?).map_err(parquet)?;
         }
         writer.close().map_err(parquet)?;

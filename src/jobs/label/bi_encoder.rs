@@ -193,8 +193,8 @@ impl BiEncoderTeacher {
         let expected: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
         let embedded = items.len() as u64;
         let source: TextSource = Box::new(items.into_iter().map(Ok));
-        run_embed_stage(ctx.store, self.embedder.clone(), source, &stage)?;
-        let matrix = read_matrix(ctx.store, &stage.stage)?;
+        let report = run_embed_stage(ctx.store, self.embedder.clone(), source, &stage)?;
+        let matrix = read_matrix(ctx.store, &report.completed.stage)?;
         // The stage writes rows in input order; a mismatch would pair texts with other
         // texts' embeddings.
         if matrix.ids != expected {

@@ -127,7 +127,7 @@ impl PairTeacher for CrossEncoderTeacher {
             schema: scores_schema(),
             to_batch: Arc::new(scores_batch),
         };
-        run_device_stage(
+        let report = run_device_stage(
             ctx.store,
             Arc::new(ScorePairs {
                 model: self.model.clone(),
@@ -137,7 +137,7 @@ impl PairTeacher for CrossEncoderTeacher {
             output,
         )?;
         let mut scored = HashMap::new();
-        read_scores(ctx.store, &stage.stage, &mut scored)?;
+        read_scores(ctx.store, &report.completed.stage, &mut scored)?;
         pairs
             .iter()
             .map(|p| {
