@@ -39,7 +39,9 @@ use crate::generate::cache::{cache_batch, cache_key, cache_schema, cache_stage, 
 use crate::generate::endpoint::{EndpointGenerator, EndpointOptions};
 use crate::generate::extractive::ExtractiveGenerator;
 use crate::generate::llm::LlmQueryGenerator;
-use crate::generate::prepare::{PrepareOptions, PrepareReport, Preparer, SampledPassage};
+use crate::generate::prepare::{
+    PrepareOptions, PrepareReport, Preparer, SampledPassage, SPILL_BUFFER_BYTES,
+};
 use crate::generate::prompts::{PromptSet, QueryTypeSpec, BUILTIN_TYPES};
 use crate::generate::queries_table::{query_id, write_queries_file, GeneratedQuery};
 use crate::generate::{Generated, QueryGenerator};
@@ -65,6 +67,9 @@ pub const QUERIES_FILE: &str = "generated-queries.parquet";
 pub const FAILURES_FILE: &str = "generate-failures.jsonl";
 /// The outcome and the preparation report of the last run.
 pub const REPORT_FILE: &str = "generate-report.json";
+/// Passage preparation's spill directory in the run directory: a temporary name, so the
+/// store's recovery removes one a killed run left behind.
+pub const PREPARE_SPILL_DIR: &str = ".prepare.tmp";
 
 /// Which generator writes the queries.
 #[derive(Debug, Clone)]
@@ -349,14 +354,17 @@ pub fn run_generate_with(
     })?;
     let store = StageStore::open(&job.run_dir)?;
     let read = read_options(job.quarantine.as_deref())?;
-    let mut preparer =
-        Preparer::new(job.prepare.clone()).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let mut preparer = Preparer::new(job.prepare.clone())
+        .map_err(|e| EngineError::Invalid(e.to_string()))?
+        .spill_to(job.run_dir.join(PREPARE_SPILL_DIR), SPILL_BUFFER_BYTES);
     for passage in open_passages(&job.corpus, &read)? {
         preparer
             .push(passage?)
             .map_err(|e| EngineError::Invalid(format!("{}: {e}", job.corpus.display())))?;
     }
-    let prepared = preparer.finish();
+    let prepared = preparer
+        .finish()
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let (skipped_records, quarantine) = quarantined(&read)?;
     let passages = prepared.passages;
 

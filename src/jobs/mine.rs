@@ -340,30 +340,29 @@ pub fn mine_with(
     }
     let by_id: HashMap<&str, &MiningQuery> =
         queries.iter().map(|q| (q.query.id.as_str(), q)).collect();
-    let rows: Vec<CandidateRow> = kept
-        .iter()
-        .map(|c| CandidateRow {
-            query_id: c.query_id.clone(),
-            query_text: by_id
-                .get(c.query_id.as_str())
-                .map(|q| q.query.text.clone())
-                .unwrap_or_default(),
-            query_type: by_id
-                .get(c.query_id.as_str())
-                .map(|q| q.query_type.clone())
-                .unwrap_or_default(),
-            source_ids: c
-                .sources
-                .iter()
-                .map(|&s| passage_ids[s as usize].clone())
-                .collect(),
-            candidate_ids: c
-                .candidates
-                .iter()
-                .map(|&p| passage_ids[p as usize].clone())
-                .collect(),
-        })
-        .collect();
+    // A candidate row names every passage by id: built a chunk at a time as the stage is
+    // written (all of them at once would hold every id string of every list).
+    let row_of = |c: &crate::mining::CandidateList| CandidateRow {
+        query_id: c.query_id.clone(),
+        query_text: by_id
+            .get(c.query_id.as_str())
+            .map(|q| q.query.text.clone())
+            .unwrap_or_default(),
+        query_type: by_id
+            .get(c.query_id.as_str())
+            .map(|q| q.query_type.clone())
+            .unwrap_or_default(),
+        source_ids: c
+            .sources
+            .iter()
+            .map(|&s| passage_ids[s as usize].clone())
+            .collect(),
+        candidate_ids: c
+            .candidates
+            .iter()
+            .map(|&p| passage_ids[p as usize].clone())
+            .collect(),
+    };
     // The stats are written before the stage is marked complete: a run killed in between
     // finds the stage unfinished and writes both again. (A complete stage whose stats are
     // missing, from a run killed before this order, gets its stats written now.)
@@ -376,8 +375,9 @@ pub fn mine_with(
         }
         None => {
             let mut writer = store.begin(CANDIDATES_STAGE, key, candidates_schema())?;
-            writer.write_rows(&rows, CHUNK_ROWS, |chunk| {
-                Ok::<_, EngineError>(candidates_batch(chunk)?)
+            writer.write_row_ranges(kept.len(), CHUNK_ROWS, |range| {
+                let rows: Vec<CandidateRow> = kept[range].iter().map(row_of).collect();
+                Ok::<_, EngineError>(candidates_batch(&rows)?)
             })?;
             crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
             writer.finish()?

@@ -3,7 +3,8 @@
 //! in line with it.
 //!
 //! - Temporary files (`.<name>.tmp`) in stage directories and the manifest's temporary
-//!   file are deleted: they are writes that never committed.
+//!   file are deleted: they are writes that never committed. So are temporary
+//!   directories at the top of the run directory (scratch space of a killed stage).
 //! - A stage whose listed part is missing or has another size than recorded is dropped
 //!   from the manifest (it will be recomputed) and reported.
 //! - Part files that the manifest does not list are deleted: a crash between a part's
@@ -46,7 +47,15 @@ pub(crate) fn recover(
     for entry in entries {
         let entry = entry.map_err(StoreError::io("list", run_dir))?;
         let is_temp = entry.file_name().to_str().is_some_and(is_temp_name);
-        if is_temp && entry.path().is_file() && remove_if_present(&entry.path())? {
+        if !is_temp {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_file() && remove_if_present(&path)? {
+            report.temp_files_removed += 1;
+        } else if path.is_dir() {
+            // A directory of scratch files (generation's `.prepare.tmp`).
+            std::fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;
             report.temp_files_removed += 1;
         }
     }
@@ -124,6 +133,12 @@ mod tests {
         let stage = dir.path().join("stages/passages");
         let foreign = dir.path().join("stages/Foreign");
         std::fs::create_dir(&foreign).unwrap();
+        // A killed stage's scratch directory, and a user's directory that only looks alike.
+        let scratch = dir.path().join(".prepare.tmp");
+        std::fs::create_dir(&scratch).unwrap();
+        std::fs::write(scratch.join("forward-0.run"), b"run").unwrap();
+        let users = dir.path().join("prepare.tmp");
+        std::fs::create_dir(&users).unwrap();
         for (path, bytes) in [
             (stage.join(".part-00001.parquet.tmp"), &b"half"[..]),
             (stage.join("part-00001.parquet"), b"renamed, never listed"),
@@ -138,7 +153,7 @@ mod tests {
         assert_eq!(
             store.recovery(),
             &RecoveryReport {
-                temp_files_removed: 2,
+                temp_files_removed: 3,
                 orphan_parts_removed: 1,
                 damaged_stages: vec![],
             }
@@ -146,6 +161,8 @@ mod tests {
         assert!(!stage.join(".part-00001.parquet.tmp").exists());
         assert!(!stage.join("part-00001.parquet").exists());
         assert!(!dir.path().join(".manifest.json.tmp").exists());
+        assert!(!scratch.exists());
+        assert!(users.exists());
         assert!(stage.join("notes.txt").exists());
         assert!(foreign.join("part-00000.parquet").exists());
         assert_eq!(ns(&store.read_all("passages").unwrap()), vec![0, 1, 2]);

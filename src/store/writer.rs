@@ -154,19 +154,34 @@ impl StageWriter {
         chunk_rows: usize,
         to_batch: impl Fn(&[T]) -> Result<RecordBatch, E>,
     ) -> Result<(), E> {
+        self.write_row_ranges(rows.len(), chunk_rows, |range| to_batch(&rows[range]))
+    }
+
+    /// [`StageWriter::write_rows`] for an output of `total` rows that is built a chunk at
+    /// a time: `to_batch` makes the batch of the rows in a range, so only one chunk of
+    /// rows is ever held.
+    pub fn write_row_ranges<E: From<StoreError>>(
+        &mut self,
+        total: usize,
+        chunk_rows: usize,
+        mut to_batch: impl FnMut(std::ops::Range<usize>) -> Result<RecordBatch, E>,
+    ) -> Result<(), E> {
         let chunk_rows = chunk_rows.max(1);
         let done = usize::try_from(self.committed_rows).unwrap_or(usize::MAX);
-        if done > rows.len() || (done % chunk_rows != 0 && done != rows.len()) {
+        if done > total || (done % chunk_rows != 0 && done != total) {
             return Err(StoreError::ResumeMismatch {
                 stage: self.stage.clone(),
                 committed: self.committed_rows,
-                rows: rows.len() as u64,
+                rows: total as u64,
                 chunk_rows: chunk_rows as u64,
             }
             .into());
         }
-        for chunk in rows[done..].chunks(chunk_rows) {
-            self.write_part(&[to_batch(chunk)?])?;
+        let mut start = done;
+        while start < total {
+            let end = (start + chunk_rows).min(total);
+            self.write_part(&[to_batch(start..end)?])?;
+            start = end;
         }
         Ok(())
     }

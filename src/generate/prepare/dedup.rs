@@ -68,45 +68,80 @@ pub enum Verdict {
     },
 }
 
-/// The verdict on each of `normalised` (in input order; see the module docs).
+/// The verdict on each of `normalised` (in input order; see the module docs), all in
+/// memory: the rule's definition, which preparation runs through [`mark_in_order`] over
+/// sorted runs on disk.
 pub fn near_duplicates(normalised: &[&str], window: usize) -> Vec<Verdict> {
     let mut verdicts = vec![Verdict::Unique; normalised.len()];
-    let mut nonempty: Vec<usize> = Vec::with_capacity(normalised.len());
+    let mut forward: Vec<(u32, String)> = Vec::with_capacity(normalised.len());
+    let mut reversed: Vec<(u32, String)> = Vec::with_capacity(normalised.len());
     for (i, s) in normalised.iter().enumerate() {
         if s.is_empty() {
             verdicts[i] = Verdict::Empty;
         } else {
-            nonempty.push(i);
+            forward.push((i as u32, s.to_string()));
+            reversed.push((i as u32, reverse(s)));
         }
     }
-    let mut forward = nonempty.clone();
-    forward.sort_by(|&a, &b| normalised[a].cmp(normalised[b]).then(b.cmp(&a)));
-    let mut reversed = nonempty;
-    reversed.sort_by(|&a, &b| {
-        normalised[a]
-            .chars()
-            .rev()
-            .cmp(normalised[b].chars().rev())
-            .then(b.cmp(&a))
-    });
-    for (order, sorted) in [
-        (DedupOrder::Forward, &forward),
-        (DedupOrder::Reversed, &reversed),
+    for (order, mut sorted) in [
+        (DedupOrder::Forward, forward),
+        (DedupOrder::Reversed, reversed),
     ] {
-        for (k, &i) in sorted.iter().enumerate() {
-            if verdicts[i] != Verdict::Unique {
-                continue;
-            }
-            let container = sorted[k + 1..]
-                .iter()
-                .take(window)
-                .find(|&&j| contains(normalised[j], normalised[i]));
-            if let Some(&of) = container {
-                verdicts[i] = Verdict::Duplicate { of, order };
-            }
-        }
+        sorted.sort_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
+        let items = sorted.into_iter().map(Ok::<_, std::convert::Infallible>);
+        let Ok(()) = mark_in_order(items, window, order, &mut verdicts);
     }
     verdicts
+}
+
+/// `s` with its characters in reverse order. Sorting reversed strings is sorting by
+/// their reversals (UTF-8 byte order is code point order), and reversal keeps the
+/// substring relation, so the reversed pass compares reversed strings as written.
+pub fn reverse(s: &str) -> String {
+    s.chars().rev().collect()
+}
+
+/// Marks, in `verdicts`, every string of `sorted` (items `(index, string)` in the rule's
+/// order: by string, equal strings the larger index first) still [`Verdict::Unique`]
+/// that is contained in one of the next `window` strings: one pass of the rule, reading
+/// `sorted` once and holding `window + 1` strings.
+pub fn mark_in_order<E>(
+    sorted: impl Iterator<Item = Result<(u32, String), E>>,
+    window: usize,
+    order: DedupOrder,
+    verdicts: &mut [Verdict],
+) -> Result<(), E> {
+    let mut ahead: std::collections::VecDeque<(u32, String)> =
+        std::collections::VecDeque::with_capacity(window + 1);
+    let mut judge_first = |ahead: &std::collections::VecDeque<(u32, String)>| {
+        let (i, s) = &ahead[0];
+        if verdicts[*i as usize] != Verdict::Unique {
+            return;
+        }
+        if let Some((of, _)) = ahead
+            .iter()
+            .skip(1)
+            .take(window)
+            .find(|(_, t)| contains(t, s))
+        {
+            verdicts[*i as usize] = Verdict::Duplicate {
+                of: *of as usize,
+                order,
+            };
+        }
+    };
+    for item in sorted {
+        ahead.push_back(item?);
+        if ahead.len() > window {
+            judge_first(&ahead);
+            ahead.pop_front();
+        }
+    }
+    while !ahead.is_empty() {
+        judge_first(&ahead);
+        ahead.pop_front();
+    }
+    Ok(())
 }
 
 fn contains(haystack: &str, needle: &str) -> bool {

@@ -29,28 +29,35 @@
 //! - **Nothing is dropped silently**: every passage read is counted once in the report,
 //!   as kept, too short, empty after normalisation, a duplicate or sampled out.
 //!
-//! Memory: preparation holds the truncated text (and its normalised form) of every
-//! passage that passes the length filter, since a duplicate can sit anywhere in the
-//! corpus; at the default 2,048 characters that is at most ~8 KB per passage.
+//! Memory: preparation must see every passage before it can say which are near
+//! duplicates or sampled, but it keeps only the ids and a few bytes per passage in
+//! memory; titles, texts and the normalised strings in both sort orders go to files
+//! in a spill directory once their buffers fill ([`Preparer::spill_to`]; the `spill`
+//! module), and come back sorted (a k-way merge of sorted runs) or in order. The
+//! verdicts are the same as [`near_duplicates`] over all strings in memory.
 
 mod dedup;
 mod options;
+mod spill;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use dedup::{normalise, DedupOrder};
+pub use dedup::{near_duplicates, normalise, DedupOrder};
 pub use options::{
     PrepareError, PrepareOptions, DEFAULT_DEDUP_WINDOW, DEFAULT_HELD_OUT, DEFAULT_MAX_CHARS,
     DEFAULT_MAX_PASSAGES, DEFAULT_MIN_CHARS, DEFAULT_SEED,
 };
+pub use spill::SPILL_BUFFER_BYTES;
 
 use super::PreparedPassage;
 use crate::mining::held_out_passages;
 use crate::record::Passage;
 use crate::store::ContentHasher;
-use dedup::{near_duplicates, Verdict};
+use dedup::{mark_in_order, Verdict};
+use spill::{ExternalSorter, SpillDir, TextSpill};
 
 /// A prepared passage and whether it belongs to the held-out synthetic test set (its
 /// queries are generated, but it never becomes a training candidate).
@@ -103,83 +110,135 @@ pub struct PreparedCorpus {
 
 /// Prepares passages one at a time (so a reader's errors stay the caller's):
 /// [`Preparer::push`] each passage, then [`Preparer::finish`].
+///
+/// Memory: with [`Preparer::spill_to`], what preparation keeps of every passage (its
+/// title and text for the output, its normalised text in both sort orders for the
+/// near-duplicate rule) stays within [`SPILL_BUFFER_BYTES`] per buffer, the rest in
+/// sorted runs on disk; only the ids and a few bytes per passage stay in memory.
+/// Without it everything stays in memory.
 #[derive(Debug)]
 pub struct Preparer {
     options: PrepareOptions,
     /// Every id read, in input order (the held-out choice is made over all of them).
     ids: Vec<String>,
-    /// Record number (0-based) of each id, to name both records of a duplicate id.
-    seen: HashMap<String, usize>,
-    /// Passages that passed the length filter.
-    entries: Vec<Entry>,
+    /// Record number (0-based) of each id by a hash of the id, to name both records of a
+    /// duplicate id; ids whose hash another id already holds are in `seen_collided`.
+    seen: HashMap<u64, u32>,
+    seen_collided: HashMap<String, u32>,
+    /// The record number of each passage that passed the length filter (an "entry").
+    entries: Vec<u32>,
+    /// Entries whose normalised text is empty.
+    empty: Vec<u32>,
+    /// The entries' titles and texts, in entry order.
+    texts: TextSpill,
+    /// The entries' normalised texts, sorted as written and as reversed.
+    forward: ExternalSorter,
+    reversed: ExternalSorter,
+    spill: SpillDir,
     too_short: Vec<usize>,
 }
 
-#[derive(Debug)]
-struct Entry {
-    /// Index into `Preparer::ids`.
-    record: usize,
-    title: String,
-    text: String,
-    /// Normalised text; empty when dedup is off.
-    normalised: String,
-}
-
 impl Preparer {
-    /// Checks the options.
+    /// Checks the options. Everything stays in memory until [`Preparer::spill_to`].
     pub fn new(options: PrepareOptions) -> Result<Self, PrepareError> {
         options.check()?;
         Ok(Self {
             options,
             ids: Vec::new(),
             seen: HashMap::new(),
+            seen_collided: HashMap::new(),
             entries: Vec::new(),
+            empty: Vec::new(),
+            texts: TextSpill::new(usize::MAX),
+            forward: ExternalSorter::new("forward", usize::MAX),
+            reversed: ExternalSorter::new("reversed", usize::MAX),
+            spill: SpillDir::new(PathBuf::new()),
             too_short: Vec::new(),
         })
+    }
+
+    /// Keeps memory bounded: buffers of `buffer_bytes` ([`SPILL_BUFFER_BYTES`] for the
+    /// engine) are written to files in `dir` (created when first needed, removed when
+    /// the preparer is done). Call before the first push.
+    pub fn spill_to(mut self, dir: PathBuf, buffer_bytes: usize) -> Self {
+        self.spill = SpillDir::new(dir);
+        self.texts = TextSpill::new(buffer_bytes);
+        self.forward = ExternalSorter::new("forward", buffer_bytes);
+        self.reversed = ExternalSorter::new("reversed", buffer_bytes);
+        self
+    }
+
+    /// The first record with `id`, if any.
+    fn first_record(&self, id: &str) -> Option<u32> {
+        match self.seen.get(&id_hash(id)) {
+            Some(&record) if self.ids[record as usize] == id => Some(record),
+            Some(_) => self.seen_collided.get(id).copied(),
+            None => None,
+        }
     }
 
     /// Takes one passage.
     pub fn push(&mut self, passage: Passage) -> Result<(), PrepareError> {
         let record = self.ids.len();
-        if let Some(&first) = self.seen.get(&passage.id) {
+        if let Some(first) = self.first_record(&passage.id) {
             return Err(PrepareError::DuplicateId {
                 id: passage.id,
-                first: first + 1,
+                first: first as usize + 1,
                 second: record + 1,
             });
         }
-        self.seen.insert(passage.id.clone(), record);
+        let record32 = u32::try_from(record).map_err(|_| PrepareError::Options {
+            field: "max_passages",
+            reason: format!("a corpus of more than {} passages", u32::MAX),
+        })?;
+        match self.seen.entry(id_hash(&passage.id)) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(record32);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.seen_collided.insert(passage.id.clone(), record32);
+            }
+        }
         self.ids.push(passage.id);
         let text = truncate_chars(&passage.text, self.options.max_chars);
         if text.trim().chars().count() < self.options.min_chars {
             self.too_short.push(record);
             return Ok(());
         }
-        let normalised = if self.options.dedup {
-            normalise(text)
-        } else {
-            String::new()
-        };
-        self.entries.push(Entry {
-            record,
-            title: passage.title,
-            text: text.to_owned(),
-            normalised,
-        });
+        let entry = self.entries.len() as u32;
+        self.entries.push(record32);
+        if self.options.dedup {
+            let normalised = normalise(text);
+            if normalised.is_empty() {
+                self.empty.push(entry);
+            } else {
+                self.reversed
+                    .push(entry, dedup::reverse(&normalised), &mut self.spill)?;
+                self.forward.push(entry, normalised, &mut self.spill)?;
+            }
+        }
+        let text = text.to_owned();
+        self.texts.push(passage.title, text, &mut self.spill)?;
         Ok(())
     }
 
     /// Runs the near-duplicate rule and the sampling; returns the passages and the report.
-    pub fn finish(self) -> PreparedCorpus {
+    pub fn finish(self) -> Result<PreparedCorpus, PrepareError> {
         let Preparer {
             options,
             ids,
             entries,
+            empty,
+            texts,
+            forward,
+            reversed,
+            mut spill,
             too_short,
             ..
         } = self;
         let held_out_records = held_out_passages(&ids, options.held_out, options.seed);
         let is_held_out = |record: usize| held_out_records.contains(&(record as u32));
+        let record_of = |e: usize| entries[e] as usize;
 
         let mut report = PrepareReport {
             read: ids.len(),
@@ -191,14 +250,21 @@ impl Preparer {
         // Near duplicates, as indices into `entries`.
         let mut removed = vec![false; entries.len()];
         if options.dedup {
-            let normalised: Vec<&str> = entries.iter().map(|e| e.normalised.as_str()).collect();
-            let verdicts = near_duplicates(&normalised, options.dedup_window);
+            let mut verdicts = vec![Verdict::Unique; entries.len()];
+            for &e in &empty {
+                verdicts[e as usize] = Verdict::Empty;
+            }
+            let window = options.dedup_window;
+            let sorted = forward.into_sorted(&mut spill)?;
+            mark_in_order(sorted, window, DedupOrder::Forward, &mut verdicts)?;
+            let sorted = reversed.into_sorted(&mut spill)?;
+            mark_in_order(sorted, window, DedupOrder::Reversed, &mut verdicts)?;
             for (e, verdict) in verdicts.iter().enumerate() {
                 match verdict {
                     Verdict::Unique => {}
                     Verdict::Empty => {
                         removed[e] = true;
-                        report.empty_normalised.push(ids[entries[e].record].clone());
+                        report.empty_normalised.push(ids[record_of(e)].clone());
                     }
                     Verdict::Duplicate { of, order } => {
                         removed[e] = true;
@@ -207,56 +273,55 @@ impl Preparer {
                             kept = of;
                         }
                         report.duplicates.push(Duplicate {
-                            id: ids[entries[e].record].clone(),
-                            duplicate_of: ids[entries[*of].record].clone(),
-                            kept: ids[entries[kept].record].clone(),
+                            id: ids[record_of(e)].clone(),
+                            duplicate_of: ids[record_of(*of)].clone(),
+                            kept: ids[record_of(kept)].clone(),
                             order: *order,
                         });
                     }
                 }
             }
         }
-        dropped_records.extend(
-            (0..entries.len())
-                .filter(|&e| removed[e])
-                .map(|e| entries[e].record),
-        );
+        dropped_records.extend((0..entries.len()).filter(|&e| removed[e]).map(record_of));
 
         // The sample: the smallest id hashes among the passages left.
         let left: Vec<usize> = (0..entries.len()).filter(|&e| !removed[e]).collect();
-        let in_sample: Vec<bool> = match options.max_passages {
+        let mut in_sample = vec![false; entries.len()];
+        match options.max_passages {
             Some(max) if max < left.len() => {
-                let left_ids: Vec<String> = left
-                    .iter()
-                    .map(|&e| ids[entries[e].record].clone())
-                    .collect();
-                let chosen = held_out_passages(&left_ids, max, options.seed);
-                (0..left.len())
-                    .map(|i| chosen.contains(&(i as u32)))
-                    .collect()
+                let left_ids: Vec<String> =
+                    left.iter().map(|&e| ids[record_of(e)].clone()).collect();
+                for chosen in held_out_passages(&left_ids, max, options.seed) {
+                    in_sample[left[chosen as usize]] = true;
+                }
+                report.sampled_out = left.len() - max;
+                dropped_records.extend(
+                    left.iter()
+                        .filter(|&&e| !in_sample[e])
+                        .map(|&e| record_of(e)),
+                );
             }
-            _ => vec![true; left.len()],
-        };
+            _ => left.iter().for_each(|&e| in_sample[e] = true),
+        }
 
         let mut passages = Vec::new();
-        for (i, &e) in left.iter().enumerate() {
-            if !in_sample[i] {
-                report.sampled_out += 1;
-                dropped_records.push(entries[e].record);
+        for (e, title_text) in texts.read_back()?.enumerate() {
+            let (title, text) = title_text?;
+            if !in_sample[e] {
                 continue;
             }
-            let entry = &entries[e];
-            let id = ids[entry.record].clone();
-            let held_out = is_held_out(entry.record);
+            let record = record_of(e);
+            let id = ids[record].clone();
+            let held_out = is_held_out(record);
             if held_out {
                 report.held_out.push(id.clone());
             }
             passages.push(SampledPassage {
                 passage: PreparedPassage {
-                    hash: passage_hash(&entry.title, &entry.text),
+                    hash: passage_hash(&title, &text),
                     id,
-                    title: entry.title.clone(),
-                    text: entry.text.clone(),
+                    title,
+                    text,
                 },
                 held_out,
             });
@@ -268,8 +333,19 @@ impl Preparer {
             .map(|r| ids[r].clone())
             .collect();
         report.kept = passages.len();
-        PreparedCorpus { passages, report }
+        drop(spill);
+        Ok(PreparedCorpus { passages, report })
     }
+}
+
+/// The hash the duplicate-id check files an id under (SipHash with fixed keys: the same
+/// on every run; a collision only sends the id to the exact map).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)] // SipHasher's fixed keys are the point; DefaultHasher's may change
+    let mut h = std::hash::SipHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// Prepares passages that are already read (a convenience over [`Preparer`]).
@@ -281,7 +357,7 @@ pub fn prepare_passages(
     for passage in passages {
         preparer.push(passage)?;
     }
-    Ok(preparer.finish())
+    preparer.finish()
 }
 
 /// The cache key's passage part: [`ContentHasher`] over the title and the truncated text,
@@ -332,6 +408,70 @@ mod tests {
             .iter()
             .map(|s| s.passage.id.as_str())
             .collect()
+    }
+
+    /// Passages built from a few words so that prefixes, suffixes, inner parts and
+    /// equal texts are common; some digits-only (empty normalised) and too short.
+    fn overlapping_corpus(n: usize) -> Vec<Passage> {
+        let words = [
+            "kiwi", "apple", "pear", "fig", "plum", "lime", "date", "yuzu",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        (0..n)
+            .map(|i| {
+                let len = 2 + (next() % 5) as usize;
+                let text: Vec<&str> = (0..len).map(|_| words[(next() % 8) as usize]).collect();
+                let text = match next() % 17 {
+                    0 => "12345 678 90".to_string(),
+                    1 => "tiny".to_string(),
+                    _ => text.join(" "),
+                };
+                Passage {
+                    id: format!("p{i}"),
+                    title: format!("t{}", i % 3),
+                    text,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spilled_preparation_equals_preparation_in_memory() {
+        let corpus = overlapping_corpus(3000);
+        for options in [
+            no_sampling(),
+            PrepareOptions {
+                max_passages: Some(700),
+                held_out: 40,
+                dedup_window: 3,
+                ..PrepareOptions::default()
+            },
+        ] {
+            let in_memory = prepare_passages(corpus.clone(), &options).unwrap();
+            assert!(in_memory.report.duplicates.len() > 100);
+            assert!(!in_memory.report.empty_normalised.is_empty());
+            let tmp = tempfile::tempdir().unwrap();
+            let spill = tmp.path().join(".prepare.tmp");
+            // 2 KB buffers: every buffer spills many times over.
+            let mut preparer = Preparer::new(options.clone())
+                .unwrap()
+                .spill_to(spill.clone(), 2048);
+            let mut spilled_runs = false;
+            for passage in corpus.clone() {
+                preparer.push(passage).unwrap();
+                spilled_runs |= spill.join("forward-3.run").exists();
+            }
+            assert!(spilled_runs && spill.join("texts.bin").exists());
+            let spilled = preparer.finish().unwrap();
+            assert_eq!(spilled, in_memory);
+            assert!(!spill.exists(), "the spill directory is removed");
+        }
     }
 
     #[test]

@@ -104,6 +104,12 @@ pub enum PrepareError {
         first: usize,
         second: usize,
     },
+    /// A spill file of preparation could not be written or read back.
+    #[error("passage preparation: spill file {}: {reason}", path.display())]
+    Spill {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 #[cfg(test)]
