@@ -2,10 +2,10 @@
 //! (CI logs, pipes) one line every [`LOG_INTERVAL`], so a log shows the job is alive.
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// How often a progress line is printed when stderr is not a terminal.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -45,7 +45,10 @@ impl Progress {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar.set_prefix(label.to_string());
-            bar
+            // Stages that run at the same time (generation beside the passage index)
+            // each keep their own line.
+            static BARS: OnceLock<MultiProgress> = OnceLock::new();
+            BARS.get_or_init(MultiProgress::new).add(bar)
         });
         let now = Instant::now();
         Self {

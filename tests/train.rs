@@ -79,6 +79,7 @@ fn quiet(stop_after: Option<u64>) -> RunControl {
     RunControl {
         stop_after,
         quiet: true,
+        device: None,
     }
 }
 

@@ -22,7 +22,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::error::EngineError;
-use crate::executor::{DeviceModel, Done, Job, Submitter, Waker};
+use crate::executor::{DeviceModel, Done, Job, Refused, Submitter, Waker};
 use crate::progress::Progress;
 
 /// An item to run: its position in the input, its id and the item.
@@ -134,8 +134,14 @@ pub fn infer_on_device<'scope, M: DeviceModel>(
                 };
                 match config.submitter.try_submit(job) {
                     Ok(()) => in_flight += 1,
-                    Err(job) => {
+                    Err(Refused::Full(job)) => {
                         pending.push_front(job.batch);
+                        break;
+                    }
+                    Err(Refused::Stopped(_)) => {
+                        error.borrow_mut().get_or_insert(EngineError::Dataflow(
+                            "the device executor stopped (a model kernel panicked)".into(),
+                        ));
                         break;
                     }
                 }

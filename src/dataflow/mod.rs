@@ -129,6 +129,34 @@ pub fn read_device_journal(run_dir: &std::path::Path) -> Vec<DeviceStageRecord> 
         .unwrap_or_default()
 }
 
+/// Appends what one stage did on its device to the run's journal ([`DEVICE_JOURNAL`]):
+/// `rows` items in `seconds` of wall time, with its executor queue's figures.
+pub fn journal_device_stage(
+    store: &StageStore,
+    stage: &str,
+    label: &str,
+    rows: u64,
+    seconds: f64,
+    stats: &ExecutorStats,
+) -> Result<(), EngineError> {
+    let record = DeviceStageRecord {
+        stage: stage.to_string(),
+        label: label.to_string(),
+        rows,
+        batches: stats.batches,
+        seconds,
+        busy_seconds: stats.busy.as_secs_f64(),
+        real_tokens: stats.real_tokens,
+        padded_tokens: stats.padded_tokens,
+        queue_depth: stats.queue_depth.clone(),
+        queue_capacity: crate::executor::DEVICE_QUEUE_DEPTH,
+    };
+    let line = serde_json::to_string(&record)
+        .map_err(|e| EngineError::Dataflow(format!("device journal: {e}")))?;
+    store.append_journal(DEVICE_JOURNAL, &line)?;
+    Ok(())
+}
+
 /// What running (or reusing) an embedding stage did.
 #[derive(Debug, Clone)]
 pub struct EmbedStageReport {
@@ -186,14 +214,16 @@ pub fn run_device_stage<M: DeviceModel>(
         });
     }
     let start = Instant::now();
-    let executor = DeviceExecutor::spawn(model.clone()).map_err(|e| {
-        EngineError::Dataflow(format!("cannot start the device executor thread: {e}"))
-    })?;
+    // The device's one executor, shared with every other stage on it; this stage gets
+    // its own bounded queue and figures.
+    let submitter = DeviceExecutor::shared(model.device())
+        .and_then(|executor| executor.open_queue(model.clone()))
+        .map_err(|e| EngineError::Dataflow(format!("the device executor: {e}")))?;
     let progress = Arc::new(Progress::new(&stage.label, stage.total, stage.quiet));
     let config = InferConfig {
         model: model.clone(),
         batcher: stage.batcher,
-        submitter: executor.submitter(),
+        submitter: submitter.clone(),
         progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
@@ -316,7 +346,10 @@ pub fn run_device_stage<M: DeviceModel>(
             }
         }
     }
-    let executor_stats = executor.join();
+    // Every batch this stage submitted has been answered (the dataflow waited for each),
+    // so its figures are complete; dropping the last submitter closes the queue.
+    let executor_stats = submitter.stats();
+    drop(submitter);
     progress.finish();
     if let Some(e) = first_error {
         return Err(e);
@@ -324,21 +357,14 @@ pub fn run_device_stage<M: DeviceModel>(
     let (completed, rows_embedded) = outcome
         .ok_or_else(|| EngineError::Dataflow("worker 0 returned no stage; this is a bug".into()))?;
     let seconds = start.elapsed().as_secs_f64();
-    let record = DeviceStageRecord {
-        stage: stage.stage.clone(),
-        label: stage.label.clone(),
-        rows: rows_embedded,
-        batches: executor_stats.batches,
+    journal_device_stage(
+        &store_for_journal,
+        &stage.stage,
+        &stage.label,
+        rows_embedded,
         seconds,
-        busy_seconds: executor_stats.busy.as_secs_f64(),
-        real_tokens: executor_stats.real_tokens,
-        padded_tokens: executor_stats.padded_tokens,
-        queue_depth: executor_stats.queue_depth.clone(),
-        queue_capacity: crate::executor::DEVICE_QUEUE_DEPTH,
-    };
-    let line = serde_json::to_string(&record)
-        .map_err(|e| EngineError::Dataflow(format!("device journal: {e}")))?;
-    store_for_journal.append_journal(DEVICE_JOURNAL, &line)?;
+        &executor_stats,
+    )?;
     Ok(EmbedStageReport {
         completed,
         reused: false,

@@ -18,9 +18,14 @@
 //! - **Checked first.** Every input of every part is checked before the first starts
 //!   ([`Pipeline::preflight`]).
 //!
-//! Today the parts run one after another: a part starts when the one before it has
-//! finished. Streaming between them (queries into retrieval as they are generated,
-//! candidates into scoring chunk by chunk) is the engine work that follows.
+//! Generation and every retriever's passage embeddings run at the same time (the
+//! passage index needs only the corpus); the later parts run one after another, each
+//! starting when the one before it has finished. Every model of the run (the LLM, the
+//! retrievers, the teachers, the student) runs its batches on its device's one
+//! executor ([`crate::executor`]), so parts that overlap take turns on the device
+//! rather than oversubscribe it. Streaming between the later parts (queries into
+//! retrieval as they are generated, candidates into scoring chunk by chunk) is the
+//! engine work that follows.
 
 pub mod demo;
 pub mod report;
@@ -37,9 +42,9 @@ use crate::error::EngineError;
 use crate::eval::{EvalOptions, EvalReport};
 use crate::generate::queries_table::GeneratedQuery;
 use crate::jobs::eval::{evaluate_retrieval, read_beir, RetrievalEval};
-use crate::jobs::generate::{run_pipeline_generate, GenerateOutcome};
+use crate::jobs::generate::GenerateOutcome;
 use crate::jobs::label::{label_with, LabelOutcome};
-use crate::jobs::mine::{mine_with, MineOutcome};
+use crate::jobs::mine::{generate_and_index, mine_with, MineOutcome};
 use crate::jobs::train::{train_with, TrainOutcome};
 use crate::model::fingerprint;
 use crate::record::{Qrels, Query};
@@ -121,28 +126,39 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
         }
         Instant::now()
     };
-    let mut timed = |name: &str, since: Instant| {
+    let mut timed = |name: &str, seconds: f64| {
         parts.push(PartTime {
             part: name.to_string(),
-            seconds: since.elapsed().as_secs_f64(),
+            seconds,
         })
     };
 
-    let t = begin("generate", 1);
-    let generate = match pipeline.generate {
-        Some(_) => Some(run_pipeline_generate(pipeline)?),
-        None => None,
-    };
-    timed("generate", t);
-    let t = begin("mine", 2);
-    let mine = mine_with(pipeline, generate.as_ref())?;
-    timed("mine", t);
+    // Generation and the passage index run at once (neither needs the other); mining
+    // goes on from the passage index once generation is done.
+    let t = begin("generate (and the passage index alongside)", 1);
+    let generation_done = std::sync::Mutex::new(None);
+    let (generate, indexes) = generate_and_index(pipeline, &|| {
+        if let Ok(mut done) = generation_done.lock() {
+            *done = Some(Instant::now());
+        }
+        if !quiet {
+            eprintln!("run [2/{PARTS}] mine");
+        }
+    })?;
+    let generated_at = generation_done
+        .into_inner()
+        .ok()
+        .flatten()
+        .unwrap_or_else(Instant::now);
+    timed("generate", generated_at.duration_since(t).as_secs_f64());
+    let mine = mine_with(pipeline, generate.as_ref(), indexes)?;
+    timed("mine", generated_at.elapsed().as_secs_f64());
     let t = begin("label", 3);
     let label = label_with(pipeline, mine.clone())?;
-    timed("label", t);
+    timed("label", t.elapsed().as_secs_f64());
     let t = begin("train", 4);
     let train = train_with(pipeline, label.clone(), None)?;
-    timed("train", t);
+    timed("train", t.elapsed().as_secs_f64());
 
     let t = begin("evaluate", 5);
     let student = pipeline
@@ -156,7 +172,7 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
         &base_model,
         &train.model,
     )?;
-    timed("evaluate", t);
+    timed("evaluate", t.elapsed().as_secs_f64());
 
     let outcome = RunOutcome {
         generate,

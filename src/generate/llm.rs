@@ -82,6 +82,10 @@ impl QueryGenerator for LlmQueryGenerator {
         self.id.clone()
     }
 
+    fn device(&self) -> Option<&candle_core::Device> {
+        Some(self.llm.device())
+    }
+
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
         let inputs: Vec<(Vec<ChatMessage>, u64)> = requests
             .iter()

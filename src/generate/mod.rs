@@ -71,4 +71,11 @@ pub trait QueryGenerator: Send + Sync {
     /// One outcome per request, in order. `Err` only when the generator itself cannot
     /// go on; a request's own failure is a [`Generated::Failed`].
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError>;
+
+    /// The device the generator's model runs on, when it runs one here (a local LLM):
+    /// each call then holds that device through its executor. `None` for generators
+    /// that run no model here (extractive, a remote endpoint).
+    fn device(&self) -> Option<&candle_core::Device> {
+        None
+    }
 }

@@ -33,7 +33,9 @@ use serde::Serialize;
 use crate::config::{GenerateFile, HeldOutFile, Pipeline, RunPart};
 use crate::corpus::open_passages;
 use crate::corpus::{quarantined, read_options};
+use crate::dataflow::journal_device_stage;
 use crate::error::EngineError;
+use crate::executor::DeviceExecutor;
 use crate::generate::cache::CachedOutcome;
 use crate::generate::cache::{cache_batch, cache_key, cache_schema, cache_stage, read_cache};
 use crate::generate::endpoint::{EndpointGenerator, EndpointOptions};
@@ -416,6 +418,16 @@ pub fn run_generate_with(
         )
         .with_secondary("tokens");
         let mut writer = store.begin(&stage, stage_key.clone(), cache_schema())?;
+        // A generator that runs a model here takes its device from the device's executor
+        // for each batch, so no other stage runs a model on it meanwhile.
+        let device = match generator.device() {
+            Some(device) => Some(
+                DeviceExecutor::shared(device)
+                    .and_then(|executor| executor.open_lease_queue())
+                    .map_err(|e| EngineError::Dataflow(format!("the device executor: {e}")))?,
+            ),
+            None => None,
+        };
         let (tx, rx) =
             bounded::<Result<(usize, Vec<Generated>), EngineError>>(GENERATED_QUEUE_DEPTH);
         std::thread::scope(|scope| -> Result<(), EngineError> {
@@ -423,13 +435,21 @@ pub fn run_generate_with(
             let missing = &missing;
             let passages = &passages;
             let seed = job.seed;
+            let device = device.clone();
             scope.spawn(move || {
                 for (chunk_index, chunk) in missing.chunks(job.batch_size.max(1)).enumerate() {
                     let requests: Vec<_> = chunk
                         .iter()
                         .map(|&(p, t)| types[t].request(&passages[p].passage, seed))
                         .collect();
-                    let result = generator.generate(&requests);
+                    let lease = device
+                        .as_ref()
+                        .map(|queue| queue.lease(requests.len() as u64))
+                        .transpose();
+                    let result = match lease {
+                        Ok(_held) => generator.generate(&requests),
+                        Err(e) => Err(EngineError::Dataflow(format!("generation: {e}"))),
+                    };
                     let failed = result.is_err();
                     if tx.send(result.map(|o| (chunk_index, o))).is_err() || failed {
                         break;
@@ -516,6 +536,17 @@ pub fn run_generate_with(
         })?;
         drop(writer);
         progress.finish();
+        if let Some(queue) = &device {
+            let stats = queue.stats();
+            journal_device_stage(
+                &store,
+                &stage,
+                &format!("generate ({})", short_id(&generator_id)),
+                stats.rows,
+                start.elapsed().as_secs_f64(),
+                &stats,
+            )?;
+        }
     }
     let seconds = if missing.is_empty() {
         0.0

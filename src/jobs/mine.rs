@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use distillery_operators::TextKind;
+use distillery_operators::{Embedder, TextKind};
 use serde::Serialize;
 
 use crate::config::{Pipeline, RunPart};
@@ -131,11 +131,114 @@ pub fn mining_queries(
 /// reused when unchanged).
 pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     pipeline.preflight(RunPart::Mine)?;
-    let generated = match pipeline.generate {
-        Some(_) => Some(crate::jobs::generate::run_pipeline_generate(pipeline)?),
-        None => None,
-    };
-    mine_with(pipeline, generated.as_ref())
+    let (generated, indexes) = generate_and_index(pipeline, &|| {})?;
+    mine_with(pipeline, generated.as_ref(), indexes)
+}
+
+/// A retriever's model and its passage embeddings, complete for the current corpus.
+pub struct PassageIndex {
+    pub embedder: Arc<Embedder>,
+    /// The model's fingerprint.
+    pub model: String,
+    /// The passage stage's key settings: the vectors' identity.
+    pub settings_hash: String,
+    /// Where the passage vectors are (its own stage, or an equal one reused).
+    pub stage: String,
+    pub content_hash: String,
+}
+
+/// Generation (when the pipeline has it) and every retriever's passage embeddings, at
+/// the same time: neither needs the other's output, so the passage index is built while
+/// the queries are generated (the embeddings on the device's executor, which takes
+/// turns with a local LLM batch by batch). `generated` is called when generation is done.
+pub fn generate_and_index(
+    pipeline: &Pipeline,
+    generated: &(dyn Fn() + Sync),
+) -> Result<(Option<GenerateOutcome>, Vec<PassageIndex>), EngineError> {
+    std::thread::scope(|scope| {
+        let indexing = scope.spawn(|| embed_passages(pipeline));
+        let generate = match pipeline.generate {
+            Some(_) => crate::jobs::generate::run_pipeline_generate(pipeline).map(Some),
+            None => Ok(None),
+        };
+        generated();
+        let indexes = indexing.join().unwrap_or_else(|_| {
+            Err(EngineError::Dataflow(
+                "the passage embedding thread panicked".into(),
+            ))
+        });
+        // Generation's error first: it is the one the user is waiting on.
+        Ok((generate?, indexes?))
+    })
+}
+
+/// Every retriever's passage embedding stage (`r<i>-passages`), run or reused.
+pub fn embed_passages(pipeline: &Pipeline) -> Result<Vec<PassageIndex>, EngineError> {
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let read = pipeline.retrievers[0].read_options()?;
+    let corpus_hash = hash_file(&pipeline.corpus)?;
+    let mut indexes = Vec::new();
+    for (i, settings) in pipeline.retrievers.iter().enumerate() {
+        let (embedder, _) = settings.load_embedder(
+            &pipeline.corpus,
+            &read,
+            &pipeline.run_dir.join(format!("r{i}-tiny-model")),
+        )?;
+        let model = fingerprint(embedder.dir())?;
+        let stage = retriever_stage(
+            pipeline,
+            i,
+            &embedder,
+            &model,
+            format!("r{i}-passages"),
+            TextKind::Passage,
+            &corpus_hash,
+            count_records(&pipeline.corpus),
+        )?;
+        let report = run_embed_stage(
+            &store,
+            embedder.clone(),
+            passage_texts(&pipeline.corpus, &read)?,
+            &stage,
+        )?;
+        indexes.push(PassageIndex {
+            embedder,
+            model,
+            settings_hash: stage.key.settings_hash,
+            stage: report.completed.stage.clone(),
+            content_hash: report.completed.content_hash().to_string(),
+        });
+    }
+    Ok(indexes)
+}
+
+/// Retriever `i`'s embedding stage `name` of `kind` texts.
+#[allow(clippy::too_many_arguments)] // the stage's parts, each named at the call
+fn retriever_stage(
+    pipeline: &Pipeline,
+    i: usize,
+    embedder: &Embedder,
+    model: &str,
+    name: String,
+    kind: TextKind,
+    input_hash: &str,
+    total: Option<u64>,
+) -> Result<EmbedStage, EngineError> {
+    let settings = &pipeline.retrievers[i];
+    Ok(EmbedStage {
+        label: format!("retriever {i}: {name}"),
+        stage: name,
+        key: StageKey {
+            settings_hash: embedding_settings_hash(embedder, model, kind)?,
+            input_hash: input_hash.to_string(),
+        },
+        kind,
+        batcher: settings.batcher(),
+        workers: pipeline.workers,
+        chunk_rows: CHUNK_ROWS,
+        total,
+        quiet: settings.quiet,
+    })
 }
 
 /// The mining stage over the human queries and `generated`'s (see [`mining_queries`]);
@@ -143,6 +246,7 @@ pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
 pub fn mine_with(
     pipeline: &Pipeline,
     generated: Option<&GenerateOutcome>,
+    indexes: Vec<PassageIndex>,
 ) -> Result<MineOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let first = &pipeline.retrievers[0];
@@ -169,7 +273,6 @@ pub fn mine_with(
             }
         )));
     }
-    let corpus_hash = hash_file(&pipeline.corpus)?;
     let mut qh = ContentHasher::new();
     for q in &queries {
         qh.field(&q.query.id)
@@ -181,47 +284,17 @@ pub fn mine_with(
     }
     let queries_hash = qh.finish();
 
-    // Every retriever: embed passages and queries, retrieve.
+    // Every retriever: embed the queries, retrieve from its passage index.
     let mut lists_per_retriever: Vec<Vec<Vec<PassageIdx>>> = Vec::new();
     let mut passage_ids: Option<Vec<String>> = None;
     let mut upstream = ContentHasher::new();
     let mut embedded = Vec::new();
-    for (i, settings) in pipeline.retrievers.iter().enumerate() {
-        let (embedder, _) = settings.load_embedder(
-            &pipeline.corpus,
-            &read,
-            &pipeline.run_dir.join(format!("r{i}-tiny-model")),
-        )?;
-        let model = fingerprint(embedder.dir())?;
-        let stage = |name: String, kind: TextKind, input_hash: &str, total| {
-            Ok::<_, EngineError>(EmbedStage {
-                label: format!("retriever {i}: {name}"),
-                stage: name,
-                key: StageKey {
-                    settings_hash: embedding_settings_hash(&embedder, &model, kind)?,
-                    input_hash: input_hash.to_string(),
-                },
-                kind,
-                batcher: settings.batcher(),
-                workers: pipeline.workers,
-                chunk_rows: CHUNK_ROWS,
-                total,
-                quiet: settings.quiet,
-            })
-        };
-        let p_stage = stage(
-            format!("r{i}-passages"),
-            TextKind::Passage,
-            &corpus_hash,
-            count_records(&pipeline.corpus),
-        )?;
-        let p_report = run_embed_stage(
-            &store,
-            embedder.clone(),
-            passage_texts(&pipeline.corpus, &read)?,
-            &p_stage,
-        )?;
-        let q_stage = stage(
+    for (i, index) in indexes.into_iter().enumerate() {
+        let q_stage = retriever_stage(
+            pipeline,
+            i,
+            &index.embedder,
+            &index.model,
             format!("r{i}-queries"),
             TextKind::Query,
             &queries_hash,
@@ -233,17 +306,17 @@ pub fn mine_with(
             .collect();
         let q_report = run_embed_stage(
             &store,
-            Arc::clone(&embedder),
+            Arc::clone(&index.embedder),
             Box::new(q_source.into_iter()),
             &q_stage,
         )?;
         upstream
-            .field(p_report.completed.content_hash())
+            .field(&index.content_hash)
             .field(q_report.completed.content_hash());
         embedded.push((
             EmbeddedStage {
-                stage: p_report.completed.stage.clone(),
-                settings_hash: p_stage.key.settings_hash.clone(),
+                stage: index.stage.clone(),
+                settings_hash: index.settings_hash.clone(),
             },
             EmbeddedStage {
                 stage: q_report.completed.stage.clone(),
@@ -253,7 +326,7 @@ pub fn mine_with(
         let q = read_matrix(&store, &q_report.completed.stage)?;
         let (ids, hits) = top_k_over_stage(
             &store,
-            &p_report.completed.stage,
+            &index.stage,
             &q.values,
             q.dim,
             pipeline.candidates.retrieve_top,

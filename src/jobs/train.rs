@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use distillery_operators::student::{Student, StudentOptions};
 
 use crate::config::{Pipeline, RunPart};
+use crate::dataflow::journal_device_stage;
 use crate::error::EngineError;
+use crate::executor::DeviceExecutor;
 use crate::jobs::label::{run_label, LabelOutcome, EXAMPLES_STAGE};
 use crate::jobs::passage_texts;
 use crate::mining::examples_from_batch;
@@ -76,6 +78,12 @@ pub fn train_with(
         student_file.passage_prefix.clone(),
     );
     let train_dir = pipeline.run_dir.join("train");
+    // Training takes the student's device from its executor step by step: no other
+    // stage runs a model on it meanwhile, and the report shows training's busy time.
+    let device = DeviceExecutor::shared(student.device())
+        .and_then(|executor| executor.open_lease_queue())
+        .map_err(|e| EngineError::Dataflow(format!("the device executor: {e}")))?;
+    let start = std::time::Instant::now();
     let report = train(
         &student,
         examples,
@@ -86,8 +94,20 @@ pub fn train_with(
         RunControl {
             stop_after,
             quiet: pipeline.quiet,
+            device: Some(device.clone()),
         },
     )?;
+    let stats = device.stats();
+    if stats.batches > 0 {
+        journal_device_stage(
+            &store,
+            "train",
+            "train: student steps",
+            stats.rows,
+            start.elapsed().as_secs_f64(),
+            &stats,
+        )?;
+    }
     Ok(TrainOutcome {
         label,
         model: report.best_model.clone(),

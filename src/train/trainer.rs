@@ -19,6 +19,7 @@ use distillery_operators::student::Student;
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::executor::{DeviceLease, Submitter};
 use crate::mining::Example;
 use crate::progress::Progress;
 use crate::store::sync_dir;
@@ -105,13 +106,17 @@ pub struct TrainReport {
 }
 
 /// How a run is driven from outside.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct RunControl {
     /// Stop (with a checkpoint) once this many optimizer steps are done: what a kill
     /// does, for tests of resume.
     pub stop_after: Option<u64>,
     /// No progress output.
     pub quiet: bool,
+    /// The student's device, taken through its executor for every step and every dev
+    /// loss ([`Submitter::lease`]), so no other stage runs a model on it meanwhile and
+    /// the time is counted as training's. `None`: the device is used directly.
+    pub device: Option<Submitter>,
 }
 
 const CHECKPOINT_DIR: &str = "checkpoint";
@@ -327,7 +332,18 @@ pub fn train(
     prompts: (Option<String>, Option<String>),
     control: RunControl,
 ) -> Result<TrainReport, EngineError> {
-    let RunControl { stop_after, quiet } = control;
+    let RunControl {
+        stop_after,
+        quiet,
+        device,
+    } = control;
+    let lease = |rows: usize| -> Result<Option<DeviceLease>, EngineError> {
+        device
+            .as_ref()
+            .map(|queue| queue.lease(rows as u64))
+            .transpose()
+            .map_err(|e| EngineError::Dataflow(format!("training: {e}")))
+    };
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     settings
         .loss
@@ -410,6 +426,7 @@ pub fn train(
                 .map(|&i| &set.train[i])
                 .collect();
             let batch = prepare(student, &chosen, texts, &intern, settings.list_len)?;
+            let held = lease(chosen.len())?;
             let (mut grads, values) =
                 batch_gradients(student, &settings.loss, &batch, settings.micro_batch)?;
             if !values.total.is_finite() {
@@ -421,6 +438,7 @@ pub fn train(
             let norm = clip_grad_norm(&mut grads, settings.max_grad_norm)?;
             let lr = schedule.lr(state.global_step);
             opt.step(&grads, lr)?;
+            drop(held);
             writeln!(
                 log,
                 "{},{},{lr:.8},{:.6},{},{},{norm:.6}",
@@ -441,7 +459,9 @@ pub fn train(
             }
         }
         // End of epoch: dev loss, best model, patience.
+        let held = lease(set.dev.len().max(1))?;
         let dev = dev_loss(student, &set, texts, &intern, settings)?;
+        drop(held);
         dev_losses.push(dev.total);
         write_dev_log(&dev_log, &dev_losses)?;
         let improved = state.best_dev.is_none_or(|b| dev.total < b);

@@ -138,6 +138,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OperatorError + '_ {
 }
 
 impl LlmGenerator {
+    /// The device the model's weights live on.
+    pub fn device(&self) -> &Device {
+        &self.options.device
+    }
+
     /// Loads a Hugging Face model directory (config.json, safetensors weights,
     /// tokenizer.json, a chat template) or a `.gguf` file (its tokenizer.json beside it
     /// or in `options.tokenizer_dir`).
