@@ -608,6 +608,31 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_holds_the_device_and_counts_as_its_queue_busy_time() {
+        let exec = DeviceExecutor::spawn("test").unwrap();
+        let model = Arc::new(LengthModel::default());
+        let batches = exec.open_queue(model.clone()).unwrap();
+        let leases = exec.open_lease_queue().unwrap();
+        let lease = leases.lease(12).unwrap();
+        // While the lease is held, a batch of another stage waits.
+        let (reply, results) = crossbeam_channel::unbounded();
+        let job = Job {
+            batch: batch(3, 2),
+            reply,
+            wake: None,
+        };
+        assert!(batches.submit(job).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(results.try_recv().is_err(), "a batch ran during a lease");
+        drop(lease);
+        assert_eq!(results.recv().unwrap().output.unwrap(), [2.0, 3.0]);
+        let held = leases.stats();
+        assert_eq!((held.batches, held.rows), (1, 12));
+        assert!(held.busy >= Duration::from_millis(30), "{:?}", held.busy);
+        assert_eq!(batches.stats().batches, 1);
+    }
+
+    #[test]
     fn one_executor_per_device() {
         let a = DeviceExecutor::shared(&Device::Cpu).unwrap();
         let b = DeviceExecutor::shared(&Device::Cpu).unwrap();
