@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use distillery::corpus::ReadOptions;
+use distillery::dataflow::memo_embed::memo_stage_name;
 use distillery::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use distillery::error::EngineError;
 use distillery::jobs::eval::read_matrix;
 use distillery::jobs::passage_texts;
+use distillery::store::memo::memo_stage_key;
 use distillery::store::{StageKey, StageStatus, StageStore};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{
@@ -143,14 +145,21 @@ fn interrupted_run_resumes_to_the_uninterrupted_bytes() {
     let err =
         run_embed_stage(&store, e.clone(), corpus_failing_after(250), &stage(1, 100)).unwrap_err();
     assert!(err.to_string().contains("simulated interruption"), "{err}");
-    // The two whole chunks before the failure are committed; the third is not.
+    // The two whole chunks before the failure are committed to the memo table; the
+    // third is not, and the stage itself was never begun.
     let key = stage(1, 100).key;
     assert_eq!(
-        store.status("passage-embeddings", &key).unwrap(),
+        store
+            .status(&memo_stage_name("s"), &memo_stage_key("s"))
+            .unwrap(),
         StageStatus::Partial {
             committed_rows: 200,
             committed_parts: 2
         }
+    );
+    assert_eq!(
+        store.status("passage-embeddings", &key).unwrap(),
+        StageStatus::Absent
     );
     drop(store);
     let store = StageStore::open(broken.path()).unwrap();
@@ -180,4 +189,86 @@ fn a_bad_record_stops_the_stage_naming_file_and_line() {
         .to_string();
     assert!(err.contains("corpus.jsonl:2"), "{err}");
     assert!(err.contains("text"), "{err}");
+}
+
+/// The corpus's passages with some changed: `edit` (index, new text), `remove` (indices),
+/// then `add` (id, text) at the end.
+fn changed_corpus(edit: &[(usize, &str)], remove: &[usize], add: &[(&str, &str)]) -> TextSource {
+    let mut texts: Vec<(String, String)> = corpus().map(|r| r.unwrap()).collect();
+    for &(i, text) in edit {
+        texts[i].1 = text.to_string();
+    }
+    let mut i = 0;
+    texts.retain(|_| {
+        i += 1;
+        !remove.contains(&(i - 1))
+    });
+    texts.extend(add.iter().map(|(id, t)| (id.to_string(), t.to_string())));
+    Box::new(texts.into_iter().map(Ok))
+}
+
+fn stage_for(input_hash: &str) -> EmbedStage {
+    EmbedStage {
+        key: StageKey {
+            settings_hash: "s".into(),
+            input_hash: input_hash.into(),
+        },
+        ..stage(1, 100)
+    }
+}
+
+#[test]
+fn a_changed_corpus_embeds_only_its_new_texts_and_ends_equal_to_a_fresh_run() {
+    let model = tempfile::tempdir().unwrap();
+    let e = tiny_embedder(model.path());
+    let texts: Vec<(String, String)> = corpus().map(|r| r.unwrap()).collect();
+    let run = tempfile::tempdir().unwrap();
+    let store = StageStore::open(run.path()).unwrap();
+    let first = run_embed_stage(&store, e.clone(), corpus(), &stage_for("v1")).unwrap();
+    assert_eq!((first.rows_embedded, first.rows_memoised), (500, 0));
+
+    // Two texts edited, one a title-only change; two passages removed; three added, one
+    // of them a copy of an existing text and one put back as it was.
+    let title_only = format!("A new title {}", texts[40].1);
+    let edits = [
+        (3, "an entirely new text about ribosomes"),
+        (40, title_only.as_str()),
+    ];
+    let removed = [10, 11];
+    let added = [
+        ("new-1", "a passage nobody embedded before"),
+        ("copy-of-7", texts[7].1.as_str()),
+        ("back-11", texts[11].1.as_str()),
+    ];
+    let changed = || changed_corpus(&edits, &removed, &added);
+    let second = run_embed_stage(&store, e.clone(), changed(), &stage_for("v2")).unwrap();
+    // Embedded: the two edits and the one new text; every other row from the memo.
+    assert_eq!(second.rows_embedded, 3);
+    assert_eq!(second.rows_memoised, 498);
+    assert_eq!(second.completed.rows(), 501);
+
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh_store = StageStore::open(fresh_dir.path()).unwrap();
+    let fresh = run_embed_stage(&fresh_store, e.clone(), changed(), &stage_for("v2")).unwrap();
+    assert_eq!(fresh.rows_embedded, 500, "501 rows, one text twice");
+    assert_eq!(
+        second.completed.content_hash(),
+        fresh.completed.content_hash(),
+        "the incremental stage's parts are the fresh run's, byte for byte"
+    );
+    let m = read_matrix(&store, "passage-embeddings").unwrap();
+    assert_eq!(m.ids[498], "new-1");
+    assert_eq!(
+        m.row(499),
+        m.row(7),
+        "a copied text has its original's vector"
+    );
+
+    // The first corpus again: nothing to embed.
+    let back = run_embed_stage(&store, e, corpus(), &stage_for("v1-again")).unwrap();
+    assert_eq!((back.rows_embedded, back.rows_memoised), (0, 500));
+    assert_eq!(
+        back.completed.content_hash(),
+        first.completed.content_hash()
+    );
 }

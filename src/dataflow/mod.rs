@@ -14,6 +14,7 @@
 //! under its key resumes after its committed rows.
 
 pub mod infer_op;
+pub mod memo_embed;
 pub mod write_parts;
 
 use std::cell::{Cell, RefCell};
@@ -27,9 +28,8 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
 use crate::error::EngineError;
-use crate::executor::{DeviceExecutor, DeviceModel, EmbedTexts, ExecutorStats};
+use crate::executor::{DeviceExecutor, DeviceModel, ExecutorStats};
 use crate::progress::Progress;
-use crate::schema::{embeddings_batch, embeddings_schema};
 use crate::store::{CompletedStage, StageKey, StageStore};
 use infer_op::{infer_on_device, InferConfig, InputRecord};
 use write_parts::{write_parts, BatchBuilder, SharedWriter};
@@ -165,28 +165,38 @@ pub struct EmbedStageReport {
     pub reused: bool,
     /// Rows embedded by this run (a resumed run counts only its own).
     pub rows_embedded: u64,
+    /// Rows taken from the memo table instead of the device (embedding stages).
+    pub rows_memoised: u64,
     /// Wall time of the dataflow, model loading excluded.
     pub seconds: f64,
     pub executor: ExecutorStats,
 }
 
-/// Runs (or reuses, or resumes) an embedding stage: `id`, `embedding` rows.
+impl EmbedStageReport {
+    fn reused(completed: CompletedStage) -> Self {
+        EmbedStageReport {
+            completed,
+            reused: true,
+            rows_embedded: 0,
+            rows_memoised: 0,
+            seconds: 0.0,
+            executor: ExecutorStats::default(),
+        }
+    }
+}
+
+/// Runs (or reuses, or resumes) an embedding stage: `id`, `embedding` rows, in input
+/// order; only texts its memo table lacks are embedded ([`memo_embed`]).
 pub fn run_embed_stage(
     store: &StageStore,
     embedder: Arc<Embedder>,
     source: TextSource,
     stage: &EmbedStage,
 ) -> Result<EmbedStageReport, EngineError> {
-    let dim = embedder.dim();
-    let output = StageOutput {
-        schema: embeddings_schema(dim),
-        to_batch: Arc::new(move |ids, matrix| embeddings_batch(ids, matrix, dim)),
-    };
-    let model = Arc::new(EmbedTexts {
-        embedder,
-        kind: stage.kind,
-    });
-    run_device_stage(store, model, source, stage, output)
+    if let Some(completed) = complete_under_key(store, stage)? {
+        return Ok(EmbedStageReport::reused(completed));
+    }
+    memo_embed::run(store, embedder, source, stage)
 }
 
 /// Runs (or reuses, or resumes) a device stage of any model: each item becomes one
@@ -198,21 +208,65 @@ pub fn run_device_stage<M: DeviceModel>(
     stage: &EmbedStage,
     output: StageOutput,
 ) -> Result<EmbedStageReport, EngineError> {
-    // Reused when complete under its key, under its own name or any other (equal keys
-    // hold the same rows): callers read the rows from `completed.stage`.
-    let done = match store.completed(&stage.stage, &stage.key)? {
+    if let Some(completed) = complete_under_key(store, stage)? {
+        return Ok(EmbedStageReport::reused(completed));
+    }
+    let ran = run_dataflow(store, model, source, stage, output, Writing::WholeStage)?;
+    let completed = ran
+        .completed
+        .ok_or_else(|| EngineError::Dataflow("the stage was not finished; this is a bug".into()))?;
+    Ok(EmbedStageReport {
+        completed,
+        reused: false,
+        rows_embedded: ran.rows,
+        rows_memoised: 0,
+        seconds: ran.seconds,
+        executor: ran.executor,
+    })
+}
+
+/// The stage complete under `stage`'s key, under its own name or any other (equal keys
+/// hold the same rows): callers read the rows from `completed.stage`.
+fn complete_under_key(
+    store: &StageStore,
+    stage: &EmbedStage,
+) -> Result<Option<CompletedStage>, EngineError> {
+    Ok(match store.completed(&stage.stage, &stage.key)? {
         Some(completed) => Some(completed),
         None => store.find_completed(&stage.key)?,
-    };
-    if let Some(completed) = done {
-        return Ok(EmbedStageReport {
-            completed,
-            reused: true,
-            rows_embedded: 0,
-            seconds: 0.0,
-            executor: ExecutorStats::default(),
-        });
-    }
+    })
+}
+
+/// How the dataflow writes its stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// The stage's whole output, in input order: a resumed stage skips the items its
+    /// committed rows hold, and the stage is finished at the end.
+    WholeStage,
+    /// Rows appended to a stage that stays open (a memo table): every item of the source
+    /// is run and written after the committed rows; the stage is never finished.
+    Append,
+}
+
+/// What one run of the dataflow did.
+struct DataflowRun {
+    /// The finished stage ([`Writing::WholeStage`] only).
+    completed: Option<CompletedStage>,
+    rows: u64,
+    seconds: f64,
+    executor: ExecutorStats,
+}
+
+/// Feeds `source` through `InferOnDevice` into `stage`'s parts (see the module docs) and
+/// journals the device's figures.
+fn run_dataflow<M: DeviceModel>(
+    store: &StageStore,
+    model: Arc<M>,
+    source: ItemSource<M::Item>,
+    stage: &EmbedStage,
+    output: StageOutput,
+    writing: Writing,
+) -> Result<DataflowRun, EngineError> {
     let start = Instant::now();
     // The device's one executor, shared with every other stage on it; this stage gets
     // its own bounded queue and figures.
@@ -235,7 +289,7 @@ pub fn run_device_stage<M: DeviceModel>(
 
     let guards = timely::execute(
         timely::Config::process(stage.workers.max(1)),
-        move |worker| -> Result<Option<(CompletedStage, u64)>, EngineError> {
+        move |worker| -> Result<Option<(Option<CompletedStage>, u64)>, EngineError> {
             let index = worker.index();
             let writer: SharedWriter = Rc::new(RefCell::new(None));
             if index == 0 {
@@ -245,11 +299,14 @@ pub fn run_device_stage<M: DeviceModel>(
                     output.schema.clone(),
                 )?);
             }
-            let skip = writer
-                .borrow()
-                .as_ref()
-                .map(|w| w.committed_rows())
-                .unwrap_or(0);
+            let skip = match writing {
+                Writing::WholeStage => writer
+                    .borrow()
+                    .as_ref()
+                    .map(|w| w.committed_rows())
+                    .unwrap_or(0),
+                Writing::Append => 0,
+            };
             let error: Rc<RefCell<Option<EngineError>>> = Rc::new(RefCell::new(None));
             let discard_from = Rc::new(Cell::new(u64::MAX));
             let mut input: InputHandleVec<u64, InputRecord<M::Item>> = InputHandleVec::new();
@@ -323,9 +380,13 @@ pub fn run_device_stage<M: DeviceModel>(
                 return Err(e);
             }
             let finished = writer.borrow_mut().take();
-            match finished {
-                None => Ok(None),
-                Some(w) => Ok(Some((w.finish()?, fed))),
+            match (finished, writing) {
+                (None, _) => Ok(None),
+                (Some(w), Writing::WholeStage) => Ok(Some((Some(w.finish()?), fed))),
+                (Some(w), Writing::Append) => {
+                    drop(w);
+                    Ok(Some((None, fed)))
+                }
             }
         },
     )
@@ -365,10 +426,9 @@ pub fn run_device_stage<M: DeviceModel>(
         seconds,
         &executor_stats,
     )?;
-    Ok(EmbedStageReport {
+    Ok(DataflowRun {
         completed,
-        reused: false,
-        rows_embedded,
+        rows: rows_embedded,
         seconds,
         executor: executor_stats,
     })

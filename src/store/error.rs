@@ -84,6 +84,9 @@ pub enum StoreError {
         rows: u64,
         chunk_rows: u64,
     },
+    /// A memo table's stage holds something a memo cannot (a bad key, a missing row).
+    #[error("memo stage `{stage}`: {reason}")]
+    Memo { stage: String, reason: String },
     /// Another process has the run directory open.
     #[error(
         "run directory {} is in use by another distillery process; wait for it to end, \

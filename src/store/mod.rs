@@ -40,6 +40,7 @@ mod durable;
 mod error;
 mod hash;
 mod manifest;
+pub mod memo;
 mod owner;
 mod reader;
 mod recovery;
@@ -357,6 +358,12 @@ impl StageStore {
     pub fn read(&self, stage: &str) -> Result<StageReader, StoreError> {
         let parts = self.committed_parts(stage)?;
         Ok(StageReader::new(self.shared.stage_dir(stage), parts))
+    }
+
+    /// Streams the batches of `parts` (committed parts of `stage`, as the manifest lists
+    /// them), in the order given.
+    pub(crate) fn read_parts(&self, stage: &str, parts: Vec<PartEntry>) -> StageReader {
+        StageReader::new(self.shared.stage_dir(stage), parts)
     }
 
     /// All batches of the stage in memory; for tests and small stages.
