@@ -131,7 +131,7 @@ fn extractive_queries_are_the_passages_own_words_and_cached() {
 }
 
 #[test]
-fn an_edited_passage_regenerates_only_its_own_queries() {
+fn an_edited_passage_gives_the_queries_of_a_run_from_scratch() {
     let dir = tempfile::tempdir().unwrap();
     let run = tempfile::tempdir().unwrap();
     let file = GenerateFile::with_generator("extractive");
@@ -143,25 +143,38 @@ fn an_edited_passage_regenerates_only_its_own_queries() {
     ))
     .unwrap();
     assert_eq!(before.generated_now, 90);
-    let after = run_generate(&job(
-        &file,
-        &corpus_head(dir.path(), 30, Some(4)),
-        run.path(),
-        0,
-    ))
-    .unwrap();
-    // Passage 5's three queries, nothing else.
-    assert_eq!(after.generated_now, 3);
-    assert_eq!(after.cached, 87);
+    let edited_dir = tempfile::tempdir().unwrap();
+    let edited = corpus_head(edited_dir.path(), 30, Some(4));
+    let after = run_generate(&job(&file, &edited, run.path(), 0)).unwrap();
+    // Keyword queries rank terms by the corpus's document frequencies, which the edit
+    // moved: the extractive generator is another one (its id holds the table's hash),
+    // and every query is generated again...
+    assert_ne!(after.generator, before.generator);
+    assert_eq!(after.generated_now, 90);
+    // ...to exactly the queries of a run from scratch on the edited corpus.
+    let fresh_run = tempfile::tempdir().unwrap();
+    let fresh = run_generate(&job(&file, &edited, fresh_run.path(), 0)).unwrap();
+    assert_eq!(after.rows, fresh.rows);
     let changed: Vec<usize> = (0..90)
         .filter(|&i| before.rows[i] != after.rows[i])
         .collect();
-    // Its title query is unchanged; its claim and keywords come from the new text.
-    assert_eq!(changed, vec![13, 14]);
+    // Passage 5's title query is unchanged; its claim and keywords come from the new
+    // text (other keyword queries may move with the frequencies; titles never do).
+    assert!(
+        changed.contains(&13) && changed.contains(&14),
+        "{changed:?}"
+    );
+    assert!(!changed.contains(&12), "{changed:?}");
+    assert!(changed
+        .iter()
+        .all(|&i| i == 13 || before.rows[i].query_type == "keywords"));
     assert!(
         ["An edited passage.", "Its second sentence is new as well."]
             .contains(&after.rows[13].query_text.as_str())
     );
+    // The same corpus again: nothing to generate.
+    let again = run_generate(&job(&file, &edited, run.path(), 0)).unwrap();
+    assert_eq!((again.generated_now, again.cached), (0, 90));
 }
 
 #[test]

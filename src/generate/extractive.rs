@@ -28,10 +28,11 @@
 //! contain the term (the smoothed form, so a term of a passage outside the table still
 //! has a finite weight), and the score `tf * idf`.
 //!
-//! The document frequencies come from the prepared corpus at construction. They are not
-//! part of [`ExtractiveGenerator::id`]: as with every generator, a query once generated
-//! is kept when the corpus changes, even though a new table could rank its terms
-//! differently.
+//! The document frequencies come from the prepared corpus at construction, and their
+//! hash is part of [`ExtractiveGenerator::id`]: keyword queries depend on the whole
+//! corpus, so a changed corpus is another generator and its queries are generated again
+//! (cheaply), so that a rerun ends equal to a run from scratch. Titles and claims come
+//! out the same, and later stages find their texts in their memo tables.
 
 use std::collections::{HashMap, HashSet};
 
@@ -96,6 +97,18 @@ impl DocumentFrequencies {
         table
     }
 
+    /// A hash of the table: the documents counted and every term with its frequency.
+    pub fn table_hash(&self) -> String {
+        let mut terms: Vec<(&String, &u64)> = self.df.iter().collect();
+        terms.sort_unstable();
+        let mut hasher = crate::store::ContentHasher::new();
+        hasher.field(self.documents.to_string());
+        for (term, df) in terms {
+            hasher.field(term).field(df.to_string());
+        }
+        hasher.finish()
+    }
+
     /// Documents counted.
     pub fn documents(&self) -> u64 {
         self.documents
@@ -144,12 +157,18 @@ impl DocumentFrequencies {
 #[derive(Debug, Clone)]
 pub struct ExtractiveGenerator {
     frequencies: DocumentFrequencies,
+    /// The version and the hash of `frequencies`.
+    id: String,
 }
 
 impl ExtractiveGenerator {
     /// A generator whose keyword scores use `frequencies`.
     pub fn new(frequencies: DocumentFrequencies) -> Self {
-        Self { frequencies }
+        let id = format!(
+            "extractive-v{EXTRACTIVE_VERSION}-df{}",
+            &frequencies.table_hash()[..16]
+        );
+        Self { frequencies, id }
     }
 
     /// A generator with the document frequencies of `passages` (the prepared corpus).
@@ -199,7 +218,7 @@ impl ExtractiveGenerator {
 
 impl QueryGenerator for ExtractiveGenerator {
     fn id(&self) -> String {
-        format!("extractive-v{EXTRACTIVE_VERSION}")
+        self.id.clone()
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
@@ -429,7 +448,17 @@ mod tests {
             assert!(!ExtractiveGenerator::supports(kind));
         }
         assert!(ExtractiveGenerator::supports("claim"));
-        assert_eq!(generator.id(), "extractive-v1");
+        // The id names the version and the corpus's document frequencies.
+        assert!(
+            generator.id().starts_with("extractive-v1-df"),
+            "{}",
+            generator.id()
+        );
+        let same = ExtractiveGenerator::new(generator.frequencies.clone());
+        assert_eq!(same.id(), generator.id());
+        let other_corpus = passage("x", "Other", "Another corpus entirely.");
+        let other = ExtractiveGenerator::from_passages([&other_corpus]);
+        assert_ne!(other.id(), generator.id());
         let batch = [
             request(with_title.clone(), "title", 0),
             request(with_title, "question", 0),
