@@ -45,8 +45,9 @@ fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
     parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
-/// Rows the device journal says each stage label ran, from line `from` on.
-fn embedded_since(run: &Path, from: usize) -> Vec<(String, u64)> {
+/// Rows the device journal says each stage label ran and took from its memo table, from
+/// line `from` on.
+fn embedded_since(run: &Path, from: usize) -> Vec<(String, u64, u64)> {
     std::fs::read_to_string(run.join("device-stages.jsonl"))
         .unwrap()
         .lines()
@@ -56,6 +57,7 @@ fn embedded_since(run: &Path, from: usize) -> Vec<(String, u64)> {
             (
                 v["label"].as_str().unwrap().to_string(),
                 v["rows"].as_u64().unwrap(),
+                v["memoised"].as_u64().unwrap(),
             )
         })
         .collect()
@@ -74,13 +76,13 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
     edit_corpus(again.path());
     ok(&args, again.path());
     let ran = embedded_since(&run, journal_lines);
-    let passages: Vec<u64> = ran
+    let passages: Vec<(u64, u64)> = ran
         .iter()
-        .filter(|(label, _)| label == "retriever 0: r0-passages")
-        .map(|(_, rows)| *rows)
+        .filter(|(label, _, _)| label == "retriever 0: r0-passages")
+        .map(|(_, rows, memoised)| (*rows, *memoised))
         .collect();
     // The edited passage and the added one; the other 58 come from the memo table.
-    assert_eq!(passages, [2], "{ran:?}");
+    assert_eq!(passages, [(2, 58)], "{ran:?}");
 
     let fresh = fixture(false);
     edit_corpus(fresh.path());

@@ -34,7 +34,10 @@ python3 - <<'PY'
 import json
 for line in open("run/device-stages.jsonl"):
     r = json.loads(line)
-    busy = r["busy_seconds"] / r["seconds"] if r["seconds"] else 0
+    if not r["seconds"]:
+        print(f'{r["label"]}: all {r.get("memoised", 0)} items from the memo table')
+        continue
+    busy = r["busy_seconds"] / r["seconds"]
     print(f'{r["label"]}: {r["rows"]} items in {r["seconds"]:.1f} s = '
           f'{r["rows"] / r["seconds"]:.0f}/s, device busy {100 * busy:.0f}%')
 PY

@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex};
 
 use distillery_operators::Embedder;
 
-use super::{run_dataflow, EmbedStage, EmbedStageReport, StageOutput, TextSource, Writing};
+use super::{
+    journal_device_stage, run_dataflow, EmbedStage, EmbedStageReport, StageOutput, TextSource,
+    Writing,
+};
 use crate::error::EngineError;
 use crate::executor::EmbedTexts;
 use crate::schema::{embeddings_batch, embeddings_schema, EmbeddingMatrix};
@@ -169,6 +172,16 @@ pub(super) fn run(
     })?;
     let completed = writer.finish()?;
     let rows_memoised = (order.len() as u64).saturating_sub(rows_embedded);
+    // The journal's figures are the device dataflow's (the pass that ran the misses); a
+    // stage served whole from the memo is journaled with no device time.
+    journal_device_stage(
+        store,
+        &memo_stage,
+        &stage.label,
+        (rows_embedded, rows_memoised),
+        seconds,
+        &executor,
+    )?;
     Ok(EmbedStageReport {
         completed,
         reused: false,

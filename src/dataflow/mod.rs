@@ -85,6 +85,9 @@ pub struct DeviceStageRecord {
     pub label: String,
     /// Items run by this invocation (a resumed stage counts only its own).
     pub rows: u64,
+    /// Items an embedding stage took from its memo table instead of the device.
+    #[serde(default)]
+    pub memoised: u64,
     pub batches: u64,
     /// Wall time of the stage's dataflow.
     pub seconds: f64,
@@ -130,12 +133,13 @@ pub fn read_device_journal(run_dir: &std::path::Path) -> Vec<DeviceStageRecord> 
 }
 
 /// Appends what one stage did on its device to the run's journal ([`DEVICE_JOURNAL`]):
-/// `rows` items in `seconds` of wall time, with its executor queue's figures.
+/// `(run, memoised)` items (run on the device in `seconds` of wall time, taken from a
+/// memo table), with its executor queue's figures.
 pub fn journal_device_stage(
     store: &StageStore,
     stage: &str,
     label: &str,
-    rows: u64,
+    (rows, memoised): (u64, u64),
     seconds: f64,
     stats: &ExecutorStats,
 ) -> Result<(), EngineError> {
@@ -143,6 +147,7 @@ pub fn journal_device_stage(
         stage: stage.to_string(),
         label: label.to_string(),
         rows,
+        memoised,
         batches: stats.batches,
         seconds,
         busy_seconds: stats.busy.as_secs_f64(),
@@ -212,6 +217,14 @@ pub fn run_device_stage<M: DeviceModel>(
         return Ok(EmbedStageReport::reused(completed));
     }
     let ran = run_dataflow(store, model, source, stage, output, Writing::WholeStage)?;
+    journal_device_stage(
+        store,
+        &stage.stage,
+        &stage.label,
+        (ran.rows, 0),
+        ran.seconds,
+        &ran.executor,
+    )?;
     let completed = ran
         .completed
         .ok_or_else(|| EngineError::Dataflow("the stage was not finished; this is a bug".into()))?;
@@ -281,7 +294,6 @@ fn run_dataflow<M: DeviceModel>(
         progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
-    let store_for_journal = store.clone();
     let store = store.clone();
     let stage_spec = stage.clone();
     let width = model.row_width();
@@ -418,14 +430,6 @@ fn run_dataflow<M: DeviceModel>(
     let (completed, rows_embedded) = outcome
         .ok_or_else(|| EngineError::Dataflow("worker 0 returned no stage; this is a bug".into()))?;
     let seconds = start.elapsed().as_secs_f64();
-    journal_device_stage(
-        &store_for_journal,
-        &stage.stage,
-        &stage.label,
-        rows_embedded,
-        seconds,
-        &executor_stats,
-    )?;
     Ok(DataflowRun {
         completed,
         rows: rows_embedded,

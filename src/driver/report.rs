@@ -328,8 +328,8 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
         html.push_str("<p class=\"note\">No device stage ran.</p>");
     } else {
         html.push_str(
-            "<table><tr><th>stage</th><th>items</th><th>seconds</th><th>items/s</th>\
-             <th>device busy</th><th>batches</th><th>padding</th></tr>",
+            "<table><tr><th>stage</th><th>items run</th><th>from memo</th><th>seconds</th>\
+             <th>items/s</th><th>device busy</th><th>batches</th><th>padding</th></tr>",
         );
         for r in &journal {
             let padding = if r.padded_tokens > 0 {
@@ -339,10 +339,11 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
             };
             let _ = write!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{:.0}%</td>\
-                 <td>{}</td><td>{padding:.1}%</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td>\
+                 <td>{:.0}%</td><td>{}</td><td>{padding:.1}%</td></tr>",
                 escape(&r.label),
                 r.rows,
+                r.memoised,
                 r.seconds,
                 r.rows_per_second(),
                 100.0 * r.busy_fraction(),
@@ -350,12 +351,16 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
             );
         }
         html.push_str("</table>");
-        let busy: Vec<(String, f64, &str)> = journal
+        // The plots show the stages that ran on the device (not those served whole from
+        // their memo tables).
+        let ran: Vec<DeviceStageRecord> =
+            journal.iter().filter(|r| r.batches > 0).cloned().collect();
+        let busy: Vec<(String, f64, &str)> = ran
             .iter()
             .map(|r| (r.label.clone(), 100.0 * r.busy_fraction(), TUNED_COLOUR))
             .collect();
         html.push_str(&bar_chart("busy", &busy, |v| format!("{v:.0}% busy")));
-        html.push_str(&queue_plot(&journal));
+        html.push_str(&queue_plot(&ran));
         html.push_str(
             "<p class=\"note\">Queue depth: the batches waiting for the device as each one \
              started, stage after stage on one time axis; above zero, the device never \

@@ -542,7 +542,7 @@ pub fn run_generate_with(
                 &store,
                 &stage,
                 &format!("generate ({})", short_id(&generator_id)),
-                stats.rows,
+                (stats.rows, 0),
                 start.elapsed().as_secs_f64(),
                 &stats,
             )?;

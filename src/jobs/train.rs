@@ -103,7 +103,7 @@ pub fn train_with(
             &store,
             "train",
             "train: student steps",
-            stats.rows,
+            (stats.rows, 0),
             start.elapsed().as_secs_f64(),
             &stats,
         )?;
