@@ -1,39 +1,9 @@
-//! Errors about user input: each names the file, the line (1-based) and the field.
+//! The engine's errors. Those about user input name the file, the line (1-based) and
+//! the field ([`BadRecord`], re-exported from its leaf module).
 
-use std::fmt;
 use std::path::PathBuf;
 
-/// Where in an input a problem sits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Location {
-    pub file: PathBuf,
-    /// 1-based line (text formats) or row (Parquet); 0 when the problem is the whole file.
-    pub line: u64,
-    /// The field at fault, when one is.
-    pub field: Option<String>,
-}
-
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if self.line > 0 {
-            write!(f, ":{}", self.line)?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, " field `{field}`")?;
-        }
-        Ok(())
-    }
-}
-
-/// A record that cannot be read as what it should be.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{location}: {reason}")]
-pub struct BadRecord {
-    pub location: Location,
-    /// What was expected and what was found, in words.
-    pub reason: String,
-}
+pub use crate::bad_record::{BadRecord, Location};
 
 /// Everything a stage of the engine can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! distillery: a streaming dataflow engine that turns a passage corpus into a fine-tuned
 //! dense retriever. See ARCHITECTURE.md for a walk through the modules.
 
+pub mod bad_record;
 pub mod config;
 pub mod corpus;
 pub mod crash;

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::lines::{is_blank, ByteLines, Line, MAX_LINE_BYTES};
 use super::{bad_record, CorpusError, Item, SeenIds, Source};
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 use crate::record::{Passage, Query};
 
 /// The id key of BEIR files.

@@ -34,7 +34,7 @@ mod tsv;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::error::{BadRecord, Location};
+use crate::bad_record::{BadRecord, Location};
 use crate::record::{Passage, Query};
 
 pub use lines::MAX_LINE_BYTES;

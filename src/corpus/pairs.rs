@@ -29,7 +29,7 @@ use super::lines::{is_blank, ByteLines, Line, MAX_LINE_BYTES};
 use super::{
     bad_record, format_of, CorpusError, Driver, Format, Item, ReadOptions, SeenIds, Source,
 };
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 
 /// One (query, passage) pair to score.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt32Type, UInt64Type};
 
 use super::{bad_record, CorpusError, Item, SeenIds, Source};
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 use crate::record::Passage;
 
 /// Rows per record batch. Passages are a few KB at most, so 1024 rows keep a batch in the

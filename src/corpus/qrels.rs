@@ -12,7 +12,7 @@ use std::path::Path;
 use super::jsonl::utf8;
 use super::lines::{is_blank, ByteLines, Line, MAX_LINE_BYTES};
 use super::{bad_record, CorpusError, ReadOptions};
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 use crate::record::Qrels;
 
 /// BEIR's column names, which are also the field names in error locations.

@@ -25,7 +25,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use serde::Serialize;
 
 use super::CorpusError;
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 
 /// The most raw bytes kept per entry. A record is usually a few hundred bytes; 4 KiB
 /// keeps enough of a bad one to recognise and fix it, while a corrupt multi-megabyte
@@ -200,7 +200,7 @@ fn truncate_lossy(raw: &[u8]) -> String {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
-    use crate::error::Location;
+    use crate::bad_record::Location;
 
     fn bad(line: u64, field: Option<&str>, reason: &str) -> BadRecord {
         BadRecord {

@@ -13,7 +13,7 @@ use std::path::Path;
 use super::jsonl::utf8;
 use super::lines::{is_blank, ByteLines, Line, MAX_LINE_BYTES};
 use super::{bad_record, CorpusError, Item, SeenIds, Source};
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 use crate::record::{Passage, Query};
 
 /// A record type read from TSV columns.

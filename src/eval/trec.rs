@@ -20,7 +20,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::metrics::{trec_order, Run};
-use crate::error::{BadRecord, Location};
+use crate::bad_record::{BadRecord, Location};
 
 /// Fields per line: qid, Q0, docid, rank, score, tag.
 const FIELDS: usize = 6;

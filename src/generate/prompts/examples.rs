@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::PromptError;
-use crate::error::{BadRecord, Location};
+use crate::bad_record::{BadRecord, Location};
 
 /// One (passage, query) example of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use distillery_operators::llm::ChatMessage;
 
 use super::{GenerationRequest, PreparedPassage};
-use crate::error::BadRecord;
+use crate::bad_record::BadRecord;
 use crate::store::ContentHasher;
 use examples::{draw, parse_example_lines};
 
