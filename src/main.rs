@@ -329,8 +329,16 @@ fn run_cli(cli: Cli) -> Result<()> {
                 run_dir,
             };
             let (outcome, _model) = run_embed(&job)?;
+            let memo = if outcome.memoised > 0 {
+                format!(
+                    " ({} of them from the run's memo table, embedded before)",
+                    outcome.memoised
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "embedded {} texts ({} dims) in {:.2}s: {:.1}/s, padding {:.1}% -> {}",
+                "embedded {} texts{memo} ({} dims) in {:.2}s: {:.1}/s, padding {:.1}% -> {}",
                 outcome.passages,
                 outcome.dim,
                 outcome.seconds,

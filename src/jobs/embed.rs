@@ -34,6 +34,8 @@ pub struct EmbedJob {
 #[derive(Debug, Clone, Serialize)]
 pub struct EmbedOutcome {
     pub passages: u64,
+    /// Texts taken from the run's memo table (embedded by an earlier invocation).
+    pub memoised: u64,
     pub seconds: f64,
     pub passages_per_second: f64,
     pub dim: usize,
@@ -100,6 +102,7 @@ pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), Engine
             skipped_records,
             quarantine,
             passages: report.completed.rows(),
+            memoised: report.rows_memoised,
             seconds: report.seconds,
             passages_per_second: if report.seconds > 0.0 {
                 report.rows_embedded as f64 / report.seconds
