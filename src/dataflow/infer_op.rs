@@ -4,7 +4,7 @@
 //! On each activation the operator tokenises the items it received (on its worker's
 //! thread), packs them into token-budget batches, and offers the batches to the device
 //! executor's bounded queue; batches the queue refuses wait in the operator. Results come
-//! back on a channel, and the executor wakes the operator through a [`SyncActivator`]
+//! back on a channel, and the executor wakes the operator through a `SyncActivator`
 //! when one is ready. The operator holds a capability for every timestamp with texts
 //! still on the device, so downstream frontiers say exactly which chunks are complete.
 

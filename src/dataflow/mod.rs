@@ -7,7 +7,7 @@
 //!   unfinished (the probe says which), so memory stays bounded however large the input;
 //! - `InferOnDevice` ([`infer_op`]) on every worker tokenises, batches by token budget
 //!   and hands batches to the one device executor over its bounded queue;
-//! - `WriteParts` ([`write_parts`]) commits each finished chunk as one Parquet part.
+//! - `WriteParts` ([`write_parts()`]) commits each finished chunk as one Parquet part.
 //!
 //! A stage already complete under its key, under its own name or another stage's, is not
 //! run again (the report's `completed.stage` names where its rows are); a stage begun

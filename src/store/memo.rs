@@ -151,7 +151,7 @@ fn memo_keys(stage: &str, batch: &RecordBatch) -> Result<Vec<MemoKey>, StoreErro
 pub type DecodePart<'a, T> = Box<dyn Fn(&[RecordBatch]) -> Result<T, StoreError> + 'a>;
 
 /// Reads a memo table's rows by [`MemoIndex::locate`], a whole part at a time, each part
-/// decoded by `decode` and the last [`PARTS_KEPT`] kept.
+/// decoded by `decode` and the last `PARTS_KEPT` (4) kept.
 pub struct MemoRows<'a, T> {
     store: &'a StageStore,
     stage: &'a str,

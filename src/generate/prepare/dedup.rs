@@ -69,7 +69,7 @@ pub enum Verdict {
 }
 
 /// The verdict on each of `normalised` (in input order; see the module docs), all in
-/// memory: the rule's definition, which preparation runs through [`mark_in_order`] over
+/// memory: the rule's definition, which preparation runs through `mark_in_order` over
 /// sorted runs on disk.
 pub fn near_duplicates(normalised: &[&str], window: usize) -> Vec<Verdict> {
     let mut verdicts = vec![Verdict::Unique; normalised.len()];
