@@ -8,7 +8,7 @@
 //!   own tokens only, so a batch costs what its real tokens cost.
 //! - Whole-layer fusion: one `[hidden, 3 * hidden]` product for query, key and value;
 //!   residuals accumulate in place inside the products; bias plus activation and bias plus
-//!   layer norm are single passes ([`kernels`]); softmax's exponentials are taken in
+//!   layer norm are single passes (the `kernels` module); softmax's exponentials are taken in
 //!   place and its division is applied to the `head_dim`-wide context rows rather than
 //!   the `len`-wide probability rows. Scratch buffers are sized once per pass and pooled
 //!   across passes, never allocated per layer.
