@@ -93,9 +93,12 @@ pub(super) fn run(
                     Err(e) => return Some(Err(e)),
                 };
                 let key = MemoKey::of(text.as_bytes());
-                if let Ok(mut order) = order.lock() {
-                    order.push(&id, key);
-                }
+                // Only this reader ever holds the lock; a poisoned one still holds the
+                // order, and no text may go unrecorded.
+                order
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(&id, key);
                 if !index.contains(&key) && sent.insert(key) {
                     return Some(Ok((key.to_hex(), text)));
                 }
@@ -138,7 +141,7 @@ pub(super) fn run(
     let order = Arc::try_unwrap(order)
         .map_err(|_| EngineError::Dataflow("the input order is still shared; a bug".into()))?
         .into_inner()
-        .map_err(|_| EngineError::Dataflow("the input order's lock was poisoned".into()))?;
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
 
     // 2. The stage, in input order, from the memo.
     let index = MemoIndex::load(store, &memo_stage, settings_hash)?;
