@@ -51,6 +51,12 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     let summary = json(&b.join("run-summary.json"));
     assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0, 0]));
     assert_eq!(summary["mine"]["reused"], true);
+    // The only device work of that run: evaluating the two models.
+    let stages = summary["device_stages"].as_array().unwrap();
+    assert!(!stages.is_empty());
+    for s in stages {
+        assert!(s["label"].as_str().unwrap().starts_with("evaluate"), "{s}");
+    }
     assert_eq!(model, files(&b.join("train/best-model")));
     // Its report still draws the dev loss of the epochs `train` finished.
     let rerun = std::fs::read_to_string(b.join("report.html")).unwrap();
@@ -58,6 +64,15 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
 
     // Base and fine-tuned on the synthetic set and the BEIR split, with metrics in [0, 1].
     let summary = json(&a.join("run-summary.json"));
+    // Every passage of the fixture embedded once by the retriever, none from a memo yet.
+    let passages: Vec<(u64, u64)> = summary["device_stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["label"] == "retriever 0: r0-passages")
+        .map(|s| (s["run"].as_u64().unwrap(), s["memoised"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(passages, [(60, 0)]);
     let evaluations = summary["evaluations"].as_array().unwrap();
     let sets: Vec<&str> = evaluations
         .iter()

@@ -38,6 +38,7 @@ use distillery_operators::{Embedder, EmbedderOptions};
 use serde::Serialize;
 
 use crate::config::{Pipeline, RunPart};
+use crate::dataflow::read_device_journal;
 use crate::error::EngineError;
 use crate::eval::{EvalOptions, EvalReport};
 use crate::generate::queries_table::GeneratedQuery;
@@ -100,6 +101,8 @@ pub struct Evaluation {
 /// What `run` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunOutcome {
+    /// Every device stage this invocation ran or served from its memo table, in order.
+    pub device_stages: Vec<StageWork>,
     pub generate: Option<GenerateOutcome>,
     pub mine: MineOutcome,
     pub label: LabelOutcome,
@@ -113,9 +116,23 @@ pub struct RunOutcome {
     pub report: PathBuf,
 }
 
+/// What one device stage did in a run: items run on the device, items taken from its
+/// memo table (embedded by an earlier run), and its device's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageWork {
+    pub stage: String,
+    pub label: String,
+    pub run: u64,
+    pub memoised: u64,
+    pub seconds: f64,
+    pub busy_fraction: f64,
+}
+
 /// Runs the whole recipe of `pipeline` (see the module docs).
 pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     pipeline.preflight(RunPart::Evaluate)?;
+    // The journal's records from here on are this invocation's.
+    let journal_before = read_device_journal(&pipeline.run_dir).len();
     let start = Instant::now();
     let mut parts = Vec::new();
     let quiet = pipeline.quiet;
@@ -174,7 +191,20 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     )?;
     timed("evaluate", t.elapsed().as_secs_f64());
 
+    let device_stages = read_device_journal(&pipeline.run_dir)
+        .into_iter()
+        .skip(journal_before)
+        .map(|r| StageWork {
+            busy_fraction: r.busy_fraction(),
+            stage: r.stage,
+            label: r.label,
+            run: r.rows,
+            memoised: r.memoised,
+            seconds: r.seconds,
+        })
+        .collect();
     let outcome = RunOutcome {
+        device_stages,
         generate,
         mine,
         label,
