@@ -11,6 +11,13 @@ use std::collections::BinaryHeap;
 
 use candle_core::{Device, Tensor};
 
+/// The fewest passage columns a score block is given. candle multiplies by a single
+/// column through its matrix-vector path, whose sums differ in the last bits from the
+/// matrix-matrix path's; a lone passage is scored beside a zero row instead, so a
+/// passage's score is the same bits whatever block it is scored in (a stage whose last
+/// block holds one passage; an incremental rerun scoring only the changed passages).
+const MIN_BLOCK_COLUMNS: usize = 2;
+
 /// Queries per score block: large enough that the matrix product runs at full speed.
 pub const QUERY_BLOCK: usize = 256;
 /// Passages per score block: a 256 x 8192 block of f32 is 8 MiB.
@@ -172,7 +179,11 @@ impl<'q> TopK<'q> {
             return Ok(());
         }
         let device = Device::Cpu;
-        let p_t = Tensor::from_slice(&self.pending, (pn, dim), &device)?
+        // Columns of the product: a lone passage gets a zero companion (see
+        // MIN_BLOCK_COLUMNS), whose scores are dropped.
+        let width = pn.max(MIN_BLOCK_COLUMNS);
+        self.pending.resize(width * dim, 0.0);
+        let p_t = Tensor::from_slice(&self.pending, (width, dim), &device)?
             .t()?
             .contiguous()?;
         self.pending.clear();
@@ -190,7 +201,7 @@ impl<'q> TopK<'q> {
                     s.spawn(move || {
                         for (r, heap) in chunk.iter_mut().enumerate() {
                             let row = t * rows_per_thread + r;
-                            let row_scores = &scores[row * pn..(row + 1) * pn];
+                            let row_scores = &scores[row * width..row * width + pn];
                             keep_best(heap, row_scores, p0, k);
                         }
                     });
@@ -216,6 +227,44 @@ mod tests {
                 ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn a_score_is_the_same_bits_in_a_block_of_any_width() {
+        for dim in [32, 384] {
+            let (nq, np) = (40, 300);
+            let q = pseudo_random(nq * dim);
+            let p: Vec<f32> = pseudo_random((np + 7) * dim)[7 * dim..].to_vec();
+            let all = exact_top_k(&q, &p, dim, np, 2).unwrap();
+            let score_of = |qi: usize, passage: u32| {
+                all[qi]
+                    .iter()
+                    .find(|h| h.passage == passage)
+                    .unwrap()
+                    .score
+                    .to_bits()
+            };
+            for width in 1..=20 {
+                let start = 100;
+                let block = &p[start * dim..(start + width) * dim];
+                let some = exact_top_k(&q, block, dim, width, 2).unwrap();
+                for (qi, hits) in some.iter().enumerate() {
+                    assert_eq!(hits.len(), width);
+                    for h in hits {
+                        assert_eq!(
+                            h.score.to_bits(),
+                            score_of(qi, (start as u32) + h.passage),
+                            "dim {dim}, a block of {width}, query {qi}"
+                        );
+                    }
+                }
+            }
+            // A lone query, too.
+            let one = exact_top_k(&q[..dim], &p, dim, np, 2).unwrap();
+            for h in &one[0] {
+                assert_eq!(h.score.to_bits(), score_of(0, h.passage), "dim {dim}");
+            }
+        }
     }
 
     #[test]
