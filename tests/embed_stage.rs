@@ -272,3 +272,41 @@ fn a_changed_corpus_embeds_only_its_new_texts_and_ends_equal_to_a_fresh_run() {
         first.completed.content_hash()
     );
 }
+
+#[test]
+fn two_stages_at_once_share_the_device_and_write_what_each_writes_alone() {
+    let model = tempfile::tempdir().unwrap();
+    let e = tiny_embedder(model.path());
+    let passages = |name: &str| EmbedStage {
+        stage: name.into(),
+        ..stage_for(name)
+    };
+    let queries = |name: &str| EmbedStage {
+        stage: name.into(),
+        kind: TextKind::Query,
+        key: StageKey {
+            settings_hash: "q".into(),
+            input_hash: name.into(),
+        },
+        ..stage(1, 100)
+    };
+    // Alone, one after the other.
+    let alone_dir = tempfile::tempdir().unwrap();
+    let alone = StageStore::open(alone_dir.path()).unwrap();
+    let a = run_embed_stage(&alone, e.clone(), corpus(), &passages("p")).unwrap();
+    let b = run_embed_stage(&alone, e.clone(), corpus(), &queries("q")).unwrap();
+    // At once, on two threads: both go through the one CPU executor.
+    let together_dir = tempfile::tempdir().unwrap();
+    let together = StageStore::open(together_dir.path()).unwrap();
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| run_embed_stage(&together, e.clone(), corpus(), &passages("p")));
+        let y = s.spawn(|| run_embed_stage(&together, e.clone(), corpus(), &queries("q")));
+        (x.join().unwrap().unwrap(), y.join().unwrap().unwrap())
+    });
+    assert_eq!(x.completed.content_hash(), a.completed.content_hash());
+    assert_eq!(y.completed.content_hash(), b.completed.content_hash());
+    assert_eq!((x.rows_embedded, y.rows_embedded), (500, 500));
+    // Each stage's figures are its own queue's.
+    assert_eq!(x.executor.rows, 500);
+    assert_eq!(y.executor.rows, 500);
+}
