@@ -6,12 +6,15 @@
 //!   per chunk; it stops reading while more than [`MAX_CHUNKS_IN_FLIGHT`] chunks are
 //!   unfinished (the probe says which), so memory stays bounded however large the input;
 //! - `InferOnDevice` ([`infer_op`]) on every worker tokenises, batches by token budget
-//!   and hands batches to the one device executor over its bounded queue;
+//!   and hands batches to its device's executor (one per device, shared by every stage)
+//!   over the stage's own bounded queue;
 //! - `WriteParts` ([`write_parts()`]) commits each finished chunk as one Parquet part.
 //!
 //! A stage already complete under its key, under its own name or another stage's, is not
 //! run again (the report's `completed.stage` names where its rows are); a stage begun
-//! under its key resumes after its committed rows.
+//! under its key resumes after its committed rows. An embedding stage goes through its
+//! memo table ([`memo_embed`]): only texts never embedded under its settings run, and
+//! a killed one resumes from the memo's committed parts.
 
 pub mod infer_op;
 pub mod memo_embed;
