@@ -203,6 +203,17 @@ enum Request {
     Lease(LeaseRequest),
 }
 
+impl Request {
+    /// The job of a batch request handed back by a refused send (only batches are
+    /// offered with `try_submit` and `submit`).
+    fn into_job(self) -> Job {
+        match self {
+            Request::Batch(job) => job,
+            Request::Lease(_) => unreachable!("only batches are handed back"),
+        }
+    }
+}
+
 /// A lease asked for: the executor says `granted`, then waits until `released` says (or
 /// its sender is dropped) before it runs anything else.
 struct LeaseRequest {
@@ -255,23 +266,18 @@ impl std::fmt::Debug for Submitter {
 impl Submitter {
     /// Offers a job without blocking.
     pub fn try_submit(&self, job: Job) -> Result<(), Refused> {
-        let refused = |request| match request {
-            Request::Batch(job) => job,
-            Request::Lease(_) => unreachable!("a batch was sent"),
-        };
         match self.jobs.try_send(Request::Batch(job)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(r)) => Err(Refused::Full(refused(r))),
-            Err(TrySendError::Disconnected(r)) => Err(Refused::Stopped(refused(r))),
+            Err(TrySendError::Full(r)) => Err(Refused::Full(r.into_job())),
+            Err(TrySendError::Disconnected(r)) => Err(Refused::Stopped(r.into_job())),
         }
     }
 
     /// Submits a job, waiting while the queue is full; a stopped executor hands it back.
     pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(Request::Batch(job)).map_err(|e| match e.0 {
-            Request::Batch(job) => job,
-            Request::Lease(_) => unreachable!("a batch was sent"),
-        })
+        self.jobs
+            .send(Request::Batch(job))
+            .map_err(|e| e.0.into_job())
     }
 
     /// Waits for the device and holds it until the lease is dropped: for a stage that
@@ -411,6 +417,24 @@ fn run(requests: Receiver<Queue>) {
     }
 }
 
+impl Queue {
+    /// Counts one batch (or lease) that started at `started` with `waiting` jobs behind
+    /// it, held the device until now, and ran `rows` items of `(real, padded)` tokens.
+    fn count(&self, started: Instant, waiting: usize, rows: u64, (real, padded): (usize, usize)) {
+        let busy = started.elapsed();
+        let mut stats = self
+            .stats
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        stats.sample_queue(started.duration_since(self.opened), waiting);
+        stats.busy += busy;
+        stats.batches += 1;
+        stats.rows += rows;
+        stats.real_tokens += real as u64;
+        stats.padded_tokens += padded as u64;
+    }
+}
+
 fn hold_lease(queue: &Queue, lease: LeaseRequest) {
     let waiting = queue.jobs.len();
     let started = Instant::now();
@@ -418,15 +442,7 @@ fn hold_lease(queue: &Queue, lease: LeaseRequest) {
         // Released by a message or by the lease's drop; either ends the wait.
         let _ = lease.released.recv();
     }
-    let busy = started.elapsed();
-    let mut stats = queue
-        .stats
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    stats.sample_queue(started.duration_since(queue.opened), waiting);
-    stats.busy += busy;
-    stats.batches += 1;
-    stats.rows += lease.rows;
+    queue.count(started, waiting, lease.rows, (0, 0));
 }
 
 fn run_one(queue: &Queue, job: Job) {
@@ -438,20 +454,9 @@ fn run_one(queue: &Queue, job: Job) {
             "a batch was sent to a queue of leases (a bug in the stage)".into(),
         ))),
     };
-    let busy = started.elapsed();
     crate::crash::point("device.batch");
-    {
-        let mut stats = queue
-            .stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        stats.sample_queue(started.duration_since(queue.opened), waiting);
-        stats.busy += busy;
-        stats.batches += 1;
-        stats.rows += job.batch.rows.len() as u64;
-        stats.real_tokens += job.batch.real_tokens() as u64;
-        stats.padded_tokens += job.batch.padded_tokens() as u64;
-    }
+    let tokens = (job.batch.real_tokens(), job.batch.padded_tokens());
+    queue.count(started, waiting, job.batch.rows.len() as u64, tokens);
     // A submitter that went away (its run failed) no longer wants the result.
     let _ = job.reply.send(Done {
         batch: job.batch,

@@ -137,14 +137,17 @@ pub(super) fn run(
         // Every text was a hit: the first call read the source to its end.
         drop(next_miss);
     }
-    drop(index);
+    let shared =
+        || EngineError::Dataflow("the memo index or input order is still shared; a bug".into());
     let order = Arc::try_unwrap(order)
-        .map_err(|_| EngineError::Dataflow("the input order is still shared; a bug".into()))?
+        .map_err(|_| shared())?
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
 
-    // 2. The stage, in input order, from the memo.
-    let index = MemoIndex::load(store, &memo_stage, settings_hash)?;
+    // 2. The stage, in input order, from the memo, whose index adds the parts pass 1
+    // appended.
+    let mut index = Arc::try_unwrap(index).map_err(|_| shared())?;
+    index.refresh(store, &memo_stage, settings_hash)?;
     let decode_stage = memo_stage.clone();
     let mut rows = MemoRows::new(store, &memo_stage, &index, move |batches| {
         let mut m = EmbeddingMatrix::default();

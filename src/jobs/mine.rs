@@ -190,7 +190,6 @@ pub fn embed_passages(pipeline: &Pipeline) -> Result<Vec<PassageIndex>, EngineEr
             i,
             &embedder,
             &model,
-            format!("r{i}-passages"),
             TextKind::Passage,
             &corpus_hash,
             count_records(&pipeline.corpus),
@@ -212,18 +211,20 @@ pub fn embed_passages(pipeline: &Pipeline) -> Result<Vec<PassageIndex>, EngineEr
     Ok(indexes)
 }
 
-/// Retriever `i`'s embedding stage `name` of `kind` texts.
-#[allow(clippy::too_many_arguments)] // the stage's parts, each named at the call
+/// Retriever `i`'s embedding stage of `kind` texts: `r<i>-passages` or `r<i>-queries`.
 fn retriever_stage(
     pipeline: &Pipeline,
     i: usize,
     embedder: &Embedder,
     model: &str,
-    name: String,
     kind: TextKind,
     input_hash: &str,
     total: Option<u64>,
 ) -> Result<EmbedStage, EngineError> {
+    let name = match kind {
+        TextKind::Passage => format!("r{i}-passages"),
+        TextKind::Query => format!("r{i}-queries"),
+    };
     let settings = &pipeline.retrievers[i];
     Ok(EmbedStage {
         label: format!("retriever {i}: {name}"),
@@ -295,7 +296,6 @@ pub fn mine_with(
             i,
             &index.embedder,
             &index.model,
-            format!("r{i}-queries"),
             TextKind::Query,
             &queries_hash,
             Some(queries.len() as u64),

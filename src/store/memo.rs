@@ -79,33 +79,47 @@ impl MemoIndex {
         stage: &str,
         settings_hash: &str,
     ) -> Result<MemoIndex, StoreError> {
+        let mut index = MemoIndex::default();
+        index.refresh(store, stage, settings_hash)?;
+        Ok(index)
+    }
+
+    /// Adds the keys of the parts committed since the index was read (a run appended
+    /// them); reads everything again if the parts it holds are not the stage's first.
+    pub fn refresh(
+        &mut self,
+        store: &StageStore,
+        stage: &str,
+        settings_hash: &str,
+    ) -> Result<(), StoreError> {
         let key = memo_stage_key(settings_hash);
         let parts = match store.status(stage, &key)? {
             StageStatus::Partial { .. } | StageStatus::Complete(_) => {
                 store.committed_parts(stage)?
             }
-            _ => return Ok(MemoIndex::default()),
+            _ => Vec::new(),
         };
-        let mut index = MemoIndex {
-            rows: HashMap::new(),
-            parts: Vec::with_capacity(parts.len()),
-            starts: Vec::with_capacity(parts.len()),
+        if !parts.starts_with(&self.parts) {
+            *self = MemoIndex::default();
+        }
+        let mut row = match (self.starts.last(), self.parts.last()) {
+            (Some(start), Some(last)) => start + last.rows,
+            _ => 0,
         };
-        let mut row = 0u64;
-        for part in parts {
-            index.starts.push(row);
+        for part in parts.into_iter().skip(self.parts.len()) {
+            self.starts.push(row);
             let reader = store.read_parts(stage, vec![part.clone()]);
             for batch in reader {
                 let batch = batch?;
                 for key in memo_keys(stage, &batch)? {
                     // The first row of a key wins (a later one would be the same value).
-                    index.rows.entry(key).or_insert(row);
+                    self.rows.entry(key).or_insert(row);
                     row += 1;
                 }
             }
-            index.parts.push(part);
+            self.parts.push(part);
         }
-        Ok(index)
+        Ok(())
     }
 
     pub fn contains(&self, key: &MemoKey) -> bool {
@@ -261,6 +275,14 @@ mod tests {
         }
         let index = MemoIndex::load(&store, "memo-x", "s").unwrap();
         assert_eq!(index.len(), 5);
+        // An index read before the last run's part, refreshed, is the same.
+        let mut earlier = MemoIndex::load(&store, "memo-x", "s").unwrap();
+        earlier.parts.pop();
+        earlier.starts.pop();
+        earlier.rows.retain(|_, row| *row < 3);
+        earlier.refresh(&store, "memo-x", "s").unwrap();
+        assert_eq!(earlier.rows, index.rows);
+        assert_eq!(earlier.starts, index.starts);
         let key = |t: &str| MemoKey::of(t.as_bytes());
         assert_eq!(index.locate(&key("a")), Some((0, 0)));
         assert_eq!(index.locate(&key("ccc")), Some((1, 0)));

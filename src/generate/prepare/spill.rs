@@ -72,6 +72,33 @@ pub(super) fn spill_error(path: &Path, e: std::io::Error) -> PrepareError {
     }
 }
 
+/// Writes `string` as its length (u32, little-endian) and its bytes.
+fn write_string(out: &mut impl Write, path: &Path, string: &str) -> Result<(), PrepareError> {
+    let len = u32::try_from(string.len()).map_err(|_| PrepareError::Spill {
+        path: path.to_path_buf(),
+        reason: "a text over 4 GiB".into(),
+    })?;
+    out.write_all(&len.to_le_bytes())
+        .and_then(|()| out.write_all(string.as_bytes()))
+        .map_err(|e| spill_error(path, e))
+}
+
+/// Reads a string [`write_string`] wrote.
+fn read_string(reader: &mut impl Read, path: &Path) -> Result<String, PrepareError> {
+    let mut len = [0u8; 4];
+    reader
+        .read_exact(&mut len)
+        .map_err(|e| spill_error(path, e))?;
+    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+    reader
+        .read_exact(&mut bytes)
+        .map_err(|e| spill_error(path, e))?;
+    String::from_utf8(bytes).map_err(|_| PrepareError::Spill {
+        path: path.to_path_buf(),
+        reason: "a spill file holds invalid UTF-8 (it was changed)".into(),
+    })
+}
+
 /// The near-duplicate rule's order: by string, then the larger index first.
 fn order(a: &(u32, String), b: &(u32, String)) -> Ordering {
     a.1.cmp(&b.1).then(b.0.cmp(&a.0))
@@ -125,14 +152,9 @@ impl ExternalSorter {
         let (path, file) = dir.create(&format!("{}-{}.run", self.name, self.runs.len()))?;
         let mut out = BufWriter::new(file);
         for (index, string) in self.buffer.drain(..) {
-            let len = u32::try_from(string.len()).map_err(|_| PrepareError::Spill {
-                path: path.clone(),
-                reason: "a string over 4 GiB".into(),
-            })?;
             out.write_all(&index.to_le_bytes())
-                .and_then(|()| out.write_all(&len.to_le_bytes()))
-                .and_then(|()| out.write_all(string.as_bytes()))
                 .map_err(|e| spill_error(&path, e))?;
+            write_string(&mut out, &path, &string)?;
         }
         out.flush().map_err(|e| spill_error(&path, e))?;
         self.bytes = 0;
@@ -212,25 +234,14 @@ impl Merge {
     /// Reads run `run`'s next item onto the heap (nothing at its end).
     fn refill(&mut self, run: usize) -> Result<(), PrepareError> {
         let (path, reader) = &mut self.readers[run];
-        let mut head = [0u8; 8];
-        match reader.read_exact(&mut head[..4]) {
+        let mut index = [0u8; 4];
+        match reader.read_exact(&mut index) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(spill_error(path, e)),
         }
-        reader
-            .read_exact(&mut head[4..])
-            .map_err(|e| spill_error(path, e))?;
-        let index = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        let mut bytes = vec![0u8; len];
-        reader
-            .read_exact(&mut bytes)
-            .map_err(|e| spill_error(path, e))?;
-        let string = String::from_utf8(bytes).map_err(|_| PrepareError::Spill {
-            path: path.clone(),
-            reason: "a run holds invalid UTF-8 (the file was changed)".into(),
-        })?;
+        let index = u32::from_le_bytes(index);
+        let string = read_string(reader, path)?;
         self.heap.push(Head {
             item: (index, string),
             run,
@@ -292,15 +303,8 @@ impl TextSpill {
             return Ok(());
         };
         for (title, text) in self.buffer.drain(..) {
-            for field in [title, text] {
-                let len = u32::try_from(field.len()).map_err(|_| PrepareError::Spill {
-                    path: path.clone(),
-                    reason: "a text over 4 GiB".into(),
-                })?;
-                out.write_all(&len.to_le_bytes())
-                    .and_then(|()| out.write_all(field.as_bytes()))
-                    .map_err(|e| spill_error(path, e))?;
-            }
+            write_string(out, path, &title)?;
+            write_string(out, path, &text)?;
             self.spilled += 1;
         }
         self.bytes = 0;
@@ -324,21 +328,8 @@ impl TextSpill {
         };
         let file_items = from_file.into_iter().flat_map(|(path, mut reader, count)| {
             (0..count).map(move |_| {
-                let mut field = || -> Result<String, PrepareError> {
-                    let mut len = [0u8; 4];
-                    reader
-                        .read_exact(&mut len)
-                        .map_err(|e| spill_error(&path, e))?;
-                    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
-                    reader
-                        .read_exact(&mut bytes)
-                        .map_err(|e| spill_error(&path, e))?;
-                    String::from_utf8(bytes).map_err(|_| PrepareError::Spill {
-                        path: path.clone(),
-                        reason: "the text file holds invalid UTF-8 (it was changed)".into(),
-                    })
-                };
-                Ok((field()?, field()?))
+                let title = read_string(&mut reader, &path)?;
+                Ok((title, read_string(&mut reader, &path)?))
             })
         });
         Ok(file_items.chain(self.buffer.into_iter().map(Ok)))
