@@ -28,10 +28,10 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::measure::{Measure, Metric};
 use super::report::EvalReport;
 use crate::record::Qrels;
 
@@ -47,52 +47,6 @@ pub const DEFAULT_NDCG_K: usize = 10;
 pub const DEFAULT_RECALL_K: usize = 100;
 /// MRR@10 is MS MARCO's official passage-ranking measure.
 pub const DEFAULT_MRR_K: usize = 10;
-
-/// A measure family; combined with a cutoff in [`Measure`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Metric {
-    /// Normalised discounted cumulative gain (trec_eval `ndcg_cut`).
-    Ndcg,
-    /// Relevant passages in the top k over all relevant passages (trec_eval `recall`).
-    Recall,
-    /// Reciprocal rank of the first relevant passage within the top k.
-    Mrr,
-    /// Relevant passages in the top k over k (trec_eval `P`).
-    Precision,
-}
-
-impl Metric {
-    /// The prefix of this metric's report keys (`ndcg` in `ndcg_at_10`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Ndcg => "ndcg",
-            Metric::Recall => "recall",
-            Metric::Mrr => "mrr",
-            Metric::Precision => "precision",
-        }
-    }
-}
-
-/// One metric at one cutoff, e.g. nDCG@10.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Measure {
-    pub metric: Metric,
-    /// The cutoff: only the top `k` ranks count. Always >= 1 in a report.
-    pub k: usize,
-}
-
-impl Measure {
-    /// The report key, e.g. `ndcg_at_10`.
-    pub fn key(&self) -> String {
-        self.to_string()
-    }
-}
-
-impl fmt::Display for Measure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}_at_{}", self.metric.name(), self.k)
-    }
-}
 
 /// Problems that stop an evaluation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

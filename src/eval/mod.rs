@@ -12,6 +12,7 @@
 //!
 //! [`Qrels`]: crate::record::Qrels
 
+pub mod measure;
 pub mod metrics;
 pub mod report;
 pub mod trec;

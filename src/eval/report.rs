@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use super::metrics::{Measure, Metric};
+use super::measure::{Measure, Metric};
 
 /// Per-query values and means of a set of measures.
 #[derive(Debug, Clone, PartialEq)]

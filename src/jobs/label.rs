@@ -12,6 +12,7 @@
 pub mod bi_encoder;
 pub mod bm25;
 pub mod cross_encoder;
+pub mod load;
 pub mod teacher;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -35,7 +36,8 @@ use crate::mining::{
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
 use crate::store::{hash_settings, ContentHasher, StageKey, StageStatus, StageStore};
-use teacher::{load_teacher, EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
+use load::load_teacher;
+use teacher::{EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
 
 /// The examples stage's name.
 pub const EXAMPLES_STAGE: &str = "examples";

@@ -10,8 +10,18 @@
 //! so a teacher's confident extremes still order the candidates.
 
 use super::normalize::ScoreScale;
-use super::teacher_filter::{ScoredQuery, TeacherConfig};
-use super::MiningError;
+use super::{MiningError, PassageIdx};
+
+/// One query's candidates with every teacher's raw scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredQuery {
+    pub query_id: String,
+    pub sources: Vec<PassageIdx>,
+    /// The fused candidate list ([`super::CandidateList::candidates`]), in fused order.
+    pub candidates: Vec<PassageIdx>,
+    /// `scores[t][i]`: teacher `t`'s raw score of `candidates[i]`.
+    pub scores: Vec<Vec<f32>>,
+}
 
 /// Checks the weights: at least one, each finite and `>= 0`, not all zero.
 pub(super) fn check_weights(weights: &[f32]) -> Result<(), MiningError> {
@@ -70,9 +80,15 @@ pub(super) struct Combiner {
 }
 
 impl Combiner {
-    /// Fits each teacher's calibration on all of its scores in `queries`. The weights and
-    /// queries must have passed [`check_weights`] and [`check_query`].
-    pub(super) fn fit(config: &TeacherConfig, weights: &[f32], queries: &[ScoredQuery]) -> Self {
+    /// Fits each teacher's calibration on all of its scores in `queries`, between the
+    /// `(low, high)` percentiles (the teacher config's `percentile_low` and
+    /// `percentile_high`). The weights and queries must have passed [`check_weights`] and
+    /// [`check_query`].
+    pub(super) fn fit(
+        (percentile_low, percentile_high): (f64, f64),
+        weights: &[f32],
+        queries: &[ScoredQuery],
+    ) -> Self {
         let scales = (weights.len() > 1).then(|| {
             (0..weights.len())
                 .map(|t| {
@@ -82,12 +98,10 @@ impl Combiner {
                         .collect();
                     // No scores at all means no candidate will ever be combined; the
                     // identity scale stands in.
-                    ScoreScale::fit(&all, config.percentile_low, config.percentile_high).unwrap_or(
-                        ScoreScale {
-                            low: 0.0,
-                            high: 1.0,
-                        },
-                    )
+                    ScoreScale::fit(&all, percentile_low, percentile_high).unwrap_or(ScoreScale {
+                        low: 0.0,
+                        high: 1.0,
+                    })
                 })
                 .collect()
         });
@@ -172,18 +186,14 @@ mod tests {
         // over both queries. Weights 1:1:
         //   query a: z0 = [1, 0.2], z1 = [0, 1]   -> [0.5, 0.6]
         //   query b: z0 = [0],      z1 = [0.5]    -> [0.25]
-        let config = TeacherConfig {
-            percentile_low: 0.0,
-            percentile_high: 100.0,
-            ..TeacherConfig::default()
-        };
+        let min_max = (0.0, 100.0);
         let queries = [q(2, &[&[10.0, 2.0], &[-1.0, 1.0]]), q(1, &[&[0.0], &[0.0]])];
-        let combiner = Combiner::fit(&config, &[1.0, 1.0], &queries);
+        let combiner = Combiner::fit(min_max, &[1.0, 1.0], &queries);
         assert_eq!(combiner.combine(&queries[0]), vec![0.5, 0.6]);
         assert_eq!(combiner.combine(&queries[1]), vec![0.25]);
         // One teacher: raw scores, weight ignored.
         let one = [q(2, &[&[10.0, 2.0]])];
-        let raw = Combiner::fit(&config, &[5.0], &one).combine(&one[0]);
+        let raw = Combiner::fit(min_max, &[5.0], &one).combine(&one[0]);
         assert_eq!(raw, vec![10.0, 2.0]);
     }
 }

@@ -69,6 +69,7 @@ pub use candidates::{
     CandidateStats, QueryRetrievals, DEFAULT_FUSED_TOP, DEFAULT_MIN_CANDIDATES,
     DEFAULT_RETRIEVE_TOP, DEFAULT_SOURCE_IN_TOP,
 };
+pub use combine::ScoredQuery;
 pub use examples::{
     example_from_labelled, examples_from_batch, examples_schema, examples_to_batch,
     write_examples_jsonl, Example, COL_PASSAGE_IDS, COL_QUERY_ID, COL_QUERY_TEXT, COL_QUERY_TYPE,
@@ -79,7 +80,7 @@ pub use normalize::{percentile, percentile_of_sorted, ScoreScale};
 pub use rrf::{fuse, FusedHit, DEFAULT_RRF_K};
 pub use split::{split_of, Split};
 pub use teacher_filter::{
-    label_queries, LabelledQuery, ScoredQuery, TeacherConfig, TeacherStats, DEFAULT_DEV_FRACTION,
+    label_queries, LabelledQuery, TeacherConfig, TeacherStats, DEFAULT_DEV_FRACTION,
     DEFAULT_KEEP_TOP, DEFAULT_MIN_TOP_SCORE_PERCENTILE, DEFAULT_PERCENTILE_HIGH,
     DEFAULT_PERCENTILE_LOW, DEFAULT_SPLIT_SEED,
 };

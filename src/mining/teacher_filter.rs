@@ -29,7 +29,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::combine::{check_query, check_weights, Combiner};
+use super::combine::{check_query, check_weights, Combiner, ScoredQuery};
 use super::normalize::{percentile, ScoreScale};
 use super::{MiningError, PassageIdx};
 
@@ -120,17 +120,6 @@ impl TeacherConfig {
     }
 }
 
-/// One query's candidates with every teacher's raw scores.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoredQuery {
-    pub query_id: String,
-    pub sources: Vec<PassageIdx>,
-    /// The fused candidate list ([`super::CandidateList::candidates`]), in fused order.
-    pub candidates: Vec<PassageIdx>,
-    /// `scores[t][i]`: teacher `t`'s raw score of `candidates[i]`.
-    pub scores: Vec<Vec<f32>>,
-}
-
 /// A kept query's labelled list: passages in teacher order with normalised scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledQuery {
@@ -202,7 +191,11 @@ pub fn label_queries(
     for query in &queries {
         check_query(query, weights.len())?;
     }
-    let combiner = Combiner::fit(config, weights, &queries);
+    let combiner = Combiner::fit(
+        (config.percentile_low, config.percentile_high),
+        weights,
+        &queries,
+    );
     let mut stats = TeacherStats {
         queries_in: queries.len() as u64,
         ..TeacherStats::default()

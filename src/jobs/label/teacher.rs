@@ -9,17 +9,11 @@
 //! store, named after [`ScoringContext::stage_prefix`].
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use distillery_operators::TokenBudgetBatcher;
 
-use crate::config::{Pipeline, TeacherKind, TeacherSettings};
 use crate::error::EngineError;
 use crate::store::StageStore;
-
-use super::bi_encoder::BiEncoderTeacher;
-use super::bm25::Bm25Teacher;
-use super::cross_encoder::CrossEncoderTeacher;
 
 /// One pair to score: its cache key and the two texts the teacher sees.
 #[derive(Debug, Clone, Copy)]
@@ -84,43 +78,4 @@ pub trait PairTeacher {
     fn embedding_counts(&self) -> EmbeddingCounts {
         EmbeddingCounts::default()
     }
-}
-
-/// Loads the teacher `settings` describes; `index` is its place in `[[teachers]]`.
-pub fn load_teacher(
-    pipeline: &Pipeline,
-    index: usize,
-    settings: &TeacherSettings,
-) -> Result<Box<dyn PairTeacher>, EngineError> {
-    Ok(match &settings.kind {
-        TeacherKind::CrossEncoder { model, max_length } => Box::new(CrossEncoderTeacher::load(
-            &PathBuf::from(model),
-            *max_length,
-            &pipeline.device,
-        )?),
-        TeacherKind::BiEncoder {
-            model,
-            max_seq_length,
-            query_prefix,
-            passage_prefix,
-        } => {
-            let embed = crate::config::EmbedSettings {
-                model: Some(model.clone()),
-                max_seq_length: *max_seq_length,
-                query_prefix: query_prefix.clone(),
-                passage_prefix: passage_prefix.clone(),
-                ..pipeline.retrievers[0].clone()
-            };
-            Box::new(BiEncoderTeacher::load(
-                &embed,
-                &pipeline.corpus,
-                &pipeline.run_dir.join(format!("teacher{index}-tiny-model")),
-            )?)
-        }
-        TeacherKind::Bm25(params) => Box::new(Bm25Teacher::new(
-            *params,
-            &pipeline.corpus,
-            pipeline.quarantine.as_deref(),
-        )?),
-    })
 }
