@@ -130,6 +130,29 @@ fn print_mine(outcome: &MineOutcome, pipeline: &Pipeline) {
         outcome.passages, outcome.held_out, outcome.queries
     );
     println!("{}", outcome.stats);
+    for r in &outcome.retrievals {
+        if r.reused {
+            println!(
+                "{}: {} lists read back (nothing changed)",
+                r.stage, r.queries
+            );
+        } else if r.lists_repaired > 0 {
+            println!(
+                "{}: {} lists repaired, {} retrieved again ({} passages new, {} gone) in {:.1} s",
+                r.stage,
+                r.lists_repaired,
+                r.lists_retrieved,
+                r.passages_added,
+                r.passages_removed,
+                r.seconds
+            );
+        } else {
+            println!(
+                "{}: {} lists over {} passages in {:.1} s",
+                r.stage, r.lists_retrieved, r.passages, r.seconds
+            );
+        }
+    }
     if outcome.reused {
         println!("(candidates reused from {})", pipeline.run_dir.display());
     }

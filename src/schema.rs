@@ -3,12 +3,15 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, FixedSizeListArray, Float32Array, ListArray, ListBuilder, StringArray,
-    StringBuilder,
+    Array, ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float32Array, ListArray,
+    ListBuilder, StringArray, StringBuilder, UInt32Array,
 };
+use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
+
+use crate::retrieval::Hit;
 
 /// Column names of the embeddings stage: one row per text.
 pub const COL_ID: &str = "id";
@@ -200,9 +203,185 @@ pub fn candidates_from_batch(batch: &RecordBatch) -> Result<Vec<CandidateRow>, A
         .collect()
 }
 
+/// Column names of a retrieval's passage list (one row per passage, in the order the
+/// lists' positions count) and of its lists (one row per query, in query order).
+pub const COL_IDENTITY: &str = "identity";
+pub const COL_QUERY: &str = "query";
+pub const COL_PASSAGES: &str = "passages";
+pub const COL_SCORES: &str = "scores";
+
+/// Bytes of an identity ([`crate::retrieval::repair::Identity`]), stored big-endian.
+const IDENTITY_BYTES: i32 = 16;
+
+fn identity_column(identities: &[u128]) -> Result<ArrayRef, ArrowError> {
+    Ok(Arc::new(FixedSizeBinaryArray::try_from_iter(
+        identities.iter().map(|i| i.to_be_bytes()),
+    )?))
+}
+
+fn identities_of(batch: &RecordBatch, name: &str) -> Result<Vec<u128>, ArrowError> {
+    let column = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+        .filter(|c| c.value_length() == IDENTITY_BYTES)
+        .ok_or_else(|| {
+            ArrowError::SchemaError(format!("no 16-byte fixed-size binary column `{name}`"))
+        })?;
+    Ok((0..column.len())
+        .map(|i| {
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(column.value(i));
+            u128::from_be_bytes(bytes)
+        })
+        .collect())
+}
+
+/// A retrieval's passage list: `id` (utf8) and `identity` (16 bytes).
+pub fn passage_list_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(COL_ID, DataType::Utf8, false),
+        Field::new(
+            COL_IDENTITY,
+            DataType::FixedSizeBinary(IDENTITY_BYTES),
+            false,
+        ),
+    ]))
+}
+
+/// Builds a passage-list batch.
+pub fn passage_list_batch(ids: &[String], identities: &[u128]) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new(
+        passage_list_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(ids.iter())),
+            identity_column(identities)?,
+        ],
+    )
+}
+
+/// Appends a passage-list batch's ids and identities.
+pub fn passage_list_from_batch(
+    batch: &RecordBatch,
+    ids: &mut Vec<String>,
+    identities: &mut Vec<u128>,
+) -> Result<(), ArrowError> {
+    let id = batch
+        .column_by_name(COL_ID)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| ArrowError::SchemaError("passage list: no utf8 column `id`".into()))?;
+    ids.extend(id.iter().map(|s| s.unwrap_or_default().to_string()));
+    identities.extend(identities_of(batch, COL_IDENTITY)?);
+    Ok(())
+}
+
+/// A retrieval's lists: `query` (16-byte identity of the query vector), `passages`
+/// (list of u32 positions in the passage list) and `scores` (list of f32), best first.
+pub fn retrieved_schema() -> SchemaRef {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
+    Arc::new(Schema::new(vec![
+        Field::new(COL_QUERY, DataType::FixedSizeBinary(IDENTITY_BYTES), false),
+        Field::new(COL_PASSAGES, list(DataType::UInt32), false),
+        Field::new(COL_SCORES, list(DataType::Float32), false),
+    ]))
+}
+
+/// Builds a batch of retrieved lists: one row per query.
+pub fn retrieved_batch(queries: &[u128], lists: &[Vec<Hit>]) -> Result<RecordBatch, ArrowError> {
+    let offsets = OffsetBuffer::from_lengths(lists.iter().map(Vec::len));
+    let passages = UInt32Array::from_iter_values(lists.iter().flatten().map(|h| h.passage));
+    let scores = Float32Array::from_iter_values(lists.iter().flatten().map(|h| h.score));
+    let item = |t: DataType| Arc::new(Field::new("item", t, false));
+    RecordBatch::try_new(
+        retrieved_schema(),
+        vec![
+            identity_column(queries)?,
+            Arc::new(ListArray::try_new(
+                item(DataType::UInt32),
+                offsets.clone(),
+                Arc::new(passages),
+                None,
+            )?),
+            Arc::new(ListArray::try_new(
+                item(DataType::Float32),
+                offsets,
+                Arc::new(scores),
+                None,
+            )?),
+        ],
+    )
+}
+
+/// Reads a batch of retrieved lists: the query identities and their lists.
+pub fn retrieved_from_batch(batch: &RecordBatch) -> Result<Vec<(u128, Vec<Hit>)>, ArrowError> {
+    let bad = |what: &str| ArrowError::SchemaError(format!("retrieved lists: {what}"));
+    let queries = identities_of(batch, COL_QUERY)?;
+    let list = |name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+            .ok_or_else(|| bad(&format!("no list column `{name}`")))
+    };
+    let (passages, scores) = (list(COL_PASSAGES)?, list(COL_SCORES)?);
+    if passages.offsets() != scores.offsets() {
+        return Err(bad("passages and scores differ in length"));
+    }
+    let p = passages
+        .values()
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .ok_or_else(|| bad("passages are not u32"))?;
+    let s = scores
+        .values()
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .ok_or_else(|| bad("scores are not f32"))?;
+    let offsets = passages.offsets();
+    Ok(queries
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let (a, b) = (offsets[i] as usize, offsets[i + 1] as usize);
+            let hits = (a..b)
+                .map(|j| Hit {
+                    passage: p.value(j),
+                    score: s.value(j),
+                })
+                .collect();
+            (q, hits)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retrieved_lists_and_passage_lists_round_trip_through_a_batch() {
+        let hit = |passage, score| Hit { passage, score };
+        let lists = vec![
+            vec![hit(3, 0.5), hit(0, -0.25)],
+            vec![],
+            vec![hit(7, 1.0)],
+            vec![hit(1, 0.125), hit(2, 0.0), hit(9, -1.0)],
+        ];
+        let queries = [1u128, u128::MAX, 0, 42 << 100];
+        let batch = retrieved_batch(&queries, &lists).unwrap();
+        let back = retrieved_from_batch(&batch).unwrap();
+        assert_eq!(back.len(), 4);
+        for ((q, l), (bq, bl)) in queries.iter().zip(&lists).zip(&back) {
+            assert_eq!((q, l), (bq, bl));
+        }
+        // A slice (offsets not starting at zero) reads its own rows.
+        let slice = retrieved_from_batch(&batch.slice(2, 2)).unwrap();
+        assert_eq!(slice, back[2..].to_vec());
+
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let batch = passage_list_batch(&ids, &[u128::MAX, 5]).unwrap();
+        let (mut got_ids, mut got) = (Vec::new(), Vec::new());
+        passage_list_from_batch(&batch, &mut got_ids, &mut got).unwrap();
+        assert_eq!((got_ids, got), (ids, vec![u128::MAX, 5]));
+    }
 
     #[test]
     fn candidates_round_trip_through_a_batch() {

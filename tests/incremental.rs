@@ -35,6 +35,42 @@ fn edit_corpus(dir: &Path) {
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
 }
 
+/// The ids of the corpus lines `lines` (0-based).
+fn ids_of_lines(dir: &Path, lines: &[usize]) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("corpus.jsonl")).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    lines
+        .iter()
+        .map(|&i| {
+            let v: serde_json::Value = serde_json::from_str(all[i]).unwrap();
+            v["_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Retriever 0's lists as the run directory holds them: per query, its identity and the
+/// ids of its passages.
+fn retrieved(run: &Path) -> Vec<(u128, Vec<String>)> {
+    let store = distillery::store::StageStore::open(run).unwrap();
+    let (mut ids, mut identities) = (Vec::new(), Vec::new());
+    for batch in store.read("r0-retrieved-passages").unwrap() {
+        distillery::schema::passage_list_from_batch(&batch.unwrap(), &mut ids, &mut identities)
+            .unwrap();
+    }
+    let mut lists = Vec::new();
+    for batch in store.read("r0-retrieved").unwrap() {
+        for (query, hits) in distillery::schema::retrieved_from_batch(&batch.unwrap()).unwrap() {
+            lists.push((
+                query,
+                hits.iter()
+                    .map(|h| ids[h.passage as usize].clone())
+                    .collect(),
+            ));
+        }
+    }
+    lists
+}
+
 /// The bytes of every part of a stage, in order.
 fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
     let mut parts: Vec<_> = std::fs::read_dir(run.join("stages").join(stage))
@@ -73,6 +109,8 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
         .unwrap()
         .lines()
         .count();
+    let before = retrieved(&run);
+    let gone = ids_of_lines(again.path(), &[12, 40]);
     edit_corpus(again.path());
     ok(&args, again.path());
     let ran = embedded_since(&run, journal_lines);
@@ -88,7 +126,13 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
     edit_corpus(fresh.path());
     ok(&args, fresh.path());
     let fresh_run = fresh.path().join("run");
-    for stage in ["r0-passages", "candidates", "examples"] {
+    for stage in [
+        "r0-passages",
+        "r0-retrieved-passages",
+        "r0-retrieved",
+        "candidates",
+        "examples",
+    ] {
         assert!(
             stage_bytes(&run, stage) == stage_bytes(&fresh_run, stage),
             "stage {stage} differs from a run from scratch"
@@ -110,6 +154,33 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
         assert_eq!(rerun[field], scratch[field], "label-stats.json {field}");
     }
     assert_eq!(rerun["mine"]["stats"], scratch["mine"]["stats"]);
+    // Retrieval repaired the last version's lists: the edited and the added passage
+    // scored against every query, the edited and the removed one gone; only lists that
+    // held one of those two, and queries whose text is new, retrieved again.
+    let retrieval = &rerun["mine"]["retrievals"][0];
+    let queries = retrieval["queries"].as_u64().unwrap();
+    assert_eq!(retrieval["reused"], false);
+    assert_eq!(retrieval["passages_added"], 2, "{retrieval}");
+    assert_eq!(retrieval["passages_removed"], 2, "{retrieval}");
+    let (repaired, again) = (
+        retrieval["lists_repaired"].as_u64().unwrap(),
+        retrieval["lists_retrieved"].as_u64().unwrap(),
+    );
+    assert_eq!(repaired + again, queries, "{retrieval}");
+    // Which lists must be retrieved again, from the two versions' stored lists: a query
+    // the last version did not have, or whose list held the edited or removed passage.
+    let old: std::collections::HashMap<u128, &Vec<String>> =
+        before.iter().map(|(q, l)| (*q, l)).collect();
+    let must = retrieved(&run)
+        .iter()
+        .filter(|(q, _)| {
+            old.get(q)
+                .is_none_or(|l| l.iter().any(|id| gone.contains(id)))
+        })
+        .count() as u64;
+    assert_eq!(again, must, "{retrieval}");
+    assert!(again < queries, "{retrieval}");
+    assert_eq!(scratch["mine"]["retrievals"][0]["lists_retrieved"], queries);
     let pairs = scratch["pairs"].as_u64().unwrap();
     let scored: Vec<u64> = rerun["scored_now"]
         .as_array()

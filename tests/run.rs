@@ -51,6 +51,12 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     let summary = json(&b.join("run-summary.json"));
     assert_eq!(summary["label"]["scored_now"], serde_json::json!([0, 0, 0]));
     assert_eq!(summary["mine"]["reused"], true);
+    // Retrieval read its lists back: nothing scored.
+    let retrievals = summary["mine"]["retrievals"].as_array().unwrap();
+    assert_eq!(retrievals.len(), 1);
+    assert_eq!(retrievals[0]["reused"], true, "{retrievals:?}");
+    assert_eq!(retrievals[0]["lists_retrieved"], 0);
+    assert_eq!(retrievals[0]["lists_repaired"], 0);
     // The only device work of that run: evaluating the two models.
     let stages = summary["device_stages"].as_array().unwrap();
     assert!(!stages.is_empty());

@@ -15,9 +15,15 @@
 //! under its key resumes after its committed rows. An embedding stage goes through its
 //! memo table ([`memo_embed`]): only texts never embedded under its settings run, and
 //! a killed one resumes from the memo's committed parts.
+//!
+//! Retrieval ([`retrieve`]) keeps each query's top-k in the store beside the passage
+//! list it counts positions in, so a rerun over changed passages repairs those lists
+//! (the changed passages scored against every query, lists that lost a passage
+//! retrieved again) instead of scoring every query against every passage.
 
 pub mod infer_op;
 pub mod memo_embed;
+pub mod retrieve;
 pub mod write_parts;
 
 use std::cell::{Cell, RefCell};

@@ -14,9 +14,10 @@ use serde::Serialize;
 
 use crate::config::{Pipeline, RunPart};
 use crate::corpus::{open_queries, read_qrels};
+use crate::dataflow::retrieve::{run_retrieval_stage, RetrievalReport, RetrievalStage};
 use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
-use crate::jobs::eval::{read_matrix, top_k_over_stage};
+use crate::jobs::eval::read_matrix;
 use crate::jobs::generate::GenerateOutcome;
 use crate::jobs::{count_records, embedding_settings_hash, passage_texts};
 use crate::mining::{
@@ -39,6 +40,8 @@ pub struct MineOutcome {
     pub held_out: usize,
     pub stats: CandidateStats,
     pub reused: bool,
+    /// What each retriever's retrieval did (read back, repaired or run).
+    pub retrievals: Vec<RetrievalReport>,
     /// The candidates stage, for the stages downstream.
     #[serde(skip)]
     pub candidates: CompletedStage,
@@ -143,8 +146,7 @@ pub struct PassageIndex {
     /// The passage stage's key settings: the vectors' identity.
     pub settings_hash: String,
     /// Where the passage vectors are (its own stage, or an equal one reused).
-    pub stage: String,
-    pub content_hash: String,
+    pub passages: CompletedStage,
 }
 
 /// Generation (when the pipeline has it) and every retriever's passage embeddings, at
@@ -204,8 +206,7 @@ pub fn embed_passages(pipeline: &Pipeline) -> Result<Vec<PassageIndex>, EngineEr
             embedder,
             model,
             settings_hash: stage.key.settings_hash,
-            stage: report.completed.stage.clone(),
-            content_hash: report.completed.content_hash().to_string(),
+            passages: report.completed,
         });
     }
     Ok(indexes)
@@ -290,6 +291,7 @@ pub fn mine_with(
     let mut passage_ids: Option<Vec<String>> = None;
     let mut upstream = ContentHasher::new();
     let mut embedded = Vec::new();
+    let mut retrievals = Vec::new();
     for (i, index) in indexes.into_iter().enumerate() {
         let q_stage = retriever_stage(
             pipeline,
@@ -311,11 +313,11 @@ pub fn mine_with(
             &q_stage,
         )?;
         upstream
-            .field(&index.content_hash)
+            .field(index.passages.content_hash())
             .field(q_report.completed.content_hash());
         embedded.push((
             EmbeddedStage {
-                stage: index.stage.clone(),
+                stage: index.passages.stage.clone(),
                 settings_hash: index.settings_hash.clone(),
             },
             EmbeddedStage {
@@ -324,14 +326,27 @@ pub fn mine_with(
             },
         ));
         let q = read_matrix(&store, &q_report.completed.stage)?;
-        let (ids, hits) = top_k_over_stage(
+        let retrieval = run_retrieval_stage(
             &store,
-            &index.stage,
-            &q.values,
-            q.dim,
-            pipeline.candidates.retrieve_top,
-            pipeline.threads,
+            &RetrievalStage {
+                stage: format!("r{i}-retrieved"),
+                label: format!("retriever {i}: retrieval"),
+                passages: &index.passages,
+                queries: &q,
+                queries_hash: q_report.completed.content_hash(),
+                settings_hash: hash_settings(&(
+                    &index.settings_hash,
+                    &q_stage.key.settings_hash,
+                    pipeline.candidates.retrieve_top,
+                ))?,
+                k: pipeline.candidates.retrieve_top,
+                threads: pipeline.threads,
+                quiet: pipeline.retrievers[i].quiet,
+            },
         )?;
+        drop(q);
+        let (ids, hits) = (retrieval.passage_ids, retrieval.lists);
+        retrievals.push(retrieval.report);
         match &passage_ids {
             None => passage_ids = Some(ids),
             Some(known) if *known != ids => {
@@ -384,6 +399,7 @@ pub fn mine_with(
                     held_out: held_out.len(),
                     stats,
                     reused: true,
+                    retrievals,
                     candidates,
                     embeddings: embedded,
                 });
@@ -391,7 +407,7 @@ pub fn mine_with(
         }
     }
 
-    let retrievals = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
+    let per_query = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
         query_id: q.query.id.clone(),
         // A judged passage missing from the corpus cannot be a source.
         sources: q
@@ -401,7 +417,7 @@ pub fn mine_with(
             .collect(),
         lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
     });
-    let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, retrievals);
+    let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, per_query);
     if kept.is_empty() {
         // Nothing to label or train on: say so now, with the funnel, not after the
         // teachers have run over nothing.
@@ -462,6 +478,7 @@ pub fn mine_with(
         held_out: held_out.len(),
         stats,
         reused: false,
+        retrievals,
         candidates,
         embeddings: embedded,
     })

@@ -273,6 +273,23 @@ impl StageStore {
             }))
     }
 
+    /// The stage as it was last finished, under whatever key: what an incremental stage
+    /// repairs from. `None` while it is absent or being written again.
+    pub fn last_completed(&self, stage: &str) -> Result<Option<CompletedStage>, StoreError> {
+        validate_stage_name(stage)?;
+        let state = self.shared.lock();
+        Ok(state
+            .manifest
+            .stages
+            .get(stage)
+            .filter(|entry| entry.complete)
+            .map(|entry| CompletedStage {
+                stage: stage.to_string(),
+                key: entry.key.clone(),
+                parts: entry.parts.clone(),
+            }))
+    }
+
     /// Takes ownership of `stage` to write it under `key` with `schema`.
     ///
     /// - Unfinished under the same key, and its parts have `schema`'s fields: resumes,

@@ -6,6 +6,8 @@
 //! block size. Memory is bounded by one score block, `QUERY_BLOCK x PASSAGE_BLOCK`, and
 //! [`TopK`] takes the passages in pieces, so the passage matrix is never held whole.
 
+pub mod repair;
+
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
@@ -31,7 +33,7 @@ pub struct Hit {
 }
 
 /// Orders hits best first: higher score, then lower passage position.
-fn better(a: &Hit, b: &Hit) -> Ordering {
+pub fn better(a: &Hit, b: &Hit) -> Ordering {
     b.score
         .total_cmp(&a.score)
         .then_with(|| a.passage.cmp(&b.passage))
@@ -263,6 +265,54 @@ mod tests {
             let one = exact_top_k(&q[..dim], &p, dim, np, 2).unwrap();
             for h in &one[0] {
                 assert_eq!(h.score.to_bits(), score_of(0, h.passage), "dim {dim}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_score_is_the_same_bits_in_wide_blocks_and_for_any_set_of_queries() {
+        // The stage's own blocks (8,192 and a last partial one) against blocks of other
+        // widths cut at other offsets, and against subsets of the queries: what an
+        // incremental rerun scores (the changed passages alone; the queries that lost a
+        // passage alone) must be the bits a run from scratch scores.
+        for dim in [32, 384] {
+            let (nq, np) = (300, PASSAGE_BLOCK + 808);
+            let values = pseudo_random((nq + np) * dim);
+            let (p, q) = values.split_at(np * dim);
+            let all = exact_top_k(q, p, dim, np, 2).unwrap();
+            let full: Vec<std::collections::HashMap<u32, u32>> = all
+                .iter()
+                .map(|hits| {
+                    hits.iter()
+                        .map(|h| (h.passage, h.score.to_bits()))
+                        .collect()
+                })
+                .collect();
+            for (start, width) in [
+                (0, 21),
+                (5000, 33),
+                (8100, 100),
+                (17, 255),
+                (8191, 257),
+                (3, 1000),
+                (4000, 4097),
+                (1, 8191),
+                (8192, 808),
+            ] {
+                let block = &p[start * dim..(start + width) * dim];
+                for (q0, qn) in [(0, nq), (7, 1), (40, 3), (1, 255), (0, 256), (44, 256)] {
+                    let some =
+                        exact_top_k(&q[q0 * dim..(q0 + qn) * dim], block, dim, width, 2).unwrap();
+                    for (qi, hits) in some.iter().enumerate() {
+                        for h in hits {
+                            assert_eq!(
+                                h.score.to_bits(),
+                                full[q0 + qi][&(start as u32 + h.passage)],
+                                "dim {dim}, {width} passages from {start}, {qn} queries from {q0}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
