@@ -123,28 +123,50 @@ impl Bm25Stats {
 
     /// BM25 of `query` against `passage`.
     pub fn score(&self, params: Bm25Params, query: &str, passage: &str) -> f64 {
-        let mut tf: HashMap<String, u32> = HashMap::new();
-        let mut length = 0u64;
-        for t in tokens(passage) {
-            length += 1;
-            *tf.entry(t).or_insert(0) += 1;
-        }
+        let query: Vec<String> = tokens(query).collect();
+        self.score_terms(params, &query, &PassageTerms::of(passage))
+    }
+
+    /// BM25 of a query, as its tokens in order, against a passage's term counts: the
+    /// same bits as [`Self::score`] of the texts, for a scorer that counts a passage's
+    /// terms once for all the queries paired with it.
+    pub fn score_terms(&self, params: Bm25Params, query: &[String], passage: &PassageTerms) -> f64 {
         let avgdl = self.average_length();
         // A passage of a corpus whose documents are all empty has no tokens either, so
         // the ratio never matters then; 1 keeps it finite.
         let relative_length = if avgdl > 0.0 {
-            length as f64 / avgdl
+            passage.length as f64 / avgdl
         } else {
             1.0
         };
         let saturation = params.k1 * (1.0 - params.b + params.b * relative_length);
         let mut score = 0.0;
-        for t in tokens(query) {
-            let Some(&f) = tf.get(&t) else { continue };
+        for t in query {
+            let Some(&f) = passage.tf.get(t) else {
+                continue;
+            };
             let f = f64::from(f);
-            score += self.idf(&t) * f * (params.k1 + 1.0) / (f + saturation);
+            score += self.idf(t) * f * (params.k1 + 1.0) / (f + saturation);
         }
         score
+    }
+}
+
+/// A passage's length in tokens and the count of each of its terms.
+#[derive(Debug, Clone, Default)]
+pub struct PassageTerms {
+    length: u64,
+    tf: HashMap<String, u32>,
+}
+
+impl PassageTerms {
+    pub fn of(passage: &str) -> Self {
+        let mut terms = PassageTerms::default();
+        for t in tokens(passage) {
+            terms.length += 1;
+            *terms.tf.entry(t).or_insert(0) += 1;
+        }
+        terms
     }
 }
 

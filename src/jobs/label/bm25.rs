@@ -7,8 +7,10 @@
 //! corpus that keeps a term -> document frequency map and never the passages. The
 //! fingerprint holds `k1`, `b` and the corpus file's content hash: another corpus means
 //! other statistics, so other scores. Scoring is CPU only, split over the engine's
-//! threads in contiguous ranges, so a score never depends on the thread count.
+//! threads in contiguous ranges of passages, so a score never depends on the thread
+//! count; each distinct passage is tokenised once for all the queries paired with it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -17,7 +19,7 @@ use crate::config::TeacherKind;
 use crate::corpus::{BadRecordPolicy, Quarantine, ReadOptions};
 use crate::error::EngineError;
 use crate::jobs::{count_records, passage_texts};
-use crate::mining::bm25::{Bm25Params, Bm25Stats};
+use crate::mining::bm25::{tokens, Bm25Params, Bm25Stats, PassageTerms};
 use crate::progress::Progress;
 use crate::store::hash_file;
 use crate::store::hash_settings;
@@ -109,24 +111,67 @@ impl PairTeacher for Bm25Teacher {
             Some(pairs.len() as u64),
             ctx.quiet,
         );
-        let mut scores = vec![0.0f32; pairs.len()];
-        let per_thread = pairs.len().div_ceil(ctx.threads.max(1)).max(1);
+        // Each distinct passage's terms are counted once for all its pairs, and each
+        // distinct query tokenised once: the pairs in passage order, split over the
+        // threads in contiguous ranges of passages.
+        let mut queries: HashMap<&str, Vec<String>> = HashMap::new();
+        for p in pairs {
+            queries
+                .entry(p.query)
+                .or_insert_with(|| tokens(p.query).collect());
+        }
+        let mut order: Vec<u32> = (0..pairs.len() as u32).collect();
+        order.sort_by(|&a, &b| pairs[a as usize].passage.cmp(pairs[b as usize].passage));
+        let per_thread = order.len().div_ceil(ctx.threads.max(1)).max(1);
+        let mut scored: Vec<Vec<(u32, f32)>> = Vec::new();
         std::thread::scope(|scope| {
-            for (out, input) in scores.chunks_mut(per_thread).zip(pairs.chunks(per_thread)) {
-                let (stats, progress, params) = (&stats, &progress, self.params);
-                scope.spawn(move || {
-                    for (o, i) in out
-                        .chunks_mut(PROGRESS_STEP)
-                        .zip(input.chunks(PROGRESS_STEP))
-                    {
-                        for (s, p) in o.iter_mut().zip(i) {
-                            *s = stats.score(params, p.query, p.passage) as f32;
+            let mut rest = order.as_slice();
+            let mut handles = Vec::new();
+            while !rest.is_empty() {
+                // Cut after the last pair of a passage, so that no passage is counted by
+                // two threads.
+                let mut end = per_thread.min(rest.len());
+                while end < rest.len()
+                    && pairs[rest[end] as usize].passage == pairs[rest[end - 1] as usize].passage
+                {
+                    end += 1;
+                }
+                let (mine, later) = rest.split_at(end);
+                rest = later;
+                let (stats, progress, params, queries) = (&stats, &progress, self.params, &queries);
+                handles.push(scope.spawn(move || {
+                    let mut out = Vec::with_capacity(mine.len());
+                    let mut terms: Option<(&str, PassageTerms)> = None;
+                    for chunk in mine.chunks(PROGRESS_STEP) {
+                        for &i in chunk {
+                            let pair = &pairs[i as usize];
+                            if terms.as_ref().is_none_or(|(p, _)| *p != pair.passage) {
+                                terms = Some((pair.passage, PassageTerms::of(pair.passage)));
+                            }
+                            let Some((_, counted)) = &terms else { continue };
+                            let query = queries.get(pair.query).map_or(&[][..], Vec::as_slice);
+                            out.push((i, stats.score_terms(params, query, counted) as f32));
                         }
-                        progress.inc(i.len() as u64);
+                        progress.inc(chunk.len() as u64);
                     }
-                });
+                    out
+                }));
+            }
+            for h in handles {
+                scored.push(h.join().unwrap_or_default());
             }
         });
+        let mut scores = vec![0.0f32; pairs.len()];
+        let mut written = 0;
+        for (i, s) in scored.into_iter().flatten() {
+            scores[i as usize] = s;
+            written += 1;
+        }
+        if written != pairs.len() {
+            return Err(EngineError::Dataflow(
+                "a BM25 scoring thread panicked".into(),
+            ));
+        }
         progress.finish();
         Ok(scores)
     }
