@@ -299,7 +299,8 @@ fn detect() -> Features {
 /// A short report of the CPU and the path chosen: the model name (from /proc/cpuinfo
 /// where there is one), whether the features that matter here are present (avx2, fma,
 /// avx512f, avx512vl, avx512_bf16, amx), the paths this CPU runs and the one models use
-/// (or why [`CPU_ENV`] is refused). One `key: value` per line.
+/// (or why [`CPU_ENV`] is refused), and that matrix products do not follow it. One
+/// `key: value` per line.
 pub fn cpu_report() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     report_from(&cpuinfo, CpuPath::active())
@@ -348,7 +349,8 @@ fn report_from(cpuinfo: &str, active: Result<CpuPath, CpuPathError>) -> String {
         forced
     };
     format!(
-        "cpu: {model}\nfeatures: {}\npaths supported: {}\n{CPU_ENV}: {forced}\ncpu path: {path}\n",
+        "cpu: {model}\nfeatures: {}\npaths supported: {}\n{CPU_ENV}: {forced}\n\
+         cpu path: {path}\nmatrix products: gemm and candle choose their own kernels\n",
         listed.join(" "),
         runs.join(", "),
     )
