@@ -49,7 +49,10 @@ pub enum CpuPath {
 pub enum CpuPathError {
     /// [`CPU_ENV`] holds a value that names no path.
     #[error("{var}={value:?} names no CPU path (accepted: {ACCEPTED}, or unset for the best this CPU runs)", var = CPU_ENV)]
-    Unknown { value: String },
+    Unknown {
+        /// The variable's value (lossily decoded when it is not Unicode).
+        value: String,
+    },
     /// A path was asked for (through [`CPU_ENV`] or a model's `set_cpu_path`) that needs
     /// features this CPU lacks.
     #[error(
@@ -59,6 +62,7 @@ pub enum CpuPathError {
         var = CPU_ENV
     )]
     Unsupported {
+        /// The path asked for.
         path: CpuPath,
         /// The missing features, comma-separated.
         missing: String,
