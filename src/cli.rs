@@ -44,6 +44,11 @@ pub(crate) enum Command {
     /// Label (reused) and fine-tune the student: listwise KL + InfoNCE with gradient
     /// caching; resumes from the run's checkpoint; exports the best model.
     Train(ConfigArgs),
+    /// Print the CPU, its features and the CPU path the hand-written kernels take.
+    ///
+    /// The path is generic, avx2 or avx512: the best this CPU runs unless DISTILLERY_CPU
+    /// forces one. Fails when DISTILLERY_CPU names no path or one this CPU cannot run.
+    Cpu,
 }
 
 #[derive(Args)]

@@ -290,6 +290,10 @@ fn main() {
 fn run_cli(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run_command(&a)?,
+        Command::Cpu => {
+            print!("{}", distillery_operators::cpu_report());
+            distillery_operators::CpuPath::active()?;
+        }
         Command::Eval(a) => {
             let threads = set_threads(a.model.threads);
             let name = a

@@ -90,6 +90,15 @@ isa=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' \
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)  nproc $(nproc)  cpu: $cpu  load: $load_before  git $git_rev" >&2
+if [ "$st_only" -eq 0 ]; then
+  # The CPU, its features and the path distillery's hand-written kernels take
+  # (DISTILLERY_CPU forces one): `distillery cpu`.
+  if "$bin" cpu --help >/dev/null 2>&1; then
+    "$bin" cpu >&2 || die "'$bin cpu' failed: DISTILLERY_CPU refused (message above)"
+  else
+    echo "($bin has no 'cpu' command: CPU path not reported)" >&2
+  fi
+fi
 
 run_distillery() {  # $1 = round
   local dir=$work/distillery-$1

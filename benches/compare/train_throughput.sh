@@ -105,6 +105,19 @@ isa=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' \
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)  nproc $(nproc)  cpu: $cpu  load: $load_before  git $git_rev" >&2
+if [ "$torch_only" -eq 0 ]; then
+  # The distillery binary, for its CPU report (the bench above built the library).
+  target=${CARGO_TARGET_DIR:-$root/target}
+  (cd "$root" && cargo build --release -p distillery --bin distillery) >>"$work/build.log" 2>&1 \
+    || { tail -n 30 "$work/build.log" >&2; die "cargo build of distillery failed (log above)"; }
+  # The CPU, its features and the path distillery's hand-written kernels take
+  # (DISTILLERY_CPU forces one): `distillery cpu`.
+  if "$target/release/distillery" cpu --help >/dev/null 2>&1; then
+    "$target/release/distillery" cpu >&2 || die "'$target/release/distillery cpu' failed: DISTILLERY_CPU refused (message above)"
+  else
+    echo "($target/release/distillery has no 'cpu' command: CPU path not reported)" >&2
+  fi
+fi
 
 run_distillery() {  # $1 = round
   # RAYON_NUM_THREADS sizes the pool candle's CPU kernels and gemm run on.

@@ -20,6 +20,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weights};
 use crate::cpu_bert::CpuBert;
+use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
 use crate::st_config::{Pooling, SentenceTransformerSpec};
 
@@ -206,6 +207,27 @@ impl Embedder {
         match self.encoder {
             Encoder::Candle(_) => Backend::Candle,
             Encoder::Cpu(_) => Backend::Cpu,
+        }
+    }
+
+    /// The CPU path the CPU kernel runs on ([`crate::cpu_path`]); `None` for the candle
+    /// backend, which does not use the hand-written kernels.
+    pub fn cpu_path(&self) -> Option<CpuPath> {
+        match &self.encoder {
+            Encoder::Cpu(kernel) => Some(kernel.cpu_path()),
+            Encoder::Candle(_) => None,
+        }
+    }
+
+    /// Runs the CPU kernel on `path` from now on; fails, changing nothing, when this CPU
+    /// cannot run it. The candle backend checks the path and otherwise ignores it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        match &mut self.encoder {
+            Encoder::Cpu(kernel) => kernel.set_cpu_path(path),
+            Encoder::Candle(_) => {
+                path.check()?;
+                Ok(())
+            }
         }
     }
 

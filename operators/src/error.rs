@@ -44,6 +44,10 @@ pub enum OperatorError {
     /// The tokenizer failed to load or to encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The CPU path forced through `DISTILLERY_CPU` (or asked for by a caller) names no
+    /// path or needs features this CPU lacks.
+    #[error("{0}")]
+    CpuPath(#[from] crate::cpu_path::CpuPathError),
     /// A tensor operation failed (a bug or an out-of-memory, never user input).
     #[error("tensor operation: {0}")]
     Candle(#[from] candle_core::Error),

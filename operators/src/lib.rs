@@ -7,6 +7,7 @@
 pub mod batcher;
 pub mod bert;
 pub mod cpu_bert;
+pub mod cpu_path;
 pub mod cross_encoder;
 pub mod embedder;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod student;
 pub mod tiny;
 
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
+pub use cpu_path::{cpu_report, CpuPath, CpuPathError, CPU_ENV};
 pub use cross_encoder::{CrossEncoder, CrossEncoderOptions};
 pub use embedder::{Backend, Embedder, EmbedderOptions, TextKind};
 pub use error::{OperatorError, Result};

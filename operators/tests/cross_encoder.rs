@@ -4,7 +4,8 @@
 //! for eight (query, passage) pairs at max_length 64 (written by
 //! tests/reference/make_cross_encoder_fixtures.py). distillery must give the same token
 //! ids and token types for every pair, and the same logits to 1e-4: absolute for logits
-//! within [-1, 1], relative beyond (the fixtures' logits lie within 5).
+//! within [-1, 1], relative beyond (the fixtures' logits lie within 5), on every CPU path
+//! this machine runs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use distillery_operators::bert::{BertConfig, Weights};
 use distillery_operators::cpu_bert::CpuBert;
 use distillery_operators::cross_encoder::Family;
 use distillery_operators::{
-    CrossEncoder, CrossEncoderOptions, OperatorError, TokenBatch, TokenizedText,
+    CpuPath, CrossEncoder, CrossEncoderOptions, OperatorError, TokenBatch, TokenizedText,
 };
 use serde::Deserialize;
 
@@ -67,7 +68,7 @@ fn close(got: f32, want: f32) -> bool {
 fn matches_transformers(family: &str, want_family: Family, want_labels: usize) {
     let exp = expected(family);
     assert_eq!(exp.max_length, MAX_LENGTH);
-    let model = load(&fixture(family)).unwrap();
+    let mut model = load(&fixture(family)).unwrap();
     assert_eq!(model.family(), want_family);
     assert_eq!(model.num_labels(), want_labels);
     let pairs: Vec<(&str, &str)> = exp
@@ -95,7 +96,26 @@ fn matches_transformers(family: &str, want_family: Family, want_labels: usize) {
     );
     assert!(lens.iter().any(|&l| l < 10), "{lens:?}");
 
-    let batch = TokenBatch { rows: rows.clone() };
+    // The encoder's kernels on every CPU path this machine runs.
+    for path in CpuPath::supported() {
+        model.set_cpu_path(path).unwrap();
+        matches_on_the_path(&model, &exp, &rows, family, want_labels);
+    }
+}
+
+/// Logits and scores of `rows` against transformers', and each row's score alone and in
+/// reversed order equal to its score in the batch, on the model's CPU path.
+fn matches_on_the_path(
+    model: &CrossEncoder,
+    exp: &Expected,
+    rows: &[TokenizedText],
+    family: &str,
+    want_labels: usize,
+) {
+    let family = format!("{family} ({} path)", model.cpu_path());
+    let batch = TokenBatch {
+        rows: rows.to_vec(),
+    };
     let logits = model.logits_batch(&batch).unwrap();
     let scores = model.score_batch(&batch).unwrap();
     assert_eq!(logits.len(), rows.len() * want_labels);
@@ -119,7 +139,7 @@ fn matches_transformers(family: &str, want_family: Family, want_labels: usize) {
     }
 
     // Each row alone gives its score from the mixed batch, reversed order too.
-    let mut reversed = rows.clone();
+    let mut reversed = rows.to_vec();
     reversed.reverse();
     let backwards = model.score_batch(&TokenBatch { rows: reversed }).unwrap();
     for (i, row) in rows.iter().enumerate() {

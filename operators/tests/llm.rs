@@ -4,7 +4,8 @@
 //!
 //! What transformers pins down: the rendered chat template, the prompt's token ids, and
 //! greedy `generate` (alone and batched with left padding, and with end-of-turn barred by
-//! `min_new_tokens`). The fixture script checks that every greedy step's top two logits
+//! `min_new_tokens`), the CPU attention kernel on every CPU path this machine runs
+//! (generic, AVX2, AVX-512). The fixture script checks that every greedy step's top two logits
 //! are at least 2e-3 apart, so equal ids are the expected outcome of a correct
 //! implementation, not luck. The GGUF conversions must give the same ids (f16) or nearly
 //! the same logits (Q8_0). Sampling is ours: tested for determinism and independence
@@ -18,7 +19,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use distillery_operators::llm::random::{write_random_gguf, RandomShape};
 use distillery_operators::llm::{ChatMessage, LlmGenerator, LlmOptions, SamplingParams};
-use distillery_operators::OperatorError;
+use distillery_operators::{CpuPath, OperatorError};
 use serde_json::Value;
 
 const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
@@ -141,7 +142,12 @@ fn greedy_ids_equal_transformers_single_and_batched() {
     let expected = expected();
     for model in MODELS {
         let dir = fixtures().join(model);
-        check_greedy(&load(&dir, &LlmOptions::default()), &expected[model], model);
+        // The CPU attention kernel on every CPU path this machine runs.
+        let mut llm = load(&dir, &LlmOptions::default());
+        for path in CpuPath::supported() {
+            llm.set_cpu_path(path).unwrap();
+            check_greedy(&llm, &expected[model], &format!("{model} ({path} path)"));
+        }
         // Groups of two rows: the five prompts run as three groups.
         let small = LlmOptions {
             max_batch_rows: 2,

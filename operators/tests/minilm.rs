@@ -5,7 +5,8 @@
 //!
 //! The fixture `tests/fixtures/minilm_reference.json` (written by
 //! `tests/reference/make_embedding_fixture.py`) holds sentence-transformers' token ids and
-//! embeddings for ten texts; both backends must reproduce them.
+//! embeddings for ten texts; both backends must reproduce them, the CPU kernel on every
+//! CPU path this machine runs (generic, AVX2, AVX-512: `distillery_operators::cpu_path`).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -15,7 +16,8 @@ use candle_core::Device;
 use distillery_operators::bert::{BertConfig, Weights};
 use distillery_operators::cpu_bert::CpuBert;
 use distillery_operators::{
-    Backend, Embedder, EmbedderOptions, Pooling, TextKind, TokenBudgetBatcher, TokenizedText,
+    Backend, CpuPath, Embedder, EmbedderOptions, Pooling, TextKind, TokenBudgetBatcher,
+    TokenizedText,
 };
 use serde_json::Value;
 
@@ -91,8 +93,9 @@ fn worst_diff(a: &[f32], b: &[f32]) -> f32 {
 fn check_against_fixture(backend: Backend) {
     let Some(dir) = minilm_dir() else { return };
     let fx = fixture();
-    let e = Embedder::load_with_backend(&dir, &EmbedderOptions::default(), &Device::Cpu, backend)
-        .unwrap();
+    let mut e =
+        Embedder::load_with_backend(&dir, &EmbedderOptions::default(), &Device::Cpu, backend)
+            .unwrap();
     let entries = fx["sentences"].as_array().unwrap();
     assert_eq!(entries.len(), 10);
     let texts: Vec<&str> = entries
@@ -112,15 +115,23 @@ fn check_against_fixture(backend: Backend) {
     // The long text is truncated to exactly max_seq_length, [SEP] kept last.
     assert_eq!(ids[3].len(), 256);
     assert_eq!(ids[3][255], 102);
-    let embedded = embed(&e, &texts);
-    for (entry, got) in entries.iter().zip(&embedded) {
-        let want = floats(&entry["embedding"]);
-        let diff = worst_diff(got, &want);
-        assert!(
-            diff < FIXTURE_TOLERANCE,
-            "{backend:?}: {:?} differs by {diff}",
-            entry["text"]
-        );
+    // The CPU kernel on every path this CPU runs; candle has no such paths.
+    let paths = match backend {
+        Backend::Cpu => CpuPath::supported(),
+        Backend::Candle => vec![CpuPath::best()],
+    };
+    for path in paths {
+        e.set_cpu_path(path).unwrap();
+        let embedded = embed(&e, &texts);
+        for (entry, got) in entries.iter().zip(&embedded) {
+            let want = floats(&entry["embedding"]);
+            let diff = worst_diff(got, &want);
+            assert!(
+                diff < FIXTURE_TOLERANCE,
+                "{backend:?} on the {path} path: {:?} differs by {diff}",
+                entry["text"]
+            );
+        }
     }
 }
 
@@ -140,15 +151,18 @@ fn cpu_kernel_mean_pooling_before_normalisation_matches_the_fixture() {
     let fx = fixture();
     let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = Weights::load(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    let kernel = CpuBert::load(&weights, &config).unwrap();
+    let mut kernel = CpuBert::load(&weights, &config).unwrap();
     let ids: Vec<u32> = fx["sentences"][0]["input_ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    let pooled = kernel.embed(&[&ids], Pooling::Mean, false).unwrap();
     let want = floats(&fx["mean_pooled_unnormalized_first"]);
-    let diff = worst_diff(&pooled, &want);
-    assert!(diff < FIXTURE_TOLERANCE, "differs by {diff}");
+    for path in CpuPath::supported() {
+        kernel.set_cpu_path(path).unwrap();
+        let pooled = kernel.embed(&[&ids], Pooling::Mean, false).unwrap();
+        let diff = worst_diff(&pooled, &want);
+        assert!(diff < FIXTURE_TOLERANCE, "{path} path: differs by {diff}");
+    }
 }

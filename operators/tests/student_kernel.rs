@@ -2,6 +2,7 @@
 //! weights: the same embeddings, the same gradient for every parameter (mean and CLS
 //! pooling, with and without normalisation, erf GELU, tanh GELU and ReLU), across
 //! chunk boundaries, additive over calls, and the same bits whatever the thread count.
+//! The comparisons with autograd run the kernel on every CPU path this machine runs.
 //! (tests/train_step_reference.rs in the root crate checks both paths against PyTorch.)
 
 #![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
@@ -11,7 +12,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use distillery_operators::student::{GradientPath, Gradients};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
-use distillery_operators::{Pooling, Student, StudentOptions, TextKind};
+use distillery_operators::{CpuPath, Pooling, Student, StudentOptions, TextKind};
 
 const TRAINING: [&str; 6] = [
     "the quick brown fox jumps over the lazy dog",
@@ -135,8 +136,16 @@ fn worst(s: &Student, got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, String) {
 
 fn compare_paths(spec: &TinyBertSpec, act: &str, count: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let s = student(dir.path(), spec, act);
-    let ids = token_rows(&s, count);
+    let mut s = student(dir.path(), spec, act);
+    for path in CpuPath::supported() {
+        s.set_cpu_path(path).unwrap();
+        compare_on_the_path(&s, spec, &format!("{act} ({path} path)"), count);
+    }
+}
+
+/// [`compare_paths`] on the student's CPU path.
+fn compare_on_the_path(s: &Student, spec: &TinyBertSpec, act: &str, count: usize) {
+    let ids = token_rows(s, count);
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
 
     let kernel = flat(&s.embed_rows(&rows).unwrap());
@@ -162,9 +171,9 @@ fn compare_paths(spec: &TinyBertSpec, act: &str, count: usize) {
         &Device::Cpu,
     )
     .unwrap();
-    let k = grads(&s, GradientPath::Kernel, &rows, &d);
-    let g = grads(&s, GradientPath::Graph, &rows, &d);
-    let (w, name) = worst(&s, &k, &g);
+    let k = grads(s, GradientPath::Kernel, &rows, &d);
+    let g = grads(s, GradientPath::Graph, &rows, &d);
+    let (w, name) = worst(s, &k, &g);
     eprintln!(
         "{act} {:?} normalize={}: worst relative gradient difference {w:.2e} ({name})",
         spec.pooling, spec.normalize

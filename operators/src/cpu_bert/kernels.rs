@@ -2,17 +2,25 @@
 //! softmax's exponentials and row sums, bias plus layer norm, and the `exp` and `erf`
 //! they need.
 //!
-//! Every kernel is written once, as plain loops that LLVM vectorises, and compiled twice:
-//! for the baseline target and, on x86-64, with AVX-512 enabled; the AVX-512 copy runs
-//! when the CPU has it (checked at run time; std caches the answer). Reductions keep
-//! [`LANES`] independent partial sums, combined in a fixed order, so a row's result does
-//! not depend on anything but the row: the same input gives the same bits.
+//! Every kernel is written once, as plain loops that LLVM vectorises, and compiled three
+//! times (see [`crate::cpu_path`]): for the baseline target, and on x86-64 with AVX2 and
+//! FMA, and with AVX-512; the caller passes the
+//! [`SupportedPath`](crate::cpu_path::SupportedPath) whose copy runs. The
+//! two x86 copies use fused multiply-adds (`F = true`), the generic copy does not, so
+//! the generic copy may differ from the others in the last bits; the AVX2 and AVX-512
+//! copies run the same operations in the same order and give the same bits.
+//! Reductions keep [`LANES`] independent partial sums, combined in a fixed order, so a
+//! row's result does not depend on anything but the row (and the path): the same input
+//! gives the same bits.
 //!
 //! Accuracy, measured against f64 references in the tests below: `exp` within 2 ulp,
 //! the erf-based GELU within 4e-7 absolute per unit of |x| (its erfc comes from a
-//! polynomial fitted for this file; see [`ERFC_POLY`]).
+//! polynomial fitted for this file; see [`ERFC_POLY`]), with or without FMA.
 
-/// Partial sums per reduction: 16 f32 fill one AVX-512 register.
+/// Partial sums per reduction, on every path: 16 f32 fill one AVX-512 register or two
+/// AVX2 registers (two independent accumulator chains, which also hide the latency of
+/// the adds). Every copy keeps the same 16 so that every path sums in the same order:
+/// the AVX2 and AVX-512 copies then give the same bits.
 pub const LANES: usize = 16;
 
 /// `ln 2` split so that `n * LN2_HI` is exact for the `n` that `exp` uses (|n| < 2^9):
@@ -288,19 +296,12 @@ mod portable {
     }
 }
 
-/// Whether the CPU runs the AVX-512 copies (std caches the detection).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-}
-
-/// Generates, for each named portable kernel, an AVX-512 copy (with fused multiply-adds)
-/// and a public wrapper that runs the fastest copy the CPU supports. The copies may differ
-/// in the last bits; on one machine the same copy always runs. The invoking module must
-/// hold a `portable` module with a `<const F: bool>` definition of each named kernel.
+/// Generates, for each named portable kernel, an AVX2 + FMA copy and an AVX-512 copy
+/// (x86-64 only, both with fused multiply-adds), and a public wrapper that takes the
+/// [`SupportedPath`](crate::cpu_path::SupportedPath) to run as its first argument: the
+/// one dispatch point of the
+/// kernel. The invoking module must hold a `portable` module with a `<const F: bool>`
+/// definition of each named kernel (`F`: use fused multiply-adds).
 macro_rules! dispatched {
     ($($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*);)*) => {
         #[cfg(target_arch = "x86_64")]
@@ -314,16 +315,42 @@ macro_rules! dispatched {
             )*
         }
 
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            use super::*;
+            $(
+                #[target_feature(enable = "avx2,fma")]
+                pub fn $name($($arg: $ty),*) {
+                    portable::$name::<true>($($arg),*)
+                }
+            )*
+        }
+
         $(
             $(#[$doc])*
-            pub fn $name($($arg: $ty),*) {
-                #[cfg(target_arch = "x86_64")]
-                if $crate::cpu_bert::kernels::has_avx512() {
-                    // SAFETY: the CPU has every feature the AVX-512 copy is compiled for.
-                    unsafe { avx512::$name($($arg),*) };
-                    return;
+            ///
+            /// Runs the copy compiled for `path`.
+            // The kernel's own arguments plus the path: one more than clippy's limit for
+            // the layer norm that keeps its statistics.
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name(path: $crate::cpu_path::SupportedPath, $($arg: $ty),*) {
+                match path.path() {
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu_path::CpuPath::Avx512 => {
+                        // SAFETY: a SupportedPath holds Avx512 only when CpuPath::check
+                        // detected avx512f, avx512vl, avx2 and fma on this CPU: every
+                        // feature this copy is compiled with.
+                        unsafe { avx512::$name($($arg),*) }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu_path::CpuPath::Avx2 => {
+                        // SAFETY: a SupportedPath holds Avx2 only when CpuPath::check
+                        // detected avx2 and fma on this CPU: every feature this copy is
+                        // compiled with.
+                        unsafe { avx2::$name($($arg),*) }
+                    }
+                    _ => portable::$name::<false>($($arg),*),
                 }
-                portable::$name::<false>($($arg),*)
             }
         )*
     };
@@ -343,6 +370,7 @@ dispatched! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_path::{CpuPath, SupportedPath};
 
     /// erf in f64: its Taylor series for |z| <= 3 (terms alternate and shrink fast
     /// enough there), erfc's continued fraction beyond.
@@ -437,11 +465,17 @@ mod tests {
 
     #[test]
     fn exp_rows_give_softmax_after_scaling() {
+        for path in SupportedPath::all_supported() {
+            check_exp_rows(path);
+        }
+    }
+
+    fn check_exp_rows(path: SupportedPath) {
         // Width 19: one full lane group and a tail of 3.
         let mut rows: Vec<f32> = (0..38).map(|i| (i % 19) as f32 * 0.5 - 3.0).collect();
         rows[19] = 1000.0; // a huge logit must not overflow: max subtraction
         let mut inv = [0.0; 2];
-        exp_rows(&mut rows, 19, &mut inv);
+        exp_rows(path, &mut rows, 19, &mut inv);
         for (row, inv) in rows.chunks(19).zip(inv) {
             let sum: f32 = row.iter().map(|x| x * inv).sum();
             assert!((sum - 1.0).abs() < 1e-6);
@@ -458,51 +492,144 @@ mod tests {
     fn bias_layer_norm_by_hand() {
         // Row [1, 2, 3, 4] + bias [1, 0, 0, -1] = [2, 2, 3, 3]: mean 2.5, variance 0.25,
         // so normalised [-1, -1, 1, 1]; gamma 2 and beta 1 give [-1, -1, 3, 3].
-        let mut row = vec![1.0, 2.0, 3.0, 4.0];
-        bias_layer_norm(&mut row, &[1.0, 0.0, 0.0, -1.0], &[2.0; 4], &[1.0; 4], 0.0);
-        for (got, want) in row.iter().zip([-1.0, -1.0, 3.0, 3.0]) {
-            assert!((got - want).abs() < 1e-6, "{row:?}");
+        for path in SupportedPath::all_supported() {
+            let mut row = vec![1.0, 2.0, 3.0, 4.0];
+            bias_layer_norm(
+                path,
+                &mut row,
+                &[1.0, 0.0, 0.0, -1.0],
+                &[2.0; 4],
+                &[1.0; 4],
+                0.0,
+            );
+            for (got, want) in row.iter().zip([-1.0, -1.0, 3.0, 3.0]) {
+                assert!((got - want).abs() < 1e-6, "{path:?}: {row:?}");
+            }
         }
     }
 
     #[test]
     fn bias_activation_relu_and_gelu() {
-        let mut rows = vec![-1.0, 0.5, 2.0, -3.0];
-        bias_activation(&mut rows, &[0.5, 0.5], Activation::Relu);
-        assert_eq!(rows, vec![0.0, 1.0, 2.5, 0.0]);
-        let mut rows = vec![0.0, 1.0];
-        bias_activation(&mut rows, &[1.0, -2.0], Activation::GeluErf);
-        assert!((rows[0] as f64 - GELU_1).abs() < 2e-7);
-        assert!((rows[1] as f64 - GELU_MINUS_1).abs() < 2e-7);
+        for path in SupportedPath::all_supported() {
+            let mut rows = vec![-1.0, 0.5, 2.0, -3.0];
+            bias_activation(path, &mut rows, &[0.5, 0.5], Activation::Relu);
+            assert_eq!(rows, vec![0.0, 1.0, 2.5, 0.0]);
+            let mut rows = vec![0.0, 1.0];
+            bias_activation(path, &mut rows, &[1.0, -2.0], Activation::GeluErf);
+            assert!((rows[0] as f64 - GELU_1).abs() < 2e-7);
+            assert!((rows[1] as f64 - GELU_MINUS_1).abs() < 2e-7);
+        }
+    }
+
+    /// Inputs over [-6, 6) with every residue of a 101-step walk: both signs, GELU's
+    /// tails and its middle.
+    fn inputs(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37) % 101) as f32 * 12.0 / 101.0 - 6.0)
+            .collect()
     }
 
     #[test]
-    fn dispatched_copy_is_the_portable_code_bit_for_bit() {
-        #[cfg(target_arch = "x86_64")]
-        let fma = has_avx512();
-        #[cfg(not(target_arch = "x86_64"))]
-        let fma = false;
-        let input: Vec<f32> = (0..300)
-            .map(|i| ((i * 37) % 101) as f32 / 13.0 - 4.0)
-            .collect();
+    fn each_path_runs_the_portable_code_bit_for_bit() {
+        // The dispatch runs the copy of the path it is given: the portable code with
+        // fused multiply-adds exactly when the path is not the generic one.
+        let input = inputs(300);
         let bias: Vec<f32> = (0..30).map(|i| i as f32 * 0.01).collect();
-        let mut a = input.clone();
-        let mut b = input.clone();
-        bias_activation(&mut a, &bias, Activation::GeluErf);
-        if fma {
-            portable::bias_activation::<true>(&mut b, &bias, Activation::GeluErf);
-        } else {
-            portable::bias_activation::<false>(&mut b, &bias, Activation::GeluErf);
+        for path in SupportedPath::all_supported() {
+            let fma = path.path() != CpuPath::Generic;
+            let mut a = input.clone();
+            let mut b = input.clone();
+            bias_activation(path, &mut a, &bias, Activation::GeluErf);
+            if fma {
+                portable::bias_activation::<true>(&mut b, &bias, Activation::GeluErf);
+            } else {
+                portable::bias_activation::<false>(&mut b, &bias, Activation::GeluErf);
+            }
+            assert_eq!(a, b, "{path:?}");
+            let (mut a, mut b) = (input.clone(), input.clone());
+            let (mut ia, mut ib) = ([0.0; 10], [0.0; 10]);
+            exp_rows(path, &mut a, 30, &mut ia);
+            if fma {
+                portable::exp_rows::<true>(&mut b, 30, &mut ib);
+            } else {
+                portable::exp_rows::<false>(&mut b, 30, &mut ib);
+            }
+            assert_eq!((a, ia), (b, ib), "{path:?}");
         }
-        assert_eq!(a, b);
-        let (mut a, mut b) = (input.clone(), input);
-        let (mut ia, mut ib) = ([0.0; 10], [0.0; 10]);
-        exp_rows(&mut a, 30, &mut ia);
-        if fma {
-            portable::exp_rows::<true>(&mut b, 30, &mut ib);
-        } else {
-            portable::exp_rows::<false>(&mut b, 30, &mut ib);
+    }
+
+    /// `|got - want| <= tol * max(1, |x|)` for every element, `x` the kernel's input.
+    fn assert_close(what: &str, got: &[f32], want: &[f32], xs: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, ((g, w), x)) in got.iter().zip(want).zip(xs).enumerate() {
+            let bound = tol * x.abs().max(1.0);
+            assert!(
+                (g - w).abs() <= bound,
+                "{what}[{i}] (x = {x}): {g} vs generic {w}, bound {bound}"
+            );
         }
-        assert_eq!((a, ia), (b, ib));
+    }
+
+    /// Every path this CPU runs against the generic path, kernel by kernel. Tolerances:
+    /// - GELU (erf): each copy is within 4e-7 per unit of |x| of the exact value (tested
+    ///   above with and without FMA), so two copies are within 8e-7; 1e-6 per unit.
+    /// - GELU (tanh): each within 1e-6 per unit of its definition (tested above), so
+    ///   2e-6 per unit between copies.
+    /// - ReLU and layer norm: exact. Neither uses a multiply-add (and Rust never fuses
+    ///   `a * b + c` on its own), so every copy runs the same IEEE operations in the same
+    ///   order; only the instructions differ.
+    /// - `exp_rows`: each exponential within 2 ulp of exact (tested above), so copies
+    ///   differ by at most 4 ulp, 4.8e-7 relative to the value; the row sums of positive
+    ///   terms keep that relative bound plus the sum's own roundings, which are the same
+    ///   operations on both sides: 1e-6 relative for both (values here are at most 1).
+    /// - AVX2 against AVX-512: the same operations in the same order: exact.
+    #[test]
+    fn every_path_matches_the_generic_path() {
+        let width = 77; // four lane groups and a tail of 13
+        let input = inputs(width * 9);
+        let bias: Vec<f32> = (0..width).map(|i| (i as f32 * 0.7).sin() * 0.5).collect();
+        let gamma: Vec<f32> = (0..width).map(|i| 1.0 + (i as f32 * 0.3).cos()).collect();
+        let beta: Vec<f32> = (0..width).map(|i| (i as f32 * 0.2).sin()).collect();
+        let biased: Vec<f32> = input
+            .chunks(width)
+            .flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b))
+            .collect();
+        let run = |path: SupportedPath| {
+            let mut acts = Vec::new();
+            for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+                let mut rows = input.clone();
+                bias_activation(path, &mut rows, &bias, act);
+                acts.push(rows);
+            }
+            let mut exps = input.clone();
+            let mut inv = vec![0.0; 9];
+            exp_rows(path, &mut exps, width, &mut inv);
+            let mut normed = input.clone();
+            bias_layer_norm(path, &mut normed, &bias, &gamma, &beta, 1e-12);
+            (acts, exps, inv, normed)
+        };
+        let generic = run(SupportedPath::GENERIC);
+        let mut by_path = Vec::new();
+        for path in SupportedPath::all_supported() {
+            let got = run(path);
+            let (acts, exps, inv, normed) = &got;
+            let name = path.path().name();
+            assert_close(name, &acts[0], &generic.0[0], &biased, 1e-6);
+            assert_close(name, &acts[1], &generic.0[1], &biased, 2e-6);
+            assert_eq!(acts[2], generic.0[2], "{name}: relu");
+            for (g, w) in exps.iter().zip(&generic.1) {
+                assert!((g - w).abs() <= 1e-6 * w.abs(), "{name}: exp {g} vs {w}");
+            }
+            for (g, w) in inv.iter().zip(&generic.2) {
+                assert!((g - w).abs() <= 1e-6 * w.abs(), "{name}: 1/sum {g} vs {w}");
+            }
+            assert_eq!(*normed, generic.3, "{name}: layer norm");
+            by_path.push((path.path(), got));
+        }
+        let avx2 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx2);
+        let avx512 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx512);
+        if let (Some((_, a)), Some((_, b))) = (avx2, avx512) {
+            assert!(a == b, "the AVX2 and AVX-512 copies differ");
+        }
     }
 }

@@ -37,6 +37,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::bert::{BertConfig, Weights};
+use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
 use crate::st_config::Pooling;
 use kernels::{bias_activation, bias_layer_norm, exp_rows, Activation};
@@ -92,6 +93,8 @@ pub struct CpuBert {
     zeros: Vec<f32>,
     emb_norm: Norm,
     layers: Vec<Layer>,
+    /// Which compiled copy of the row kernels runs ([`crate::cpu_path`]).
+    path: SupportedPath,
     /// Scratch buffers of finished groups, for the next forward pass to reuse (at most
     /// one per thread that ran a group).
     scratch: Mutex<Vec<Scratch>>,
@@ -206,7 +209,8 @@ impl Scratch {
 
 impl CpuBert {
     /// Reads every weight out of `weights` once (the same names and shapes as
-    /// [`crate::bert::BertModel::load`]).
+    /// [`crate::bert::BertModel::load`]). The kernels run on the active CPU path
+    /// ([`CpuPath::active`]); an invalid `DISTILLERY_CPU` fails the load.
     pub fn load(weights: &Weights, config: &BertConfig) -> Result<Self> {
         let h = config.hidden_size;
         let mut kernel = Self::load_layers(weights, config)?;
@@ -265,12 +269,25 @@ impl CpuBert {
                 beta: Vec::new(),
             },
             layers,
+            path: SupportedPath::active()?,
             scratch: Mutex::new(Vec::new()),
         })
     }
 
     pub fn hidden_size(&self) -> usize {
         self.hidden
+    }
+
+    /// The CPU path the kernels run on.
+    pub fn cpu_path(&self) -> CpuPath {
+        self.path.path()
+    }
+
+    /// Runs the kernels on `path` from now on; fails, changing nothing, when this CPU
+    /// cannot run it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        self.path = path.check()?;
+        Ok(())
     }
 
     /// Fails on ids outside the vocabulary and texts longer than the position table:
@@ -376,7 +393,7 @@ impl CpuBert {
             }
         }
         let n = &self.emb_norm;
-        bias_layer_norm(out, &self.zeros, &n.gamma, &n.beta, self.eps);
+        bias_layer_norm(self.path, out, &self.zeros, &n.gamma, &n.beta, self.eps);
     }
 
     /// The encoder layers over one group of embedded texts of `lens`, in place in `out`
@@ -403,17 +420,17 @@ impl CpuBert {
         self.attention(lens, s, par);
         l.attn_out.product(x, &s.ctx, true, par);
         let n = &l.attn_norm;
-        bias_layer_norm(x, &l.attn_out.bias, &n.gamma, &n.beta, self.eps);
+        bias_layer_norm(self.path, x, &l.attn_out.bias, &n.gamma, &n.beta, self.eps);
         // The feed-forward block a tile of rows at a time: its intermediate activations
         // stay in cache between the product that writes them and the one that reads them.
         for xt in x.chunks_mut(FFN_TILE_ROWS * self.hidden) {
             let rows = xt.len() / self.hidden;
             let inter = &mut s.inter[..rows * self.intermediate];
             l.inter.product(inter, xt, false, par);
-            bias_activation(inter, &l.inter.bias, self.act);
+            bias_activation(self.path, inter, &l.inter.bias, self.act);
             l.out.product(xt, inter, true, par);
             let n = &l.out_norm;
-            bias_layer_norm(xt, &l.out.bias, &n.gamma, &n.beta, self.eps);
+            bias_layer_norm(self.path, xt, &l.out.bias, &n.gamma, &n.beta, self.eps);
         }
     }
 
@@ -444,7 +461,7 @@ impl CpuBert {
                     par,
                 );
                 // Softmax, its division deferred to the d-wide context rows below.
-                exp_rows(scores, len, &mut s.inv_sums[..len]);
+                exp_rows(self.path, scores, len, &mut s.inv_sums[..len]);
                 let ctx = View::block(start * h + head * d, len, d, h);
                 gemm(
                     &mut s.ctx,

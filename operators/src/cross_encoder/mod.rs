@@ -41,6 +41,7 @@ use tokenizers::{
 
 use crate::batcher::{TokenBatch, TokenizedText};
 use crate::cpu_bert::CpuBert;
+use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
 use checkpoint::Checkpoint;
 pub use config::{Family, ModelConfig, SUPPORTED_MODEL_TYPES};
@@ -171,6 +172,17 @@ impl CrossEncoder {
 
     pub fn device(&self) -> &Device {
         self.embeddings.device()
+    }
+
+    /// The CPU path the encoder's kernels run on ([`crate::cpu_path`]).
+    pub fn cpu_path(&self) -> CpuPath {
+        self.encoder.cpu_path()
+    }
+
+    /// Runs the encoder's kernels on `path` from now on; fails, changing nothing, when
+    /// this CPU cannot run it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        self.encoder.set_cpu_path(path)
     }
 
     /// Tokenises (query, passage) pairs; row `i` has `index` `i`. Token types are filled

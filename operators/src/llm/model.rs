@@ -19,6 +19,7 @@ use super::attention::{AttentionShape, KvCache, StepRows};
 use super::config::LlmConfig;
 use super::rope::Rope;
 use super::weights::{Embedding, Linear, Phase, Projections, Weights};
+use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
 
 /// One decoder layer (`LlamaDecoderLayer`): pre-norm attention and SwiGLU MLP, each
@@ -82,6 +83,8 @@ pub(crate) struct Decoder {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// The CPU path of the CPU attention kernel ([`crate::cpu_path`]).
+    cpu_path: SupportedPath,
 }
 
 impl Decoder {
@@ -107,6 +110,7 @@ impl Decoder {
             lm_head,
             config,
             device: device.clone(),
+            cpu_path: SupportedPath::active()?,
         })
     }
 
@@ -116,6 +120,18 @@ impl Decoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The CPU path the CPU attention kernel runs on.
+    pub fn cpu_path(&self) -> CpuPath {
+        self.cpu_path.path()
+    }
+
+    /// Runs the CPU attention kernel of caches made from now on on `path`; fails,
+    /// changing nothing, when this CPU cannot run it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        self.cpu_path = path.check()?;
+        Ok(())
     }
 
     /// The stored type of the layers' matrices (`None`: dense f32), for reports.
@@ -139,7 +155,11 @@ impl Decoder {
     /// kernel's on the CPU, padded tensors elsewhere (or everywhere when `padded`).
     pub fn new_cache(&self, capacity: &[usize], padded: bool) -> KvCache {
         if self.device.is_cpu() && !padded {
-            KvCache::Cpu(CpuKvCache::new(self.attention_shape(), capacity))
+            KvCache::Cpu(CpuKvCache::new(
+                self.attention_shape(),
+                capacity,
+                self.cpu_path,
+            ))
         } else {
             KvCache::Tensor(TensorKvCache::new(
                 self.attention_shape(),

@@ -33,6 +33,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, Weights};
+use crate::cpu_path::CpuPath;
 use crate::embedder::encode_texts;
 use crate::embedder::{TextKind, REQUIRED_FILES};
 use crate::error::{OperatorError, Result};
@@ -239,6 +240,18 @@ impl Student {
     /// The directory the student was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CPU path the CPU training kernel runs on ([`crate::cpu_path`]).
+    pub fn cpu_path(&self) -> CpuPath {
+        self.kernel_shape.path.path()
+    }
+
+    /// Runs the CPU training kernel on `path` from now on; fails, changing nothing, when
+    /// this CPU cannot run it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        self.kernel_shape.path = path.check()?;
+        Ok(())
     }
 
     /// Most tokens of a text of `kind`, after capping at the position embeddings.

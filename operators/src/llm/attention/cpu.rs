@@ -9,17 +9,21 @@
 //! the tasks are scheduled, so a row's output is the same bits alone or in any batch.
 //!
 //! The kernel is plain loops with [`LANES`] independent partial sums for the dot
-//! products, compiled twice: for the baseline target and, on x86-64, with AVX-512 and
-//! FMA, chosen at run time (the copies may differ in the last bits; one machine always
-//! runs the same one).
+//! products, compiled once per CPU path ([`crate::cpu_path`]): for the baseline target
+//! and, on x86-64, with AVX2 and FMA and with AVX-512 and FMA; the cache runs the path it
+//! was made with. The generic copy may differ from the others in the last bits (it does
+//! not fuse multiply-adds); the AVX2 and AVX-512 copies give the same bits.
 
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::{AttentionShape, StepRows};
+use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
 
-/// Partial sums per dot product: 16 f32 fill one AVX-512 register.
+/// Partial sums per dot product, on every path: 16 f32 fill one AVX-512 register or two
+/// AVX2 registers (two independent chains of multiply-adds, which also hide their
+/// latency). The same 16 everywhere makes every path sum in the same order.
 const LANES: usize = 16;
 
 /// One row's keys and values for one layer.
@@ -37,12 +41,15 @@ pub(crate) struct CpuKvCache {
     step: StepRows,
     /// For each packed token of the step: (row, index among the row's new tokens).
     token_rows: Vec<(usize, usize)>,
+    /// Which compiled copy of the kernel runs.
+    path: SupportedPath,
 }
 
 impl CpuKvCache {
     /// A cache for `capacity.len()` rows; row i reserves room for `capacity[i]` tokens
-    /// (its prompt plus the most it may generate), so appends never reallocate.
-    pub fn new(shape: AttentionShape, capacity: &[usize]) -> Self {
+    /// (its prompt plus the most it may generate), so appends never reallocate. The
+    /// kernel runs on `path`.
+    pub fn new(shape: AttentionShape, capacity: &[usize], path: SupportedPath) -> Self {
         let kv_dim = shape.kv_heads * shape.head_dim;
         let layers = (0..shape.layers)
             .map(|_| {
@@ -60,6 +67,7 @@ impl CpuKvCache {
             layers,
             step: StepRows { rows: vec![] },
             token_rows: vec![],
+            path,
         }
     }
 
@@ -115,7 +123,7 @@ impl CpuKvCache {
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; tokens * heads * d];
-        let fast = has_avx512();
+        let path = self.path;
         with_cpu_slice(q, |q| {
             if q.len() != out.len() {
                 return Err(internal(format!(
@@ -138,7 +146,7 @@ impl CpuKvCache {
                         stride: kv_dim,
                         offset: (head / group) * d,
                     };
-                    attend_one(fast, q, &keys, scale, scores, out);
+                    attend_one(path, q, &keys, scale, scores, out);
                 });
             Ok(())
         })??;
@@ -190,43 +198,42 @@ struct Keys<'a> {
     offset: usize,
 }
 
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// One query's attention output into `out` (`d` floats), with the fastest copy of the
-/// kernel (`fast`: the CPU has AVX-512, as checked by [`has_avx512`]).
+/// One query's attention output into `out` (`d` floats), with the copy of the kernel
+/// compiled for `path`: the kernel's one dispatch point.
 fn attend_one(
-    fast: bool,
+    path: SupportedPath,
     q: &[f32],
     keys: &Keys,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `fast` is true only when the CPU has every feature the copy needs.
-        unsafe { attend_one_avx512(q, keys, scale, scores, out) };
-        return;
+    match path.path() {
+        #[cfg(target_arch = "x86_64")]
+        CpuPath::Avx512 => {
+            // SAFETY: a SupportedPath holds Avx512 only when CpuPath::check detected
+            // avx512f, avx512vl, avx2 and fma on this CPU: every feature of this copy.
+            unsafe { attend_one_avx512(q, keys, scale, scores, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        CpuPath::Avx2 => {
+            // SAFETY: a SupportedPath holds Avx2 only when CpuPath::check detected avx2
+            // and fma on this CPU: every feature of this copy.
+            unsafe { attend_one_avx2(q, keys, scale, scores, out) }
+        }
+        _ => attend_one_portable::<false>(q, keys, scale, scores, out),
     }
-    let _ = fast;
-    attend_one_portable::<false>(q, keys, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 fn attend_one_avx512(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_one_portable::<true>(q, keys, scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_one_avx2(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     attend_one_portable::<true>(q, keys, scale, scores, out)
 }
 
@@ -325,6 +332,12 @@ mod tests {
 
     #[test]
     fn grouped_causal_attention_matches_the_formula() {
+        for path in SupportedPath::all_supported() {
+            check_formula(path);
+        }
+    }
+
+    fn check_formula(path: SupportedPath) {
         // 2 query heads over 1 kv head, d = 4; one row with a 3-token prompt.
         let shape = AttentionShape {
             heads: 2,
@@ -332,7 +345,7 @@ mod tests {
             head_dim: 4,
             layers: 1,
         };
-        let mut cache = CpuKvCache::new(shape, &[8]);
+        let mut cache = CpuKvCache::new(shape, &[8], path);
         let q = ramp(3 * 8, 0.1);
         let k = ramp(3 * 4, 0.7);
         let v = ramp(3 * 4, 1.3);
@@ -360,6 +373,12 @@ mod tests {
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        for path in SupportedPath::all_supported() {
+            check_batch_invariance(path);
+        }
+    }
+
+    fn check_batch_invariance(path: SupportedPath) {
         let shape = AttentionShape {
             heads: 4,
             kv_heads: 2,
@@ -369,7 +388,7 @@ mod tests {
         let width_q = 4 * 32;
         let width_kv = 2 * 32;
         let run = |rows: &[(usize, f32)]| {
-            let mut cache = CpuKvCache::new(shape, &vec![64; rows.len()]);
+            let mut cache = CpuKvCache::new(shape, &vec![64; rows.len()], path);
             let step = StepRows::pack(rows.iter().map(|&(n, _)| (0, n)));
             cache.begin_step(&step).unwrap();
             let cat = |w: usize, s: f32| -> Tensor {
@@ -403,7 +422,7 @@ mod tests {
             head_dim: 2,
             layers: 1,
         };
-        let mut cache = CpuKvCache::new(shape, &[4, 4, 4]);
+        let mut cache = CpuKvCache::new(shape, &[4, 4, 4], SupportedPath::best());
         let step = StepRows::pack([(0, 1), (0, 1), (0, 1)]);
         cache.begin_step(&step).unwrap();
         let x = Tensor::from_vec(vec![0f32, 0., 1., 1., 2., 2.], (3, 2), &Device::Cpu).unwrap();
@@ -414,5 +433,53 @@ mod tests {
         // The next step must describe the two rows left, at their lengths.
         assert!(cache.begin_step(&StepRows::pack([(1, 1), (1, 1)])).is_ok());
         assert!(cache.begin_step(&StepRows::pack([(0, 1), (1, 1)])).is_err());
+    }
+
+    /// Every path this CPU runs against the generic path, on 64-wide heads (four lane
+    /// groups) and 1 to 40 visible positions, inputs in [-1, 1]. Tolerance 1e-5
+    /// absolute: the copies differ only in fused or separate multiply-adds, so each dot
+    /// product differs by at most a few roundings of its running sums (|q . k| <= 64 here,
+    /// ulp 7.6e-6 at 64, times the 1/8 scale: ~1e-6 per rounding, a few of them at worst
+    /// in the largest score); softmax passes score differences on as relative weight
+    /// differences of the same size, and the output (|out| <= 1) moves by no more. The
+    /// AVX2 and AVX-512 copies run the same operations in the same order: exact.
+    #[test]
+    fn every_path_matches_the_generic_path() {
+        let shape = AttentionShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+            layers: 1,
+        };
+        let tokens = 40;
+        let run = |path: SupportedPath| {
+            let mut cache = CpuKvCache::new(shape, &[tokens], path);
+            cache.begin_step(&StepRows::pack([(0, tokens)])).unwrap();
+            let t = |w: usize, seed: f32| {
+                Tensor::from_vec(ramp(tokens * w, seed), (tokens, w), &Device::Cpu).unwrap()
+            };
+            let out = cache
+                .attend(0, &t(128, 0.3), &t(64, 0.9), &t(64, 1.7))
+                .unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let generic = run(SupportedPath::GENERIC);
+        let mut by_path = Vec::new();
+        for path in SupportedPath::all_supported() {
+            let got = run(path);
+            for (i, (g, w)) in got.iter().zip(&generic).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5,
+                    "{:?}[{i}]: {g} vs generic {w}",
+                    path.path()
+                );
+            }
+            by_path.push((path.path(), got));
+        }
+        let avx2 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx2);
+        let avx512 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx512);
+        if let (Some((_, a)), Some((_, b))) = (avx2, avx512) {
+            assert!(a == b, "the AVX2 and AVX-512 copies differ");
+        }
     }
 }

@@ -197,7 +197,8 @@ mod tests {
             layers: 1,
         };
         let mut padded = TensorKvCache::new(shape, 3, &Device::Cpu);
-        let mut direct = CpuKvCache::new(shape, &[32, 32, 32]);
+        let mut direct =
+            CpuKvCache::new(shape, &[32, 32, 32], crate::cpu_path::SupportedPath::best());
         // (rows as (past, new), rows kept after the step)
         type Step = (Vec<(usize, usize)>, Option<Vec<usize>>);
         let steps: Vec<Step> = vec![

@@ -29,6 +29,7 @@ use super::config::LlmConfig;
 use super::model::Decoder;
 use super::weights::{Phase, Weights};
 use super::ChatMessage;
+use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
 
 mod batch;
@@ -223,6 +224,17 @@ impl LlmGenerator {
     /// The token ids that end a reply.
     pub fn stop_tokens(&self) -> &[u32] {
         &self.stop_tokens
+    }
+
+    /// The CPU path the CPU attention kernel runs on ([`crate::cpu_path`]).
+    pub fn cpu_path(&self) -> CpuPath {
+        self.decoder.cpu_path()
+    }
+
+    /// Runs the CPU attention kernel on `path` from the next call on; fails, changing
+    /// nothing, when this CPU cannot run it.
+    pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        self.decoder.set_cpu_path(path)
     }
 
     /// The quantization of the layers' matrices (`Q8_0`, `Q4K`, ...), `None` for f32.

@@ -18,12 +18,15 @@ use rayon::prelude::*;
 
 use crate::cpu_bert::kernels::exp_rows;
 use crate::cpu_bert::matmul::{gemm, Parallelism, View};
+use crate::cpu_path::SupportedPath;
 
 /// Shape of the attention of one layer.
 #[derive(Debug, Clone, Copy)]
 pub struct Heads {
     pub hidden: usize,
     pub count: usize,
+    /// Which compiled copy of the softmax kernel runs.
+    pub path: SupportedPath,
 }
 
 impl Heads {
@@ -86,7 +89,7 @@ fn probabilities(qkv: &[f32], len: usize, h: usize, heads: Heads, scratch: &mut 
         heads.scale(),
         Parallelism::None,
     );
-    exp_rows(&mut scratch.probs, len, &mut scratch.inv);
+    exp_rows(heads.path, &mut scratch.probs, len, &mut scratch.inv);
     for (p_row, inv) in scratch.probs.chunks_exact_mut(len).zip(&scratch.inv) {
         for p in p_row {
             *p *= inv;
@@ -263,6 +266,7 @@ mod tests {
         let heads = Heads {
             hidden: 4,
             count: 2,
+            path: SupportedPath::best(),
         };
         let texts = [0..3, 3..5];
         let tokens = 5;

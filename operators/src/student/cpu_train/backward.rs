@@ -51,6 +51,7 @@ fn layer_backward(
     {
         let (g2, b2) = g.split_at_mut(at::B2);
         rows::par_layer_norm_backward(
+            shape.path,
             dy,
             &acts.xhat2,
             &acts.rstd2,
@@ -81,7 +82,7 @@ fn layer_backward(
         1.0,
         threads(),
     );
-    rows::par_activation_backward(d_ff, &acts.pre, i, shape.act);
+    rows::par_activation_backward(shape.path, d_ff, &acts.pre, i, shape.act);
     rows::add_column_sums(&mut g[at::BI], d_ff);
     weight_grad(
         &mut g[at::WI],
@@ -106,6 +107,7 @@ fn layer_backward(
     {
         let (g1, b1) = g.split_at_mut(at::B1);
         rows::par_layer_norm_backward(
+            shape.path,
             dy,
             &acts.xhat1,
             &acts.rstd1,
@@ -178,7 +180,15 @@ fn embed_backward(
     let h = shape.hidden;
     {
         let (g3, b4) = g.split_at_mut(4);
-        rows::par_layer_norm_backward(dy, xhat, rstd, p.emb_gamma, &mut g3[3], &mut b4[0]);
+        rows::par_layer_norm_backward(
+            shape.path,
+            dy,
+            xhat,
+            rstd,
+            p.emb_gamma,
+            &mut g3[3],
+            &mut b4[0],
+        );
     }
     for ((row, &id), &pos) in dy.chunks_exact(h).zip(&chunk.ids).zip(&chunk.positions) {
         for (a, x) in g[0][id as usize * h..(id as usize + 1) * h]

@@ -103,6 +103,7 @@ pub(super) fn embed_forward(
     }
     let zeros = vec![0.0; h];
     rows::par_layer_norm_keep(
+        shape.path,
         out,
         xhat,
         rstd,
@@ -162,6 +163,7 @@ pub(super) fn layer_forward(
         eps: shape.eps,
     };
     rows::par_layer_norm_keep(
+        shape.path,
         &mut acts.h1,
         &mut acts.xhat1,
         &mut acts.rstd1,
@@ -170,7 +172,13 @@ pub(super) fn layer_forward(
     );
     // post = act(h1 Wi^T + bi).
     linear(&mut acts.pre, &acts.h1, w[at::WI], t, h, i, false);
-    rows::par_bias_activation_keep(&mut acts.pre, &mut acts.post, w[at::BI], shape.act);
+    rows::par_bias_activation_keep(
+        shape.path,
+        &mut acts.pre,
+        &mut acts.post,
+        w[at::BI],
+        shape.act,
+    );
     // out = LN(post Wo2^T + bo2 + h1).
     out.copy_from_slice(&acts.h1);
     linear(out, &acts.post, w[at::WO2], t, i, h, true);
@@ -179,7 +187,14 @@ pub(super) fn layer_forward(
         beta: w[at::B2],
         eps: shape.eps,
     };
-    rows::par_layer_norm_keep(out, &mut acts.xhat2, &mut acts.rstd2, w[at::BO2], norm2);
+    rows::par_layer_norm_keep(
+        shape.path,
+        out,
+        &mut acts.xhat2,
+        &mut acts.rstd2,
+        w[at::BO2],
+        norm2,
+    );
 }
 
 /// Pools the last hidden states `[T, H]` of `chunk`'s texts into `out` (`[texts, H]`),

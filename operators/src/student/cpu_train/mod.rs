@@ -36,6 +36,7 @@ use std::ops::Range;
 use crate::bert::BertConfig;
 use crate::cpu_bert::kernels::Activation;
 use crate::cpu_bert::MIN_NORM;
+use crate::cpu_path::SupportedPath;
 use crate::error::{OperatorError, Result};
 use crate::st_config::Pooling;
 use attention::Heads;
@@ -55,7 +56,8 @@ pub(super) fn bug(message: String) -> OperatorError {
     )))
 }
 
-/// The shape of the network and how it pools.
+/// The shape of the network, how it pools, and which compiled copy of the row kernels
+/// runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
     pub hidden: usize,
@@ -68,9 +70,13 @@ pub(crate) struct Shape {
     pub act: Activation,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// The CPU path of the row kernels ([`crate::cpu_path`]).
+    pub path: SupportedPath,
 }
 
 impl Shape {
+    /// The shape of `config`'s network, its kernels on the active CPU path (an invalid
+    /// `DISTILLERY_CPU` is an error).
     pub(crate) fn new(config: &BertConfig, pooling: Pooling, normalize: bool) -> Result<Self> {
         let act = Activation::parse(&config.hidden_act).ok_or_else(|| {
             bug(format!(
@@ -89,6 +95,7 @@ impl Shape {
             act,
             pooling,
             normalize,
+            path: SupportedPath::active()?,
         })
     }
 
@@ -96,6 +103,7 @@ impl Shape {
         Heads {
             hidden: self.hidden,
             count: self.heads,
+            path: self.path,
         }
     }
 }

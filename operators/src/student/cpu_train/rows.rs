@@ -2,9 +2,9 @@
 //! keeping the pre-activation, bias plus layer norm keeping the normalised rows and their
 //! reciprocal standard deviations, and the backward of both.
 //!
-//! Like [`crate::cpu_bert::kernels`], each kernel is plain loops compiled twice (baseline
-//! and AVX-512 with FMA, picked at run time), and a row's result depends on that row
-//! alone. The `par_*` wrappers spread rows over rayon in fixed blocks of
+//! Like [`crate::cpu_bert::kernels`], each kernel is plain loops compiled once per CPU
+//! path (generic; AVX2 with FMA; AVX-512 with FMA: [`crate::cpu_path`]), the caller
+//! passing the path to run, and a row's result depends on that row (and the path) alone. The `par_*` wrappers spread rows over rayon in fixed blocks of
 //! [`ROWS_PER_TASK`]; since rows are independent, the result does not depend on the
 //! thread count. Column sums (parameter gradients of biases and layer norms) run in one
 //! fixed order for the same reason.
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::cpu_bert::kernels::{
     dispatched, gelu_erf_and_grad, gelu_tanh_and_grad, lane_sq_dev, lane_sum, Activation,
 };
+use crate::cpu_path::SupportedPath;
 
 /// Rows handed to one rayon task: 64 rows of 384-1536 floats are enough work per task
 /// that scheduling costs nothing next to it.
@@ -150,19 +151,31 @@ dispatched! {
 }
 
 /// [`bias_activation_keep`] over rows in parallel.
-pub fn par_bias_activation_keep(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Activation) {
+pub fn par_bias_activation_keep(
+    path: SupportedPath,
+    pre: &mut [f32],
+    post: &mut [f32],
+    bias: &[f32],
+    act: Activation,
+) {
     let block = bias.len() * ROWS_PER_TASK;
     pre.par_chunks_mut(block)
         .zip(post.par_chunks_mut(block))
-        .for_each(|(p, o)| bias_activation_keep(p, o, bias, act));
+        .for_each(|(p, o)| bias_activation_keep(path, p, o, bias, act));
 }
 
 /// [`activation_backward`] over rows of `width` in parallel.
-pub fn par_activation_backward(grad: &mut [f32], pre: &[f32], width: usize, act: Activation) {
+pub fn par_activation_backward(
+    path: SupportedPath,
+    grad: &mut [f32],
+    pre: &[f32],
+    width: usize,
+    act: Activation,
+) {
     let block = width * ROWS_PER_TASK;
     grad.par_chunks_mut(block)
         .zip(pre.par_chunks(block))
-        .for_each(|(g, p)| activation_backward(g, p, act));
+        .for_each(|(g, p)| activation_backward(path, g, p, act));
 }
 
 /// The normalisation parameters of one layer norm.
@@ -175,6 +188,7 @@ pub struct Norm<'a> {
 
 /// [`layer_norm_keep`] over rows in parallel.
 pub fn par_layer_norm_keep(
+    path: SupportedPath,
     rows: &mut [f32],
     xhat: &mut [f32],
     rstd: &mut [f32],
@@ -186,13 +200,16 @@ pub fn par_layer_norm_keep(
     rows.par_chunks_mut(block)
         .zip(xhat.par_chunks_mut(block))
         .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-        .for_each(|((r, x), s)| layer_norm_keep(r, x, s, bias, norm.gamma, norm.beta, norm.eps));
+        .for_each(|((r, x), s)| {
+            layer_norm_keep(path, r, x, s, bias, norm.gamma, norm.beta, norm.eps)
+        });
 }
 
 /// Layer-norm backward: adds the gradients of `gamma` (`sum dy * xhat`) and `beta`
 /// (`sum dy`) over all rows to `d_gamma` and `d_beta`, then turns `grad` (dy) into the
 /// gradient of the layer norm's input, rows in parallel.
 pub fn par_layer_norm_backward(
+    path: SupportedPath,
     grad: &mut [f32],
     xhat: &[f32],
     rstd: &[f32],
@@ -216,7 +233,7 @@ pub fn par_layer_norm_backward(
     grad.par_chunks_mut(block)
         .zip(xhat.par_chunks(block))
         .zip(rstd.par_chunks(ROWS_PER_TASK))
-        .for_each(|((g, x), r)| layer_norm_backward(g, x, r, gamma));
+        .for_each(|((g, x), r)| layer_norm_backward(path, g, x, r, gamma));
 }
 
 /// Adds the column sums of `rows` (rows of `acc.len()` floats) to `acc`, rows in order.
@@ -231,6 +248,7 @@ pub fn add_column_sums(acc: &mut [f32], rows: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_path::CpuPath;
 
     /// Central difference of `f` at `x`, in f64.
     fn numeric(f: impl Fn(f64) -> f64, x: f64) -> f64 {
@@ -258,13 +276,23 @@ mod tests {
             0.5 * x
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
         };
+        for path in SupportedPath::all_supported() {
+            check_gelu_derivatives(path, &gelu, &tanh_gelu);
+        }
+    }
+
+    fn check_gelu_derivatives(
+        path: SupportedPath,
+        gelu: &dyn Fn(f64) -> f64,
+        tanh_gelu: &dyn Fn(f64) -> f64,
+    ) {
         for x in [-6.0f32, -2.5, -1.0, -0.3, 0.0, 0.2, 0.9, 1.7, 4.0] {
             let mut pre = [x];
             let mut post = [0.0];
-            bias_activation_keep(&mut pre, &mut post, &[0.0], Activation::GeluErf);
+            bias_activation_keep(path, &mut pre, &mut post, &[0.0], Activation::GeluErf);
             assert!((post[0] as f64 - gelu(x as f64)).abs() < 2e-6, "gelu({x})");
             let mut g = [1.0f32];
-            activation_backward(&mut g, &[x], Activation::GeluErf);
+            activation_backward(path, &mut g, &[x], Activation::GeluErf);
             let want = numeric(gelu, x as f64);
             assert!(
                 (g[0] as f64 - want).abs() < 2e-6,
@@ -272,7 +300,7 @@ mod tests {
                 g[0]
             );
             let mut g = [1.0f32];
-            activation_backward(&mut g, &[x], Activation::GeluTanh);
+            activation_backward(path, &mut g, &[x], Activation::GeluTanh);
             let want = numeric(tanh_gelu, x as f64);
             assert!(
                 (g[0] as f64 - want).abs() < 2e-6,
@@ -281,12 +309,18 @@ mod tests {
             );
         }
         let mut g = [2.0f32, 2.0];
-        activation_backward(&mut g, &[-1.0, 3.0], Activation::Relu);
+        activation_backward(path, &mut g, &[-1.0, 3.0], Activation::Relu);
         assert_eq!(g, [0.0, 2.0]);
     }
 
     #[test]
     fn layer_norm_by_hand_and_its_backward_by_differences() {
+        for path in SupportedPath::all_supported() {
+            check_layer_norm(path);
+        }
+    }
+
+    fn check_layer_norm(path: SupportedPath) {
         // Row [1, 2, 3, 6] + bias 0: mean 3, variance (4 + 1 + 0 + 9) / 4 = 3.5.
         let gamma = [1.0f32, 2.0, 0.5, -1.0];
         let beta = [0.0f32, 1.0, 0.0, 0.5];
@@ -299,7 +333,7 @@ mod tests {
         let mut rows = x0;
         let mut xhat = [0.0f32; 4];
         let mut rstd = [0.0f32; 1];
-        par_layer_norm_keep(&mut rows, &mut xhat, &mut rstd, &[0.0; 4], norm);
+        par_layer_norm_keep(path, &mut rows, &mut xhat, &mut rstd, &[0.0; 4], norm);
         let s = 3.5f32.sqrt();
         let want_xhat = [-2.0 / s, -1.0 / s, 0.0, 3.0 / s];
         for (a, b) in xhat.iter().zip(want_xhat) {
@@ -320,7 +354,7 @@ mod tests {
         let mut grad: Vec<f32> = w.iter().map(|&v| v as f32).collect();
         let mut dg = [0.0f32; 4];
         let mut db = [0.0f32; 4];
-        par_layer_norm_backward(&mut grad, &xhat, &rstd, &gamma, &mut dg, &mut db);
+        par_layer_norm_backward(path, &mut grad, &xhat, &rstd, &gamma, &mut dg, &mut db);
         for i in 0..4 {
             let f = |t: f64| {
                 let mut x: [f64; 4] = x0.map(f64::from);
@@ -343,5 +377,88 @@ mod tests {
         let mut acc = [1.0f32, 0.0];
         add_column_sums(&mut acc, &[1.0, 2.0, 3.0, 4.0]);
         assert_eq!(acc, [5.0, 6.0]);
+    }
+
+    /// `|got - want| <= tol * max(1, |x|)` for every element, `x` the kernel's input.
+    fn assert_close(what: &str, got: &[f32], want: &[f32], xs: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, ((g, w), x)) in got.iter().zip(want).zip(xs).enumerate() {
+            let bound = tol * x.abs().max(1.0);
+            assert!(
+                (g - w).abs() <= bound,
+                "{what}[{i}] (x = {x}): {g} vs generic {w}, bound {bound}"
+            );
+        }
+    }
+
+    /// Every path this CPU runs against the generic path, kernel by kernel. Tolerances:
+    /// - GELU values: as in `cpu_bert::kernels` (each copy within 4e-7 (erf) or 1e-6
+    ///   (tanh) per unit of |x| of the exact value): 1e-6 and 2e-6 per unit.
+    /// - GELU derivatives: `Phi(x) + x phi(x)` from the same erfc and exp, one more
+    ///   multiply-add (fused or not): each term within 4e-7 per unit of |x|, so 2e-6 per
+    ///   unit between copies; gradients of 1 make that the bound on `grad`.
+    /// - ReLU, layer norm forward and backward: exact. None of them uses a multiply-add
+    ///   (and Rust never fuses `a * b + c` on its own), so every copy runs the same IEEE
+    ///   operations in the same order.
+    /// - AVX2 against AVX-512: the same operations in the same order: exact.
+    #[test]
+    fn every_path_matches_the_generic_path() {
+        let width = 45; // two lane groups and a tail of 13
+        let rows = 7;
+        let xs: Vec<f32> = (0..width * rows)
+            .map(|i| ((i * 37) % 101) as f32 * 12.0 / 101.0 - 6.0)
+            .collect();
+        let bias: Vec<f32> = (0..width).map(|i| (i as f32 * 0.7).sin() * 0.5).collect();
+        let gamma: Vec<f32> = (0..width).map(|i| 1.0 + (i as f32 * 0.3).cos()).collect();
+        let beta: Vec<f32> = (0..width).map(|i| (i as f32 * 0.2).sin()).collect();
+        let dy: Vec<f32> = (0..width * rows).map(|i| (i as f32 * 0.11).cos()).collect();
+        let biased: Vec<f32> = xs
+            .chunks(width)
+            .flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b))
+            .collect();
+        let run = |path: SupportedPath| {
+            let mut out = Vec::new();
+            for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+                let mut pre = xs.clone();
+                let mut post = vec![0.0; xs.len()];
+                par_bias_activation_keep(path, &mut pre, &mut post, &bias, act);
+                let mut grad = vec![1.0; xs.len()];
+                par_activation_backward(path, &mut grad, &pre, width, act);
+                out.push((post, grad));
+            }
+            let mut normed = xs.clone();
+            let mut xhat = vec![0.0; xs.len()];
+            let mut rstd = vec![0.0; rows];
+            let norm = Norm {
+                gamma: &gamma,
+                beta: &beta,
+                eps: 1e-12,
+            };
+            par_layer_norm_keep(path, &mut normed, &mut xhat, &mut rstd, &bias, norm);
+            let mut grad = dy.clone();
+            let (mut dg, mut db) = (vec![0.0; width], vec![0.0; width]);
+            par_layer_norm_backward(path, &mut grad, &xhat, &rstd, &gamma, &mut dg, &mut db);
+            (out, (normed, xhat, rstd, grad, dg, db))
+        };
+        let generic = run(SupportedPath::GENERIC);
+        let mut by_path = Vec::new();
+        for path in SupportedPath::all_supported() {
+            let got = run(path);
+            let name = path.path().name();
+            let tols = [(1e-6, 2e-6), (2e-6, 2e-6)];
+            for (act, (tol_value, tol_grad)) in tols.into_iter().enumerate() {
+                let ((post, grad), (want_post, want_grad)) = (&got.0[act], &generic.0[act]);
+                assert_close(name, post, want_post, &biased, tol_value);
+                assert_close(name, grad, want_grad, &biased, tol_grad);
+            }
+            assert_eq!(got.0[2], generic.0[2], "{name}: relu");
+            assert!(got.1 == generic.1, "{name}: layer norm");
+            by_path.push((path.path(), got));
+        }
+        let avx2 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx2);
+        let avx512 = by_path.iter().find(|(p, _)| *p == CpuPath::Avx512);
+        if let (Some((_, a)), Some((_, b))) = (avx2, avx512) {
+            assert!(a == b, "the AVX2 and AVX-512 copies differ");
+        }
     }
 }
