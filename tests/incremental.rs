@@ -4,11 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+use std::collections::HashSet;
 use std::path::Path;
 
 #[path = "support/recipe.rs"]
 mod recipe;
-use recipe::{fixture, ok};
+use recipe::{files, fixture, ok};
 
 /// The fixture's corpus with passage 12's text replaced, passage 40 removed and one
 /// passage added at the end.
@@ -192,5 +193,302 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
     assert!(
         scored[1..].iter().all(|&n| 0 < n && n < pairs / 2),
         "the model teachers score only new pairs: {scored:?} of {pairs}"
+    );
+}
+
+/// The corpus's records, in file order.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_records(dir: &Path, records: &[serde_json::Value]) {
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(dir.join("corpus.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+/// (title, text) of each passage id: what a teacher and an embedder see of it.
+fn texts(records: &[serde_json::Value]) -> std::collections::HashMap<String, (String, String)> {
+    records
+        .iter()
+        .map(|r| {
+            let s = |f: &str| r[f].as_str().unwrap_or_default().to_string();
+            (s("_id"), (s("title"), s("text")))
+        })
+        .collect()
+}
+
+/// The (query text, passage title and text) pairs the candidates stage of `run` asks
+/// the teachers to score, over the corpus `records`.
+fn pairs(run: &Path, records: &[serde_json::Value]) -> HashSet<(String, (String, String))> {
+    let texts = texts(records);
+    let store = distillery::store::StageStore::open(run).unwrap();
+    let mut out = HashSet::new();
+    for batch in store.read("candidates").unwrap() {
+        for row in distillery::schema::candidates_from_batch(&batch.unwrap()).unwrap() {
+            for c in row.candidate_ids {
+                out.insert((row.query_text.clone(), texts[&c].clone()));
+            }
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// What a change must cost: passages embedded, and passages new to and gone from
+/// retrieval's passage list.
+struct Touches {
+    embedded: u64,
+    added: u64,
+    removed: u64,
+}
+
+/// A change of the corpus, given the fixture's original corpus.
+type Change = fn(&mut Vec<serde_json::Value>, &[serde_json::Value]);
+
+/// Runs `train` on the fixture, applies each of `changes` with `train` run again after
+/// each in the same directory, and checks the last rerun against `train` from scratch on
+/// the final corpus: the same retrieval lists, candidates, examples and model, byte for
+/// byte; the rerun embedded, retrieved and scored exactly what the last change touches.
+fn check_change(base: &Path, name: &str, changes: &[Change], touches: Touches) {
+    let args = ["train", "--config", "pipeline.toml", "--quiet"];
+    let work = tempfile::tempdir().unwrap();
+    copy_dir(base, work.path());
+    let dir = work.path();
+    let run = dir.join("run");
+    // Every pair any earlier run scored: the model teachers' caches.
+    let original = records(dir);
+    let mut seen = pairs(&run, &original);
+    let mut corpus = original.clone();
+    let mut last = original.clone();
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            ok(&args, dir);
+            seen.extend(pairs(&run, &corpus));
+        }
+        last = corpus.clone();
+        change(&mut corpus, &original);
+        write_records(dir, &corpus);
+    }
+    let before = retrieved(&run);
+    let journal = std::fs::read_to_string(run.join("device-stages.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    ok(&args, dir);
+
+    let fresh = fixture(false);
+    write_records(fresh.path(), &corpus);
+    ok(&args, fresh.path());
+    let fresh_run = fresh.path().join("run");
+    for stage in [
+        "r0-passages",
+        "r0-queries",
+        "r0-retrieved-passages",
+        "r0-retrieved",
+        "candidates",
+        "examples",
+    ] {
+        assert!(
+            stage_bytes(&run, stage) == stage_bytes(&fresh_run, stage),
+            "{name}: stage {stage} differs from a run from scratch"
+        );
+    }
+    let (model, fresh_model) = (
+        files(&run.join("train/best-model")),
+        files(&fresh_run.join("train/best-model")),
+    );
+    let differ: Vec<_> = model
+        .iter()
+        .zip(&fresh_model)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0.display().to_string())
+        .collect();
+    assert!(
+        model.len() == fresh_model.len() && differ.is_empty(),
+        "{name}: the model differs from a run from scratch in {differ:?}"
+    );
+
+    let embedded: u64 = embedded_since(&run, journal)
+        .iter()
+        .filter(|(label, _, _)| label == "retriever 0: r0-passages")
+        .map(|(_, rows, _)| rows)
+        .sum();
+    assert_eq!(embedded, touches.embedded, "{name}: passages embedded");
+    let label = &json(&run.join("train-report.json"))["label"];
+    let retrieval = &label["mine"]["retrievals"][0];
+    let queries = retrieval["queries"].as_u64().unwrap();
+    if changes.is_empty() {
+        assert_eq!(retrieval["reused"], true, "{name}: {retrieval}");
+        assert_eq!(label["scored_now"], serde_json::json!([0, 0, 0]), "{name}");
+        assert_eq!(
+            json(&run.join("generate-report.json"))["generated_now"],
+            0,
+            "{name}"
+        );
+        return;
+    }
+    assert_eq!(
+        retrieval["passages_added"], touches.added,
+        "{name}: {retrieval}"
+    );
+    assert_eq!(
+        retrieval["passages_removed"], touches.removed,
+        "{name}: {retrieval}"
+    );
+    // Lists retrieved again: queries the last version lacked, or whose list held a
+    // passage that is gone (an id whose title and text are not what they were).
+    let old_texts = texts(&last);
+    let now = texts(&corpus);
+    let gone = |id: &String| now.get(id) != old_texts.get(id);
+    let old: std::collections::HashMap<u128, &Vec<String>> =
+        before.iter().map(|(q, l)| (*q, l)).collect();
+    let must = retrieved(&run)
+        .iter()
+        .filter(|(q, _)| old.get(q).is_none_or(|l| l.iter().any(gone)))
+        .count() as u64;
+    assert_eq!(retrieval["lists_retrieved"], must, "{name}: {retrieval}");
+    assert_eq!(
+        retrieval["lists_repaired"].as_u64().unwrap() + must,
+        queries,
+        "{name}: {retrieval}"
+    );
+    // The model teachers scored exactly the pairs no earlier run had; BM25 every pair
+    // (a changed corpus moves every document frequency).
+    let new_pairs = pairs(&run, &corpus);
+    let unseen = new_pairs.difference(&seen).count() as u64;
+    let scored = label["scored_now"].as_array().unwrap();
+    assert_eq!(scored[0], new_pairs.len() as u64, "{name}: bm25");
+    assert_eq!(scored[1], unseen, "{name}: bi-encoder");
+    assert_eq!(scored[2], unseen, "{name}: cross-encoder");
+}
+
+fn set(record: &mut serde_json::Value, field: &str, value: &str) {
+    record[field] = value.into();
+}
+
+#[test]
+fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
+    let base = fixture(false);
+    ok(
+        &["train", "--config", "pipeline.toml", "--quiet"],
+        base.path(),
+    );
+    let base = base.path();
+    check_change(
+        base,
+        "unchanged",
+        &[],
+        Touches {
+            embedded: 0,
+            added: 0,
+            removed: 0,
+        },
+    );
+    check_change(
+        base,
+        "additions",
+        &[|c, _| {
+            c.insert(
+                17,
+                serde_json::json!({"_id": "new-a", "title": "Telomeres",
+                    "text": "Telomerase extends the ends of chromosomes in stem cells."}),
+            );
+            c.push(serde_json::json!({"_id": "new-b", "title": "",
+                "text": "Mitochondria carry their own circular genome."}));
+        }],
+        Touches {
+            embedded: 2,
+            added: 2,
+            removed: 0,
+        },
+    );
+    check_change(
+        base,
+        "deletions",
+        &[|c, _| {
+            c.remove(33);
+            c.remove(5);
+        }],
+        Touches {
+            embedded: 0,
+            added: 0,
+            removed: 2,
+        },
+    );
+    check_change(
+        base,
+        "text edit",
+        &[|c, _| {
+            set(
+                &mut c[12],
+                "text",
+                "Ribosomes translate messenger RNA into proteins.",
+            )
+        }],
+        Touches {
+            embedded: 1,
+            added: 1,
+            removed: 1,
+        },
+    );
+    check_change(
+        base,
+        "title edit",
+        &[|c, _| set(&mut c[20], "title", "A title no passage had before")],
+        Touches {
+            embedded: 1,
+            added: 1,
+            removed: 1,
+        },
+    );
+    check_change(
+        base,
+        "a new passage duplicating an old one",
+        &[|c, _| {
+            let mut copy = c[7].clone();
+            set(&mut copy, "_id", "copy-of-7");
+            c.push(copy);
+        }],
+        // Its text is embedded already; its id is a new passage for retrieval.
+        Touches {
+            embedded: 0,
+            added: 1,
+            removed: 0,
+        },
+    );
+    check_change(
+        base,
+        "a passage removed, then added back",
+        &[
+            |c, _| {
+                c.remove(9);
+            },
+            |c, original| c.insert(9, original[9].clone()),
+        ],
+        Touches {
+            embedded: 0,
+            added: 1,
+            removed: 0,
+        },
     );
 }

@@ -80,6 +80,7 @@ fn quiet(stop_after: Option<u64>) -> RunControl {
         stop_after,
         quiet: true,
         device: None,
+        inputs: "the examples of `examples`".into(),
     }
 }
 
@@ -266,6 +267,45 @@ fn a_stopped_run_resumes_to_bit_identical_weights_and_exports_a_loadable_model()
         weights(&a),
         weights(&c),
         "resumed weights differ from the uninterrupted run"
+    );
+
+    // A checkpoint saved for other inputs (the examples or texts changed since) is not
+    // resumed: the run starts from the student it is given and ends as a fresh run.
+    let other = tempfile::tempdir().unwrap();
+    let d = tiny_student(model.path(), &passages);
+    let other_inputs = RunControl {
+        inputs: "other examples".into(),
+        ..quiet(Some(5))
+    };
+    train(
+        &d,
+        ex.clone(),
+        &texts,
+        &settings(),
+        other.path(),
+        (None, None),
+        other_inputs,
+    )
+    .unwrap();
+    drop(d);
+    let e = tiny_student(model.path(), &passages);
+    let restarted = train(
+        &e,
+        ex.clone(),
+        &texts,
+        &settings(),
+        other.path(),
+        (None, None),
+        quiet(None),
+    )
+    .unwrap();
+    assert_eq!(restarted.resumed_from, None);
+    assert_eq!(restarted.state.global_step, 8);
+    assert_eq!(restarted.dev_losses, report.dev_losses);
+    assert_eq!(weights(&a), weights(&e));
+    assert_eq!(
+        std::fs::read(whole.path().join("loss-log.csv")).unwrap(),
+        std::fs::read(other.path().join("loss-log.csv")).unwrap()
     );
 
     // Training changed the weights, and the log has one row per step.

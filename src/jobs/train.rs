@@ -15,7 +15,8 @@ use crate::executor::DeviceExecutor;
 use crate::jobs::label::{run_label, LabelOutcome, EXAMPLES_STAGE};
 use crate::jobs::passage_texts;
 use crate::mining::examples_from_batch;
-use crate::store::StageStore;
+use crate::model::fingerprint;
+use crate::store::{hash_settings, ContentHasher, StageStore};
 use crate::train::trainer::{train, RunControl, TrainReport};
 
 /// What `train` did.
@@ -34,6 +35,47 @@ pub fn run_train(
     pipeline.preflight(RunPart::Train)?;
     let label = run_label(pipeline)?;
     train_with(pipeline, label, stop_after)
+}
+
+/// The identity of what a training run trains on: the examples, the texts of their
+/// passages (an edited passage keeps its id in the examples), the student model's files
+/// and its settings, and the training settings. A checkpoint saved for other inputs is
+/// not resumed (a changed corpus retrains from the base model, as a run from scratch).
+fn training_inputs(
+    store: &StageStore,
+    texts: &HashMap<String, String>,
+    model: &std::path::Path,
+    student: &crate::config::StudentFile,
+    train: &crate::train::trainer::TrainSettings,
+) -> Result<String, EngineError> {
+    let examples = store.last_completed(EXAMPLES_STAGE)?.ok_or_else(|| {
+        EngineError::Dataflow(format!("the {EXAMPLES_STAGE} stage is not complete"))
+    })?;
+    let mut h = ContentHasher::new();
+    h.field(&examples.content_hash());
+    let mut ids: Vec<&String> = texts.keys().collect();
+    ids.sort();
+    for id in ids {
+        h.field(id).field(&texts[id]);
+    }
+    #[derive(serde::Serialize)]
+    struct Settings<'a> {
+        model: String,
+        query_max_length: usize,
+        passage_max_length: usize,
+        query_prefix: &'a Option<String>,
+        passage_prefix: &'a Option<String>,
+        train: &'a crate::train::trainer::TrainSettings,
+    }
+    h.field(&hash_settings(&Settings {
+        model: fingerprint(model)?,
+        query_max_length: student.query_max_length,
+        passage_max_length: student.passage_max_length,
+        query_prefix: &student.query_prefix,
+        passage_prefix: &student.passage_prefix,
+        train,
+    })?);
+    Ok(h.finish())
 }
 
 /// Training on `label`'s examples (see [`run_train`]); inputs not checked here
@@ -73,6 +115,7 @@ pub fn train_with(
     };
     let dir = PathBuf::from(&student_file.model);
     let student = Student::load(&dir, &options, &pipeline.device)?;
+    let inputs = training_inputs(&store, &texts, &dir, student_file, &pipeline.train)?;
     let prompts = (
         student_file.query_prefix.clone(),
         student_file.passage_prefix.clone(),
@@ -95,6 +138,7 @@ pub fn train_with(
             stop_after,
             quiet: pipeline.quiet,
             device: Some(device.clone()),
+            inputs,
         },
     )?;
     let stats = device.stats();

@@ -117,6 +117,10 @@ pub struct RunControl {
     /// loss ([`Submitter::lease`]), so no other stage runs a model on it meanwhile and
     /// the time is counted as training's. `None`: the device is used directly.
     pub device: Option<Submitter>,
+    /// The identity of what the run trains on (examples, passage texts, student model,
+    /// settings; the caller hashes them): a checkpoint saved for other inputs is not
+    /// resumed, and the run starts again from the student it is given.
+    pub inputs: String,
 }
 
 const CHECKPOINT_DIR: &str = "checkpoint";
@@ -185,6 +189,7 @@ fn save_checkpoint(
     student: &Student,
     opt: &AdamW,
     state: &TrainState,
+    inputs: &str,
 ) -> Result<(), EngineError> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
@@ -202,10 +207,12 @@ fn save_checkpoint(
     struct Saved<'a> {
         state: &'a TrainState,
         adam_steps: u64,
+        inputs: &'a str,
     }
     let text = serde_json::to_string_pretty(&Saved {
         state,
         adam_steps: opt.steps(),
+        inputs,
     })
     .map_err(|e| EngineError::Invalid(e.to_string()))?;
     std::fs::write(tmp.join(STATE_FILE), text).map_err(io_err(&tmp))?;
@@ -237,10 +244,14 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// The checkpoint in `dir` loaded into `student` and `opt`, when there is one and it was
+/// saved for `inputs` (one of other inputs, or of a version that did not record them,
+/// is left alone: the run starts from the student as given).
 fn load_checkpoint(
     dir: &Path,
     student: &Student,
     opt: &mut AdamW,
+    inputs: &str,
 ) -> Result<Option<TrainState>, EngineError> {
     // A crash between the two renames leaves only `.old`: it is the latest whole one.
     let old = dir.with_extension("old");
@@ -255,10 +266,15 @@ fn load_checkpoint(
     struct Saved {
         state: TrainState,
         adam_steps: u64,
+        #[serde(default)]
+        inputs: Option<String>,
     }
     let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(io_err(&dir))?;
     let saved: Saved = serde_json::from_str(&text)
         .map_err(|e| EngineError::Invalid(format!("{}: {e}", dir.join(STATE_FILE).display())))?;
+    if saved.inputs.as_deref() != Some(inputs) {
+        return Ok(None);
+    }
     let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
     for (name, var) in student.named_vars() {
         let t = weights.get(&name).ok_or_else(|| {
@@ -336,6 +352,7 @@ pub fn train(
         stop_after,
         quiet,
         device,
+        inputs,
     } = control;
     let lease = |rows: usize| -> Result<Option<DeviceLease>, EngineError> {
         device
@@ -389,7 +406,7 @@ pub fn train(
         finished: false,
     };
     let mut resumed_from = None;
-    if let Some(saved) = load_checkpoint(&checkpoint, student, &mut opt)? {
+    if let Some(saved) = load_checkpoint(&checkpoint, student, &mut opt, &inputs)? {
         resumed_from = Some(saved.global_step);
         state = saved;
     }
@@ -409,7 +426,7 @@ pub fn train(
         let order = set.epoch_order(settings.seed, state.epoch);
         while state.step_in_epoch < steps {
             if stop_after.is_some_and(|n| state.global_step >= n) {
-                save_checkpoint(&checkpoint, student, &opt, &state)?;
+                save_checkpoint(&checkpoint, student, &opt, &state, &inputs)?;
                 return Ok(TrainReport {
                     state,
                     steps_per_epoch: steps,
@@ -454,7 +471,7 @@ pub fn train(
             progress.inc(1);
             crate::crash::point("train.step");
             if checkpoint_due(settings, state.global_step, last_checkpoint.elapsed()) {
-                save_checkpoint(&checkpoint, student, &opt, &state)?;
+                save_checkpoint(&checkpoint, student, &opt, &state, &inputs)?;
                 last_checkpoint = Instant::now();
             }
         }
@@ -484,7 +501,7 @@ pub fn train(
         state.step_in_epoch = 0;
         state.finished = state.epochs_without_improvement >= settings.patience
             || state.epoch >= settings.max_epochs;
-        save_checkpoint(&checkpoint, student, &opt, &state)?;
+        save_checkpoint(&checkpoint, student, &opt, &state, &inputs)?;
         last_checkpoint = Instant::now();
     }
     progress.finish();
