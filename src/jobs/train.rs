@@ -52,7 +52,7 @@ fn training_inputs(
         EngineError::Dataflow(format!("the {EXAMPLES_STAGE} stage is not complete"))
     })?;
     let mut h = ContentHasher::new();
-    h.field(&examples.content_hash());
+    h.field(examples.content_hash());
     let mut ids: Vec<&String> = texts.keys().collect();
     ids.sort();
     for id in ids {
