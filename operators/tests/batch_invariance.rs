@@ -182,3 +182,81 @@ fn cross_encoder_scores_do_not_depend_on_the_batch() {
         assert_batch_invariant(family, &rows, 1, &|b| model.score_batch(b).unwrap());
     }
 }
+
+/// Rows whose token counts add up to `total`: the rows of `rows` in order, the last one
+/// cut (its final token, the separator, kept) so that the sum is exact.
+fn rows_totalling(rows: &[TokenizedText], total: usize) -> Vec<TokenizedText> {
+    let mut out = Vec::new();
+    let mut sum = 0;
+    for (i, r) in rows.iter().enumerate() {
+        let left = total - sum;
+        if left == 0 {
+            break;
+        }
+        let mut ids = r.ids.clone();
+        if ids.len() > left {
+            let sep = ids[ids.len() - 1];
+            ids.truncate(left.max(2));
+            let last = ids.len() - 1;
+            ids[last] = sep;
+        }
+        if ids.len() > left {
+            break;
+        }
+        sum += ids.len();
+        out.push(TokenizedText::new(i, ids));
+    }
+    assert_eq!(sum, total, "the texts hold too few tokens");
+    out
+}
+
+#[test]
+fn a_row_left_alone_in_a_product_tile_changes_no_embedding() {
+    // The CPU kernel runs the feed-forward block 1,024 token rows at a time; a batch of
+    // 1,025 tokens leaves its last token alone in the last tile, which gemm would
+    // multiply through its matrix-vector path (other bits). Each text of such batches
+    // (and of 2,049 tokens, and 1,024 and 1,026 around them) must embed as it does alone,
+    // on one thread (one group of texts) and on two.
+    let dir = tempfile::tempdir().unwrap();
+    let texts = texts();
+    distillery_operators::tiny::write_tiny_bert(
+        dir.path(),
+        texts.iter(),
+        &distillery_operators::tiny::TinyBertSpec::default(),
+    )
+    .unwrap();
+    let e = Embedder::load(dir.path(), &EmbedderOptions::default(), &Device::Cpu).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let tokenized = e.tokenize(&refs, TextKind::Passage).unwrap();
+    let rows: Vec<TokenizedText> = tokenized
+        .iter()
+        .cycle()
+        .take(4 * tokenized.len())
+        .enumerate()
+        .map(|(i, ids)| TokenizedText::new(i, ids.clone()))
+        .collect();
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for total in [1024, 1025, 1026, 2049] {
+            let batch = rows_totalling(&rows, total);
+            let n = batch.len();
+            let together = pool.install(|| {
+                in_batches(&batch, &[(0..n).collect()], e.dim(), &|b| {
+                    e.embed_batch(b).unwrap()
+                })
+            });
+            let alone: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+            let each = pool
+                .install(|| in_batches(&batch, &alone, e.dim(), &|b| e.embed_batch(b).unwrap()));
+            for (i, (t, a)) in together.iter().zip(&each).enumerate() {
+                assert!(
+                    t.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{total} tokens, {threads} thread(s): text {i} of {n} differs from alone"
+                );
+            }
+        }
+    }
+}

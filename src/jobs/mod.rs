@@ -28,6 +28,9 @@ struct EmbeddingKey<'a> {
     max_seq_length: usize,
     prefix: &'a str,
     kind: &'a str,
+    /// [`distillery_operators::cpu_bert::ARITHMETIC_REVISION`]: vectors of another
+    /// revision of the kernel may differ in the last bits.
+    arithmetic: u32,
 }
 
 /// The settings hash of `embedder`'s embeddings of `kind` texts; `model_fingerprint` is
@@ -45,6 +48,7 @@ pub fn embedding_settings_hash(
             TextKind::Query => "query",
             TextKind::Passage => "passage",
         },
+        arithmetic: distillery_operators::cpu_bert::ARITHMETIC_REVISION,
     })?)
 }
 

@@ -24,8 +24,16 @@
 //! types, a projection) load with [`CpuBert::load_layers`], embed on their own and enter
 //! at [`CpuBert::forward_embedded`], which runs the encoder layers alone and has the same
 //! contract from there on. The same batch gives the same bits: no reduction depends on
-//! thread timing. Results may differ in the last bits between batch compositions, as the
-//! products' blocking does.
+//! thread timing. A text's result does not depend on its batch-mates either: every row of
+//! a product is the same bits whatever the product's other rows (a lone row is widened,
+//! `matmul::MIN_EXTENT`), and attention, layer norms and pooling are per text
+//! (`operators/tests/batch_invariance.rs`).
+
+/// The revision of the kernel's arithmetic: raised whenever a change can move any result
+/// by a bit, so that stored results (memo tables, embedding stages, teacher scores)
+/// made by another revision are not mixed with this one's. 2: a lone row of a product is
+/// widened to two (revision 1 multiplied it through gemm's matrix-vector path).
+pub const ARITHMETIC_REVISION: u32 = 2;
 
 pub(crate) mod kernels;
 pub(crate) mod matmul;

@@ -26,12 +26,16 @@ pub struct CrossEncoderTeacher {
     fingerprint: String,
 }
 
-/// The settings a cross-encoder's scores depend on. Its serialised form is the one the
-/// cache had before teachers had kinds: changing it would orphan every existing cache.
+/// The settings a cross-encoder's scores depend on. Changing its serialised form orphans
+/// every existing cache, which only a change of the scores themselves justifies (the
+/// kernel's arithmetic revision).
 #[derive(Serialize)]
 struct CrossEncoderKey<'a> {
     model: &'a str,
     max_length: usize,
+    /// [`distillery_operators::cpu_bert::ARITHMETIC_REVISION`]: scores of another revision
+    /// of the kernel may differ in the last bits.
+    arithmetic: u32,
 }
 
 impl CrossEncoderTeacher {
@@ -46,6 +50,7 @@ impl CrossEncoderTeacher {
         let fingerprint = hash_settings(&CrossEncoderKey {
             model: &files,
             max_length: model.max_length(),
+            arithmetic: distillery_operators::cpu_bert::ARITHMETIC_REVISION,
         })?;
         Ok(Self {
             model: Arc::new(model),

@@ -3,8 +3,8 @@
 //!
 //! A teacher's [`PairTeacher::fingerprint`] names its score cache: two teachers share a
 //! cache exactly when their fingerprints are equal, so each kind hashes its kind's name
-//! with every setting that can change a score (a cross-encoder keeps the hash it had
-//! before kinds existed, so existing caches stay valid). [`PairTeacher::score_pairs`]
+//! with every setting that can change a score (a cross-encoder hashes its files, its
+//! maximum length and the CPU kernel's arithmetic revision). [`PairTeacher::score_pairs`]
 //! scores only the pairs the cache lacks; it may keep resumable stages of its own in the
 //! store, named after [`ScoringContext::stage_prefix`].
 
