@@ -11,8 +11,6 @@
 //! first is kept. An empty string (a text of digits and punctuation only) is contained in
 //! every string and gets its own verdict, [`Verdict::Empty`].
 
-use std::cmp::Ordering;
-
 use serde::{Deserialize, Serialize};
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
@@ -118,11 +116,15 @@ pub fn mark_in_order<E>(
         if verdicts[*i as usize] != Verdict::Unique {
             return;
         }
+        // One searcher for the string against all of the window (building a searcher
+        // costs about as much as a search). A byte match of a whole UTF-8 string inside
+        // another is a match of characters: UTF-8 never matches across a boundary.
+        let needle = memchr::memmem::Finder::new(s.as_bytes());
         if let Some((of, _)) = ahead
             .iter()
             .skip(1)
             .take(window)
-            .find(|(_, t)| contains(t, s))
+            .find(|(_, t)| t.len() >= s.len() && needle.find(t.as_bytes()).is_some())
         {
             verdicts[*i as usize] = Verdict::Duplicate {
                 of: *of as usize,
@@ -142,14 +144,6 @@ pub fn mark_in_order<E>(
         ahead.pop_front();
     }
     Ok(())
-}
-
-fn contains(haystack: &str, needle: &str) -> bool {
-    match haystack.len().cmp(&needle.len()) {
-        Ordering::Less => false,
-        Ordering::Equal => haystack == needle,
-        Ordering::Greater => haystack.contains(needle),
-    }
 }
 
 #[cfg(test)]
