@@ -443,6 +443,15 @@ fn run_cli(cli: Cli) -> Result<()> {
             if let Some(step) = r.resumed_from {
                 println!("resumed from the checkpoint at step {step}");
             }
+            if outcome
+                .started_from
+                .ends_with(distillery::train::warm_start::WARM_START_DIR)
+            {
+                println!(
+                    "warm start: trained on from the last run's model ({})",
+                    outcome.started_from.display()
+                );
+            }
             println!(
                 "trained {} steps ({} per epoch, {} epochs) on {} train queries, {} dev",
                 r.state.global_step,

@@ -492,3 +492,61 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
         },
     );
 }
+
+#[test]
+fn warm_start_previous_continues_from_the_last_model_and_is_stable_across_reruns() {
+    let args = ["train", "--config", "pipeline.toml", "--quiet"];
+    let warm = |dir: &Path| {
+        let path = dir.join("pipeline.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("[train]\n", "[train]\nwarm_start = \"previous\"\n"),
+        )
+        .unwrap();
+    };
+    let w = fixture(false);
+    warm(w.path());
+    ok(&args, w.path());
+    let run = w.path().join("run");
+    let first = std::fs::read(run.join("train/best-model/model.safetensors")).unwrap();
+    // No earlier model: the first run started from the base, as a run from scratch.
+    assert!(!run.join("train/warm-start").exists());
+
+    edit_corpus(w.path());
+    let out = ok(&args, w.path());
+    let _ = out;
+    // The changed inputs started from a copy of the last run's model...
+    assert_eq!(
+        std::fs::read(run.join("train/warm-start/model.safetensors")).unwrap(),
+        first
+    );
+    let report = json(&run.join("train-report.json"));
+    assert!(report["started_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("warm-start"));
+    let second = std::fs::read(run.join("train/best-model/model.safetensors")).unwrap();
+    // ...so the model is not a run from scratch's on the new corpus (which starts from
+    // the base model: nothing earlier to continue from).
+    let fresh = fixture(false);
+    warm(fresh.path());
+    edit_corpus(fresh.path());
+    ok(&args, fresh.path());
+    let scratch =
+        std::fs::read(fresh.path().join("run/train/best-model/model.safetensors")).unwrap();
+    assert_ne!(second, scratch);
+    assert_ne!(second, first);
+
+    // Unchanged inputs: nothing trains again, the model stays.
+    ok(&args, w.path());
+    assert_eq!(
+        std::fs::read(run.join("train/best-model/model.safetensors")).unwrap(),
+        second
+    );
+    let report = json(&run.join("train-report.json"));
+    assert_eq!(
+        report["report"]["resumed_from"],
+        report["report"]["state"]["global_step"]
+    );
+}

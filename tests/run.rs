@@ -67,6 +67,16 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     // Its report still draws the dev loss of the epochs `train` finished.
     let rerun = std::fs::read_to_string(b.join("report.html")).unwrap();
     assert!(rerun.contains("data-plot=\"dev-loss\""));
+    // ...and says that everything was kept: every query list, every pair score.
+    let lists = retrievals[0]["queries"].as_u64().unwrap();
+    assert!(
+        rerun.contains(&format!(
+            "<tr><td>r0-retrieved</td><td>{lists}</td><td>0</td><td>-</td>"
+        )),
+        "the reuse table"
+    );
+    let pairs = summary["label"]["pairs"].as_u64().unwrap();
+    assert!(rerun.contains(&format!("<tr><td>teacher 1</td><td>{pairs}</td><td>0</td>")));
 
     // Base and fine-tuned on the synthetic set and the BEIR split, with metrics in [0, 1].
     let summary = json(&a.join("run-summary.json"));

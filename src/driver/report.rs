@@ -152,6 +152,68 @@ fn metrics_rows(which: &str, m: &Metrics) -> String {
 }
 
 /// The page for `outcome`.
+/// What this invocation took from earlier ones and what it computed, stage by stage
+/// (embeddings: the device table's "from memo" column).
+fn reuse_table(outcome: &RunOutcome) -> String {
+    let mut html = String::from(
+        "<h2>Reused and recomputed</h2><table><tr><th>stage</th><th>kept from earlier \
+         runs</th><th>computed now</th><th>retracted</th><th>unit</th></tr>",
+    );
+    let mut row = |stage: &str, kept: usize, now: usize, gone: Option<usize>, unit: &str| {
+        let gone = gone.map_or_else(|| "-".to_string(), |g| g.to_string());
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{kept}</td><td>{now}</td><td>{gone}</td><td>{}</td></tr>",
+            escape(stage),
+            escape(unit)
+        );
+    };
+    if let Some(g) = &outcome.generate {
+        row("generation", g.cached, g.generated_now, None, "requests");
+    }
+    for r in &outcome.mine.retrievals {
+        let kept = if r.reused {
+            r.queries
+        } else {
+            r.lists_repaired
+        };
+        row(&r.stage, kept, r.lists_retrieved, None, "query lists");
+        row(
+            &format!("{}: passages", r.stage),
+            r.passages - r.passages_added,
+            r.passages_added,
+            Some(r.passages_removed),
+            "passages",
+        );
+    }
+    let pairs = outcome.label.pairs;
+    for (i, now) in outcome.label.scored_now.iter().enumerate() {
+        row(
+            &format!("teacher {i}"),
+            pairs.saturating_sub(*now),
+            *now,
+            None,
+            "pair scores",
+        );
+    }
+    let r = &outcome.train.report;
+    let resumed = r.resumed_from.unwrap_or(0) as usize;
+    row(
+        "training",
+        resumed,
+        (r.state.global_step as usize).saturating_sub(resumed),
+        None,
+        "steps",
+    );
+    html.push_str(
+        "</table><p class=\"note\">Retrieval keeps the lists of the last version: after a \
+         corpus change only the new passages are scored against every query, and only the \
+         lists that lost a passage (or whose query is new) are retrieved again. Retracted: \
+         passages of the last version that are gone (removed or edited).</p>",
+    );
+    html
+}
+
 pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, EngineError> {
     let mut html = String::new();
     let title = format!("distillery run: {}", pipeline.run_dir.display());
@@ -367,6 +429,8 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
              waited for its operators.</p>",
         );
     }
+
+    html.push_str(&reuse_table(outcome));
 
     // Training.
     let r = &outcome.train.report;

@@ -17,7 +17,8 @@ use crate::jobs::passage_texts;
 use crate::mining::examples_from_batch;
 use crate::model::fingerprint;
 use crate::store::{hash_settings, ContentHasher, StageStore};
-use crate::train::trainer::{train, RunControl, TrainReport};
+use crate::train::trainer::{checkpoint_inputs, train, RunControl, TrainReport, WarmStart};
+use crate::train::warm_start::warm_start_model;
 
 /// What `train` did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,6 +26,9 @@ pub struct TrainOutcome {
     pub label: LabelOutcome,
     pub report: TrainReport,
     pub model: PathBuf,
+    /// The model training started from: the `[student]` model, or with
+    /// `warm_start = "previous"` after a change of inputs, the last run's.
+    pub started_from: PathBuf,
 }
 
 /// Runs labelling (reused when unchanged) and training.
@@ -113,14 +117,29 @@ pub fn train_with(
         query_prefix: student_file.query_prefix.clone(),
         passage_prefix: student_file.passage_prefix.clone(),
     };
-    let dir = PathBuf::from(&student_file.model);
-    let student = Student::load(&dir, &options, &pipeline.device)?;
-    let inputs = training_inputs(&store, &texts, &dir, student_file, &pipeline.train)?;
+    let base = PathBuf::from(&student_file.model);
+    let train_dir = pipeline.run_dir.join("train");
+    let mut inputs = training_inputs(&store, &texts, &base, student_file, &pipeline.train)?;
+    let warm = match pipeline.train.warm_start {
+        WarmStart::Base => None,
+        WarmStart::Previous => warm_start_model(
+            &train_dir,
+            &inputs,
+            checkpoint_inputs(&train_dir).as_deref(),
+        )?,
+    };
+    // A warm start's checkpoint is of its starting model too.
+    if let Some(dir) = &warm {
+        inputs = ContentHasher::new()
+            .field(&inputs)
+            .field(&fingerprint(dir)?)
+            .finish();
+    }
+    let student = Student::load(warm.as_ref().unwrap_or(&base), &options, &pipeline.device)?;
     let prompts = (
         student_file.query_prefix.clone(),
         student_file.passage_prefix.clone(),
     );
-    let train_dir = pipeline.run_dir.join("train");
     // Training takes the student's device from its executor step by step: no other
     // stage runs a model on it meanwhile, and the report shows training's busy time.
     let device = DeviceExecutor::shared(student.device())
@@ -155,6 +174,7 @@ pub fn train_with(
     Ok(TrainOutcome {
         label,
         model: report.best_model.clone(),
+        started_from: warm.unwrap_or(base),
         report,
     })
 }

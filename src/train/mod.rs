@@ -8,6 +8,8 @@
 //! - [`data`]: train/dev sets, the seeded order of each epoch.
 //! - [`trainer`]: the loop, dev loss, early stopping, checkpoints, export.
 //! - [`report`]: the loss and learning-rate plot of a run.
+//! - [`warm_start`]: the model a run of changed inputs starts from, when told to continue
+//!   from the last run's.
 
 pub mod data;
 pub mod gradcache;
@@ -16,3 +18,4 @@ pub mod optim;
 pub mod report;
 pub mod schedule;
 pub mod trainer;
+pub mod warm_start;

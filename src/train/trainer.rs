@@ -54,6 +54,22 @@ pub struct TrainSettings {
     /// loses at most this long of training (plus one step), however slow a step is.
     pub checkpoint_minutes: f64,
     pub seed: u64,
+    /// Where a run whose inputs changed starts: the base model (the default: the model
+    /// equals a run from scratch) or the last run's exported model
+    /// ([`super::warm_start`]).
+    pub warm_start: WarmStart,
+}
+
+/// The model a training run of new inputs starts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmStart {
+    /// The `[student]` model: the result equals a run from scratch.
+    #[default]
+    Base,
+    /// The model the last run exported (`train/best-model`), trained further on the new
+    /// examples.
+    Previous,
 }
 
 impl Default for TrainSettings {
@@ -71,6 +87,7 @@ impl Default for TrainSettings {
             checkpoint_every: 0,
             checkpoint_minutes: DEFAULT_CHECKPOINT_MINUTES,
             seed: 42,
+            warm_start: WarmStart::Base,
         }
     }
 }
@@ -242,6 +259,21 @@ fn save_checkpoint(
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     Ok(())
+}
+
+/// What the checkpoint of the training directory `train_dir` was saved for
+/// ([`RunControl::inputs`]); `None` without a checkpoint (or one that did not say).
+pub fn checkpoint_inputs(train_dir: &Path) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Saved {
+        inputs: Option<String>,
+    }
+    let dir = train_dir.join(CHECKPOINT_DIR);
+    [dir.clone(), dir.with_extension("old")]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join(STATE_FILE)).ok())
+        .and_then(|text| serde_json::from_str::<Saved>(&text).ok())
+        .and_then(|saved| saved.inputs)
 }
 
 /// The checkpoint in `dir` loaded into `student` and `opt`, when there is one and it was
