@@ -35,7 +35,8 @@ use crate::mining::{
     Example, PassageIdx, ScoredQuery, TeacherStats,
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
-use crate::store::{hash_settings, ContentHasher, StageKey, StageStatus, StageStore};
+use crate::store::memo::MemoKey;
+use crate::store::{hash_settings, StageKey, StageStatus, StageStore};
 use load::load_teacher;
 use teacher::{EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
 
@@ -79,15 +80,32 @@ pub(crate) fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordB
 /// The cache key of a (query text, passage text) pair: what the teacher sees, nothing
 /// else, so a moved or renamed passage keeps its scores.
 pub fn pair_key(query: &str, passage: &str) -> String {
-    let mut h = ContentHasher::new();
-    h.field(query).field(passage);
-    h.finish()
+    pair_key_of(
+        MemoKey::of(query.as_bytes()),
+        MemoKey::of(passage.as_bytes()),
+    )
+    .to_hex()
 }
+
+/// [`pair_key`] from the two texts' keys: a text is hashed once for all its pairs (a
+/// SciFact passage is in some 280 pairs; hashing it for each was most of a rerun). The
+/// cache stores [`MemoKey::to_hex`] of it.
+fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
+    let mut both = [0u8; 32];
+    both[..16].copy_from_slice(&query.0.to_be_bytes());
+    both[16..].copy_from_slice(&passage.0.to_be_bytes());
+    MemoKey::of(&both)
+}
+
+/// The input hash of every teacher cache stage: the cache holds the pairs any run asked
+/// for. Its version names the pair-key scheme; a cache of another scheme is started
+/// again (its keys would never match).
+const TEACHER_CACHE_INPUT: &str = "append-only cache; pair keys of text keys";
 
 pub(crate) fn read_scores(
     store: &StageStore,
     stage: &str,
-    into: &mut HashMap<String, f32>,
+    into: &mut HashMap<MemoKey, f32>,
 ) -> Result<(), EngineError> {
     for batch in store.read(stage)? {
         let batch = batch?;
@@ -101,7 +119,8 @@ pub(crate) fn read_scores(
             .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
             .ok_or_else(bad)?;
         for i in 0..batch.num_rows() {
-            into.insert(p.value(i).to_string(), s.value(i));
+            let key = MemoKey::from_hex(p.value(i)).ok_or_else(bad)?;
+            into.insert(key, s.value(i));
         }
     }
     Ok(())
@@ -147,17 +166,29 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
     // Every distinct pair, in a deterministic order. The texts are borrowed from the
     // candidate rows and the passage map, never copied per pair: SciFact's 1.45M pairs
     // once held 2 GB of copies.
-    let mut pairs: BTreeMap<String, (&str, &str)> = BTreeMap::new();
-    for r in &rows {
+    let passage_keys: HashMap<&str, MemoKey> = texts
+        .iter()
+        .map(|(id, text)| (id.as_str(), MemoKey::of(text.as_bytes())))
+        .collect();
+    let query_keys: Vec<MemoKey> = rows
+        .iter()
+        .map(|r| MemoKey::of(r.query_text.as_bytes()))
+        .collect();
+    // Keyed by the pair's key (its hex, which the cache stores and a teacher's stages
+    // name pairs by, beside it); the hex of a key sorts as the key does.
+    let mut pairs: BTreeMap<MemoKey, (String, &str, &str)> = BTreeMap::new();
+    for (r, &query_key) in rows.iter().zip(&query_keys) {
         for c in &r.candidate_ids {
-            let passage = texts.get(c).ok_or_else(|| {
-                EngineError::Invalid(format!(
+            let (Some(passage), Some(&passage_key)) = (texts.get(c), passage_keys.get(c.as_str()))
+            else {
+                return Err(EngineError::Invalid(format!(
                     "candidate passage `{c}` is not in the corpus any more; run mine again"
-                ))
-            })?;
+                )));
+            };
+            let key = pair_key_of(query_key, passage_key);
             pairs
-                .entry(pair_key(&r.query_text, passage))
-                .or_insert((r.query_text.as_str(), passage.as_str()));
+                .entry(key)
+                .or_insert_with(|| (key.to_hex(), r.query_text.as_str(), passage.as_str()));
         }
     }
 
@@ -190,7 +221,7 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
         })
         .collect();
 
-    let mut per_teacher: Vec<HashMap<String, f32>> = Vec::new();
+    let mut per_teacher: Vec<HashMap<MemoKey, f32>> = Vec::new();
     let mut scored_now = Vec::new();
     let mut teacher_embeddings = Vec::new();
     let mut teacher_ids = Vec::new();
@@ -203,7 +234,7 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
         let cache_stage = format!("{stage_prefix}-cache");
         let cache_key = StageKey {
             settings_hash,
-            input_hash: "append-only cache".into(),
+            input_hash: TEACHER_CACHE_INPUT.into(),
         };
         let mut cached = HashMap::new();
         if matches!(
@@ -215,8 +246,8 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
         let missing: Vec<PairToScore<'_>> = pairs
             .iter()
             .filter(|(k, _)| !cached.contains_key(*k))
-            .map(|(k, (q, p))| PairToScore {
-                key: k,
+            .map(|(_, (hex, q, p))| PairToScore {
+                key: hex,
                 query: q,
                 passage: p,
             })
@@ -248,7 +279,12 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
                 writer.write_part(&[scores_batch(&keys, chunk_scores.to_vec())?])?;
             }
             drop(writer);
-            cached.extend(missing.iter().map(|p| p.key.to_string()).zip(scores));
+            cached.extend(
+                missing
+                    .iter()
+                    .filter_map(|p| MemoKey::from_hex(p.key))
+                    .zip(scores),
+            );
         }
         teacher_embeddings.push(teacher.embedding_counts());
         per_teacher.push(cached);
@@ -267,15 +303,17 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
         i
     };
     let mut scored = Vec::with_capacity(rows.len());
-    for r in &rows {
+    for (r, &query_key) in rows.iter().zip(&query_keys) {
         let candidates: Vec<PassageIdx> = r.candidate_ids.iter().map(|c| intern(c)).collect();
         let sources: Vec<PassageIdx> = r.source_ids.iter().map(|c| intern(c)).collect();
         let mut scores = Vec::with_capacity(per_teacher.len());
         for cache in &per_teacher {
             let mut s = Vec::with_capacity(r.candidate_ids.len());
             for c in &r.candidate_ids {
-                let key = pair_key(&r.query_text, &texts[c]);
-                s.push(*cache.get(&key).ok_or_else(|| {
+                let score = passage_keys
+                    .get(c.as_str())
+                    .and_then(|&p| cache.get(&pair_key_of(query_key, p)));
+                s.push(*score.ok_or_else(|| {
                     EngineError::Dataflow(format!(
                         "no teacher score for query {} and passage {c}; this is a bug",
                         r.query_id

@@ -19,6 +19,7 @@ use crate::store::{hash_settings, ContentHasher, StageKey};
 
 use super::teacher::{PairTeacher, PairToScore, ScoringContext};
 use super::{read_scores, scores_batch, scores_schema};
+use crate::store::memo::MemoKey;
 
 /// A loaded cross-encoder and its fingerprint.
 pub struct CrossEncoderTeacher {
@@ -146,12 +147,14 @@ impl PairTeacher for CrossEncoderTeacher {
         pairs
             .iter()
             .map(|p| {
-                scored.get(p.key).copied().ok_or_else(|| {
-                    EngineError::Dataflow(format!(
-                        "stage {}: no score for pair {}; this is a bug",
-                        stage.stage, p.key
-                    ))
-                })
+                MemoKey::from_hex(p.key)
+                    .and_then(|k| scored.get(&k).copied())
+                    .ok_or_else(|| {
+                        EngineError::Dataflow(format!(
+                            "stage {}: no score for pair {}; this is a bug",
+                            stage.stage, p.key
+                        ))
+                    })
             })
             .collect()
     }
