@@ -177,8 +177,14 @@ if "distillery" in summary and "st" in summary:
     if summary["distillery"]["passages"] != summary["st"]["passages"]:
         sys.exit(f"passage counts differ: distillery {summary['distillery']['passages']}, "
                  f"sentence-transformers {summary['st']['passages']}")
-    summary["ratio_distillery_over_st"] = (summary["distillery"]["median_passages_per_second"]
-                                           / summary["st"]["median_passages_per_second"])
+    # One way to report a ratio: the median of the per-round ratios (the two sides of a
+    # round ran back to back, under the same machine load).
+    per_round = [a / b for a, b in zip(summary["distillery"]["passages_per_second"],
+                                       summary["st"]["passages_per_second"])]
+    if len(summary["distillery"]["passages_per_second"]) != len(summary["st"]["passages_per_second"]):
+        sys.exit("the two sides finished different numbers of rounds")
+    summary["ratio_per_round"] = per_round
+    summary["ratio_distillery_over_st"] = statistics.median(per_round)
 
 with open(os.path.join(work, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -193,7 +199,8 @@ for side, name in (("distillery", "distillery (candle)"), ("st", "sentence-trans
         print(f"{name:32s} median {s['median_passages_per_second']:8.1f} passages/s"
               f"  ({s['passages']} passages; runs: {each})")
 if "ratio_distillery_over_st" in summary:
-    print(f"ratio distillery / sentence-transformers: {summary['ratio_distillery_over_st']:.2f}")
+    print(f"ratio distillery / sentence-transformers (median of per-round ratios): {summary['ratio_distillery_over_st']:.2f}"
+          f" (rounds: {', '.join(f'{r:.2f}' for r in summary['ratio_per_round'])})")
 EOF
 [ -n "$out" ] && echo "results kept in $work" >&2
 exit 0

@@ -202,7 +202,10 @@ for q in quants:
         for m in METRICS:
             cm = statistics.median(r[m] for r in c)
             lm = statistics.median(r[m] for r in l)
-            row[m] = {"candle": cm, "llamacpp": lm, "ratio": cm / lm,
+            # The ratio is the median of the per-round ratios (each round ran both sides
+            # back to back), not the ratio of the medians.
+            ratio = statistics.median(a[m] / b[m] for a, b in zip(c, l))
+            row[m] = {"candle": cm, "llamacpp": lm, "ratio": ratio,
                       "candle_runs": [r[m] for r in c], "llamacpp_runs": [r[m] for r in l]}
         # Greedy agreement: random weights give near-ties, so 8-bit and 4-bit kernels that
         # round differently part ways after a few tokens; the first token checks that both
@@ -226,7 +229,7 @@ print(f"{summary['date_utc']}  nproc {summary['nproc']}  {cpu}  git {git_rev}")
 print(f"{threads} threads, {rounds} rounds, {new_tokens} new tokens per prompt, llama.cpp "
       f"bufts {bufts}; load {load_before} -> {load_after}")
 print()
-print("| quant | mode | prompts x tokens | metric (tokens/s) | candle | llama.cpp | candle / llama.cpp |")
+print("| quant | mode | prompts x tokens | metric (tokens/s) | candle | llama.cpp | candle / llama.cpp (median of per-round ratios) |")
 print("|---|---|---|---|---|---|---|")
 names = {"prefill_tokens_per_second": "prefill", "decode_tokens_per_second": "decode",
          "generated_tokens_per_second": "generated, end to end"}

@@ -207,8 +207,14 @@ if "distillery" in summary and "st" in summary:
     if summary["distillery"]["pairs"] != summary["st"]["pairs"]:
         sys.exit(f"pair counts differ: distillery {summary['distillery']['pairs']}, "
                  f"sentence-transformers {summary['st']['pairs']}")
-    summary["ratio_distillery_over_st"] = (summary["distillery"]["median_pairs_per_second"]
-                                           / summary["st"]["median_pairs_per_second"])
+    # One way to report a ratio: the median of the per-round ratios (the two sides of a
+    # round ran back to back, under the same machine load).
+    per_round = [a / b for a, b in zip(summary["distillery"]["pairs_per_second"],
+                                       summary["st"]["pairs_per_second"])]
+    if len(summary["distillery"]["pairs_per_second"]) != len(summary["st"]["pairs_per_second"]):
+        sys.exit("the two sides finished different numbers of rounds")
+    summary["ratio_per_round"] = per_round
+    summary["ratio_distillery_over_st"] = statistics.median(per_round)
 
     # Agreement of the last round's scores, pair by pair.
     try:
@@ -243,7 +249,8 @@ for side, name in (("distillery", "distillery"), ("st", "sentence-transformers (
         print(f"{name:32s} median {s['median_pairs_per_second']:8.1f} pairs/s"
               f"  ({s['pairs']} pairs; runs: {each})")
 if "ratio_distillery_over_st" in summary:
-    print(f"ratio distillery / sentence-transformers: {summary['ratio_distillery_over_st']:.2f}")
+    print(f"ratio distillery / sentence-transformers (median of per-round ratios): {summary['ratio_distillery_over_st']:.2f}"
+          f" (rounds: {', '.join(f'{r:.2f}' for r in summary['ratio_per_round'])})")
 a = summary.get("agreement")
 if isinstance(a, dict):
     print(f"scores agree: max |diff| {a['max_abs_diff']:.2e}, mean {a['mean_abs_diff']:.2e} "

@@ -196,8 +196,14 @@ if "distillery" in summary and "torch" in summary:
     for key in ("queries_per_step", "passages_per_step", "tokens", "token_checksum", "parameters"):
         if d[key] != t[key]:
             sys.exit(f"the two sides did different work: {key} distillery {d[key]}, PyTorch {t[key]}")
-    summary["ratio_distillery_over_torch"] = (d["median_queries_per_second"]
-                                              / t["median_queries_per_second"])
+    # One way to report a ratio: the median of the per-round ratios (the two sides of a
+    # round ran back to back, under the same machine load).
+    per_round = [a / b for a, b in zip(summary["distillery"]["queries_per_second"],
+                                       summary["torch"]["queries_per_second"])]
+    if len(summary["distillery"]["queries_per_second"]) != len(summary["torch"]["queries_per_second"]):
+        sys.exit("the two sides finished different numbers of rounds")
+    summary["ratio_per_round"] = per_round
+    summary["ratio_distillery_over_torch"] = statistics.median(per_round)
 
 with open(os.path.join(work, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -214,7 +220,8 @@ for side, name in (("distillery", f"distillery ({mode})"), ("torch", "PyTorch (B
               f"  ({s['steps']} steps of {s['queries_per_step']} queries; runs: {each};"
               f" first-step loss {loss})")
 if "ratio_distillery_over_torch" in summary:
-    print(f"ratio distillery / PyTorch: {summary['ratio_distillery_over_torch']:.2f}")
+    print(f"ratio distillery / PyTorch (median of per-round ratios): {summary['ratio_distillery_over_torch']:.2f}"
+          f" (rounds: {', '.join(f'{r:.2f}' for r in summary['ratio_per_round'])})")
 EOF
 [ -n "$out" ] && echo "results kept in $work" >&2
 exit 0
