@@ -56,6 +56,21 @@ pub fn normalise(text: &str) -> String {
     out
 }
 
+/// Bytes of a string's start [`has_prefix_somewhere`] looks for.
+const PREFILTER_BYTES: usize = 8;
+
+/// Whether the first [`PREFILTER_BYTES`] of `needle` occur somewhere in `haystack`: a
+/// necessary condition for `needle` to occur, checked at each place of its first byte.
+fn has_prefix_somewhere(haystack: &[u8], needle: &[u8]) -> bool {
+    let prefix = &needle[..needle.len().min(PREFILTER_BYTES)];
+    let Some((&first, _)) = prefix.split_first() else {
+        return true;
+    };
+    let last_start = haystack.len().saturating_sub(needle.len());
+    memchr::memchr_iter(first, &haystack[..haystack.len().min(last_start + 1)])
+        .any(|at| haystack[at..].starts_with(prefix))
+}
+
 /// [`normalise`] of an ASCII text, without the Unicode passes: NFKC and NFD leave ASCII
 /// as it is, it has no combining marks, and its lowercase is ASCII's (most corpora are
 /// mostly ASCII, and the Unicode passes were most of preparation's time).
@@ -139,16 +154,22 @@ pub fn mark_in_order<E>(
         if verdicts[*i as usize] != Verdict::Unique {
             return;
         }
-        // One searcher for the string against all of the window (building a searcher
-        // costs about as much as a search). A byte match of a whole UTF-8 string inside
-        // another is a match of characters: UTF-8 never matches across a boundary.
-        let needle = memchr::memmem::Finder::new(s.as_bytes());
-        if let Some((of, _)) = ahead
-            .iter()
-            .skip(1)
-            .take(window)
-            .find(|(_, t)| t.len() >= s.len() && needle.find(t.as_bytes()).is_some())
-        {
+        // A byte match of a whole UTF-8 string inside another is a match of characters:
+        // UTF-8 never matches across a boundary. Most strings are in no neighbour, and a
+        // neighbour without the string's first bytes cannot hold it: that is checked
+        // first, and the full searcher (whose construction costs about a search) is built
+        // once, only for a string some neighbour might hold.
+        let needle = s.as_bytes();
+        let mut searcher = None;
+        if let Some((of, _)) = ahead.iter().skip(1).take(window).find(|(_, t)| {
+            let t = t.as_bytes();
+            t.len() >= needle.len()
+                && has_prefix_somewhere(t, needle)
+                && searcher
+                    .get_or_insert_with(|| memchr::memmem::Finder::new(needle))
+                    .find(t)
+                    .is_some()
+        }) {
             verdicts[*i as usize] = Verdict::Duplicate {
                 of: *of as usize,
                 order,
@@ -173,6 +194,43 @@ pub fn mark_in_order<E>(
 mod tests {
     use super::*;
     use Verdict::{Duplicate, Empty, Unique};
+
+    #[test]
+    fn the_prefilter_never_rejects_a_string_that_occurs() {
+        // Random strings over a small alphabet (so that substrings are common), every
+        // pair: whenever one contains the other, the prefilter lets it through.
+        let mut x = 3u64;
+        let mut next = |m: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % m
+        };
+        let strings: Vec<String> = (0..200)
+            .map(|_| {
+                let len = 1 + next(24) as usize;
+                (0..len)
+                    .map(|_| ['a', 'b', ' ', 'é'][next(4) as usize])
+                    .collect()
+            })
+            .collect();
+        let mut found = 0;
+        for t in &strings {
+            for s in &strings {
+                let (tb, sb) = (t.as_bytes(), s.as_bytes());
+                let filtered = tb.len() >= sb.len() && has_prefix_somewhere(tb, sb);
+                if t.contains(s.as_str()) {
+                    found += 1;
+                    assert!(filtered, "{s:?} in {t:?}");
+                }
+            }
+        }
+        assert!(found > 1000, "{found}");
+        assert!(!has_prefix_somewhere(b"xxabcdefgh", b"abcdefgz"));
+        assert!(has_prefix_somewhere(b"xxabcdefghijkl", b"abcdefghXYZ"));
+        // A start too late for the whole string to fit is no start.
+        assert!(!has_prefix_somewhere(b"xxabcdefghij", b"abcdefghXYZ"));
+    }
 
     #[test]
     fn the_ascii_path_equals_the_unicode_passes() {
