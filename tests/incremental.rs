@@ -82,6 +82,14 @@ fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
     parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
+/// Lines of the run's device journal so far.
+fn journal_len(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("device-stages.jsonl"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
 /// Rows the device journal says each stage label ran and took from its memo table, from
 /// line `from` on.
 fn embedded_since(run: &Path, from: usize) -> Vec<(String, u64, u64)> {
@@ -106,10 +114,7 @@ fn a_changed_corpus_recomputes_only_what_it_touches_and_ends_as_a_fresh_run() {
     let again = fixture(false);
     ok(&args, again.path());
     let run = again.path().join("run");
-    let journal_lines = std::fs::read_to_string(run.join("device-stages.jsonl"))
-        .unwrap()
-        .lines()
-        .count();
+    let journal_lines = journal_len(&run);
     let before = retrieved(&run);
     let gone = ids_of_lines(again.path(), &[12, 40]);
     edit_corpus(again.path());
@@ -290,10 +295,7 @@ fn check_change(base: &Path, name: &str, changes: &[Change], touches: Touches) {
         write_records(dir, &corpus);
     }
     let before = retrieved(&run);
-    let journal = std::fs::read_to_string(run.join("device-stages.jsonl"))
-        .unwrap()
-        .lines()
-        .count();
+    let journal = journal_len(&run);
     ok(&args, dir);
 
     let fresh = fixture(false);
@@ -514,8 +516,7 @@ fn warm_start_previous_continues_from_the_last_model_and_is_stable_across_reruns
     assert!(!run.join("train/warm-start").exists());
 
     edit_corpus(w.path());
-    let out = ok(&args, w.path());
-    let _ = out;
+    ok(&args, w.path());
     // The changed inputs started from a copy of the last run's model...
     assert_eq!(
         std::fs::read(run.join("train/warm-start/model.safetensors")).unwrap(),

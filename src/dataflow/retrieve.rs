@@ -133,7 +133,6 @@ pub fn run_retrieval_stage(
         ..RetrievalReport::default()
     };
     let nq = s.queries.len();
-    let query_ids: Vec<Identity> = (0..nq).map(|i| query_identity(s.queries.row(i))).collect();
 
     // Unchanged: read back.
     if store.completed(&list_stage, &list_key)?.is_some() {
@@ -155,6 +154,7 @@ pub fn run_retrieval_stage(
         }
     }
 
+    let query_ids: Vec<Identity> = (0..nq).map(|i| query_identity(s.queries.row(i))).collect();
     let last = last_version(store, s, &list_stage)?;
     // Pass 1: the new passage list, against the last version's when there is one.
     let np = report.passages;
@@ -311,13 +311,6 @@ fn repair(
                 continue;
             }
             first_of.insert(identity, qi);
-            let best: Vec<Hit> = best
-                .into_iter()
-                .map(|h| Hit {
-                    passage: change.added()[h.passage as usize],
-                    score: h.score,
-                })
-                .collect();
             let repaired = last
                 .lists
                 .remove(&identity)

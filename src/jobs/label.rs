@@ -306,13 +306,21 @@ pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome
     for (r, &query_key) in rows.iter().zip(&query_keys) {
         let candidates: Vec<PassageIdx> = r.candidate_ids.iter().map(|c| intern(c)).collect();
         let sources: Vec<PassageIdx> = r.source_ids.iter().map(|c| intern(c)).collect();
+        // Every candidate is in `texts` (checked when the pairs were gathered).
+        let keys: Vec<Option<MemoKey>> = r
+            .candidate_ids
+            .iter()
+            .map(|c| {
+                passage_keys
+                    .get(c.as_str())
+                    .map(|&p| pair_key_of(query_key, p))
+            })
+            .collect();
         let mut scores = Vec::with_capacity(per_teacher.len());
         for cache in &per_teacher {
             let mut s = Vec::with_capacity(r.candidate_ids.len());
-            for c in &r.candidate_ids {
-                let score = passage_keys
-                    .get(c.as_str())
-                    .and_then(|&p| cache.get(&pair_key_of(query_key, p)));
+            for (c, key) in r.candidate_ids.iter().zip(&keys) {
+                let score = key.and_then(|k| cache.get(&k));
                 s.push(*score.ok_or_else(|| {
                     EngineError::Dataflow(format!(
                         "no teacher score for query {} and passage {c}; this is a bug",

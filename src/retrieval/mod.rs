@@ -215,12 +215,17 @@ impl<'q> TopK<'q> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `n` values in [-0.5, 0.5) from a fixed linear congruential sequence.
     fn pseudo_random(n: usize) -> Vec<f32> {
-        let mut x = 12345u64;
+        seeded_values(12345, n)
+    }
+
+    /// `n` values in [-0.5, 0.5) from the linear congruential sequence started at `seed`.
+    pub(crate) fn seeded_values(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed;
         (0..n)
             .map(|_| {
                 x = x

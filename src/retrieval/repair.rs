@@ -173,9 +173,9 @@ impl PassageChange {
 
     /// Repairs one query's `old` list (old positions, best first) in place: its
     /// passages moved to their new positions and merged with `added_best`, the query's
-    /// best added passages (new positions, best first). Returns false, leaving `old`
-    /// unspecified, when the list held a removed passage: the query must be retrieved
-    /// again in full.
+    /// best added passages as a retrieval over the added passages alone gives them
+    /// (positions among [`Self::added`]). Returns false, leaving `old` unspecified, when
+    /// the list held a removed passage: the query must be retrieved again in full.
     pub fn repair(&self, old: &mut Vec<Hit>, added_best: &[Hit], k: usize) -> bool {
         for hit in old.iter_mut() {
             match self.old_to_new.get(hit.passage as usize) {
@@ -183,7 +183,10 @@ impl PassageChange {
                 _ => return false,
             }
         }
-        old.extend_from_slice(added_best);
+        old.extend(added_best.iter().map(|h| Hit {
+            passage: self.added[h.passage as usize],
+            score: h.score,
+        }));
         old.sort_by(better);
         old.truncate(k);
         true
@@ -193,20 +196,8 @@ impl PassageChange {
 #[cfg(test)]
 mod tests {
     use super::super::exact_top_k;
+    use super::super::tests::seeded_values as pseudo_random;
     use super::*;
-
-    /// `n` values in [-0.5, 0.5) from a seeded linear congruential sequence.
-    fn pseudo_random(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
 
     struct Corpus {
         ids: Vec<String>,
@@ -250,13 +241,6 @@ mod tests {
             .zip(added_best)
             .enumerate()
             .map(|(qi, (mut list, best))| {
-                let best: Vec<Hit> = best
-                    .into_iter()
-                    .map(|h| Hit {
-                        passage: change.added()[h.passage as usize],
-                        score: h.score,
-                    })
-                    .collect();
                 if change.repair(&mut list, &best, k) {
                     list
                 } else {

@@ -368,7 +368,7 @@ dispatched! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cpu_path::{CpuPath, SupportedPath};
 
@@ -559,7 +559,7 @@ mod tests {
     }
 
     /// `|got - want| <= tol * max(1, |x|)` for every element, `x` the kernel's input.
-    fn assert_close(what: &str, got: &[f32], want: &[f32], xs: &[f32], tol: f32) {
+    pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], xs: &[f32], tol: f32) {
         assert_eq!(got.len(), want.len());
         for (i, ((g, w), x)) in got.iter().zip(want).zip(xs).enumerate() {
             let bound = tol * x.abs().max(1.0);

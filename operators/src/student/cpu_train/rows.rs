@@ -248,6 +248,7 @@ pub fn add_column_sums(acc: &mut [f32], rows: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_bert::kernels::tests::assert_close;
     use crate::cpu_path::CpuPath;
 
     /// Central difference of `f` at `x`, in f64.
@@ -377,18 +378,6 @@ mod tests {
         let mut acc = [1.0f32, 0.0];
         add_column_sums(&mut acc, &[1.0, 2.0, 3.0, 4.0]);
         assert_eq!(acc, [5.0, 6.0]);
-    }
-
-    /// `|got - want| <= tol * max(1, |x|)` for every element, `x` the kernel's input.
-    fn assert_close(what: &str, got: &[f32], want: &[f32], xs: &[f32], tol: f32) {
-        assert_eq!(got.len(), want.len());
-        for (i, ((g, w), x)) in got.iter().zip(want).zip(xs).enumerate() {
-            let bound = tol * x.abs().max(1.0);
-            assert!(
-                (g - w).abs() <= bound,
-                "{what}[{i}] (x = {x}): {g} vs generic {w}, bound {bound}"
-            );
-        }
     }
 
     /// Every path this CPU runs against the generic path, kernel by kernel. Tolerances:
