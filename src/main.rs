@@ -5,19 +5,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use distillery::config::EmbedSettings;
-use distillery::config::{
-    EndpointFile, GenerateFile, HeldOutFile, Pipeline, RunPart, QUARANTINE_FILE,
-};
+use distillery::config::{EndpointFile, GenerateFile, HeldOutFile, Pipeline, QUARANTINE_FILE};
 use distillery::corpus::Quarantine;
-use distillery::driver::{demo, run_recipe};
+use distillery::dataflow::candidates::MineOutcome;
+use distillery::dataflow::generate::{run_generate, GenerateJob, GenerateOutcome};
+use distillery::driver::{self, demo, run_recipe};
 use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
-use distillery::jobs::generate::{run_generate, GenerateJob, GenerateOutcome};
-use distillery::jobs::label::run_label;
-use distillery::jobs::mine::{run_mine, MineOutcome};
 use distillery::jobs::score::{run_score, ScoreJob};
-use distillery::jobs::train::run_train;
 use distillery_operators::TextKind;
 
 mod cli;
@@ -380,7 +376,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => {
             set_threads(a.threads);
-            let job = match (&a.config, &a.input, &a.output) {
+            let outcome = match (&a.config, &a.input, &a.output) {
                 (Some(config), _, _) => {
                     let mut pipeline = Pipeline::load(config)?;
                     pipeline.override_engine(
@@ -388,14 +384,16 @@ fn run_cli(cli: Cli) -> Result<()> {
                         a.on_bad_record.map(|o| matches!(o, OnBadRecord::Skip)),
                         a.quiet,
                     );
-                    pipeline.preflight(RunPart::Generate)?;
-                    GenerateJob::from_pipeline(&pipeline)?
-                        .with_context(|| format!("{}: no [generate] section", config.display()))?
+                    if pipeline.generate.is_none() {
+                        anyhow::bail!("{}: no [generate] section", config.display());
+                    }
+                    driver::generate(&pipeline)?
                 }
-                (None, Some(input), Some(output)) => generate_job(&a, input, output)?,
+                (None, Some(input), Some(output)) => {
+                    run_generate(&generate_job(&a, input, output)?)?
+                }
                 _ => anyhow::bail!("give --config, or --input and --output"),
             };
-            let outcome = run_generate(&job)?;
             print_generate(&outcome);
             report_quarantine(outcome.skipped_records, outcome.quarantine.as_deref());
             if let Some(path) = &a.json {
@@ -405,14 +403,14 @@ fn run_cli(cli: Cli) -> Result<()> {
         Command::Mine(a) => {
             let pipeline = a.pipeline()?;
             let quarantine = pipeline.open_quarantine()?;
-            let outcome = run_mine(&pipeline)?;
+            let outcome = driver::mine(&pipeline)?;
             print_mine(&outcome, &pipeline);
             report_run_quarantine(quarantine)?;
         }
         Command::Label(a) => {
             let pipeline = a.pipeline()?;
             let quarantine = pipeline.open_quarantine()?;
-            let outcome = run_label(&pipeline)?;
+            let outcome = driver::label(&pipeline)?;
             print_mine(&outcome.mine, &pipeline);
             let now: Vec<String> = outcome.scored_now.iter().map(|n| n.to_string()).collect();
             println!(
@@ -438,7 +436,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         Command::Train(a) => {
             let pipeline = a.pipeline()?;
             let quarantine = pipeline.open_quarantine()?;
-            let outcome = run_train(&pipeline, None)?;
+            let outcome = driver::train(&pipeline, None)?;
             let r = &outcome.report;
             if let Some(step) = r.resumed_from {
                 println!("resumed from the checkpoint at step {step}");

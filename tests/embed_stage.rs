@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use distillery::corpus::ReadOptions;
+use distillery::dataflow::evaluate::read_matrix;
 use distillery::dataflow::memo_embed::memo_stage_name;
+use distillery::dataflow::passage_texts;
 use distillery::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use distillery::error::EngineError;
-use distillery::jobs::eval::read_matrix;
-use distillery::jobs::passage_texts;
 use distillery::store::memo::memo_stage_key;
 use distillery::store::{StageKey, StageStatus, StageStore};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};

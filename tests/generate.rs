@@ -12,17 +12,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use distillery::config::{GenerateFile, HeldOutFile, Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
+use distillery::dataflow::candidates::CANDIDATES_STAGE;
+use distillery::dataflow::generate::{
+    run_generate, run_generate_with, GenerateJob, GenerateOutcome,
+};
+use distillery::dataflow::passage_index::{load_retrievers, retriever_stage};
+use distillery::dataflow::{passage_texts, read_device_journal, run_embed_stage};
+use distillery::driver;
 use distillery::error::EngineError;
 use distillery::generate::extractive::ExtractiveGenerator;
 use distillery::generate::prepare::SampledPassage;
+use distillery::generate::queries_table::queries_from_batch;
 use distillery::generate::{Generated, GenerationRequest, QueryGenerator};
-use distillery::jobs::generate::{run_generate, run_generate_with, GenerateJob, GenerateOutcome};
-use distillery::jobs::mine::{run_mine, CANDIDATES_STAGE};
-use distillery::jobs::passage_texts;
 use distillery::mining::held_out_passages;
 use distillery::schema::candidates_from_batch;
 use distillery::store::StageStore;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+use distillery_operators::TextKind;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -248,7 +254,7 @@ fn generated_queries_feed_mining_with_their_source_as_positive() {
     write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
     let run = tempfile::tempdir().unwrap();
     let p = generated_pipeline(run.path(), model.path());
-    let mined = run_mine(&p).unwrap();
+    let mined = driver::mine(&p).unwrap();
     // 475 passages outside the held-out 25, three queries each.
     assert_eq!(mined.queries, 475 * 3);
     assert_eq!(mined.stats.queries_in, 475 * 3);
@@ -268,8 +274,88 @@ fn generated_queries_feed_mining_with_their_source_as_positive() {
         assert!(r.candidate_ids.iter().any(|c| c == source));
     }
     // A rerun reuses the generated queries and the candidates.
-    let again = run_mine(&p).unwrap();
+    let again = driver::mine(&p).unwrap();
     assert!(again.reused);
+}
+
+#[test]
+fn generated_queries_are_embedded_ahead_and_the_query_stage_keeps_its_bytes() {
+    let model = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = passage_texts(&scifact_mini(), &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap().1)
+        .collect();
+    write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let p = generated_pipeline(run.path(), model.path());
+    driver::mine(&p).unwrap();
+
+    // The training queries (held-out passages' queries are the synthetic test set).
+    let file = std::fs::File::open(run.path().join("generated-queries.parquet")).unwrap();
+    let mut queries = Vec::new();
+    for batch in
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024).unwrap()
+    {
+        queries.extend(queries_from_batch(&batch.unwrap()).unwrap());
+    }
+    queries.retain(|q| !q.held_out);
+    assert_eq!(queries.len(), 475 * 3);
+    let distinct: HashSet<&str> = queries.iter().map(|q| q.query_text.as_str()).collect();
+
+    // Every distinct text embedded once: while generation ran, or by the query stage
+    // for what the stream had no room for. The first batch always finds room.
+    let journal = read_device_journal(run.path());
+    let ahead: u64 = journal
+        .iter()
+        .filter(|r| r.label == "retriever 0: r0-queries (ahead)")
+        .map(|r| r.rows)
+        .sum();
+    let stage: Vec<_> = journal
+        .iter()
+        .filter(|r| r.label == "retriever 0: r0-queries")
+        .collect();
+    assert_eq!(stage.len(), 1);
+    assert!(ahead > 0, "nothing was embedded while generation ran");
+    assert_eq!(ahead + stage[0].rows, distinct.len() as u64);
+    assert_eq!(stage[0].rows + stage[0].memoised, queries.len() as u64);
+
+    // The stage holds the bytes of the same texts embedded by the stage alone, in a
+    // store where nothing was embedded ahead.
+    let retrievers = load_retrievers(&p).unwrap();
+    let r = &retrievers[0];
+    let query_stage =
+        retriever_stage(&p, 0, &r.embedder, &r.model, TextKind::Query, "input", None).unwrap();
+    let alone = tempfile::tempdir().unwrap();
+    let alone_store = StageStore::open(alone.path()).unwrap();
+    let source: Vec<_> = queries
+        .iter()
+        .map(|q| Ok((q.query_id.clone(), q.query_text.clone())))
+        .collect();
+    let report = run_embed_stage(
+        &alone_store,
+        r.embedder.clone(),
+        Box::new(source.into_iter()),
+        &query_stage,
+    )
+    .unwrap();
+    assert_eq!(report.rows_embedded, distinct.len() as u64);
+    let store = StageStore::open(run.path()).unwrap();
+    let rows = |store: &StageStore, stage: &str| {
+        let mut m = distillery::schema::EmbeddingMatrix::default();
+        for b in store.read(stage).unwrap() {
+            m.extend_from_batch(&b.unwrap()).unwrap();
+        }
+        m
+    };
+    let (streamed, embedded_alone) = (rows(&store, "r0-queries"), rows(&alone_store, "r0-queries"));
+    assert_eq!(streamed.ids, embedded_alone.ids);
+    let bits = |m: &distillery::schema::EmbeddingMatrix| {
+        m.values.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    assert!(
+        bits(&streamed) == bits(&embedded_alone),
+        "the vectors differ"
+    );
 }
 
 /// The extractive generator, failing as a whole (a model that cannot run) after

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
-use distillery::jobs::label::{run_label, EXAMPLES_STAGE};
-use distillery::jobs::mine::CANDIDATES_STAGE;
-use distillery::jobs::passage_texts;
+use distillery::dataflow::candidates::CANDIDATES_STAGE;
+use distillery::dataflow::label::EXAMPLES_STAGE;
+use distillery::dataflow::passage_texts;
+use distillery::driver;
 use distillery::mining::held_out_passages;
 use distillery::mining::{examples_from_batch, split_of, Split};
 use distillery::schema::candidates_from_batch;
@@ -69,7 +70,7 @@ fn mine_and_label_keep_the_recipes_invariants_and_reuse_scores() {
     let run = tempfile::tempdir().unwrap();
     let p = pipeline(run.path(), model.path());
 
-    let first = run_label(&p).unwrap();
+    let first = driver::label(&p).unwrap();
     let m = &first.mine;
     assert_eq!(m.passages, 500);
     assert_eq!(m.held_out, 25);
@@ -140,7 +141,7 @@ fn mine_and_label_keep_the_recipes_invariants_and_reuse_scores() {
         .is_dir());
 
     // A second run finds every pair in the teacher's cache and changes nothing.
-    let second = run_label(&p).unwrap();
+    let second = driver::label(&p).unwrap();
     assert!(second.mine.reused);
     assert_eq!(second.scored_now, vec![0]);
     assert_eq!(second.pairs, first.pairs);

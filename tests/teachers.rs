@@ -12,13 +12,14 @@ use std::sync::Arc;
 use candle_core::Device;
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
-use distillery::jobs::eval::read_matrix;
-use distillery::jobs::label::bi_encoder::{cosine, BiEncoderTeacher};
-use distillery::jobs::label::bm25::Bm25Teacher;
-use distillery::jobs::label::teacher::{PairTeacher, PairToScore, ScoringContext};
-use distillery::jobs::label::{pair_key, run_label, EXAMPLES_STAGE};
-use distillery::jobs::mine::CANDIDATES_STAGE;
-use distillery::jobs::passage_texts;
+use distillery::dataflow::candidates::CANDIDATES_STAGE;
+use distillery::dataflow::evaluate::read_matrix;
+use distillery::dataflow::label::bi_encoder::{cosine, BiEncoderTeacher};
+use distillery::dataflow::label::bm25::Bm25Teacher;
+use distillery::dataflow::label::teacher::{PairTeacher, PairToScore, ScoringContext};
+use distillery::dataflow::label::{pair_key, EXAMPLES_STAGE};
+use distillery::dataflow::passage_texts;
+use distillery::driver;
 use distillery::mining::bm25::{Bm25Params, Bm25Stats};
 use distillery::mining::examples_from_batch;
 use distillery::schema::candidates_from_batch;
@@ -223,7 +224,7 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     let run = tempfile::tempdir().unwrap();
     let p = pipeline(run.path(), model.path(), 0.4);
 
-    let first = run_label(&p).unwrap();
+    let first = driver::label(&p).unwrap();
     assert!(first.pairs > 0);
     assert_eq!(first.scored_now, vec![first.pairs, first.pairs]);
     assert!(first.examples > 0);
@@ -307,14 +308,14 @@ fn label_with_a_bi_encoder_and_bm25_caches_each_and_rescores_only_what_changed()
     assert_eq!(reuse.passages_reused, passage_texts_seen.len() as u64);
 
     // A rerun serves every pair from the two caches.
-    let second = run_label(&p).unwrap();
+    let second = driver::label(&p).unwrap();
     assert_eq!(second.scored_now, vec![0, 0]);
     assert_eq!(second.pairs, first.pairs);
     assert_eq!(second.examples, first.examples);
 
     // Another b is another BM25 teacher: only it scores again.
     let p = pipeline(run.path(), model.path(), 0.75);
-    let third = run_label(&p).unwrap();
+    let third = driver::label(&p).unwrap();
     assert_eq!(third.scored_now, vec![0, first.pairs]);
     let other = Bm25Teacher::new(Bm25Params { k1: 0.9, b: 0.75 }, &corpus_path(), None).unwrap();
     assert_ne!(other.fingerprint(), bm25.fingerprint());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use distillery::corpus::ReadOptions;
-use distillery::jobs::passage_texts;
+use distillery::dataflow::passage_texts;
 use distillery::mining::{Example, Split};
 use distillery::train::gradcache::{batch_gradients, prepare};
 use distillery::train::loss::{distillation_loss, LossConfig, TeacherLists};

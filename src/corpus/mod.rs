@@ -423,6 +423,34 @@ pub fn open_queries(path: &Path, opts: &ReadOptions) -> Result<QueryReader, Corp
     })
 }
 
+/// Records in a text file (its newline count) or a Parquet file (its row count), for
+/// progress; `None` when it cannot be told cheaply.
+pub fn count_records(path: &Path) -> Option<u64> {
+    let is_parquet = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    if is_parquet {
+        use ::parquet::file::reader::{FileReader, SerializedFileReader};
+        let r = SerializedFileReader::new(f).ok()?;
+        return Some(r.metadata().file_metadata().num_rows().max(0) as u64);
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    let mut last = b'\n';
+    loop {
+        let k = f.read(&mut buf).ok()?;
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[k - 1];
+    }
+    Some(n + u64::from(last != b'\n'))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {

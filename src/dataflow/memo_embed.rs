@@ -65,6 +65,115 @@ impl InputOrder {
     }
 }
 
+/// What the device pass of [`embed_misses`] did.
+struct MissesRun {
+    rows: u64,
+    seconds: f64,
+    executor: crate::executor::ExecutorStats,
+}
+
+/// Embeds every text of `source` that `index` lacks (each distinct one once) into the
+/// memo table of `stage`'s settings, calling `record` with each item's id and text key
+/// in source order, hits included.
+fn embed_misses(
+    store: &StageStore,
+    embedder: Arc<Embedder>,
+    source: TextSource,
+    stage: &EmbedStage,
+    index: Arc<MemoIndex>,
+    mut record: impl FnMut(&str, MemoKey) + Send + 'static,
+) -> Result<MissesRun, EngineError> {
+    let dim = embedder.dim();
+    let settings_hash = &stage.key.settings_hash;
+    // Reads the source up to its next miss, recording every text's place on the way.
+    let mut next_miss = {
+        let index = index.clone();
+        let mut sent: HashSet<MemoKey> = HashSet::new();
+        let mut source = source;
+        move || -> Option<Result<(String, String), EngineError>> {
+            for item in source.by_ref() {
+                let (id, text) = match item {
+                    Ok(pair) => pair,
+                    Err(e) => return Some(Err(e)),
+                };
+                let key = MemoKey::of(text.as_bytes());
+                record(&id, key);
+                if !index.contains(&key) && sent.insert(key) {
+                    return Some(Ok((key.to_hex(), text)));
+                }
+            }
+            None
+        }
+    };
+    // Whether any text misses decides whether the device runs at all.
+    let Some(first) = next_miss() else {
+        // Every text was a hit: the first call read the source to its end.
+        return Ok(MissesRun {
+            rows: 0,
+            seconds: 0.0,
+            executor: Default::default(),
+        });
+    };
+    let memo = EmbedStage {
+        stage: memo_stage_name(settings_hash),
+        key: memo_stage_key(settings_hash),
+        // The misses are not known before they are read.
+        total: if index.is_empty() { stage.total } else { None },
+        ..stage.clone()
+    };
+    drop(index);
+    let output = StageOutput {
+        schema: embeddings_schema(dim),
+        to_batch: Arc::new(move |ids, matrix| embeddings_batch(ids, matrix, dim)),
+    };
+    let model = Arc::new(EmbedTexts {
+        embedder,
+        kind: stage.kind,
+    });
+    let source: TextSource = Box::new(std::iter::once(first).chain(std::iter::from_fn(next_miss)));
+    let ran = run_dataflow(store, model, source, &memo, output, Writing::Append)?;
+    Ok(MissesRun {
+        rows: ran.rows,
+        seconds: ran.seconds,
+        executor: ran.executor,
+    })
+}
+
+/// Embeds ahead into the memo table of `stage`'s settings every text of `texts` it
+/// lacks, without writing `stage` itself: for texts that arrive before their stage can
+/// run (generated queries, while the passage index is still being built). The stage,
+/// run later over the same texts, then finds them in the memo; its bytes are the same
+/// either way. Journaled under `stage`'s label with ` (ahead)` added. Returns the texts
+/// embedded.
+pub fn embed_ahead(
+    store: &StageStore,
+    embedder: Arc<Embedder>,
+    texts: impl Iterator<Item = String> + Send + 'static,
+    stage: &EmbedStage,
+) -> Result<u64, EngineError> {
+    let settings_hash = &stage.key.settings_hash;
+    let memo_stage = memo_stage_name(settings_hash);
+    let index = Arc::new(MemoIndex::load(store, &memo_stage, settings_hash)?);
+    let source: TextSource = Box::new(texts.map(|text| Ok((String::new(), text))));
+    let ahead = EmbedStage {
+        label: format!("{} (ahead)", stage.label),
+        total: None,
+        ..stage.clone()
+    };
+    let ran = embed_misses(store, embedder, source, &ahead, index, |_, _| {})?;
+    if ran.rows > 0 {
+        journal_device_stage(
+            store,
+            &memo_stage,
+            &ahead.label,
+            (ran.rows, 0),
+            ran.seconds,
+            &ran.executor,
+        )?;
+    }
+    Ok(ran.rows)
+}
+
 /// Runs an embedding stage not yet complete under its key (see the module docs).
 pub(super) fn run(
     store: &StageStore,
@@ -80,63 +189,23 @@ pub(super) fn run(
 
     // 1. The misses, through the device, into the memo.
     let order = Arc::new(Mutex::new(InputOrder::default()));
-    // Reads the source up to its next miss, recording every text's place on the way.
-    let mut next_miss = {
-        let order = order.clone();
-        let index = index.clone();
-        let mut sent: HashSet<MemoKey> = HashSet::new();
-        let mut source = source;
-        move || -> Option<Result<(String, String), EngineError>> {
-            for item in source.by_ref() {
-                let (id, text) = match item {
-                    Ok(pair) => pair,
-                    Err(e) => return Some(Err(e)),
-                };
-                let key = MemoKey::of(text.as_bytes());
-                // Only this reader ever holds the lock; a poisoned one still holds the
-                // order, and no text may go unrecorded.
-                order
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(&id, key);
-                if !index.contains(&key) && sent.insert(key) {
-                    return Some(Ok((key.to_hex(), text)));
-                }
-            }
-            None
-        }
-    };
-    // Whether any text misses decides whether the device runs at all.
-    let first = next_miss();
-    let mut rows_embedded = 0;
-    let mut seconds = 0.0;
-    let mut executor = Default::default();
-    if let Some(first) = first {
-        let memo = EmbedStage {
-            stage: memo_stage.clone(),
-            key: memo_stage_key(settings_hash),
-            // The misses are not known before they are read.
-            total: if index.is_empty() { stage.total } else { None },
-            ..stage.clone()
-        };
-        let output = StageOutput {
-            schema: embeddings_schema(dim),
-            to_batch: Arc::new(move |ids, matrix| embeddings_batch(ids, matrix, dim)),
-        };
-        let model = Arc::new(EmbedTexts {
-            embedder,
-            kind: stage.kind,
-        });
-        let source: TextSource =
-            Box::new(std::iter::once(first).chain(std::iter::from_fn(next_miss)));
-        let ran = run_dataflow(store, model, source, &memo, output, Writing::Append)?;
-        rows_embedded = ran.rows;
-        seconds = ran.seconds;
-        executor = ran.executor;
-    } else {
-        // Every text was a hit: the first call read the source to its end.
-        drop(next_miss);
-    }
+    let recording = order.clone();
+    let ran = embed_misses(
+        store,
+        embedder,
+        source,
+        stage,
+        index.clone(),
+        move |id, key| {
+            // Only this reader ever holds the lock; a poisoned one still holds the order,
+            // and no text may go unrecorded.
+            recording
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(id, key);
+        },
+    )?;
+    let (rows_embedded, seconds, executor) = (ran.rows, ran.seconds, ran.executor);
     let shared =
         || EngineError::Dataflow("the memo index or input order is still shared; a bug".into());
     let order = Arc::try_unwrap(order)

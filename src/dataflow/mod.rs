@@ -21,9 +21,16 @@
 //! (the changed passages scored against every query, lists that lost a passage
 //! retrieved again) instead of scoring every query against every passage.
 
+pub mod candidates;
+pub mod embedding_key;
+pub mod evaluate;
+pub mod generate;
 pub mod infer_op;
+pub mod label;
 pub mod memo_embed;
+pub mod passage_index;
 pub mod retrieve;
+pub mod train;
 pub mod write_parts;
 
 use std::cell::{Cell, RefCell};
@@ -36,6 +43,7 @@ use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
+use crate::corpus::{open_passages, ReadOptions};
 use crate::error::EngineError;
 use crate::executor::{DeviceExecutor, DeviceModel, ExecutorStats};
 use crate::progress::Progress;
@@ -55,6 +63,21 @@ pub const MAX_CHUNKS_IN_FLIGHT: u64 = 3;
 pub type ItemSource<I> = Box<dyn Iterator<Item = Result<(String, I), EngineError>> + Send>;
 /// A stream of `(id, text)` pairs, read lazily.
 pub type TextSource = ItemSource<String>;
+
+/// Passages of `path` as `(id, title + " " + text)`, streamed.
+pub fn passage_texts(
+    path: &std::path::Path,
+    opts: &ReadOptions,
+) -> Result<TextSource, EngineError> {
+    let reader = open_passages(path, opts)?;
+    Ok(Box::new(reader.map(|r| {
+        r.map(|p| {
+            let text = p.embedding_text();
+            (p.id, text)
+        })
+        .map_err(EngineError::from)
+    })))
+}
 
 /// What a device stage writes: its schema and how rows of floats become a batch.
 #[derive(Clone)]

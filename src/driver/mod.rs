@@ -1,55 +1,60 @@
-//! `distillery run`: the whole recipe on one run directory, from a corpus to a
-//! fine-tuned model evaluated against its base.
+//! The driver: the recipe's stages in one place, from a corpus to a fine-tuned model
+//! evaluated against its base. Every recipe command runs its part of the one graph here:
+//! `generate` the generation stage, `mine` through the candidates, `label` through the
+//! examples, `train` through the model, and `run` all of it with evaluation and the
+//! report.
 //!
-//! The driver runs the parts in the recipe's order: generation, mining (every
-//! retriever's embeddings, exact retrieval, the candidate funnel), labelling (teacher
-//! scores, filters, normalisation, split), training, then evaluation of the base student
-//! and the fine-tuned one on the same query sets: the generated queries of the held-out
-//! passages (RECIPE.md's synthetic test set) and, with `[eval] dataset`, a BEIR split.
-//! It ends with `run-summary.json` and `report.html` in the run directory.
+//! The graph (each stage an operator of [`crate::dataflow`], keyed in the stage store):
+//!
+//! ```text
+//! corpus ─┬─> generate ──────────────┐
+//!         └─> passage index (r<i>) ──┴─> candidates ─> label ─> train ─> evaluate
+//! ```
+//!
+//! Generation and every retriever's passage index run at the same time (the passage
+//! index needs only the corpus); the candidates stage starts when both are complete,
+//! and the later stages each when the one before it is, since each needs its input
+//! whole: retrieval is exact over the complete index, the teacher funnel normalises by
+//! corpus-wide percentiles, training shuffles every example. Every model of the run (the
+//! LLM, the retrievers, the teachers, the student) runs its batches on its device's one
+//! executor ([`crate::executor`]), so stages that overlap take turns on the device rather
+//! than oversubscribe it.
 //!
 //! Contracts:
-//! - **The same work as the stage commands.** Each part is the library function the
-//!   stage command runs, over the same stage store: `run` writes the same examples and
-//!   the same model bytes as `generate`, `mine`, `label` and `train` one by one, and
-//!   after any of them it recomputes nothing they computed.
-//! - **Resumable.** Every part keeps its results in the stage store (or the trainer's
-//!   checkpoint); a killed run started again resumes where its parts left off.
-//! - **Checked first.** Every input of every part is checked before the first starts
-//!   ([`Pipeline::preflight`]).
-//!
-//! Generation and every retriever's passage embeddings run at the same time (the
-//! passage index needs only the corpus); the later parts run one after another, each
-//! starting when the one before it has finished. Every model of the run (the LLM, the
-//! retrievers, the teachers, the student) runs its batches on its device's one
-//! executor ([`crate::executor`]), so parts that overlap take turns on the device
-//! rather than oversubscribe it. Streaming between the later parts (queries into
-//! retrieval as they are generated, candidates into scoring chunk by chunk) is the
-//! engine work that follows.
+//! - **One path.** A command runs the same stages over the same stage store as `run`:
+//!   `run` writes the same examples and the same model bytes as `generate`, `mine`,
+//!   `label` and `train` one by one, and after any of them it recomputes nothing they
+//!   computed.
+//! - **Resumable.** Every stage keeps its results in the stage store (or the trainer's
+//!   checkpoint); a killed run started again resumes where its stages left off.
+//! - **Checked first.** Every input of every stage a command runs is checked before the
+//!   first starts ([`Pipeline::preflight`]).
 
 pub mod demo;
 pub mod report;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Instant;
 
-use distillery_operators::{Embedder, EmbedderOptions};
+use crossbeam_channel::bounded;
+use distillery_operators::TextKind;
 use serde::Serialize;
 
 use crate::config::{Pipeline, RunPart};
+use crate::dataflow::candidates::{run_candidates_stage, MineOutcome};
+use crate::dataflow::evaluate::{evaluate_models, Evaluation};
+use crate::dataflow::generate::{
+    build_generator, run_generate, run_generate_streaming, GenerateJob, GenerateOutcome,
+};
+use crate::dataflow::label::{run_label_stage, LabelOutcome};
+use crate::dataflow::memo_embed::embed_ahead;
+use crate::dataflow::passage_index::{
+    embed_passages, load_retrievers, retriever_stage, PassageIndex,
+};
 use crate::dataflow::read_device_journal;
+use crate::dataflow::train::{run_train_stage, TrainOutcome};
 use crate::error::EngineError;
-use crate::eval::{EvalOptions, EvalReport};
-use crate::generate::queries_table::GeneratedQuery;
-use crate::jobs::eval::{evaluate_retrieval, read_beir, RetrievalEval};
-use crate::jobs::generate::GenerateOutcome;
-use crate::jobs::label::{label_with, LabelOutcome};
-use crate::jobs::mine::{generate_and_index, mine_with, MineOutcome};
-use crate::jobs::train::{train_with, TrainOutcome};
-use crate::model::fingerprint;
-use crate::record::{Qrels, Query};
-use crate::store::hash_file;
 use crate::store::StageStore;
 
 /// The parts of a run, in order: generate, mine, label, train, evaluate.
@@ -65,37 +70,6 @@ pub const REPORT_FILE: &str = "report.html";
 pub struct PartTime {
     pub part: String,
     pub seconds: f64,
-}
-
-/// nDCG@10, Recall@100 and MRR@10 of one model on one query set.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Metrics {
-    pub ndcg_at_10: Option<f64>,
-    pub recall_at_100: Option<f64>,
-    pub mrr_at_10: Option<f64>,
-}
-
-impl Metrics {
-    fn of(report: &EvalReport) -> Self {
-        Self {
-            ndcg_at_10: report.ndcg_at(10),
-            recall_at_100: report.recall_at(100),
-            mrr_at_10: report.mrr_at(10),
-        }
-    }
-}
-
-/// The base and the fine-tuned student on one query set.
-#[derive(Debug, Clone, Serialize)]
-pub struct Evaluation {
-    /// `synthetic` (the held-out passages' generated queries) or `beir:<dir>:<split>`.
-    pub set: String,
-    /// A short name of the set for plots: `synthetic`, `beir <split>`.
-    pub label: String,
-    pub queries: usize,
-    pub passages: usize,
-    pub base: Metrics,
-    pub fine_tuned: Metrics,
 }
 
 /// What `run` did.
@@ -128,56 +102,200 @@ pub struct StageWork {
     pub busy_fraction: f64,
 }
 
-/// Runs the whole recipe of `pipeline` (see the module docs).
+/// `generate`: the pipeline's `[generate]` alone (an error when it has none).
+pub fn generate(pipeline: &Pipeline) -> Result<GenerateOutcome, EngineError> {
+    pipeline.preflight(RunPart::Generate)?;
+    generate_stage(pipeline)?
+        .ok_or_else(|| EngineError::Invalid("the configuration has no [generate] section".into()))
+}
+
+/// `mine`: generation (when the pipeline has it) and the passage index, then the
+/// candidates stage.
+pub fn mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
+    pipeline.preflight(RunPart::Mine)?;
+    Ok(Driver::new(pipeline, false).mine()?.1)
+}
+
+/// `label`: [`mine`]'s stages, then teacher scoring and the examples.
+pub fn label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
+    pipeline.preflight(RunPart::Label)?;
+    Ok(Driver::new(pipeline, false).label()?.1)
+}
+
+/// `train`: [`label`]'s stages, then training (stopped after `stop_after` steps when
+/// given, as a killed run would be).
+pub fn train(pipeline: &Pipeline, stop_after: Option<u64>) -> Result<TrainOutcome, EngineError> {
+    pipeline.preflight(RunPart::Train)?;
+    Ok(Driver::new(pipeline, false).train(stop_after)?.1)
+}
+
+/// The pipeline's generation stage, `None` when it has no `[generate]`.
+fn generate_stage(pipeline: &Pipeline) -> Result<Option<GenerateOutcome>, EngineError> {
+    match GenerateJob::from_pipeline(pipeline)? {
+        Some(job) => run_generate(&job).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Batches of generated queries waiting for the embedding ahead, per retriever: enough
+/// to ride out a slow batch of the device, few enough that a fast generator (the
+/// extractive one) does not pile texts up in memory; what finds a stream full is
+/// embedded by the candidates stage instead.
+const QUERIES_AHEAD_BATCHES: usize = 16;
+
+/// Runs the stages in order, timing each part and, for `run`, saying which starts (the
+/// stages' own progress lines follow).
+struct Driver<'p> {
+    pipeline: &'p Pipeline,
+    announce: bool,
+    parts: Vec<PartTime>,
+}
+
+impl<'p> Driver<'p> {
+    fn new(pipeline: &'p Pipeline, announce: bool) -> Self {
+        Self {
+            pipeline,
+            announce: announce && !pipeline.quiet,
+            parts: Vec::new(),
+        }
+    }
+
+    fn begin(&self, name: &str, index: usize) -> Instant {
+        if self.announce {
+            eprintln!("run [{index}/{PARTS}] {name}");
+        }
+        Instant::now()
+    }
+
+    fn timed(&mut self, name: &str, since: Instant) {
+        self.parts.push(PartTime {
+            part: name.to_string(),
+            seconds: since.elapsed().as_secs_f64(),
+        });
+    }
+
+    /// Generation and every retriever's passage index at the same time (neither needs
+    /// the other's output: the passage index is built while the queries are generated,
+    /// its batches taking turns with a local LLM's on the device's executor), with the
+    /// generated queries streaming into each retriever's query embeddings as they come
+    /// ([`embed_ahead`]); then the candidates stage over all of it, whose query stages
+    /// find those texts in their memo tables.
+    fn mine(&mut self) -> Result<(Option<GenerateOutcome>, MineOutcome), EngineError> {
+        let pipeline = self.pipeline;
+        let t = self.begin("generate (and the passage index alongside)", 1);
+        let retrievers = load_retrievers(pipeline)?;
+        let job = GenerateJob::from_pipeline(pipeline)?;
+        let store = StageStore::open(&pipeline.run_dir)?;
+        // One stream per distinct query embedding (two retrievers of one model share a
+        // memo table, which one writer fills).
+        let mut ahead = Vec::new();
+        if job.is_some() {
+            let mut seen = HashSet::new();
+            for (i, r) in retrievers.iter().enumerate() {
+                let stage = retriever_stage(
+                    pipeline,
+                    i,
+                    &r.embedder,
+                    &r.model,
+                    TextKind::Query,
+                    "",
+                    None,
+                )?;
+                if seen.insert(stage.key.settings_hash.clone()) {
+                    let (tx, rx) = bounded::<Vec<String>>(QUERIES_AHEAD_BATCHES);
+                    ahead.push((tx, rx, r.embedder.clone(), stage));
+                }
+            }
+        }
+        let (streams, consumers): (Vec<_>, Vec<_>) = ahead
+            .into_iter()
+            .map(|(tx, rx, embedder, stage)| (tx, (rx, embedder, stage)))
+            .unzip();
+        let (generate, indexes, generated_at) = std::thread::scope(|scope| {
+            let indexing = scope.spawn(|| embed_passages(pipeline, &retrievers));
+            let embedding: Vec<_> = consumers
+                .into_iter()
+                .map(|(rx, embedder, stage)| {
+                    let store = &store;
+                    scope.spawn(move || {
+                        embed_ahead(store, embedder, rx.into_iter().flatten(), &stage)
+                    })
+                })
+                .collect();
+            let generate = match &job {
+                Some(job) => run_generate_streaming(
+                    job,
+                    &|passages| build_generator(job, passages),
+                    &streams,
+                )
+                .map(Some),
+                None => Ok(None),
+            };
+            // Closes the streams: the embedding ahead ends with what it was sent.
+            drop(streams);
+            let generated_at = Instant::now();
+            let panicked =
+                |what: &str| EngineError::Dataflow(format!("the {what} thread panicked"));
+            let indexes: Result<Vec<PassageIndex>, EngineError> = indexing
+                .join()
+                .unwrap_or_else(|_| Err(panicked("passage embedding")));
+            let mut ahead = Ok(());
+            for handle in embedding {
+                if let Err(e) = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(panicked("query embedding")))
+                {
+                    ahead = Err(e);
+                }
+            }
+            // Generation's error first: it is the one the user is waiting on.
+            let generate = generate?;
+            let indexes = indexes?;
+            ahead?;
+            Ok::<_, EngineError>((generate, indexes, generated_at))
+        })?;
+        self.parts.push(PartTime {
+            part: "generate".into(),
+            seconds: generated_at.duration_since(t).as_secs_f64(),
+        });
+        if self.announce {
+            eprintln!("run [2/{PARTS}] mine");
+        }
+        let mine = run_candidates_stage(pipeline, generate.as_ref(), indexes)?;
+        self.timed("mine", generated_at);
+        Ok((generate, mine))
+    }
+
+    fn label(&mut self) -> Result<(Option<GenerateOutcome>, LabelOutcome), EngineError> {
+        let (generate, mine) = self.mine()?;
+        let t = self.begin("label", 3);
+        let label = run_label_stage(self.pipeline, mine)?;
+        self.timed("label", t);
+        Ok((generate, label))
+    }
+
+    fn train(
+        &mut self,
+        stop_after: Option<u64>,
+    ) -> Result<(Option<GenerateOutcome>, TrainOutcome), EngineError> {
+        let (generate, label) = self.label()?;
+        let t = self.begin("train", 4);
+        let train = run_train_stage(self.pipeline, label, stop_after)?;
+        self.timed("train", t);
+        Ok((generate, train))
+    }
+}
+
+/// `run`: the whole recipe of `pipeline` (see the module docs), ending with the
+/// summary and the report.
 pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     pipeline.preflight(RunPart::Evaluate)?;
     // The journal's records from here on are this invocation's.
     let journal_before = read_device_journal(&pipeline.run_dir).len();
     let start = Instant::now();
-    let mut parts = Vec::new();
-    let quiet = pipeline.quiet;
-    // Says which part starts (the parts' own progress lines follow) and times it.
-    let begin = |name: &str, index: usize| {
-        if !quiet {
-            eprintln!("run [{index}/{PARTS}] {name}");
-        }
-        Instant::now()
-    };
-    let mut timed = |name: &str, seconds: f64| {
-        parts.push(PartTime {
-            part: name.to_string(),
-            seconds,
-        })
-    };
-
-    // Generation and the passage index run at once (neither needs the other); mining
-    // goes on from the passage index once generation is done.
-    let t = begin("generate (and the passage index alongside)", 1);
-    let generation_done = std::sync::Mutex::new(None);
-    let (generate, indexes) = generate_and_index(pipeline, &|| {
-        if let Ok(mut done) = generation_done.lock() {
-            *done = Some(Instant::now());
-        }
-        if !quiet {
-            eprintln!("run [2/{PARTS}] mine");
-        }
-    })?;
-    let generated_at = generation_done
-        .into_inner()
-        .ok()
-        .flatten()
-        .unwrap_or_else(Instant::now);
-    timed("generate", generated_at.duration_since(t).as_secs_f64());
-    let mine = mine_with(pipeline, generate.as_ref(), indexes)?;
-    timed("mine", generated_at.elapsed().as_secs_f64());
-    let t = begin("label", 3);
-    let label = label_with(pipeline, mine.clone())?;
-    timed("label", t.elapsed().as_secs_f64());
-    let t = begin("train", 4);
-    let train = train_with(pipeline, label.clone(), None)?;
-    timed("train", t.elapsed().as_secs_f64());
-
-    let t = begin("evaluate", 5);
+    let mut driver = Driver::new(pipeline, true);
+    let (generate, train) = driver.train(None)?;
+    let t = driver.begin("evaluate", 5);
     let student = pipeline
         .student
         .as_ref()
@@ -189,7 +307,10 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
         &base_model,
         &train.model,
     )?;
-    timed("evaluate", t.elapsed().as_secs_f64());
+    driver.timed("evaluate", t);
+    let parts = driver.parts;
+    let mine = train.label.mine.clone();
+    let label = train.label.clone();
 
     let device_stages = read_device_journal(&pipeline.run_dir)
         .into_iter()
@@ -223,147 +344,4 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     let html = report::render(pipeline, &outcome)?;
     crate::store::write_file_atomically(&outcome.report, html.as_bytes())?;
     Ok(outcome)
-}
-
-/// A query set to evaluate on: its name, corpus and judged queries.
-struct QuerySet {
-    name: String,
-    label: String,
-    corpus: PathBuf,
-    queries: Vec<Query>,
-    qrels: Qrels,
-}
-
-/// The held-out passages' generated queries, each judging its source passage relevant.
-fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
-    let mut queries = Vec::new();
-    let mut qrels = Qrels::new();
-    for g in rows.iter().filter(|g| g.held_out) {
-        queries.push(Query {
-            id: g.query_id.clone(),
-            text: g.query_text.clone(),
-        });
-        qrels
-            .entry(g.query_id.clone())
-            .or_default()
-            .insert(g.source_id.clone(), 1);
-    }
-    QuerySet {
-        name: "synthetic".into(),
-        label: "synthetic".into(),
-        corpus: corpus.to_path_buf(),
-        queries,
-        qrels,
-    }
-}
-
-/// The base and the fine-tuned model on every query set of the run.
-fn evaluate_models(
-    pipeline: &Pipeline,
-    generated: Option<&[GeneratedQuery]>,
-    base: &Path,
-    fine_tuned: &Path,
-) -> Result<Vec<Evaluation>, EngineError> {
-    let read = pipeline.retrievers[0].read_options()?;
-    let mut sets = Vec::new();
-    if let (true, Some(rows)) = (pipeline.eval.synthetic, generated) {
-        let set = synthetic_set(rows, &pipeline.corpus);
-        if !set.queries.is_empty() {
-            sets.push(set);
-        }
-    }
-    if let Some(dataset) = &pipeline.eval.dataset {
-        let (corpus, queries, qrels) = read_beir(dataset, &pipeline.eval.split, &read)?;
-        sets.push(QuerySet {
-            name: format!("beir:{}:{}", dataset.display(), pipeline.eval.split),
-            label: format!("beir {}", pipeline.eval.split),
-            corpus,
-            queries,
-            qrels,
-        });
-    }
-    let store = StageStore::open(&pipeline.run_dir)?;
-    let student = pipeline.student.as_ref();
-    // The student's prompts, as training used them, and the base model's maximum length
-    // for both models: the export records the training's passage length, and a
-    // comparison at two lengths would measure the truncation, not the training.
-    let mut options = EmbedderOptions {
-        max_seq_length: None,
-        query_prefix: student.and_then(|s| s.query_prefix.clone()),
-        passage_prefix: student.and_then(|s| s.passage_prefix.clone()),
-    };
-    let load = |dir: &Path, options: &EmbedderOptions| {
-        let embedder = Embedder::load(dir, options, &pipeline.device)?;
-        Ok::<_, EngineError>((Arc::new(embedder), fingerprint(dir)?))
-    };
-    let base = load(base, &options)?;
-    options.max_seq_length = Some(base.0.max_seq_length());
-    let models = [("base", base), ("fine-tuned", load(fine_tuned, &options)?)];
-    let options = EvalOptions::default();
-    let mut evaluations = Vec::new();
-    for (index, set) in sets.iter().enumerate() {
-        let corpus_hash = hash_file(&set.corpus)?;
-        let mut metrics = Vec::new();
-        let mut passages = 0;
-        for (which, (embedder, model_fingerprint)) in &models {
-            // Stage names are the engine's: the model's fingerprint and the set's place,
-            // never a path or an id.
-            let tag = format!("eval-{}", &model_fingerprint[..12]);
-            let scores = evaluate_retrieval(&RetrievalEval {
-                store: &store,
-                embedder: embedder.clone(),
-                model_fingerprint,
-                corpus: &set.corpus,
-                corpus_hash: &corpus_hash,
-                read: &read,
-                passages_stage: format!("{tag}-set{index}-passages"),
-                queries_stage: format!("{tag}-set{index}-queries"),
-                queries: &set.queries,
-                qrels: &set.qrels,
-                batcher: pipeline.batcher(),
-                workers: pipeline.workers,
-                threads: pipeline.threads,
-                quiet: pipeline.quiet,
-                options: &options,
-                label: &format!("evaluate {which} on {}", set.name),
-            })?;
-            passages = scores.passages;
-            metrics.push(Metrics::of(&scores.report));
-        }
-        evaluations.push(Evaluation {
-            set: set.name.clone(),
-            label: set.label.clone(),
-            queries: set.queries.len(),
-            passages,
-            base: metrics[0],
-            fine_tuned: metrics[1],
-        });
-    }
-    Ok(evaluations)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_synthetic_set_is_the_held_out_queries_judging_their_source() {
-        let row = |id: &str, source: &str, held_out| GeneratedQuery {
-            query_id: id.into(),
-            query_text: format!("text of {id}"),
-            query_type: "title".into(),
-            source_id: source.into(),
-            held_out,
-        };
-        let rows = [
-            row("a#title", "a", true),
-            row("b#title", "b", false),
-            row("a#claim", "a", true),
-        ];
-        let set = synthetic_set(&rows, Path::new("c.jsonl"));
-        let ids: Vec<&str> = set.queries.iter().map(|q| q.id.as_str()).collect();
-        assert_eq!(ids, ["a#title", "a#claim"]);
-        assert_eq!(set.qrels["a#claim"].get("a"), Some(&1));
-        assert!(!set.qrels.contains_key("b#title"));
-    }
 }

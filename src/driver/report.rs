@@ -17,7 +17,8 @@ use crate::dataflow::{read_device_journal, DeviceStageRecord};
 use crate::error::EngineError;
 use crate::train::report::{loss_plot_svg, read_log};
 
-use super::{Metrics, RunOutcome};
+use super::RunOutcome;
+use crate::dataflow::evaluate::Metrics;
 
 /// Width of the bar charts, in pixels.
 const BAR_WIDTH: f64 = 640.0;

@@ -9,11 +9,12 @@ use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
 use crate::config::EmbedSettings;
+use crate::corpus::count_records;
 use crate::corpus::open_queries;
 use crate::corpus::quarantined;
+use crate::dataflow::passage_texts;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use crate::error::EngineError;
-use crate::jobs::{count_records, passage_texts};
 use crate::model::{fingerprint, ResolvedModel};
 use crate::schema::embeddings_schema;
 use crate::store::hash_file;

@@ -29,12 +29,12 @@ use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
 use crate::config::{DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
+use crate::corpus::count_records;
 use crate::corpus::quarantined;
 use crate::corpus::{open_pairs, BadRecordPolicy, Quarantine, ReadOptions};
 use crate::dataflow::{run_device_stage, EmbedStage, ItemSource, StageOutput, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::executor::ScorePairs;
-use crate::jobs::count_records;
 use crate::model::fingerprint;
 use crate::store::hash_file;
 use crate::store::{hash_settings, write_file_with, StageKey, StageStore};

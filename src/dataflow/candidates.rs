@@ -1,32 +1,31 @@
-//! `distillery mine`: hard-negative candidates for every query (RECIPE.md section 3).
+//! The candidates stage: hard-negative candidates for every query (RECIPE.md section 3).
 //!
-//! Per retriever: the `r<i>-passages` and `r<i>-queries` embedding stages, then exact
-//! top-`retrieve_top` retrieval. The lists go through the mining funnel
-//! ([`crate::mining::select_candidates_all`]) and the kept queries become the
-//! `candidates` stage (one row per query, see [`crate::schema::candidates_schema`]),
-//! with the funnel's counts in `run_dir/candidates-stats.json`.
+//! Per retriever, over its passage index ([`super::passage_index`]): the `r<i>-queries`
+//! embedding stage, then exact top-`retrieve_top` retrieval ([`super::retrieve`]). The
+//! lists go through the mining funnel ([`crate::mining::select_candidates_all`]) and the
+//! kept queries become the `candidates` stage (one row per query, see
+//! [`crate::schema::candidates_schema`]), with the funnel's counts in
+//! `run_dir/candidates-stats.json`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use distillery_operators::{Embedder, TextKind};
+use distillery_operators::TextKind;
 use serde::Serialize;
 
-use crate::config::{Pipeline, RunPart};
+use crate::config::Pipeline;
 use crate::corpus::{open_queries, read_qrels};
+use crate::dataflow::evaluate::read_matrix;
+use crate::dataflow::generate::GenerateOutcome;
+use crate::dataflow::passage_index::{retriever_stage, PassageIndex};
 use crate::dataflow::retrieve::{run_retrieval_stage, RetrievalReport, RetrievalStage};
-use crate::dataflow::{run_embed_stage, EmbedStage, CHUNK_ROWS};
+use crate::dataflow::{run_embed_stage, CHUNK_ROWS};
 use crate::error::EngineError;
-use crate::jobs::eval::read_matrix;
-use crate::jobs::generate::GenerateOutcome;
-use crate::jobs::{count_records, embedding_settings_hash, passage_texts};
 use crate::mining::{
     held_out_passages, select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals,
 };
-use crate::model::fingerprint;
 use crate::record::Query;
 use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
-use crate::store::hash_file;
 use crate::store::{hash_settings, CompletedStage, ContentHasher, StageKey, StageStore};
 
 /// The candidates stage's name.
@@ -52,7 +51,7 @@ pub struct MineOutcome {
 }
 
 /// An embedding stage of the run, complete for the current inputs, and the settings
-/// hash of its vectors ([`crate::jobs::embedding_settings_hash`]): what a later stage
+/// hash of its vectors ([`crate::dataflow::embedding_key::embedding_settings_hash`]): what a later stage
 /// with the same embedder can take instead of embedding again.
 #[derive(Debug, Clone)]
 pub struct EmbeddedStage {
@@ -130,122 +129,10 @@ pub fn mining_queries(
     Ok(queries)
 }
 
-/// Runs the mining stage, after the generation stage when the pipeline has one (each
-/// reused when unchanged).
-pub fn run_mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
-    pipeline.preflight(RunPart::Mine)?;
-    let (generated, indexes) = generate_and_index(pipeline, &|| {})?;
-    mine_with(pipeline, generated.as_ref(), indexes)
-}
-
-/// A retriever's model and its passage embeddings, complete for the current corpus.
-pub struct PassageIndex {
-    pub embedder: Arc<Embedder>,
-    /// The model's fingerprint.
-    pub model: String,
-    /// The passage stage's key settings: the vectors' identity.
-    pub settings_hash: String,
-    /// Where the passage vectors are (its own stage, or an equal one reused).
-    pub passages: CompletedStage,
-}
-
-/// Generation (when the pipeline has it) and every retriever's passage embeddings, at
-/// the same time: neither needs the other's output, so the passage index is built while
-/// the queries are generated (the embeddings on the device's executor, which takes
-/// turns with a local LLM batch by batch). `generated` is called when generation is done.
-pub fn generate_and_index(
-    pipeline: &Pipeline,
-    generated: &(dyn Fn() + Sync),
-) -> Result<(Option<GenerateOutcome>, Vec<PassageIndex>), EngineError> {
-    std::thread::scope(|scope| {
-        let indexing = scope.spawn(|| embed_passages(pipeline));
-        let generate = match pipeline.generate {
-            Some(_) => crate::jobs::generate::run_pipeline_generate(pipeline).map(Some),
-            None => Ok(None),
-        };
-        generated();
-        let indexes = indexing.join().unwrap_or_else(|_| {
-            Err(EngineError::Dataflow(
-                "the passage embedding thread panicked".into(),
-            ))
-        });
-        // Generation's error first: it is the one the user is waiting on.
-        Ok((generate?, indexes?))
-    })
-}
-
-/// Every retriever's passage embedding stage (`r<i>-passages`), run or reused.
-pub fn embed_passages(pipeline: &Pipeline) -> Result<Vec<PassageIndex>, EngineError> {
-    let store = StageStore::open(&pipeline.run_dir)?;
-    let read = pipeline.retrievers[0].read_options()?;
-    let corpus_hash = hash_file(&pipeline.corpus)?;
-    let mut indexes = Vec::new();
-    for (i, settings) in pipeline.retrievers.iter().enumerate() {
-        let (embedder, _) = settings.load_embedder(
-            &pipeline.corpus,
-            &read,
-            &pipeline.run_dir.join(format!("r{i}-tiny-model")),
-        )?;
-        let model = fingerprint(embedder.dir())?;
-        let stage = retriever_stage(
-            pipeline,
-            i,
-            &embedder,
-            &model,
-            TextKind::Passage,
-            &corpus_hash,
-            count_records(&pipeline.corpus),
-        )?;
-        let report = run_embed_stage(
-            &store,
-            embedder.clone(),
-            passage_texts(&pipeline.corpus, &read)?,
-            &stage,
-        )?;
-        indexes.push(PassageIndex {
-            embedder,
-            model,
-            settings_hash: stage.key.settings_hash,
-            passages: report.completed,
-        });
-    }
-    Ok(indexes)
-}
-
-/// Retriever `i`'s embedding stage of `kind` texts: `r<i>-passages` or `r<i>-queries`.
-fn retriever_stage(
-    pipeline: &Pipeline,
-    i: usize,
-    embedder: &Embedder,
-    model: &str,
-    kind: TextKind,
-    input_hash: &str,
-    total: Option<u64>,
-) -> Result<EmbedStage, EngineError> {
-    let name = match kind {
-        TextKind::Passage => format!("r{i}-passages"),
-        TextKind::Query => format!("r{i}-queries"),
-    };
-    let settings = &pipeline.retrievers[i];
-    Ok(EmbedStage {
-        label: format!("retriever {i}: {name}"),
-        stage: name,
-        key: StageKey {
-            settings_hash: embedding_settings_hash(embedder, model, kind)?,
-            input_hash: input_hash.to_string(),
-        },
-        kind,
-        batcher: settings.batcher(),
-        workers: pipeline.workers,
-        chunk_rows: CHUNK_ROWS,
-        total,
-        quiet: settings.quiet,
-    })
-}
-
-/// The mining stage over the human queries and `generated`'s (see [`mining_queries`]);
-/// inputs not checked here ([`Pipeline::preflight`]).
-pub fn mine_with(
+/// The candidates stage over the human queries and `generated`'s (see
+/// [`mining_queries`]) and the retrievers' passage `indexes`; inputs not checked here
+/// ([`Pipeline::preflight`]).
+pub fn run_candidates_stage(
     pipeline: &Pipeline,
     generated: Option<&GenerateOutcome>,
     indexes: Vec<PassageIndex>,

@@ -8,7 +8,7 @@
 //! several queries), by two embedding stages that resume when killed,
 //! `<prefix>-queries` and `<prefix>-passages`, with the embedding stages' progress,
 //! rate and ETA. Their ids are hashes of the texts. A text that a retriever with the
-//! same embedding settings ([`crate::jobs::embedding_settings_hash`]: the model's files,
+//! same embedding settings ([`crate::dataflow::embedding_key::embedding_settings_hash`]: the model's files,
 //! maximum length, prefix and side) already embedded is taken from the retriever's stage
 //! and not embedded again: a bi-encoder teacher with the retriever's own model embeds
 //! nothing. The embeddings of the texts being scored are then held while the cosines are
@@ -25,10 +25,10 @@ use serde::Serialize;
 use crate::config::EmbedSettings;
 use crate::config::TeacherKind;
 use crate::corpus::ReadOptions;
+use crate::dataflow::embedding_key::embedding_settings_hash;
+use crate::dataflow::evaluate::read_matrix;
 use crate::dataflow::{run_embed_stage, EmbedStage, TextSource, CHUNK_ROWS};
 use crate::error::EngineError;
-use crate::jobs::embedding_settings_hash;
-use crate::jobs::eval::read_matrix;
 use crate::model::fingerprint;
 use crate::schema::EmbeddingMatrix;
 use crate::store::{hash_settings, ContentHasher, StageKey};

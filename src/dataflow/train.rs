@@ -1,5 +1,5 @@
-//! `distillery train`: fine-tune the student on the `examples` table (RECIPE.md section
-//! 5). Runs `label` first (reused when unchanged), then the trainer in `run_dir/train`,
+//! The training stage: fine-tune the student on the `examples` table (RECIPE.md section
+//! 5) with the trainer in `run_dir/train`,
 //! resuming from its checkpoint when one exists; the best model (by dev loss) is exported
 //! as a sentence-transformers directory at `run_dir/train/best-model`.
 
@@ -8,12 +8,12 @@ use std::path::PathBuf;
 
 use distillery_operators::student::{Student, StudentOptions};
 
-use crate::config::{Pipeline, RunPart};
+use crate::config::Pipeline;
 use crate::dataflow::journal_device_stage;
+use crate::dataflow::label::{LabelOutcome, EXAMPLES_STAGE};
+use crate::dataflow::passage_texts;
 use crate::error::EngineError;
 use crate::executor::DeviceExecutor;
-use crate::jobs::label::{run_label, LabelOutcome, EXAMPLES_STAGE};
-use crate::jobs::passage_texts;
 use crate::mining::examples_from_batch;
 use crate::model::fingerprint;
 use crate::store::{hash_settings, ContentHasher, StageStore};
@@ -29,16 +29,6 @@ pub struct TrainOutcome {
     /// The model training started from: the `[student]` model, or with
     /// `warm_start = "previous"` after a change of inputs, the last run's.
     pub started_from: PathBuf,
-}
-
-/// Runs labelling (reused when unchanged) and training.
-pub fn run_train(
-    pipeline: &Pipeline,
-    stop_after: Option<u64>,
-) -> Result<TrainOutcome, EngineError> {
-    pipeline.preflight(RunPart::Train)?;
-    let label = run_label(pipeline)?;
-    train_with(pipeline, label, stop_after)
 }
 
 /// The identity of what a training run trains on: the examples, the texts of their
@@ -82,9 +72,9 @@ fn training_inputs(
     Ok(h.finish())
 }
 
-/// Training on `label`'s examples (see [`run_train`]); inputs not checked here
+/// Training on `label`'s examples; inputs not checked here
 /// ([`Pipeline::preflight`]).
-pub fn train_with(
+pub fn run_train_stage(
     pipeline: &Pipeline,
     label: LabelOutcome,
     stop_after: Option<u64>,

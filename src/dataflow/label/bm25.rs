@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::TeacherKind;
+use crate::corpus::count_records;
 use crate::corpus::{BadRecordPolicy, Quarantine, ReadOptions};
+use crate::dataflow::passage_texts;
 use crate::error::EngineError;
-use crate::jobs::{count_records, passage_texts};
 use crate::mining::bm25::{tokens, Bm25Params, Bm25Stats, PassageTerms};
 use crate::progress::Progress;
 use crate::store::hash_file;

@@ -1,4 +1,4 @@
-//! `distillery generate`: synthetic queries for a corpus (RECIPE.md sections 1 and 2).
+//! The generation stage: synthetic queries for a corpus (RECIPE.md sections 1 and 2).
 //!
 //! passages -> [`Preparer`] (truncate, drop short, near-duplicates, sample, held-out)
 //! -> one request per passage and query type -> the query cache -> the generator, for
@@ -26,11 +26,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Sender};
 use distillery_operators::llm::{LlmOptions, SamplingParams};
 use serde::Serialize;
 
-use crate::config::{GenerateFile, HeldOutFile, Pipeline, RunPart};
+use crate::config::{GenerateFile, HeldOutFile, Pipeline};
 use crate::corpus::open_passages;
 use crate::corpus::{quarantined, read_options};
 use crate::dataflow::journal_device_stage;
@@ -310,16 +310,9 @@ fn generator_choice(
     })
 }
 
-/// Runs the pipeline's `[generate]` (an error when it has none).
-pub fn run_pipeline_generate(pipeline: &Pipeline) -> Result<GenerateOutcome, EngineError> {
-    pipeline.preflight(RunPart::Generate)?;
-    let job = GenerateJob::from_pipeline(pipeline)?.ok_or_else(|| {
-        EngineError::Invalid("the configuration has no [generate] section".into())
-    })?;
-    run_generate(&job)
-}
-
-fn build_generator(
+/// The generator `job` names, over its prepared passages (the extractive one takes their
+/// document frequencies).
+pub fn build_generator(
     job: &GenerateJob,
     passages: &[SampledPassage],
 ) -> Result<Box<dyn QueryGenerator>, EngineError> {
@@ -349,6 +342,33 @@ pub type GeneratorFactory<'a> =
 pub fn run_generate_with(
     job: &GenerateJob,
     make: &GeneratorFactory<'_>,
+) -> Result<GenerateOutcome, EngineError> {
+    run_generate_streaming(job, make, &[])
+}
+
+/// Where the generation stage sends the texts of the training queries (those of passages
+/// not held out) as they come: each receiver gets every batch it has room for. What a
+/// full receiver misses, its consumer meets later in the queries file; the stream is
+/// for work that can start early (embedding the queries ahead), never the only copy.
+pub type QueryStream = Sender<Vec<String>>;
+
+/// Offers `texts` to every stream that has room (see [`QueryStream`]).
+fn offer(streams: &[QueryStream], texts: Vec<String>) {
+    if texts.is_empty() {
+        return;
+    }
+    for stream in streams {
+        // Full or closed: the consumer is behind or gone, and finds these later.
+        let _ = stream.try_send(texts.clone());
+    }
+}
+
+/// [`run_generate_with`], sending the training queries' texts to `streams` as they
+/// are generated (those already in the cache first).
+pub fn run_generate_streaming(
+    job: &GenerateJob,
+    make: &GeneratorFactory<'_>,
+    streams: &[QueryStream],
 ) -> Result<GenerateOutcome, EngineError> {
     std::fs::create_dir_all(&job.run_dir).map_err(|source| EngineError::Write {
         path: job.run_dir.clone(),
@@ -401,6 +421,21 @@ pub fn run_generate_with(
                 .map(move |(t, _)| (p, t))
         })
         .collect();
+    if !streams.is_empty() {
+        let mut texts = Vec::new();
+        let training = passages.iter().zip(&keys).filter(|(s, _)| !s.held_out);
+        for (_, passage_keys) in training {
+            for key in passage_keys {
+                if let Some(Generated::Query { text, .. }) = known.get(key).map(|c| &c.outcome) {
+                    texts.push(text.clone());
+                }
+                if texts.len() >= super::CHUNK_ROWS {
+                    offer(streams, std::mem::take(&mut texts));
+                }
+            }
+        }
+        offer(streams, texts);
+    }
     let requests = passages.len() * types.len();
     let cached = requests - missing.len();
     // passages_missing[i]: distinct passages among missing[..=i].
@@ -481,12 +516,16 @@ pub fn run_generate_with(
                 let chunk_start = chunk_index * job.batch_size.max(1);
                 let chunk = &missing[chunk_start..chunk_start + outcomes.len()];
                 let mut chunk_tokens = 0u64;
+                let mut texts = Vec::new();
                 for (&(p, t), outcome) in chunk.iter().zip(outcomes) {
                     let passage = &passages[p].passage;
                     match &outcome {
-                        Generated::Query { tokens, .. } => {
+                        Generated::Query { tokens, text, .. } => {
                             chunk_tokens += *tokens as u64;
                             failures_in_a_row = 0;
+                            if !streams.is_empty() && !passages[p].held_out {
+                                texts.push(text.clone());
+                            }
                         }
                         Generated::Failed { reason } => {
                             failures.insert((p, t), reason.clone());
@@ -505,6 +544,7 @@ pub fn run_generate_with(
                     }
                     pending.push(row);
                 }
+                offer(streams, texts);
                 tokens += chunk_tokens;
                 done += chunk.len();
                 // A passage is done when its last missing request is.

@@ -46,7 +46,7 @@ pub struct ScoringContext<'a> {
 #[derive(Debug, Clone)]
 pub struct KnownEmbeddings<'a> {
     pub stage: String,
-    /// [`crate::jobs::embedding_settings_hash`] of its vectors.
+    /// [`crate::dataflow::embedding_key::embedding_settings_hash`] of its vectors.
     pub settings_hash: String,
     /// The row id of each text the stage embedded.
     pub id_of_text: &'a HashMap<String, String>,

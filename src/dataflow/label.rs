@@ -1,7 +1,8 @@
-//! `distillery label`: teacher scores for every (query, candidate) pair, then the
-//! teacher funnel and the `examples` table (RECIPE.md section 4).
+//! The labelling stage: teacher scores for every (query, candidate) pair of the
+//! candidates stage, then the teacher funnel and the `examples` table (RECIPE.md
+//! section 4).
 //!
-//! Runs `mine` first (reused when unchanged). A teacher is a cross-encoder, a bi-encoder
+//! A teacher is a cross-encoder, a bi-encoder
 //! or BM25 ([`teacher::PairTeacher`], one file per kind). Per teacher, scores live in an
 //! append-only cache stage named after the teacher's fingerprint, keyed per pair by a
 //! hash of the query text and the passage text: a pair is never scored twice by the same
@@ -25,11 +26,11 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
-use crate::config::{Pipeline, RunPart};
+use crate::config::Pipeline;
+use crate::dataflow::candidates::{MineOutcome, CANDIDATES_STAGE};
+use crate::dataflow::passage_texts;
 use crate::dataflow::CHUNK_ROWS;
 use crate::error::EngineError;
-use crate::jobs::mine::{run_mine, MineOutcome, CANDIDATES_STAGE};
-use crate::jobs::passage_texts;
 use crate::mining::{
     example_from_labelled, examples_schema, examples_to_batch, label_queries, write_examples_jsonl,
     Example, PassageIdx, ScoredQuery, TeacherStats,
@@ -126,23 +127,12 @@ pub(crate) fn read_scores(
     Ok(())
 }
 
-/// Runs mining (reused when unchanged), teacher scoring and labelling.
-pub fn run_label(pipeline: &Pipeline) -> Result<LabelOutcome, EngineError> {
-    if pipeline.teachers.is_empty() {
-        return Err(EngineError::Invalid(
-            "no [[teachers]] in the configuration: label needs at least one teacher \
-             (kind = \"cross-encoder\", \"bi-encoder\" or \"bm25\")"
-                .into(),
-        ));
-    }
-    pipeline.preflight(RunPart::Label)?;
-    let mine = run_mine(pipeline)?;
-    label_with(pipeline, mine)
-}
-
 /// Teacher scoring and labelling of `mine`'s candidates; inputs not checked here
 /// ([`Pipeline::preflight`]).
-pub fn label_with(pipeline: &Pipeline, mine: MineOutcome) -> Result<LabelOutcome, EngineError> {
+pub fn run_label_stage(
+    pipeline: &Pipeline,
+    mine: MineOutcome,
+) -> Result<LabelOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let mut rows: Vec<CandidateRow> = Vec::new();
     for batch in store.read(CANDIDATES_STAGE)? {
