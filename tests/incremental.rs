@@ -343,6 +343,10 @@ fn check_change(base: &Path, name: &str, changes: &[Change], touches: Touches) {
         assert_eq!(retrieval["reused"], true, "{name}: {retrieval}");
         assert_eq!(label["scored_now"], serde_json::json!([0, 0, 0]), "{name}");
         assert_eq!(
+            label["reused"], true,
+            "{name}: the examples were labelled again"
+        );
+        assert_eq!(
             json(&run.join("generate-report.json"))["generated_now"],
             0,
             "{name}"
@@ -374,6 +378,7 @@ fn check_change(base: &Path, name: &str, changes: &[Change], touches: Touches) {
         queries,
         "{name}: {retrieval}"
     );
+    assert_eq!(label["reused"], false, "{name}");
     // The model teachers scored exactly the pairs no earlier run had; BM25 every pair
     // (a changed corpus moves every document frequency).
     let new_pairs = pairs(&run, &corpus);

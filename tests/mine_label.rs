@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
 use distillery::dataflow::candidates::CANDIDATES_STAGE;
-use distillery::dataflow::label::EXAMPLES_STAGE;
+use distillery::dataflow::label::{EXAMPLES_STAGE, EXAMPLES_STATS_FILE};
 use distillery::dataflow::passage_texts;
 use distillery::driver;
 use distillery::mining::held_out_passages;
@@ -140,11 +140,45 @@ fn mine_and_label_keep_the_recipes_invariants_and_reuse_scores() {
         .join("stages/teacher-571f1c89ca9a604c-cache")
         .is_dir());
 
-    // A second run finds every pair in the teacher's cache and changes nothing.
+    // A second run finds the examples complete under their key and labels nothing: it
+    // reports what the first measured, from the record beside the stage.
+    assert!(!first.reused);
+    assert_eq!(first.scored_now, vec![first.pairs]);
+    let examples_bytes = stage_files(run.path(), EXAMPLES_STAGE);
     let second = driver::label(&p).unwrap();
     assert!(second.mine.reused);
+    assert!(second.reused);
     assert_eq!(second.scored_now, vec![0]);
-    assert_eq!(second.pairs, first.pairs);
-    assert_eq!(first.scored_now, vec![first.pairs]);
-    assert_eq!(second.examples, first.examples);
+    assert_eq!(
+        (second.pairs, second.examples, second.train, second.dev),
+        (first.pairs, first.examples, first.train, first.dev)
+    );
+    assert_eq!(second.stats, first.stats);
+
+    // Without that record (a stage finished by an older version) labelling runs again,
+    // every pair from the teacher's cache, leaves the stage's bytes as they were and
+    // writes the record, which the next run uses.
+    std::fs::remove_file(run.path().join(EXAMPLES_STATS_FILE)).unwrap();
+    let third = driver::label(&p).unwrap();
+    assert!(!third.reused);
+    assert_eq!(third.scored_now, vec![0]);
+    assert_eq!(third.stats, first.stats);
+    assert_eq!(stage_files(run.path(), EXAMPLES_STAGE), examples_bytes);
+    assert!(driver::label(&p).unwrap().reused);
+}
+
+/// Every file of a stage, by name, with its bytes.
+fn stage_files(run: &Path, stage: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(run.join("stages").join(stage))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
 }

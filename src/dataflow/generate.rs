@@ -404,7 +404,15 @@ pub fn run_generate_streaming(
                 .map(|(t, prompt_hash)| {
                     let seed =
                         crate::generate::prompts::seed_for(&p.passage.hash, t.name(), job.seed);
-                    cache_key(&p.passage.hash, t.name(), &generator_id, prompt_hash, seed)
+                    let inputs = generator.request_inputs(&p.passage, t.name());
+                    cache_key(
+                        &p.passage.hash,
+                        t.name(),
+                        &generator_id,
+                        prompt_hash,
+                        seed,
+                        inputs.as_deref(),
+                    )
                 })
                 .collect()
         })

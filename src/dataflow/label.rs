@@ -3,12 +3,19 @@
 //! section 4).
 //!
 //! A teacher is a cross-encoder, a bi-encoder
-//! or BM25 ([`teacher::PairTeacher`], one file per kind). Per teacher, scores live in an
-//! append-only cache stage named after the teacher's fingerprint, keyed per pair by a
-//! hash of the query text and the passage text: a pair is never scored twice by the same
-//! teacher, across runs and corpus changes, and teachers of different kinds or settings
-//! never share a cache. Missing pairs are scored by the teacher (its device stages resume
-//! when killed) and then appended to the cache.
+//! or BM25 ([`teacher::PairTeacher`], one file per kind). Per model teacher, scores live
+//! in an append-only cache stage named after the teacher's fingerprint, keyed per pair by
+//! a hash of the query text and the passage text: a pair is never scored twice by the
+//! same teacher, across runs and corpus changes, and teachers of different kinds or
+//! settings never share a cache. Missing pairs are scored by the teacher (its device
+//! stages resume when killed) and then appended to the cache. BM25, whose every score
+//! moves with the corpus, scores every pair each time labelling runs and keeps none
+//! ([`teacher::PairTeacher::cached`]).
+//!
+//! The examples stage is keyed by the teachers' fingerprints, the labelling settings and
+//! the candidates stage's content; when it is complete under that key (an unchanged
+//! rerun), the stage reports the record it keeps beside it ([`EXAMPLES_STATS_FILE`]) and
+//! reads no pair.
 
 pub mod bi_encoder;
 pub mod bm25;
@@ -16,7 +23,7 @@ pub mod cross_encoder;
 pub mod load;
 pub mod teacher;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -36,7 +43,7 @@ use crate::mining::{
     Example, PassageIdx, ScoredQuery, TeacherStats,
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
-use crate::store::memo::MemoKey;
+use crate::store::memo::{MemoKey, MemoMap};
 use crate::store::{hash_settings, StageKey, StageStatus, StageStore};
 use load::load_teacher;
 use teacher::{EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
@@ -52,6 +59,8 @@ const COL_SCORE: &str = "score";
 #[derive(Debug, Clone, Serialize)]
 pub struct LabelOutcome {
     pub mine: MineOutcome,
+    /// True when the examples were complete under their key and nothing was labelled.
+    pub reused: bool,
     /// Pairs each teacher needed, and how many of them it had to score now.
     pub pairs: usize,
     pub scored_now: Vec<usize>,
@@ -106,7 +115,7 @@ const TEACHER_CACHE_INPUT: &str = "append-only cache; pair keys of text keys";
 pub(crate) fn read_scores(
     store: &StageStore,
     stage: &str,
-    into: &mut HashMap<MemoKey, f32>,
+    into: &mut MemoMap<f32>,
 ) -> Result<(), EngineError> {
     for batch in store.read(stage)? {
         let batch = batch?;
@@ -127,6 +136,22 @@ pub(crate) fn read_scores(
     Ok(())
 }
 
+/// The examples stage's record beside it: its key and what labelling measured, so a
+/// rerun whose examples are complete under the same key reports them without reading a
+/// pair. Written before the stage is finished; a stage finished without it (a run killed
+/// between the two) is labelled again, which finds the stage complete and writes this.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct ExamplesRecord {
+    key: StageKey,
+    pairs: usize,
+    stats: TeacherStats,
+    examples: usize,
+    dev: usize,
+}
+
+/// Where [`ExamplesRecord`] is kept in the run directory.
+pub const EXAMPLES_STATS_FILE: &str = "examples-stats.json";
+
 /// Teacher scoring and labelling of `mine`'s candidates; inputs not checked here
 /// ([`Pipeline::preflight`]).
 pub fn run_label_stage(
@@ -134,6 +159,63 @@ pub fn run_label_stage(
     mine: MineOutcome,
 ) -> Result<LabelOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
+    // The teachers first: their fingerprints are part of the examples' key.
+    let mut teachers = Vec::with_capacity(pipeline.teachers.len());
+    for (t, settings) in pipeline.teachers.iter().enumerate() {
+        teachers.push(load_teacher(pipeline, t, settings)?);
+    }
+    let teacher_ids: Vec<String> = teachers
+        .iter()
+        .map(|t| t.fingerprint().to_string())
+        .collect();
+    let weights: Vec<f32> = pipeline.teachers.iter().map(|t| t.weight).collect();
+    #[derive(Serialize)]
+    struct ExamplesKey<'a> {
+        teacher: &'a crate::mining::TeacherConfig,
+        weights: &'a [f32],
+        teachers: &'a [String],
+    }
+    let key = StageKey {
+        settings_hash: hash_settings(&ExamplesKey {
+            teacher: &pipeline.teacher,
+            weights: &weights,
+            teachers: &teacher_ids,
+        })?,
+        input_hash: mine.candidates.content_hash(),
+    };
+    let record_path = pipeline.run_dir.join(EXAMPLES_STATS_FILE);
+    let jsonl_path = pipeline.run_dir.join("examples.jsonl");
+    if store.completed(EXAMPLES_STAGE, &key)?.is_some() {
+        let record = std::fs::read_to_string(&record_path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<ExamplesRecord>(&text).ok())
+            .filter(|r| r.key == key);
+        if let Some(record) = record {
+            let jsonl = if pipeline.jsonl {
+                let mut examples = Vec::with_capacity(record.examples);
+                for batch in store.read(EXAMPLES_STAGE)? {
+                    examples.extend(crate::mining::examples_from_batch(&batch?)?);
+                }
+                write_jsonl(&jsonl_path, &examples)?;
+                Some(jsonl_path)
+            } else {
+                None
+            };
+            return Ok(LabelOutcome {
+                mine,
+                reused: true,
+                pairs: record.pairs,
+                scored_now: vec![0; teachers.len()],
+                teacher_embeddings: vec![EmbeddingCounts::default(); teachers.len()],
+                stats: record.stats,
+                examples: record.examples,
+                train: record.examples - record.dev,
+                dev: record.dev,
+                jsonl,
+            });
+        }
+    }
+
     let mut rows: Vec<CandidateRow> = Vec::new();
     for batch in store.read(CANDIDATES_STAGE)? {
         rows.extend(candidates_from_batch(&batch?)?);
@@ -153,34 +235,40 @@ pub fn run_label_stage(
         }
     }
 
-    // Every distinct pair, in a deterministic order. The texts are borrowed from the
-    // candidate rows and the passage map, never copied per pair: SciFact's 1.45M pairs
-    // once held 2 GB of copies.
+    // Every row's pair keys, computed once for the pairs and the funnel: a text is
+    // hashed once for all its pairs. The texts are borrowed from the candidate rows and
+    // the passage map, never copied per pair (SciFact's 1.45M pairs once held 2 GB of
+    // copies).
     let passage_keys: HashMap<&str, MemoKey> = texts
         .iter()
         .map(|(id, text)| (id.as_str(), MemoKey::of(text.as_bytes())))
         .collect();
-    let query_keys: Vec<MemoKey> = rows
-        .iter()
-        .map(|r| MemoKey::of(r.query_text.as_bytes()))
-        .collect();
-    // Keyed by the pair's key (its hex, which the cache stores and a teacher's stages
-    // name pairs by, beside it); the hex of a key sorts as the key does.
-    let mut pairs: BTreeMap<MemoKey, (String, &str, &str)> = BTreeMap::new();
-    for (r, &query_key) in rows.iter().zip(&query_keys) {
+    let mut row_keys: Vec<Vec<MemoKey>> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let query_key = MemoKey::of(r.query_text.as_bytes());
+        let mut keys = Vec::with_capacity(r.candidate_ids.len());
         for c in &r.candidate_ids {
-            let (Some(passage), Some(&passage_key)) = (texts.get(c), passage_keys.get(c.as_str()))
-            else {
+            let Some(&passage_key) = passage_keys.get(c.as_str()) else {
                 return Err(EngineError::Invalid(format!(
                     "candidate passage `{c}` is not in the corpus any more; run mine again"
                 )));
             };
-            let key = pair_key_of(query_key, passage_key);
-            pairs
-                .entry(key)
-                .or_insert_with(|| (key.to_hex(), r.query_text.as_str(), passage.as_str()));
+            keys.push(pair_key_of(query_key, passage_key));
+        }
+        row_keys.push(keys);
+    }
+    // Every distinct pair, in the order of its key (the order the teachers score in and
+    // the cache is appended in): (key, row, candidate). Two pairs of equal keys have the
+    // same texts, so which one stays does not matter.
+    let mut pairs: Vec<(MemoKey, u32, u32)> =
+        Vec::with_capacity(row_keys.iter().map(Vec::len).sum());
+    for (r, keys) in row_keys.iter().enumerate() {
+        for (c, &key) in keys.iter().enumerate() {
+            pairs.push((key, r as u32, c as u32));
         }
     }
+    pairs.sort_unstable_by_key(|p| p.0);
+    pairs.dedup_by_key(|p| p.0);
 
     // Where each text sits in the retrievers' embedding stages: passages by id, queries
     // by query id.
@@ -211,14 +299,11 @@ pub fn run_label_stage(
         })
         .collect();
 
-    let mut per_teacher: Vec<HashMap<MemoKey, f32>> = Vec::new();
+    let mut per_teacher: Vec<MemoMap<f32>> = Vec::new();
     let mut scored_now = Vec::new();
     let mut teacher_embeddings = Vec::new();
-    let mut teacher_ids = Vec::new();
-    for (t, settings) in pipeline.teachers.iter().enumerate() {
-        let teacher = load_teacher(pipeline, t, settings)?;
+    for (t, (teacher, settings)) in teachers.iter().zip(&pipeline.teachers).enumerate() {
         let settings_hash = teacher.fingerprint().to_string();
-        teacher_ids.push(settings_hash.clone());
         // Stage names come from the hash, never from the user's path.
         let stage_prefix = format!("teacher-{}", &settings_hash[..16]);
         let cache_stage = format!("{stage_prefix}-cache");
@@ -226,24 +311,43 @@ pub fn run_label_stage(
             settings_hash,
             input_hash: TEACHER_CACHE_INPUT.into(),
         };
-        let mut cached = HashMap::new();
-        if matches!(
-            store.status(&cache_stage, &cache_key)?,
-            StageStatus::Partial { .. }
-        ) {
+        let mut cached = MemoMap::default();
+        if teacher.cached()
+            && matches!(
+                store.status(&cache_stage, &cache_key)?,
+                StageStatus::Partial { .. }
+            )
+        {
             read_scores(&store, &cache_stage, &mut cached)?;
         }
-        let missing: Vec<PairToScore<'_>> = pairs
+        let missing: Vec<&(MemoKey, u32, u32)> = pairs
             .iter()
-            .filter(|(k, _)| !cached.contains_key(*k))
-            .map(|(_, (hex, q, p))| PairToScore {
-                key: hex,
-                query: q,
-                passage: p,
-            })
+            .filter(|p| !cached.contains_key(&p.0))
             .collect();
         scored_now.push(missing.len());
         if !missing.is_empty() {
+            // A pair's key names it in the cache and in the teacher's own stages; a
+            // teacher that keeps neither needs none.
+            let hexes: Vec<String> = if teacher.cached() {
+                missing.iter().map(|p| p.0.to_hex()).collect()
+            } else {
+                vec![String::new(); missing.len()]
+            };
+            let to_score: Vec<PairToScore<'_>> = missing
+                .iter()
+                .zip(&hexes)
+                .map(|(&&(_, r, c), hex)| {
+                    let row = &rows[r as usize];
+                    PairToScore {
+                        key: hex,
+                        query: &row.query_text,
+                        // Every candidate is in `texts` (checked with the pair keys).
+                        passage: texts
+                            .get(&row.candidate_ids[c as usize])
+                            .map_or("", String::as_str),
+                    }
+                })
+                .collect();
             let ctx = ScoringContext {
                 store: &store,
                 stage_prefix,
@@ -254,31 +358,28 @@ pub fn run_label_stage(
                 quiet: pipeline.quiet,
                 known: known.clone(),
             };
-            let scores = teacher.score_pairs(&missing, &ctx)?;
-            if scores.len() != missing.len() {
+            let scores = teacher.score_pairs(&to_score, &ctx)?;
+            if scores.len() != to_score.len() {
                 return Err(EngineError::Dataflow(format!(
                     "teacher {t} returned {} scores for {} pairs; this is a bug",
                     scores.len(),
-                    missing.len()
+                    to_score.len()
                 )));
             }
             // Append the new scores to the cache (a part at a time, each atomic).
-            let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
-            for (chunk, chunk_scores) in missing.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS)) {
-                let keys: Vec<String> = chunk.iter().map(|p| p.key.to_string()).collect();
-                writer.write_part(&[scores_batch(&keys, chunk_scores.to_vec())?])?;
+            if teacher.cached() {
+                let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
+                for (chunk, chunk_scores) in hexes.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS))
+                {
+                    writer.write_part(&[scores_batch(chunk, chunk_scores.to_vec())?])?;
+                }
             }
-            drop(writer);
-            cached.extend(
-                missing
-                    .iter()
-                    .filter_map(|p| MemoKey::from_hex(p.key))
-                    .zip(scores),
-            );
+            cached.extend(missing.iter().map(|p| p.0).zip(scores));
         }
         teacher_embeddings.push(teacher.embedding_counts());
         per_teacher.push(cached);
     }
+    drop(teachers);
 
     // The teacher funnel over every candidates row.
     let mut interned: Vec<String> = Vec::new();
@@ -293,25 +394,14 @@ pub fn run_label_stage(
         i
     };
     let mut scored = Vec::with_capacity(rows.len());
-    for (r, &query_key) in rows.iter().zip(&query_keys) {
+    for (r, keys) in rows.iter().zip(&row_keys) {
         let candidates: Vec<PassageIdx> = r.candidate_ids.iter().map(|c| intern(c)).collect();
         let sources: Vec<PassageIdx> = r.source_ids.iter().map(|c| intern(c)).collect();
-        // Every candidate is in `texts` (checked when the pairs were gathered).
-        let keys: Vec<Option<MemoKey>> = r
-            .candidate_ids
-            .iter()
-            .map(|c| {
-                passage_keys
-                    .get(c.as_str())
-                    .map(|&p| pair_key_of(query_key, p))
-            })
-            .collect();
         let mut scores = Vec::with_capacity(per_teacher.len());
         for cache in &per_teacher {
-            let mut s = Vec::with_capacity(r.candidate_ids.len());
-            for (c, key) in r.candidate_ids.iter().zip(&keys) {
-                let score = key.and_then(|k| cache.get(&k));
-                s.push(*score.ok_or_else(|| {
+            let mut s = Vec::with_capacity(keys.len());
+            for (c, key) in r.candidate_ids.iter().zip(keys) {
+                s.push(*cache.get(key).ok_or_else(|| {
                     EngineError::Dataflow(format!(
                         "no teacher score for query {} and passage {c}; this is a bug",
                         r.query_id
@@ -327,7 +417,7 @@ pub fn run_label_stage(
             scores,
         });
     }
-    let weights: Vec<f32> = pipeline.teachers.iter().map(|t| t.weight).collect();
+    drop(per_teacher);
     let (labelled, stats) = label_queries(&pipeline.teacher, &weights, scored)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let by_id: HashMap<&str, &CandidateRow> =
@@ -346,49 +436,38 @@ pub fn run_label_stage(
             .map_err(|e| EngineError::Invalid(e.to_string()))?,
         );
     }
-
-    #[derive(Serialize)]
-    struct ExamplesKey<'a> {
-        teacher: &'a crate::mining::TeacherConfig,
-        weights: &'a [f32],
-        teachers: &'a [String],
-    }
-    let key = StageKey {
-        settings_hash: hash_settings(&ExamplesKey {
-            teacher: &pipeline.teacher,
-            weights: &weights,
-            teachers: &teacher_ids,
-        })?,
-        input_hash: mine.candidates.content_hash(),
+    let dev = examples
+        .iter()
+        .filter(|e| e.split == crate::mining::Split::Dev)
+        .count();
+    let record = ExamplesRecord {
+        key: key.clone(),
+        pairs: pairs.len(),
+        stats: stats.clone(),
+        examples: examples.len(),
+        dev,
     };
+    let text =
+        serde_json::to_string_pretty(&record).map_err(|e| EngineError::Invalid(e.to_string()))?;
     if store.completed(EXAMPLES_STAGE, &key)?.is_none() {
         let mut writer = store.begin(EXAMPLES_STAGE, key, examples_schema())?;
         writer.write_rows(&examples, CHUNK_ROWS, |chunk| {
             Ok::<_, EngineError>(examples_to_batch(chunk)?)
         })?;
+        crate::store::write_file_atomically(&record_path, text.as_bytes())?;
         writer.finish()?;
+    } else {
+        crate::store::write_file_atomically(&record_path, text.as_bytes())?;
     }
     let jsonl = if pipeline.jsonl {
-        let path = pipeline.run_dir.join("examples.jsonl");
-        let io = |source| EngineError::Write {
-            path: path.clone(),
-            source,
-        };
-        crate::store::write_file_with(&path, |file: &mut std::fs::File, _| {
-            let mut out = std::io::BufWriter::new(file);
-            write_examples_jsonl(&mut out, &examples).map_err(io)?;
-            std::io::Write::flush(&mut out).map_err(io)
-        })?;
-        Some(path)
+        write_jsonl(&jsonl_path, &examples)?;
+        Some(jsonl_path)
     } else {
         None
     };
-    let dev = examples
-        .iter()
-        .filter(|e| e.split == crate::mining::Split::Dev)
-        .count();
     Ok(LabelOutcome {
         mine,
+        reused: false,
         pairs: pairs.len(),
         scored_now,
         teacher_embeddings,
@@ -398,4 +477,18 @@ pub fn run_label_stage(
         dev,
         jsonl,
     })
+}
+
+/// The examples as JSONL at `path`, through the durable protocol.
+fn write_jsonl(path: &std::path::Path, examples: &[Example]) -> Result<(), EngineError> {
+    let io = |source| EngineError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    crate::store::write_file_with(path, |file: &mut std::fs::File, _| {
+        let mut out = std::io::BufWriter::new(file);
+        write_examples_jsonl(&mut out, examples).map_err(io)?;
+        std::io::Write::flush(&mut out).map_err(io)
+    })?;
+    Ok(())
 }

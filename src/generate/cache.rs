@@ -2,9 +2,11 @@
 //!
 //! Contracts:
 //! - A row's key is [`cache_key`] of (passage hash, query type, generator id, prompt
-//!   hash, seed): the same passage text under the same prompt, generator and seed is never
-//!   generated twice, across runs, corpus changes and passage renames; an edited passage
-//!   (another hash) is generated anew, and only its own queries.
+//!   hash, seed, and what else the generator says the request depends on): the same
+//!   passage text under the same prompt, generator and seed is never generated twice,
+//!   across runs, corpus changes and passage renames; an edited passage (another hash) is
+//!   generated anew, and only its own queries (and, for the extractive generator's
+//!   keyword queries, those whose terms' document frequencies the change moved).
 //! - The cache is an append-only stage of the run directory (one per generator id, named
 //!   from a hash, never from user input). Each chunk of outcomes is one atomic Parquet
 //!   part, so a killed run keeps everything committed before the kill and resumes after
@@ -37,13 +39,15 @@ pub const COL_TOKENS: &str = "tokens";
 const STATUS_OK: &str = "ok";
 const STATUS_FAILED: &str = "failed";
 
-/// The key of one generated query; see the module contracts.
+/// The key of one generated query; see the module contracts. `inputs` is what else the
+/// request depends on ([`crate::generate::QueryGenerator::request_inputs`]).
 pub fn cache_key(
     passage_hash: &str,
     query_type: &str,
     generator_id: &str,
     prompt_hash: &str,
     seed: u64,
+    inputs: Option<&str>,
 ) -> String {
     let mut h = ContentHasher::new();
     h.field(passage_hash)
@@ -51,6 +55,9 @@ pub fn cache_key(
         .field(generator_id)
         .field(prompt_hash)
         .field(seed.to_string());
+    if let Some(inputs) = inputs {
+        h.field(inputs);
+    }
     h.finish()
 }
 
@@ -256,14 +263,15 @@ mod tests {
 
     #[test]
     fn the_key_changes_with_each_part() {
-        let base = cache_key("h", "question", "g", "p", 1);
-        assert_eq!(base, cache_key("h", "question", "g", "p", 1));
+        let base = cache_key("h", "question", "g", "p", 1, None);
+        assert_eq!(base, cache_key("h", "question", "g", "p", 1, None));
         for other in [
-            cache_key("h2", "question", "g", "p", 1),
-            cache_key("h", "claim", "g", "p", 1),
-            cache_key("h", "question", "g2", "p", 1),
-            cache_key("h", "question", "g", "p2", 1),
-            cache_key("h", "question", "g", "p", 2),
+            cache_key("h2", "question", "g", "p", 1, None),
+            cache_key("h", "claim", "g", "p", 1, None),
+            cache_key("h", "question", "g2", "p", 1, None),
+            cache_key("h", "question", "g", "p2", 1, None),
+            cache_key("h", "question", "g", "p", 2, None),
+            cache_key("h", "question", "g", "p", 1, Some("df")),
         ] {
             assert_ne!(base, other);
         }

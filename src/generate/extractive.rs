@@ -28,11 +28,13 @@
 //! contain the term (the smoothed form, so a term of a passage outside the table still
 //! has a finite weight), and the score `tf * idf`.
 //!
-//! The document frequencies come from the prepared corpus at construction, and their
-//! hash is part of [`ExtractiveGenerator::id`]: keyword queries depend on the whole
-//! corpus, so a changed corpus is another generator and its queries are generated again
-//! (cheaply), so that a rerun ends equal to a run from scratch. Titles and claims come
-//! out the same, and later stages find their texts in their memo tables.
+//! The document frequencies come from the prepared corpus at construction. A keyword
+//! query depends on the corpus only through `N` and the frequencies of its own passage's
+//! terms, and a title or a claim not at all, so that is what each request's cache key
+//! holds ([`QueryGenerator::request_inputs`]: `N` and the passage's terms with their
+//! frequencies, for the keyword types): a changed corpus generates again its new and
+//! edited passages' queries and the keyword queries whose terms' frequencies moved (all
+//! of them when `N` moved), and a rerun ends equal to a run from scratch.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,7 +44,7 @@ use crate::error::EngineError;
 
 /// Part of [`ExtractiveGenerator::id`]; bumped whenever a rule of this file changes what
 /// it writes, so that cached queries of the old rules are not reused.
-pub const EXTRACTIVE_VERSION: &str = "1";
+pub const EXTRACTIVE_VERSION: &str = "2";
 /// Terms in a keyword query (the recipe's "up to 5 key phrases").
 pub const MAX_KEYWORDS: usize = 5;
 /// Shorter tokens are not terms (drops stray letters such as the `s` of `it's`).
@@ -97,21 +99,23 @@ impl DocumentFrequencies {
         table
     }
 
-    /// A hash of the table: the documents counted and every term with its frequency.
-    pub fn table_hash(&self) -> String {
-        let mut terms: Vec<(&String, &u64)> = self.df.iter().collect();
-        terms.sort_unstable();
-        let mut hasher = crate::store::ContentHasher::new();
-        hasher.field(self.documents.to_string());
-        for (term, df) in terms {
-            hasher.field(term).field(df.to_string());
-        }
-        hasher.finish()
-    }
-
     /// Documents counted.
     pub fn documents(&self) -> u64 {
         self.documents
+    }
+
+    /// What `passage`'s keyword query depends on in the table: `N` and each distinct
+    /// term of the passage with its frequency, hashed.
+    pub fn inputs_of(&self, passage: &PreparedPassage) -> String {
+        let mut distinct: Vec<String> = terms(&document(passage)).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut hasher = crate::store::ContentHasher::new();
+        hasher.field(self.documents.to_string());
+        for term in &distinct {
+            hasher.field(term).field(self.df(term).to_string());
+        }
+        hasher.finish()
     }
 
     /// Documents that contain `term` (0 for a term never seen).
@@ -157,18 +161,15 @@ impl DocumentFrequencies {
 #[derive(Debug, Clone)]
 pub struct ExtractiveGenerator {
     frequencies: DocumentFrequencies,
-    /// The version and the hash of `frequencies`.
-    id: String,
 }
+
+/// The query types whose queries are TF-IDF keywords.
+const KEYWORD_TYPES: [&str; 3] = ["keywords", "search", "web"];
 
 impl ExtractiveGenerator {
     /// A generator whose keyword scores use `frequencies`.
     pub fn new(frequencies: DocumentFrequencies) -> Self {
-        let id = format!(
-            "extractive-v{EXTRACTIVE_VERSION}-df{}",
-            &frequencies.table_hash()[..16]
-        );
-        Self { frequencies, id }
+        Self { frequencies }
     }
 
     /// A generator with the document frequencies of `passages` (the prepared corpus).
@@ -217,8 +218,15 @@ impl ExtractiveGenerator {
 }
 
 impl QueryGenerator for ExtractiveGenerator {
+    /// The version of the rules: the corpus is in each keyword request's inputs.
     fn id(&self) -> String {
-        self.id.clone()
+        format!("extractive-v{EXTRACTIVE_VERSION}")
+    }
+
+    fn request_inputs(&self, passage: &PreparedPassage, query_type: &str) -> Option<String> {
+        KEYWORD_TYPES
+            .contains(&query_type)
+            .then(|| self.frequencies.inputs_of(passage))
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
@@ -448,17 +456,21 @@ mod tests {
             assert!(!ExtractiveGenerator::supports(kind));
         }
         assert!(ExtractiveGenerator::supports("claim"));
-        // The id names the version and the corpus's document frequencies.
-        assert!(
-            generator.id().starts_with("extractive-v1-df"),
-            "{}",
-            generator.id()
-        );
-        let same = ExtractiveGenerator::new(generator.frequencies.clone());
-        assert_eq!(same.id(), generator.id());
+        // The id names the version; the corpus is in the keyword requests' inputs (its
+        // size and the frequencies of the passage's own terms), never in a title's or a
+        // claim's.
+        assert_eq!(generator.id(), "extractive-v2");
         let other_corpus = passage("x", "Other", "Another corpus entirely.");
         let other = ExtractiveGenerator::from_passages([&other_corpus]);
-        assert_ne!(other.id(), generator.id());
+        assert_eq!(other.id(), generator.id());
+        for kind in ["title", "claim"] {
+            assert_eq!(generator.request_inputs(&with_title, kind), None);
+        }
+        for kind in KEYWORD_TYPES {
+            let inputs = generator.request_inputs(&with_title, kind);
+            assert!(inputs.is_some());
+            assert_ne!(inputs, other.request_inputs(&with_title, kind));
+        }
         let batch = [
             request(with_title.clone(), "title", 0),
             request(with_title, "question", 0),

@@ -68,6 +68,14 @@ pub trait QueryGenerator: Send + Sync {
     /// request (model fingerprint, sampling settings): part of every cache key.
     fn id(&self) -> String;
 
+    /// What a request's outcome depends on besides its passage's own text, its query
+    /// type, the generator's id, the prompt and the seed, as a hash; `None` (the default)
+    /// when nothing else. Part of the request's cache key, so a request is generated again
+    /// exactly when something it depends on changed.
+    fn request_inputs(&self, _passage: &PreparedPassage, _query_type: &str) -> Option<String> {
+        None
+    }
+
     /// One outcome per request, in order. `Err` only when the generator itself cannot
     /// go on; a request's own failure is a [`Generated::Failed`].
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError>;

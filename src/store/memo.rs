@@ -54,6 +54,39 @@ impl MemoKey {
     }
 }
 
+/// Hashes a [`MemoKey`] for a hash table by taking its low 64 bits: the key is already
+/// a cryptographic hash, so hashing it again (the standard library's SipHash) only costs
+/// time, which tables of millions of keys (a teacher's pair scores) feel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoKeyHasher(u64);
+
+impl std::hash::Hasher for MemoKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+
+    /// Any other input (never a [`MemoKey`]'s): FNV-1a over the bytes.
+    fn write(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+        self.0 = h;
+    }
+}
+
+/// Builds [`MemoKeyHasher`]s.
+pub type BuildMemoKeyHasher = std::hash::BuildHasherDefault<MemoKeyHasher>;
+/// A map from [`MemoKey`]s.
+pub type MemoMap<V> = HashMap<MemoKey, V, BuildMemoKeyHasher>;
+/// A set of [`MemoKey`]s.
+pub type MemoSet = std::collections::HashSet<MemoKey, BuildMemoKeyHasher>;
+
 /// The key of memo table `settings_hash`'s stage.
 pub fn memo_stage_key(settings_hash: &str) -> StageKey {
     StageKey {
@@ -65,7 +98,7 @@ pub fn memo_stage_key(settings_hash: &str) -> StageKey {
 /// Where every key of a memo table is: the row number over the committed parts.
 #[derive(Debug, Default)]
 pub struct MemoIndex {
-    rows: HashMap<MemoKey, u64>,
+    rows: MemoMap<u64>,
     parts: Vec<PartEntry>,
     /// The first row number of each part.
     starts: Vec<u64>,

@@ -19,7 +19,7 @@ use crate::store::{hash_settings, ContentHasher, StageKey};
 
 use super::teacher::{PairTeacher, PairToScore, ScoringContext};
 use super::{read_scores, scores_batch, scores_schema};
-use crate::store::memo::MemoKey;
+use crate::store::memo::{MemoKey, MemoMap};
 
 /// A loaded cross-encoder and its fingerprint.
 pub struct CrossEncoderTeacher {
@@ -142,7 +142,7 @@ impl PairTeacher for CrossEncoderTeacher {
             &stage,
             output,
         )?;
-        let mut scored = HashMap::new();
+        let mut scored = MemoMap::default();
         read_scores(ctx.store, &report.completed.stage, &mut scored)?;
         pairs
             .iter()

@@ -5,7 +5,8 @@
 //! cache exactly when their fingerprints are equal, so each kind hashes its kind's name
 //! with every setting that can change a score (a cross-encoder hashes its files, its
 //! maximum length and the CPU kernel's arithmetic revision). [`PairTeacher::score_pairs`]
-//! scores only the pairs the cache lacks; it may keep resumable stages of its own in the
+//! scores only the pairs the cache lacks (every pair, for a teacher that is not cached:
+//! [`PairTeacher::cached`]); it may keep resumable stages of its own in the
 //! store, named after [`ScoringContext::stage_prefix`].
 
 use std::collections::HashMap;
@@ -72,6 +73,15 @@ pub trait PairTeacher {
         pairs: &[PairToScore<'_>],
         ctx: &ScoringContext<'_>,
     ) -> Result<Vec<f32>, EngineError>;
+
+    /// Whether its scores are worth keeping in its pair cache. A teacher whose every
+    /// score moves with the corpus (BM25: document frequencies, average length) says
+    /// no: its fingerprint holds the corpus's hash, so its cache would serve only a rerun
+    /// over the same corpus, which finds its examples complete anyway, and writing a
+    /// score costs more than computing it again.
+    fn cached(&self) -> bool {
+        true
+    }
 
     /// What the last [`Self::score_pairs`] embedded and reused (nothing, for teachers
     /// that embed no text on their own).
