@@ -239,33 +239,34 @@ pub fn run_label_stage(
     // hashed once for all its pairs. The texts are borrowed from the candidate rows and
     // the passage map, never copied per pair (SciFact's 1.45M pairs once held 2 GB of
     // copies).
-    let passage_keys: HashMap<&str, MemoKey> = texts
-        .iter()
-        .map(|(id, text)| (id.as_str(), MemoKey::of(text.as_bytes())))
-        .collect();
+    // Each candidate passage once: its text and its text's key, by its place here.
+    let mut passage_texts_by_place: Vec<&str> = Vec::with_capacity(texts.len());
+    let mut passage_keys: HashMap<&str, (MemoKey, u32)> = HashMap::with_capacity(texts.len());
+    for (id, text) in &texts {
+        let place = passage_texts_by_place.len() as u32;
+        passage_texts_by_place.push(text);
+        passage_keys.insert(id, (MemoKey::of(text.as_bytes()), place));
+    }
     let mut row_keys: Vec<Vec<MemoKey>> = Vec::with_capacity(rows.len());
-    for r in &rows {
+    // Every distinct pair, in the order of its key (the order the teachers score in and
+    // the cache is appended in): (key, row, the passage's place). Two pairs of equal keys
+    // have the same texts, so which one stays does not matter.
+    let mut pairs: Vec<(MemoKey, u32, u32)> =
+        Vec::with_capacity(rows.iter().map(|r| r.candidate_ids.len()).sum());
+    for (row, r) in rows.iter().enumerate() {
         let query_key = MemoKey::of(r.query_text.as_bytes());
         let mut keys = Vec::with_capacity(r.candidate_ids.len());
         for c in &r.candidate_ids {
-            let Some(&passage_key) = passage_keys.get(c.as_str()) else {
+            let Some(&(passage_key, place)) = passage_keys.get(c.as_str()) else {
                 return Err(EngineError::Invalid(format!(
                     "candidate passage `{c}` is not in the corpus any more; run mine again"
                 )));
             };
-            keys.push(pair_key_of(query_key, passage_key));
+            let key = pair_key_of(query_key, passage_key);
+            keys.push(key);
+            pairs.push((key, row as u32, place));
         }
         row_keys.push(keys);
-    }
-    // Every distinct pair, in the order of its key (the order the teachers score in and
-    // the cache is appended in): (key, row, candidate). Two pairs of equal keys have the
-    // same texts, so which one stays does not matter.
-    let mut pairs: Vec<(MemoKey, u32, u32)> =
-        Vec::with_capacity(row_keys.iter().map(Vec::len).sum());
-    for (r, keys) in row_keys.iter().enumerate() {
-        for (c, &key) in keys.iter().enumerate() {
-            pairs.push((key, r as u32, c as u32));
-        }
     }
     pairs.sort_unstable_by_key(|p| p.0);
     pairs.dedup_by_key(|p| p.0);
@@ -336,16 +337,10 @@ pub fn run_label_stage(
             let to_score: Vec<PairToScore<'_>> = missing
                 .iter()
                 .zip(&hexes)
-                .map(|(&&(_, r, c), hex)| {
-                    let row = &rows[r as usize];
-                    PairToScore {
-                        key: hex,
-                        query: &row.query_text,
-                        // Every candidate is in `texts` (checked with the pair keys).
-                        passage: texts
-                            .get(&row.candidate_ids[c as usize])
-                            .map_or("", String::as_str),
-                    }
+                .map(|(&&(_, row, place), hex)| PairToScore {
+                    key: hex,
+                    query: &rows[row as usize].query_text,
+                    passage: passage_texts_by_place[place as usize],
                 })
                 .collect();
             let ctx = ScoringContext {

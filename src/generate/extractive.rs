@@ -56,7 +56,8 @@ pub const MIN_CLAIM_WORDS: usize = 4;
 pub const SUPPORTED_TYPES: [&str; 5] = ["title", "claim", "keywords", "search", "web"];
 
 /// English function words that are never keywords: articles, pronouns, auxiliaries,
-/// prepositions, conjunctions and a few very common adverbs.
+/// prepositions, conjunctions and a few very common adverbs. Sorted (looked up by binary
+/// search; a test keeps it sorted).
 pub const STOPWORDS: [&str; 120] = [
     "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any",
     "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both",
@@ -247,7 +248,7 @@ fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
         .filter(|token| {
             token.chars().count() >= MIN_TERM_CHARS
                 && token.chars().any(char::is_alphabetic)
-                && !STOPWORDS.contains(&token.as_str())
+                && STOPWORDS.binary_search(&token.as_str()).is_err()
         })
 }
 
@@ -304,6 +305,11 @@ fn pick_sentence(text: &str, seed: u64) -> Option<&str> {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopwords_are_sorted_for_binary_search() {
+        assert!(STOPWORDS.windows(2).all(|w| w[0] < w[1]));
+    }
 
     fn passage(id: &str, title: &str, text: &str) -> PreparedPassage {
         PreparedPassage {
