@@ -364,7 +364,7 @@ fn offer(streams: &[QueryStream], texts: Vec<String>) {
 }
 
 /// [`run_generate_with`], sending the training queries' texts to `streams` as they
-/// are generated (those already in the cache first).
+/// are generated (those from the cache were sent when they were generated).
 pub fn run_generate_streaming(
     job: &GenerateJob,
     make: &GeneratorFactory<'_>,
@@ -394,29 +394,42 @@ pub fn run_generate_streaming(
     let generator_id = generator.id();
     let types = job.prompts.types();
     let prompt_hashes: Vec<String> = types.iter().map(|t| t.prompt_hash()).collect();
-    // Every request's cache key, passage-major: (passage, type) -> key.
-    let keys: Vec<Vec<String>> = passages
-        .iter()
-        .map(|p| {
-            types
-                .iter()
-                .zip(&prompt_hashes)
-                .map(|(t, prompt_hash)| {
-                    let seed =
-                        crate::generate::prompts::seed_for(&p.passage.hash, t.name(), job.seed);
-                    let inputs = generator.request_inputs(&p.passage, t.name());
-                    cache_key(
-                        &p.passage.hash,
-                        t.name(),
-                        &generator_id,
-                        prompt_hash,
-                        seed,
-                        inputs.as_deref(),
-                    )
-                })
-                .collect()
-        })
-        .collect();
+    // Every request's cache key, passage-major: (passage, type) -> key. A generator's
+    // inputs may read the whole passage (the extractive keywords' term frequencies), so
+    // the passages are split over the cores, in order.
+    let key_of = |p: &SampledPassage| -> Vec<String> {
+        types
+            .iter()
+            .zip(&prompt_hashes)
+            .map(|(t, prompt_hash)| {
+                let seed = crate::generate::prompts::seed_for(&p.passage.hash, t.name(), job.seed);
+                let inputs = generator.request_inputs(&p.passage, t.name());
+                cache_key(
+                    &p.passage.hash,
+                    t.name(),
+                    &generator_id,
+                    prompt_hash,
+                    seed,
+                    inputs.as_deref(),
+                )
+            })
+            .collect()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let per_core = passages.len().div_ceil(cores).max(1);
+    let keys: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let parts: Vec<_> = passages
+            .chunks(per_core)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(key_of).collect::<Vec<_>>()))
+            .collect();
+        let mut keys = Vec::with_capacity(passages.len());
+        for part in parts {
+            keys.extend(part.join().map_err(|_| {
+                EngineError::Dataflow("a cache key thread panicked; this is a bug".into())
+            })?);
+        }
+        Ok::<_, EngineError>(keys)
+    })?;
     let (stage, stage_key) = cache_stage(&generator_id);
     let mut known = read_cache(&store, &stage, &stage_key)?;
     let missing: Vec<(usize, usize)> = keys
@@ -429,21 +442,6 @@ pub fn run_generate_streaming(
                 .map(move |(t, _)| (p, t))
         })
         .collect();
-    if !streams.is_empty() {
-        let mut texts = Vec::new();
-        let training = passages.iter().zip(&keys).filter(|(s, _)| !s.held_out);
-        for (_, passage_keys) in training {
-            for key in passage_keys {
-                if let Some(Generated::Query { text, .. }) = known.get(key).map(|c| &c.outcome) {
-                    texts.push(text.clone());
-                }
-                if texts.len() >= super::CHUNK_ROWS {
-                    offer(streams, std::mem::take(&mut texts));
-                }
-            }
-        }
-        offer(streams, texts);
-    }
     let requests = passages.len() * types.len();
     let cached = requests - missing.len();
     // passages_missing[i]: distinct passages among missing[..=i].

@@ -151,6 +151,11 @@ pub fn embed_ahead(
     texts: impl Iterator<Item = String> + Send + 'static,
     stage: &EmbedStage,
 ) -> Result<u64, EngineError> {
+    // Nothing sent (nothing generated now): the memo is not even read.
+    let mut texts = texts.peekable();
+    if texts.peek().is_none() {
+        return Ok(0);
+    }
     let settings_hash = &stage.key.settings_hash;
     let memo_stage = memo_stage_name(settings_hash);
     let index = Arc::new(MemoIndex::load(store, &memo_stage, settings_hash)?);

@@ -36,11 +36,12 @@
 //! edited passages' queries and the keyword queries whose terms' frequencies moved (all
 //! of them when `N` moved), and a rerun ends equal to a run from scratch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::postprocess::outcome;
 use super::{Generated, GenerationRequest, PreparedPassage, QueryGenerator};
 use crate::error::EngineError;
+use crate::store::memo::BuildPrehashedHasher;
 
 /// Part of [`ExtractiveGenerator::id`]; bumped whenever a rule of this file changes what
 /// it writes, so that cached queries of the old rules are not reused.
@@ -79,21 +80,22 @@ const FULL_WIDTH_ENDS: [char; 3] = ['。', '！', '？'];
 /// Characters that may follow a sentence end before the whitespace.
 const CLOSERS: [char; 8] = ['"', '\'', ')', ']', '}', '”', '’', '»'];
 
-/// Document frequencies of the terms of a corpus.
+/// Document frequencies of the terms of a corpus, by each term's 64-bit hash
+/// ([`term_hash`]; two of a corpus's terms share one with probability ~n^2 / 2^65).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocumentFrequencies {
     documents: u64,
-    df: HashMap<String, u64>,
+    df: HashMap<u64, u64, BuildPrehashedHasher>,
 }
 
 impl DocumentFrequencies {
     /// The table of `passages` (each one document: title and text).
     pub fn from_passages<'a>(passages: impl IntoIterator<Item = &'a PreparedPassage>) -> Self {
         let mut table = Self::default();
+        let mut terms = PassageTerms::default();
         for passage in passages {
             table.documents += 1;
-            let distinct: HashSet<String> = terms(&document(passage)).collect();
-            for term in distinct {
+            for &term in terms.distinct(passage) {
                 *table.df.entry(term).or_insert(0) += 1;
             }
         }
@@ -108,20 +110,19 @@ impl DocumentFrequencies {
     /// What `passage`'s keyword query depends on in the table: `N` and each distinct
     /// term of the passage with its frequency, hashed.
     pub fn inputs_of(&self, passage: &PreparedPassage) -> String {
-        let mut distinct: Vec<String> = terms(&document(passage)).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let mut hasher = crate::store::ContentHasher::new();
-        hasher.field(self.documents.to_string());
-        for term in &distinct {
-            hasher.field(term).field(self.df(term).to_string());
+        let mut terms = PassageTerms::default();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.documents.to_le_bytes());
+        for &term in terms.distinct(passage) {
+            let df = self.df.get(&term).copied().unwrap_or(0);
+            hasher.update(&term.to_le_bytes()).update(&df.to_le_bytes());
         }
-        hasher.finish()
+        hasher.finalize().to_hex().to_string()
     }
 
     /// Documents that contain `term` (0 for a term never seen).
     pub fn df(&self, term: &str) -> u64 {
-        self.df.get(term).copied().unwrap_or(0)
+        self.df.get(&term_hash(term)).copied().unwrap_or(0)
     }
 
     /// `ln((1 + N) / (1 + df)) + 1`.
@@ -134,9 +135,16 @@ impl DocumentFrequencies {
     pub fn scores(&self, passage: &PreparedPassage) -> Vec<(String, f64)> {
         // (term, count, first position)
         let mut counts: HashMap<String, (u64, usize)> = HashMap::new();
-        for (position, term) in terms(&document(passage)).enumerate() {
-            counts.entry(term).or_insert((0, position)).0 += 1;
-        }
+        let mut position = 0;
+        for_each_term(passage, |term| {
+            match counts.get_mut(term) {
+                Some(count) => count.0 += 1,
+                None => {
+                    counts.insert(term.to_string(), (1, position));
+                }
+            }
+            position += 1;
+        });
         let mut scored: Vec<(String, f64, usize)> = counts
             .into_iter()
             .map(|(term, (tf, first))| {
@@ -235,21 +243,68 @@ impl QueryGenerator for ExtractiveGenerator {
     }
 }
 
-/// A passage's document for TF-IDF: title and text.
-fn document(passage: &PreparedPassage) -> String {
-    format!("{} {}", passage.title, passage.text)
+/// Calls `f` with each term of `passage`'s document (its title, then its text: a
+/// document for TF-IDF is both), in order; see the module docs for what a term is.
+/// Each term is lowercased into one reused buffer: no allocation per token (ASCII
+/// tokens; others go through `str::to_lowercase`, which knows the final sigma).
+fn for_each_term(passage: &PreparedPassage, mut f: impl FnMut(&str)) {
+    let mut buf = String::new();
+    for text in [passage.title.as_str(), passage.text.as_str()] {
+        for token in text.split(|c: char| !c.is_alphanumeric()) {
+            if token.is_empty() {
+                continue;
+            }
+            buf.clear();
+            let term = if token.is_ascii() {
+                buf.push_str(token);
+                buf.make_ascii_lowercase();
+                if buf.len() < MIN_TERM_CHARS || !buf.bytes().any(|b| b.is_ascii_alphabetic()) {
+                    continue;
+                }
+                buf.as_str()
+            } else {
+                buf.push_str(&token.to_lowercase());
+                if buf.chars().count() < MIN_TERM_CHARS || !buf.chars().any(char::is_alphabetic) {
+                    continue;
+                }
+                buf.as_str()
+            };
+            if STOPWORDS.binary_search(&term).is_err() {
+                f(term);
+            }
+        }
+    }
 }
 
-/// The terms of `text`, in order (see the module docs).
-fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|token| !token.is_empty())
-        .map(str::to_lowercase)
-        .filter(|token| {
-            token.chars().count() >= MIN_TERM_CHARS
-                && token.chars().any(char::is_alphabetic)
-                && STOPWORDS.binary_search(&token.as_str()).is_err()
-        })
+/// A term's key in [`DocumentFrequencies`]: 64-bit FNV-1a of its bytes, mixed by
+/// MurmurHash3's finaliser so that every bit depends on every byte.
+fn term_hash(term: &str) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in term.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// A passage's distinct term hashes, sorted, in a buffer reused from passage to passage.
+#[derive(Debug, Default)]
+struct PassageTerms {
+    hashes: Vec<u64>,
+}
+
+impl PassageTerms {
+    fn distinct(&mut self, passage: &PreparedPassage) -> &[u64] {
+        self.hashes.clear();
+        for_each_term(passage, |term| self.hashes.push(term_hash(term)));
+        self.hashes.sort_unstable();
+        self.hashes.dedup();
+        &self.hashes
+    }
 }
 
 /// The sentences of `text`, trimmed, in order (see the module docs).
@@ -305,6 +360,37 @@ fn pick_sentence(text: &str, seed: u64) -> Option<&str> {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
+
+    #[test]
+    fn terms_are_the_lowercased_alphanumeric_runs_of_title_and_text() {
+        // The definition, with an allocation per token, against the reused buffer.
+        let reference = |text: &str| -> Vec<String> {
+            text.split(|c: char| !c.is_alphanumeric())
+                .filter(|token| !token.is_empty())
+                .map(str::to_lowercase)
+                .filter(|token| {
+                    token.chars().count() >= MIN_TERM_CHARS
+                        && token.chars().any(char::is_alphabetic)
+                        && !STOPWORDS.contains(&token.as_str())
+                })
+                .collect()
+        };
+        let p = passage(
+            "x",
+            "ΟΔΟΣ Café",
+            "The 3D scan of X-ray data, 2024: Émile's ΣΟΦΟΣ and the b-cells; naïve ÅB a.",
+        );
+        let mut got = Vec::new();
+        for_each_term(&p, |t| got.push(t.to_string()));
+        let want = reference(&format!("{} {}", p.title, p.text));
+        assert_eq!(got, want);
+        assert!(got.contains(&"οδος".to_string()) || got.contains(&"οδοσ".to_string()));
+        assert!(got.contains(&"3d".to_string()) && !got.contains(&"2024".to_string()));
+        let frequencies = DocumentFrequencies::from_passages([&p]);
+        assert_eq!(frequencies.df("café"), 1);
+        assert_eq!(frequencies.df("the"), 0);
+        assert_ne!(term_hash("ab"), term_hash("ba"));
+    }
 
     #[test]
     fn stopwords_are_sorted_for_binary_search() {

@@ -54,13 +54,14 @@ impl MemoKey {
     }
 }
 
-/// Hashes a [`MemoKey`] for a hash table by taking its low 64 bits: the key is already
-/// a cryptographic hash, so hashing it again (the standard library's SipHash) only costs
-/// time, which tables of millions of keys (a teacher's pair scores) feel.
+/// Hashes a key that is already a uniform hash (a [`MemoKey`], a term's 64-bit hash) for
+/// a hash table by taking its low 64 bits: hashing it again (the standard library's
+/// SipHash) only costs time, which tables of millions of keys (a teacher's pair scores)
+/// feel.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct MemoKeyHasher(u64);
+pub struct PrehashedHasher(u64);
 
-impl std::hash::Hasher for MemoKeyHasher {
+impl std::hash::Hasher for PrehashedHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -69,7 +70,11 @@ impl std::hash::Hasher for MemoKeyHasher {
         self.0 = key as u64;
     }
 
-    /// Any other input (never a [`MemoKey`]'s): FNV-1a over the bytes.
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+
+    /// Any other input (never a prehashed key's): FNV-1a over the bytes.
     fn write(&mut self, bytes: &[u8]) {
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
@@ -80,12 +85,10 @@ impl std::hash::Hasher for MemoKeyHasher {
     }
 }
 
-/// Builds [`MemoKeyHasher`]s.
-pub type BuildMemoKeyHasher = std::hash::BuildHasherDefault<MemoKeyHasher>;
+/// Builds [`PrehashedHasher`]s.
+pub type BuildPrehashedHasher = std::hash::BuildHasherDefault<PrehashedHasher>;
 /// A map from [`MemoKey`]s.
-pub type MemoMap<V> = HashMap<MemoKey, V, BuildMemoKeyHasher>;
-/// A set of [`MemoKey`]s.
-pub type MemoSet = std::collections::HashSet<MemoKey, BuildMemoKeyHasher>;
+pub type MemoMap<V> = HashMap<MemoKey, V, BuildPrehashedHasher>;
 
 /// The key of memo table `settings_hash`'s stage.
 pub fn memo_stage_key(settings_hash: &str) -> StageKey {
