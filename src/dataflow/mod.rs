@@ -1,4 +1,10 @@
-//! The timely dataflows that run the stages.
+//! The engine's stage operators, one per file, and the timely dataflow that runs the
+//! device stages. The recipe's stages, in the order [`crate::driver`] chains them:
+//! [`generate`] (queries for the corpus) beside [`passage_index`] (every retriever's
+//! passage embeddings), then [`candidates`] (query embeddings, [`retrieve`], the
+//! candidate funnel), [`label`] (teacher scores, the teacher funnel, the examples),
+//! [`train`] and [`evaluate`]. Each reads its inputs' stages and resolved settings and is
+//! keyed in the stage store: reused when complete under its key, resumed when begun.
 //!
 //! A device stage (embedding texts, scoring pairs) is `input -> InferOnDevice ->
 //! WriteParts`:
