@@ -149,7 +149,8 @@ struct ExamplesRecord {
     dev: usize,
 }
 
-/// Where [`ExamplesRecord`] is kept in the run directory.
+/// Where the examples stage's record (its key, pairs, teacher statistics and counts) is
+/// kept in the run directory.
 pub const EXAMPLES_STATS_FILE: &str = "examples-stats.json";
 
 /// Teacher scoring and labelling of `mine`'s candidates; inputs not checked here

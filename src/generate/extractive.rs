@@ -81,7 +81,7 @@ const FULL_WIDTH_ENDS: [char; 3] = ['。', '！', '？'];
 const CLOSERS: [char; 8] = ['"', '\'', ')', ']', '}', '”', '’', '»'];
 
 /// Document frequencies of the terms of a corpus, by each term's 64-bit hash
-/// ([`term_hash`]; two of a corpus's terms share one with probability ~n^2 / 2^65).
+/// (FNV-1a, mixed; two of a corpus's terms share one with probability ~n^2 / 2^65).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocumentFrequencies {
     documents: u64,
