@@ -219,7 +219,7 @@ fn save_checkpoint(
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
     candle_core::safetensors::save(&weights, tmp.join(WEIGHTS_FILE))?;
-    candle_core::safetensors::save(&opt.state(), tmp.join(OPTIMIZER_FILE))?;
+    candle_core::safetensors::save(&opt.state()?, tmp.join(OPTIMIZER_FILE))?;
     #[derive(Serialize)]
     struct Saved<'a> {
         state: &'a TrainState,
