@@ -14,6 +14,7 @@ use distillery::eval::EvalOptions;
 use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::score::{run_score, ScoreJob};
+use distillery::train::trainer::StopReason;
 use distillery_operators::TextKind;
 
 mod cli;
@@ -460,6 +461,17 @@ fn run_cli(cli: Cli) -> Result<()> {
             );
             let losses: Vec<String> = r.dev_losses.iter().map(|l| format!("{l:.5}")).collect();
             println!("dev loss per epoch: {}", losses.join(", "));
+            match r.stopped {
+                StopReason::Patience => println!(
+                    "stopped early: no better dev loss for {} epochs (patience); the best \
+                     model is epoch {}'s",
+                    r.state.epochs_without_improvement,
+                    r.best_epoch
+                        .map_or_else(|| "none".into(), |e| e.to_string())
+                ),
+                StopReason::MaxEpochs => println!("stopped after max_epochs"),
+                StopReason::Interrupted => println!("stopped before the end; rerun to resume"),
+            }
             println!("best model: {}", outcome.model.display());
             write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;
             report_run_quarantine(quarantine)?;

@@ -1,7 +1,8 @@
 //! The trainer on a tiny random student and hand-made examples from the shipped SciFact
 //! subset: gradient caching gives the full-batch gradient, a run stopped mid-epoch and
-//! resumed ends with bit-identical weights, and the exported model loads as an embedder
-//! that gives the student's embeddings.
+//! resumed ends with bit-identical weights, the exported model loads as an embedder
+//! that gives the student's embeddings, and early stopping ends a run whose dev loss
+//! stops improving with the best epoch's weights exported.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -15,7 +16,7 @@ use distillery::mining::{Example, Split};
 use distillery::train::gradcache::{batch_gradients, prepare};
 use distillery::train::loss::{distillation_loss, LossConfig, TeacherLists};
 use distillery::train::optim::grads_of;
-use distillery::train::trainer::{train, RunControl, TrainSettings};
+use distillery::train::trainer::{train, RunControl, StopReason, TrainSettings};
 use distillery_operators::student::{Student, StudentOptions};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{Embedder, EmbedderOptions, TextKind, TokenBatch, TokenizedText};
@@ -412,4 +413,92 @@ fn copy_dir(from: &Path, to: &Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
+}
+
+#[test]
+fn early_stopping_ends_the_run_and_the_best_model_holds_the_best_epochs_weights() {
+    let passages = corpus();
+    let texts: HashMap<String, String> = passages.iter().cloned().collect();
+    // Sixteen training queries, and a dev set that contradicts them: four of the same
+    // queries and lists in reverse order (the training list's last passage is the dev
+    // list's positive, its positive the dev list's last). The better the student fits
+    // the training lists, the worse its dev loss.
+    let mut ex: Vec<Example> = examples(&passages, 16)
+        .into_iter()
+        .map(|mut e| {
+            e.split = Split::Train;
+            e
+        })
+        .collect();
+    for e in ex.clone().iter().take(4) {
+        let mut dev = e.clone();
+        dev.query_id = format!("{}-dev", e.query_id);
+        dev.passage_ids.reverse();
+        dev.source_ids = vec![dev.passage_ids[0].clone()];
+        dev.split = Split::Dev;
+        ex.push(dev);
+    }
+    let model = tempfile::tempdir().unwrap();
+    let _ = tiny_student(model.path(), &passages);
+    let patient = |max_epochs, patience| TrainSettings {
+        max_epochs,
+        patience,
+        ..settings()
+    };
+
+    let run = tempfile::tempdir().unwrap();
+    let trained = tiny_student(model.path(), &passages);
+    let report = train(
+        &trained,
+        ex.clone(),
+        &texts,
+        &patient(8, 2),
+        run.path(),
+        (None, None),
+        quiet(None),
+    )
+    .unwrap();
+    assert_eq!(
+        report.stopped,
+        StopReason::Patience,
+        "{:?}",
+        report.dev_losses
+    );
+    let best = report.best_epoch.unwrap();
+    // The run ended `patience` epochs after its best, before max_epochs, and no later
+    // epoch beat the best.
+    assert_eq!(report.state.epoch, best + 1 + 2);
+    assert!(report.state.epoch < 8);
+    assert_eq!(report.dev_losses.len() as u64, report.state.epoch);
+    let best_loss = report.dev_losses[best as usize];
+    assert!(report.dev_losses[..best as usize]
+        .iter()
+        .all(|&l| l > best_loss));
+    assert!(report.dev_losses[best as usize + 1..]
+        .iter()
+        .all(|&l| l >= best_loss));
+
+    // The same training stopped at the best epoch exports the same bytes: the best model
+    // is that epoch's weights, not the last epoch's.
+    let short = tempfile::tempdir().unwrap();
+    let student = tiny_student(model.path(), &passages);
+    let until_best = train(
+        &student,
+        ex,
+        &texts,
+        &patient(best + 1, 100),
+        short.path(),
+        (None, None),
+        quiet(None),
+    )
+    .unwrap();
+    assert_eq!(until_best.stopped, StopReason::MaxEpochs);
+    let bytes = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(bytes(&report.best_model) == bytes(&until_best.best_model));
+    // ...and the last epoch's weights differ from them (training went on after it).
+    let last = tempfile::tempdir().unwrap();
+    trained
+        .export_sentence_transformers(trained.dir(), last.path(), (None, None))
+        .unwrap();
+    assert!(bytes(&report.best_model) != bytes(last.path()));
 }

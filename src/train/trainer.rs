@@ -109,10 +109,41 @@ pub struct TrainState {
     pub finished: bool,
 }
 
+/// Why a training run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Early stopping: `patience` epochs in a row without a better dev loss.
+    Patience,
+    /// `max_epochs` epochs done.
+    MaxEpochs,
+    /// Stopped from outside after [`RunControl::stop_after`] steps (what a kill does);
+    /// the checkpoint resumes it.
+    Interrupted,
+}
+
+impl StopReason {
+    /// Why a run in `state` under `settings` ended.
+    fn of(state: &TrainState, settings: &TrainSettings) -> Self {
+        if !state.finished && state.epoch < settings.max_epochs {
+            StopReason::Interrupted
+        } else if state.epochs_without_improvement >= settings.patience {
+            StopReason::Patience
+        } else {
+            StopReason::MaxEpochs
+        }
+    }
+}
+
 /// What a training run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
     pub state: TrainState,
+    /// Why it ended.
+    pub stopped: StopReason,
+    /// The epoch (0-based) whose weights the best model holds: the lowest dev loss, the
+    /// first of equal ones; `None` before the first epoch ends.
+    pub best_epoch: Option<u64>,
     pub steps_per_epoch: u64,
     pub train_queries: usize,
     pub dev_queries: usize,
@@ -460,6 +491,8 @@ pub fn train(
             if stop_after.is_some_and(|n| state.global_step >= n) {
                 save_checkpoint(&checkpoint, student, &opt, &state, &inputs)?;
                 return Ok(TrainReport {
+                    stopped: StopReason::of(&state, settings),
+                    best_epoch: best_epoch(&dev_losses),
                     state,
                     steps_per_epoch: steps,
                     train_queries: set.train.len(),
@@ -539,7 +572,19 @@ pub fn train(
     progress.finish();
     drop(log);
     crate::train::report::write_loss_plot(&log_path, &dir.join("loss.svg"))?;
+    let stopped = StopReason::of(&state, settings);
+    let best_epoch = best_epoch(&dev_losses);
+    if !quiet && stopped == StopReason::Patience {
+        eprintln!(
+            "early stopping after epoch {}: no better dev loss for {} epochs (best: epoch {})",
+            state.epoch.saturating_sub(1),
+            state.epochs_without_improvement,
+            best_epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
+        );
+    }
     Ok(TrainReport {
+        stopped,
+        best_epoch,
         state,
         steps_per_epoch: steps,
         train_queries: set.train.len(),
@@ -548,6 +593,18 @@ pub fn train(
         best_model,
         resumed_from,
     })
+}
+
+/// The epoch of the lowest dev loss (the first of equal ones), as the trainer exports it:
+/// an epoch's model is exported when its loss is strictly below every earlier one's.
+fn best_epoch(dev_losses: &[f64]) -> Option<u64> {
+    let mut best: Option<(usize, f64)> = None;
+    for (epoch, &loss) in dev_losses.iter().enumerate() {
+        if best.is_none_or(|(_, b)| loss < b) {
+            best = Some((epoch, loss));
+        }
+    }
+    best.map(|(epoch, _)| epoch as u64)
 }
 
 /// The dev set's loss: the mean over its accumulated batches (the train set's loss when
