@@ -114,6 +114,11 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
     }
 }
 
+/// Rows per Arrow batch handed to the Parquet writer: the engine's chunk size
+/// (`dataflow::CHUNK_ROWS`). The file's bytes depend on it, so it is fixed here rather
+/// than borrowed from the layer above.
+const WRITE_BATCH_ROWS: usize = 2048;
+
 /// Writes the queries to `path`: Parquet when it ends in `.parquet`, JSONL otherwise.
 /// The file is written through the store's durable protocol: whole or absent.
 pub fn write_queries_file(path: &Path, rows: &[GeneratedQuery]) -> Result<(), EngineError> {
@@ -121,7 +126,7 @@ pub fn write_queries_file(path: &Path, rows: &[GeneratedQuery]) -> Result<(), En
         if path.extension().is_some_and(|e| e == "parquet") {
             let parquet = |e| EngineError::Invalid(format!("{}: {e}", tmp.display()));
             let mut writer = ArrowWriter::try_new(file, queries_schema(), None).map_err(parquet)?;
-            for chunk in rows.chunks(crate::dataflow::CHUNK_ROWS) {
+            for chunk in rows.chunks(WRITE_BATCH_ROWS) {
                 writer.write(&queries_batch(chunk)?).map_err(parquet)?;
             }
             writer.close().map_err(parquet)?;
