@@ -206,13 +206,27 @@ fn run_command(a: &RunArgs) -> Result<()> {
     );
     for e in &outcome.evaluations {
         println!("{} ({} queries):", e.set, e.queries);
-        for (model, m) in [("base", &e.base), ("fine-tuned", &e.fine_tuned)] {
+        let check = outcome.teacher_checks.iter().find(|c| c.set == e.set);
+        let teachers = check.map(|c| ("teachers*", &c.teachers));
+        for (model, m) in [("base", &e.base), ("fine-tuned", &e.fine_tuned)]
+            .into_iter()
+            .chain(teachers)
+        {
             println!(
                 "  {model:<11} nDCG@10 {}  Recall@100 {}  MRR@10 {}",
                 metric(m.ndcg_at_10),
                 metric(m.recall_at_100),
                 metric(m.mrr_at_10)
             );
+        }
+        if let Some(check) = check {
+            println!("  (* the teachers reranking the base model's top 100, before training)");
+            if !check.teachers_better() {
+                println!(
+                    "  the teachers do not rank better than the base model here: distilling \
+                     them is unlikely to improve it"
+                );
+            }
         }
         if let (Some(base), Some(tuned)) = (e.base.ndcg_at_10, e.fine_tuned.ndcg_at_10) {
             if tuned < base {

@@ -57,11 +57,16 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
     assert_eq!(retrievals[0]["reused"], true, "{retrievals:?}");
     assert_eq!(retrievals[0]["lists_retrieved"], 0);
     assert_eq!(retrievals[0]["lists_repaired"], 0);
-    // The only device work of that run: evaluating the two models.
+    // The only device work of that run: evaluating the two models, and the teacher
+    // check's new texts and pairs (the held-out queries, which no stage command meets).
     let stages = summary["device_stages"].as_array().unwrap();
     assert!(!stages.is_empty());
     for s in stages {
-        assert!(s["label"].as_str().unwrap().starts_with("evaluate"), "{s}");
+        let label = s["label"].as_str().unwrap();
+        assert!(
+            label.starts_with("evaluate") || label.starts_with("teacher "),
+            "{s}"
+        );
     }
     assert_eq!(model, files(&b.join("train/best-model")));
     // Its report still draws the dev loss of the epochs `train` finished.
@@ -108,13 +113,41 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
             }
         }
     }
+    // The teacher check, before training, on the same sets: the base student's metrics
+    // are the evaluation's (the same retrieval, read back), the teachers' are theirs.
+    let checks = summary["teacher_checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 2);
+    for (check, evaluation) in checks.iter().zip(evaluations) {
+        assert_eq!(check["set"], evaluation["set"]);
+        assert_eq!(check["queries"], evaluation["queries"]);
+        assert_eq!(check["student"], evaluation["base"], "{check}");
+        for m in ["ndcg_at_10", "recall_at_100", "mrr_at_10"] {
+            let v = check["teachers"][m].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "teachers {m} = {v}");
+        }
+        // Reranking the student's top 100 cannot change what is in it.
+        assert_eq!(
+            check["teachers"]["recall_at_100"],
+            check["student"]["recall_at_100"]
+        );
+    }
     let parts: Vec<&str> = summary["parts"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p["part"].as_str().unwrap())
         .collect();
-    assert_eq!(parts, ["generate", "mine", "label", "train", "evaluate"]);
+    assert_eq!(
+        parts,
+        [
+            "generate",
+            "mine",
+            "label",
+            "check teachers",
+            "train",
+            "evaluate"
+        ]
+    );
 
     // The report: one file, every plot drawn, nothing fetched from elsewhere.
     let html = std::fs::read_to_string(a.join("report.html")).unwrap();

@@ -35,7 +35,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn of(report: &EvalReport) -> Self {
+    pub(crate) fn of(report: &EvalReport) -> Self {
         Self {
             ndcg_at_10: report.ndcg_at(10),
             recall_at_100: report.recall_at(100),
@@ -273,12 +273,12 @@ pub fn read_matrix(store: &StageStore, stage: &str) -> Result<EmbeddingMatrix, E
 }
 
 /// A query set to evaluate on: its name, corpus and judged queries.
-struct QuerySet {
-    name: String,
-    label: String,
-    corpus: PathBuf,
-    queries: Vec<Query>,
-    qrels: Qrels,
+pub(crate) struct QuerySet {
+    pub name: String,
+    pub label: String,
+    pub corpus: PathBuf,
+    pub queries: Vec<Query>,
+    pub qrels: Qrels,
 }
 
 /// The held-out passages' generated queries, each judging its source passage relevant.
@@ -304,13 +304,12 @@ fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
     }
 }
 
-/// The base and the fine-tuned model on every query set of the run.
-pub fn evaluate_models(
+/// Every query set of the run: the synthetic one (the held-out passages' generated
+/// queries, with `[eval] synthetic`) and `[eval] dataset`'s split.
+pub(crate) fn query_sets(
     pipeline: &Pipeline,
     generated: Option<&[GeneratedQuery]>,
-    base: &Path,
-    fine_tuned: &Path,
-) -> Result<Vec<Evaluation>, EngineError> {
+) -> Result<Vec<QuerySet>, EngineError> {
     let read = pipeline.retrievers[0].read_options()?;
     let mut sets = Vec::new();
     if let (true, Some(rows)) = (pipeline.eval.synthetic, generated) {
@@ -329,11 +328,23 @@ pub fn evaluate_models(
             qrels,
         });
     }
-    let store = StageStore::open(&pipeline.run_dir)?;
+    Ok(sets)
+}
+
+/// A student model to evaluate: its name (`base`, `fine-tuned`), embedder and
+/// fingerprint.
+pub(crate) type StudentModel = (&'static str, Arc<Embedder>, String);
+
+/// The base student and, when given, the fine-tuned one, with the student's prompts as
+/// training used them and the base model's maximum length for both: the export records
+/// the training's passage length, and a comparison at two lengths would measure the
+/// truncation, not the training.
+pub(crate) fn student_models(
+    pipeline: &Pipeline,
+    base: &Path,
+    fine_tuned: Option<&Path>,
+) -> Result<Vec<StudentModel>, EngineError> {
     let student = pipeline.student.as_ref();
-    // The student's prompts, as training used them, and the base model's maximum length
-    // for both models: the export records the training's passage length, and a
-    // comparison at two lengths would measure the truncation, not the training.
     let mut options = EmbedderOptions {
         max_seq_length: None,
         query_prefix: student.and_then(|s| s.query_prefix.clone()),
@@ -343,37 +354,66 @@ pub fn evaluate_models(
         let embedder = Embedder::load(dir, options, &pipeline.device)?;
         Ok::<_, EngineError>((Arc::new(embedder), fingerprint(dir)?))
     };
-    let base = load(base, &options)?;
-    options.max_seq_length = Some(base.0.max_seq_length());
-    let models = [("base", base), ("fine-tuned", load(fine_tuned, &options)?)];
-    let options = EvalOptions::default();
+    let (embedder, print) = load(base, &options)?;
+    options.max_seq_length = Some(embedder.max_seq_length());
+    let mut models = vec![("base", embedder, print)];
+    if let Some(dir) = fine_tuned {
+        let (embedder, print) = load(dir, &options)?;
+        models.push(("fine-tuned", embedder, print));
+    }
+    Ok(models)
+}
+
+/// `model`'s exact retrieval over query set number `index` of the run, scored; its
+/// stages are named by the model's fingerprint and the set's place (never a path or an
+/// id), so the teacher check and the evaluation share them.
+pub(crate) fn retrieve_set(
+    pipeline: &Pipeline,
+    store: &StageStore,
+    set: &QuerySet,
+    index: usize,
+    model: &StudentModel,
+) -> Result<RetrievalScores, EngineError> {
+    let read = pipeline.retrievers[0].read_options()?;
+    let corpus_hash = hash_file(&set.corpus)?;
+    let (which, embedder, model_fingerprint) = model;
+    let tag = format!("eval-{}", &model_fingerprint[..12]);
+    evaluate_retrieval(&RetrievalEval {
+        store,
+        embedder: embedder.clone(),
+        model_fingerprint,
+        corpus: &set.corpus,
+        corpus_hash: &corpus_hash,
+        read: &read,
+        passages_stage: format!("{tag}-set{index}-passages"),
+        queries_stage: format!("{tag}-set{index}-queries"),
+        queries: &set.queries,
+        qrels: &set.qrels,
+        batcher: pipeline.batcher(),
+        workers: pipeline.workers,
+        threads: pipeline.threads,
+        quiet: pipeline.quiet,
+        options: &EvalOptions::default(),
+        label: &format!("evaluate {which} on {}", set.name),
+    })
+}
+
+/// The base and the fine-tuned model on every query set of the run.
+pub fn evaluate_models(
+    pipeline: &Pipeline,
+    generated: Option<&[GeneratedQuery]>,
+    base: &Path,
+    fine_tuned: &Path,
+) -> Result<Vec<Evaluation>, EngineError> {
+    let sets = query_sets(pipeline, generated)?;
+    let store = StageStore::open(&pipeline.run_dir)?;
+    let models = student_models(pipeline, base, Some(fine_tuned))?;
     let mut evaluations = Vec::new();
     for (index, set) in sets.iter().enumerate() {
-        let corpus_hash = hash_file(&set.corpus)?;
         let mut metrics = Vec::new();
         let mut passages = 0;
-        for (which, (embedder, model_fingerprint)) in &models {
-            // Stage names are the engine's: the model's fingerprint and the set's place,
-            // never a path or an id.
-            let tag = format!("eval-{}", &model_fingerprint[..12]);
-            let scores = evaluate_retrieval(&RetrievalEval {
-                store: &store,
-                embedder: embedder.clone(),
-                model_fingerprint,
-                corpus: &set.corpus,
-                corpus_hash: &corpus_hash,
-                read: &read,
-                passages_stage: format!("{tag}-set{index}-passages"),
-                queries_stage: format!("{tag}-set{index}-queries"),
-                queries: &set.queries,
-                qrels: &set.qrels,
-                batcher: pipeline.batcher(),
-                workers: pipeline.workers,
-                threads: pipeline.threads,
-                quiet: pipeline.quiet,
-                options: &options,
-                label: &format!("evaluate {which} on {}", set.name),
-            })?;
+        for model in &models {
+            let scores = retrieve_set(pipeline, &store, set, index, model)?;
             passages = scores.passages;
             metrics.push(Metrics::of(&scores.report));
         }

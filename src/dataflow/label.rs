@@ -100,7 +100,7 @@ pub fn pair_key(query: &str, passage: &str) -> String {
 /// [`pair_key`] from the two texts' keys: a text is hashed once for all its pairs (a
 /// SciFact passage is in some 280 pairs; hashing it for each was most of a rerun). The
 /// cache stores [`MemoKey::to_hex`] of it.
-fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
+pub(crate) fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
     let mut both = [0u8; 32];
     both[..16].copy_from_slice(&query.0.to_be_bytes());
     both[16..].copy_from_slice(&passage.0.to_be_bytes());
@@ -304,74 +304,25 @@ pub fn run_label_stage(
     let mut per_teacher: Vec<MemoMap<f32>> = Vec::new();
     let mut scored_now = Vec::new();
     let mut teacher_embeddings = Vec::new();
-    for (t, (teacher, settings)) in teachers.iter().zip(&pipeline.teachers).enumerate() {
-        let settings_hash = teacher.fingerprint().to_string();
-        // Stage names come from the hash, never from the user's path.
-        let stage_prefix = format!("teacher-{}", &settings_hash[..16]);
-        let cache_stage = format!("{stage_prefix}-cache");
-        let cache_key = StageKey {
-            settings_hash,
-            input_hash: TEACHER_CACHE_INPUT.into(),
-        };
-        let mut cached = MemoMap::default();
-        if teacher.cached()
-            && matches!(
-                store.status(&cache_stage, &cache_key)?,
-                StageStatus::Partial { .. }
-            )
-        {
-            read_scores(&store, &cache_stage, &mut cached)?;
-        }
-        let missing: Vec<&(MemoKey, u32, u32)> = pairs
-            .iter()
-            .filter(|p| !cached.contains_key(&p.0))
-            .collect();
-        scored_now.push(missing.len());
-        if !missing.is_empty() {
-            // A pair's key names it in the cache and in the teacher's own stages; a
-            // teacher that keeps neither needs none.
-            let hexes: Vec<String> = if teacher.cached() {
-                missing.iter().map(|p| p.0.to_hex()).collect()
-            } else {
-                vec![String::new(); missing.len()]
-            };
-            let to_score: Vec<PairToScore<'_>> = missing
-                .iter()
-                .zip(&hexes)
-                .map(|(&&(_, row, place), hex)| PairToScore {
-                    key: hex,
-                    query: &rows[row as usize].query_text,
-                    passage: passage_texts_by_place[place as usize],
-                })
-                .collect();
-            let ctx = ScoringContext {
-                store: &store,
-                stage_prefix,
-                label: format!("teacher {t} ({})", settings.kind.name()),
-                batcher: pipeline.batcher(),
-                workers: pipeline.workers,
-                threads: pipeline.threads,
-                quiet: pipeline.quiet,
-                known: known.clone(),
-            };
-            let scores = teacher.score_pairs(&to_score, &ctx)?;
-            if scores.len() != to_score.len() {
-                return Err(EngineError::Dataflow(format!(
-                    "teacher {t} returned {} scores for {} pairs; this is a bug",
-                    scores.len(),
-                    to_score.len()
-                )));
-            }
-            // Append the new scores to the cache (a part at a time, each atomic).
-            if teacher.cached() {
-                let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
-                for (chunk, chunk_scores) in hexes.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS))
-                {
-                    writer.write_part(&[scores_batch(chunk, chunk_scores.to_vec())?])?;
-                }
-            }
-            cached.extend(missing.iter().map(|p| p.0).zip(scores));
-        }
+    let keys: Vec<MemoKey> = pairs.iter().map(|p| p.0).collect();
+    let texts_of = |i: usize| {
+        let (_, row, place) = pairs[i];
+        (
+            rows[row as usize].query_text.as_str(),
+            passage_texts_by_place[place as usize],
+        )
+    };
+    for (t, teacher) in teachers.iter().enumerate() {
+        let (cached, now) = scores_through_cache(
+            &store,
+            pipeline,
+            t,
+            teacher.as_ref(),
+            &keys,
+            &texts_of,
+            known.clone(),
+        )?;
+        scored_now.push(now);
         teacher_embeddings.push(teacher.embedding_counts());
         per_teacher.push(cached);
     }
@@ -473,6 +424,95 @@ pub fn run_label_stage(
         dev,
         jsonl,
     })
+}
+
+/// Teacher `t`'s scores of the pairs `keys` names (sorted, distinct [`pair_key`]s;
+/// `texts(i)` is pair `i`'s query and passage text) through its pair cache: the pairs
+/// the cache lacks are scored and appended to it (a part at a time, each atomic), all of
+/// them for a teacher that is not cached. Returns every pair's score by key and how many
+/// were scored now.
+pub(crate) fn scores_through_cache<'t>(
+    store: &StageStore,
+    pipeline: &Pipeline,
+    t: usize,
+    teacher: &dyn teacher::PairTeacher,
+    keys: &[MemoKey],
+    texts: &dyn Fn(usize) -> (&'t str, &'t str),
+    known: Vec<KnownEmbeddings<'_>>,
+) -> Result<(MemoMap<f32>, usize), EngineError> {
+    let settings_hash = teacher.fingerprint().to_string();
+    // Stage names come from the hash, never from the user's path.
+    let stage_prefix = format!("teacher-{}", &settings_hash[..16]);
+    let cache_stage = format!("{stage_prefix}-cache");
+    let cache_key = StageKey {
+        settings_hash,
+        input_hash: TEACHER_CACHE_INPUT.into(),
+    };
+    let mut cached = MemoMap::default();
+    if teacher.cached()
+        && matches!(
+            store.status(&cache_stage, &cache_key)?,
+            StageStatus::Partial { .. }
+        )
+    {
+        read_scores(store, &cache_stage, &mut cached)?;
+    }
+    let missing: Vec<usize> = (0..keys.len())
+        .filter(|&i| !cached.contains_key(&keys[i]))
+        .collect();
+    if missing.is_empty() {
+        return Ok((cached, 0));
+    }
+    // A pair's key names it in the cache and in the teacher's own stages; a teacher that
+    // keeps neither needs none.
+    let hexes: Vec<String> = if teacher.cached() {
+        missing.iter().map(|&i| keys[i].to_hex()).collect()
+    } else {
+        vec![String::new(); missing.len()]
+    };
+    let to_score: Vec<PairToScore<'_>> = missing
+        .iter()
+        .zip(&hexes)
+        .map(|(&i, hex)| {
+            let (query, passage) = texts(i);
+            PairToScore {
+                key: hex,
+                query,
+                passage,
+            }
+        })
+        .collect();
+    let kind = pipeline
+        .teachers
+        .get(t)
+        .map_or("teacher", |s| s.kind.name());
+    let ctx = ScoringContext {
+        store,
+        stage_prefix,
+        label: format!("teacher {t} ({kind})"),
+        batcher: pipeline.batcher(),
+        workers: pipeline.workers,
+        threads: pipeline.threads,
+        quiet: pipeline.quiet,
+        known,
+    };
+    let scores = teacher.score_pairs(&to_score, &ctx)?;
+    if scores.len() != to_score.len() {
+        return Err(EngineError::Dataflow(format!(
+            "teacher {t} returned {} scores for {} pairs; this is a bug",
+            scores.len(),
+            to_score.len()
+        )));
+    }
+    if teacher.cached() {
+        let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
+        for (chunk, chunk_scores) in hexes.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS)) {
+            writer.write_part(&[scores_batch(chunk, chunk_scores.to_vec())?])?;
+        }
+    }
+    let now = missing.len();
+    cached.extend(missing.into_iter().map(|i| keys[i]).zip(scores));
+    Ok((cached, now))
 }
 
 /// The examples as JSONL at `path`, through the durable protocol.

@@ -3,7 +3,8 @@
 //! [`generate`] (queries for the corpus) beside [`passage_index`] (every retriever's
 //! passage embeddings), then [`candidates`] (query embeddings, [`retrieve`], the
 //! candidate funnel), [`label`] (teacher scores, the teacher funnel, the examples),
-//! [`train`] and [`evaluate`]. Each reads its inputs' stages and resolved settings and is
+//! [`teacher_check`] (do the teachers rank better than the base student?), [`train`] and
+//! [`evaluate`]. Each reads its inputs' stages and resolved settings and is
 //! keyed in the stage store: reused when complete under its key, resumed when begun.
 //!
 //! A device stage (embedding texts, scoring pairs) is `input -> InferOnDevice ->
@@ -36,6 +37,7 @@ pub mod label;
 pub mod memo_embed;
 pub mod passage_index;
 pub mod retrieve;
+pub mod teacher_check;
 pub mod train;
 pub mod write_parts;
 

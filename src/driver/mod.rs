@@ -53,12 +53,13 @@ use crate::dataflow::passage_index::{
     embed_passages, load_retrievers, retriever_stage, PassageIndex,
 };
 use crate::dataflow::read_device_journal;
+use crate::dataflow::teacher_check::{check_teachers, TeacherCheck};
 use crate::dataflow::train::{run_train_stage, TrainOutcome};
 use crate::error::EngineError;
 use crate::store::StageStore;
 
-/// The parts of a run, in order: generate, mine, label, train, evaluate.
-const PARTS: usize = 5;
+/// The parts of a run, in order: generate, mine, label, check teachers, train, evaluate.
+const PARTS: usize = 6;
 
 /// The summary `run` writes into the run directory.
 pub const SUMMARY_FILE: &str = "run-summary.json";
@@ -81,6 +82,9 @@ pub struct RunOutcome {
     pub mine: MineOutcome,
     pub label: LabelOutcome,
     pub train: TrainOutcome,
+    /// The teachers' reranking of the base student's top 100 beside the student, per
+    /// query set, measured before training.
+    pub teacher_checks: Vec<TeacherCheck>,
     pub evaluations: Vec<Evaluation>,
     pub parts: Vec<PartTime>,
     pub seconds: f64,
@@ -279,10 +283,33 @@ impl<'p> Driver<'p> {
         stop_after: Option<u64>,
     ) -> Result<(Option<GenerateOutcome>, TrainOutcome), EngineError> {
         let (generate, label) = self.label()?;
-        let t = self.begin("train", 4);
+        let t = self.begin("train", 5);
         let train = run_train_stage(self.pipeline, label, stop_after)?;
         self.timed("train", t);
         Ok((generate, train))
+    }
+}
+
+/// One line on the teacher check of a set, with a plain warning when the teachers do not
+/// rank better than the student they are about to train.
+pub fn check_line(check: &TeacherCheck) -> String {
+    let fmt = |m: Option<f64>| m.map_or_else(|| "-".into(), |v| format!("{v:.4}"));
+    let line = format!(
+        "teacher check on {} ({} queries): nDCG@10 base student {}, teachers reranking its top 100 {}",
+        check.set,
+        check.queries,
+        fmt(check.student.ndcg_at_10),
+        fmt(check.teachers.ndcg_at_10)
+    );
+    if check.teachers_better() {
+        line
+    } else {
+        format!(
+            "{line}\nwarning: the teachers do not rank better than the base student on {}; \
+             distilling them is unlikely to improve it (a stronger teacher, e.g. a \
+             cross-encoder, is what the recipe needs)",
+            check.set
+        )
     }
 }
 
@@ -294,13 +321,28 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     let journal_before = read_device_journal(&pipeline.run_dir).len();
     let start = Instant::now();
     let mut driver = Driver::new(pipeline, true);
-    let (generate, train) = driver.train(None)?;
-    let t = driver.begin("evaluate", 5);
     let student = pipeline
         .student
         .as_ref()
         .ok_or_else(|| EngineError::Invalid("no [student]: preflight let it through".into()))?;
     let base_model = PathBuf::from(&student.model);
+    let (generate, label) = driver.label()?;
+    let t = driver.begin("check teachers", 4);
+    let teacher_checks = check_teachers(
+        pipeline,
+        generate.as_ref().map(|g| g.rows.as_slice()),
+        &base_model,
+    )?;
+    driver.timed("check teachers", t);
+    if !pipeline.quiet {
+        for check in &teacher_checks {
+            eprintln!("{}", check_line(check));
+        }
+    }
+    let t = driver.begin("train", 5);
+    let train = run_train_stage(pipeline, label, None)?;
+    driver.timed("train", t);
+    let t = driver.begin("evaluate", 6);
     let evaluations = evaluate_models(
         pipeline,
         generate.as_ref().map(|g| g.rows.as_slice()),
@@ -330,6 +372,7 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
         mine,
         label,
         train: train.clone(),
+        teacher_checks,
         evaluations,
         parts,
         seconds: start.elapsed().as_secs_f64(),

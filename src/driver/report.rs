@@ -249,10 +249,22 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
     }
     let mut bars = Vec::new();
     for e in &outcome.evaluations {
+        // The teacher check of the same set, measured before training: the teachers
+        // reranking the base model's top 100.
+        let teachers = outcome
+            .teacher_checks
+            .iter()
+            .find(|c| c.set == e.set)
+            .map_or_else(String::new, |c| {
+                format!(
+                    "<tr>{}</tr>",
+                    metrics_rows("teachers (reranking the base's top 100)", &c.teachers)
+                )
+            });
         let _ = write!(
             html,
             "<h3>{} ({} queries, {} passages)</h3><table><tr><th>model</th><th>nDCG@10</th>\
-             <th>Recall@100</th><th>MRR@10</th></tr><tr>{}</tr><tr>{}</tr></table>",
+             <th>Recall@100</th><th>MRR@10</th></tr><tr>{}</tr><tr>{}</tr>{teachers}</table>",
             escape(&e.set),
             e.queries,
             e.passages,

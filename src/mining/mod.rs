@@ -60,6 +60,7 @@ mod combine;
 mod examples;
 mod held_out;
 mod normalize;
+mod rerank;
 mod rrf;
 mod split;
 mod teacher_filter;
@@ -77,6 +78,7 @@ pub use examples::{
 };
 pub use held_out::held_out_passages;
 pub use normalize::{percentile, percentile_of_sorted, ScoreScale};
+pub use rerank::rerank;
 pub use rrf::{fuse, FusedHit, DEFAULT_RRF_K};
 pub use split::{split_of, Split};
 pub use teacher_filter::{
