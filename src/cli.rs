@@ -172,6 +172,10 @@ pub(crate) struct EvalArgs {
     /// Write the metrics as JSON here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// A pipeline configuration whose [[teachers]] rerank each query's top 100 (the
+    /// teacher check): their metrics are reported beside the model's.
+    #[arg(long, value_name = "CONFIG")]
+    pub(crate) teachers: Option<PathBuf>,
 }
 
 #[derive(Args)]

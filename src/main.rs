@@ -318,6 +318,19 @@ fn run_cli(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{name}")));
             std::fs::create_dir_all(&run_dir)
                 .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let teachers = match &a.teachers {
+                Some(config) => {
+                    let mut pipeline = Pipeline::load(config)?;
+                    if pipeline.teachers.is_empty() {
+                        anyhow::bail!("{}: no [[teachers]] to check", config.display());
+                    }
+                    // The teachers' caches live with this evaluation's stages.
+                    pipeline.run_dir = run_dir.clone();
+                    pipeline.quiet = a.model.quiet;
+                    Some(pipeline)
+                }
+                None => None,
+            };
             let settings = EvalSettings {
                 embed: embed_settings(&a.model, &run_dir),
                 dataset: a.dataset.clone(),
@@ -325,6 +338,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 run_dir,
                 eval: EvalOptions::default(),
                 threads,
+                teachers,
             };
             let (outcome, _model) = run_eval(&settings)?;
             println!("dataset    {} ({} split)", a.dataset.display(), a.split);
@@ -333,6 +347,22 @@ fn run_cli(cli: Cli) -> Result<()> {
             for m in outcome.report.measures() {
                 if let Some(v) = outcome.report.mean(*m) {
                     println!("{:<10} {v:.4}", m.key());
+                }
+            }
+            if let Some(t) = &outcome.teachers {
+                let metric =
+                    |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.4}"));
+                println!(
+                    "teachers reranking the top 100: nDCG@10 {}  Recall@100 {}  MRR@10 {}",
+                    metric(t.ndcg_at_10),
+                    metric(t.recall_at_100),
+                    metric(t.mrr_at_10)
+                );
+                if t.ndcg_at_10 <= outcome.ndcg_at_10 {
+                    println!(
+                        "warning: the teachers do not rank better than the model: distilling \
+                         them is unlikely to improve it"
+                    );
                 }
             }
             match outcome.passages_per_second {

@@ -34,6 +34,7 @@ fn scifact_mini_metrics_equal_sentence_transformers_and_pytrec_eval() {
         run_dir: run.path().to_path_buf(),
         eval: EvalOptions::default(),
         threads: 2,
+        teachers: None,
     };
     let (outcome, _) = run_eval(&settings).unwrap();
     assert_eq!(outcome.queries as u64, fixture["queries"].as_u64().unwrap());

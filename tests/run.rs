@@ -131,6 +131,28 @@ fn run_does_what_the_stage_commands_do_and_reports_it() {
             check["student"]["recall_at_100"]
         );
     }
+    // `eval --teachers` is the same check as a command of its own: on the BEIR copy with
+    // the student's model it gives the run's numbers.
+    ok(
+        &[
+            "eval",
+            "--dataset",
+            "beir",
+            "--model",
+            "model",
+            "--teachers",
+            "pipeline.toml",
+            "--run-dir",
+            "eval-run",
+            "--json",
+            "eval.json",
+            "--quiet",
+        ],
+        one.path(),
+    );
+    let eval = json(&one.path().join("eval.json"));
+    assert_eq!(eval["teachers"], checks[1]["teachers"], "{eval}");
+    assert_eq!(eval["ndcg_at_10"], checks[1]["student"]["ndcg_at_10"]);
     let parts: Vec<&str> = summary["parts"]
         .as_array()
         .unwrap()

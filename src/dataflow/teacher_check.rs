@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 
 use crate::config::Pipeline;
-use crate::dataflow::evaluate::{query_sets, retrieve_set, student_models, Metrics};
+use crate::dataflow::evaluate::{
+    query_sets, retrieve_set, student_models, Metrics, QuerySet, RetrievalScores,
+};
 use crate::dataflow::label::load::load_teacher;
 use crate::dataflow::label::{pair_key_of, scores_through_cache};
 use crate::dataflow::passage_texts;
@@ -60,116 +62,126 @@ pub fn check_teachers(
     }
     let store = StageStore::open(&pipeline.run_dir)?;
     let models = student_models(pipeline, base, None)?;
+    let mut checks = Vec::new();
+    for (index, set) in sets.iter().enumerate() {
+        let retrieved = retrieve_set(pipeline, &store, set, index, &models[0])?;
+        checks.push(check_set(pipeline, &store, set, &retrieved)?);
+    }
+    Ok(checks)
+}
+
+/// The teachers of `pipeline` reranking `retrieved` (a model's retrieval over `set`),
+/// scored beside it; the pairs go through the teachers' caches in `store`.
+pub(crate) fn check_set(
+    pipeline: &Pipeline,
+    store: &StageStore,
+    set: &QuerySet,
+    retrieved: &RetrievalScores,
+) -> Result<TeacherCheck, EngineError> {
     let mut teachers = Vec::with_capacity(pipeline.teachers.len());
     for (t, settings) in pipeline.teachers.iter().enumerate() {
         teachers.push(load_teacher(pipeline, t, settings)?);
     }
     let weights: Vec<f32> = pipeline.teachers.iter().map(|t| t.weight).collect();
-    let options = EvalOptions::default();
-    let mut checks = Vec::new();
-    for (index, set) in sets.iter().enumerate() {
-        let retrieved = retrieve_set(pipeline, &store, set, index, &models[0])?;
-        let run = &retrieved.run;
+    let run = &retrieved.run;
 
-        // The texts of every retrieved passage, streamed from the set's corpus.
-        let wanted: HashSet<&str> = run
-            .values()
-            .flat_map(|list| list.iter().map(|(id, _)| id.as_str()))
-            .collect();
-        let read = pipeline.retrievers[0].read_options()?;
-        let mut texts: HashMap<String, String> = HashMap::new();
-        for item in passage_texts(&set.corpus, &read)? {
-            let (id, text) = item?;
-            if wanted.contains(id.as_str()) {
-                texts.insert(id, text);
-            }
+    // The texts of every retrieved passage, streamed from the set's corpus.
+    let wanted: HashSet<&str> = run
+        .values()
+        .flat_map(|list| list.iter().map(|(id, _)| id.as_str()))
+        .collect();
+    let read = pipeline.retrievers[0].read_options()?;
+    let mut texts: HashMap<String, String> = HashMap::new();
+    for item in passage_texts(&set.corpus, &read)? {
+        let (id, text) = item?;
+        if wanted.contains(id.as_str()) {
+            texts.insert(id, text);
         }
-        let query_text: HashMap<&str, &str> = set
-            .queries
-            .iter()
-            .map(|q| (q.id.as_str(), q.text.as_str()))
-            .collect();
+    }
+    let query_text: HashMap<&str, &str> = set
+        .queries
+        .iter()
+        .map(|q| (q.id.as_str(), q.text.as_str()))
+        .collect();
 
-        // Every (query, passage) pair of the lists, distinct, in key order.
-        let mut ids: Vec<&str> = Vec::new();
-        let mut place: HashMap<&str, PassageIdx> = HashMap::new();
-        let mut pairs: Vec<(MemoKey, &str, &str)> = Vec::new();
-        let mut lists: Vec<(&str, Vec<(PassageIdx, MemoKey)>)> = Vec::new();
-        for (qid, list) in run {
-            let Some(&query) = query_text.get(qid.as_str()) else {
-                continue;
+    // Every (query, passage) pair of the lists, distinct, in key order.
+    let mut ids: Vec<&str> = Vec::new();
+    let mut place: HashMap<&str, PassageIdx> = HashMap::new();
+    let mut pairs: Vec<(MemoKey, &str, &str)> = Vec::new();
+    let mut lists: Vec<(&str, Vec<(PassageIdx, MemoKey)>)> = Vec::new();
+    for (qid, list) in run {
+        let Some(&query) = query_text.get(qid.as_str()) else {
+            continue;
+        };
+        let query_key = MemoKey::of(query.as_bytes());
+        let mut candidates = Vec::with_capacity(list.len());
+        for (pid, _) in list {
+            let Some(passage) = texts.get(pid) else {
+                return Err(EngineError::Dataflow(format!(
+                    "passage `{pid}` was retrieved but is not in {}; this is a bug",
+                    set.corpus.display()
+                )));
             };
-            let query_key = MemoKey::of(query.as_bytes());
-            let mut candidates = Vec::with_capacity(list.len());
-            for (pid, _) in list {
-                let Some(passage) = texts.get(pid) else {
-                    return Err(EngineError::Dataflow(format!(
-                        "passage `{pid}` was retrieved but is not in {}; this is a bug",
-                        set.corpus.display()
-                    )));
-                };
-                let key = pair_key_of(query_key, MemoKey::of(passage.as_bytes()));
-                let next = ids.len() as PassageIdx;
-                let p = *place.entry(pid.as_str()).or_insert_with(|| {
-                    ids.push(pid.as_str());
-                    next
-                });
-                pairs.push((key, query, passage.as_str()));
-                candidates.push((p, key));
-            }
-            lists.push((qid.as_str(), candidates));
-        }
-        pairs.sort_unstable_by_key(|p| p.0);
-        pairs.dedup_by_key(|p| p.0);
-        let keys: Vec<MemoKey> = pairs.iter().map(|p| p.0).collect();
-        let texts_of = |i: usize| (pairs[i].1, pairs[i].2);
-        let mut per_teacher = Vec::with_capacity(teachers.len());
-        for (t, teacher) in teachers.iter().enumerate() {
-            let (scores, _) = scores_through_cache(
-                &store,
-                pipeline,
-                t,
-                teacher.as_ref(),
-                &keys,
-                &texts_of,
-                Vec::new(),
-            )?;
-            per_teacher.push(scores);
-        }
-
-        let mut scored = Vec::with_capacity(lists.len());
-        for (qid, candidates) in &lists {
-            let mut scores = Vec::with_capacity(per_teacher.len());
-            for cache in &per_teacher {
-                let mut s = Vec::with_capacity(candidates.len());
-                for (_, key) in candidates {
-                    s.push(*cache.get(key).ok_or_else(|| {
-                        EngineError::Dataflow(format!(
-                            "no teacher score for a pair of query {qid}; this is a bug"
-                        ))
-                    })?);
-                }
-                scores.push(s);
-            }
-            scored.push(ScoredQuery {
-                query_id: qid.to_string(),
-                sources: Vec::new(),
-                candidates: candidates.iter().map(|&(p, _)| p).collect(),
-                scores,
+            let key = pair_key_of(query_key, MemoKey::of(passage.as_bytes()));
+            let next = ids.len() as PassageIdx;
+            let p = *place.entry(pid.as_str()).or_insert_with(|| {
+                ids.push(pid.as_str());
+                next
             });
+            pairs.push((key, query, passage.as_str()));
+            candidates.push((p, key));
         }
-        let teacher_run = teachers_run(&pipeline.teacher, &weights, &scored, &ids)?;
-        let report = evaluate(&teacher_run, &set.qrels, &options)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        checks.push(TeacherCheck {
-            set: set.name.clone(),
-            label: set.label.clone(),
-            queries: set.queries.len(),
-            student: Metrics::of(&retrieved.report),
-            teachers: Metrics::of(&report),
+        lists.push((qid.as_str(), candidates));
+    }
+    pairs.sort_unstable_by_key(|p| p.0);
+    pairs.dedup_by_key(|p| p.0);
+    let keys: Vec<MemoKey> = pairs.iter().map(|p| p.0).collect();
+    let texts_of = |i: usize| (pairs[i].1, pairs[i].2);
+    let mut per_teacher = Vec::with_capacity(teachers.len());
+    for (t, teacher) in teachers.iter().enumerate() {
+        let (scores, _) = scores_through_cache(
+            store,
+            pipeline,
+            t,
+            teacher.as_ref(),
+            &keys,
+            &texts_of,
+            Vec::new(),
+        )?;
+        per_teacher.push(scores);
+    }
+
+    let mut scored = Vec::with_capacity(lists.len());
+    for (qid, candidates) in &lists {
+        let mut scores = Vec::with_capacity(per_teacher.len());
+        for cache in &per_teacher {
+            let mut s = Vec::with_capacity(candidates.len());
+            for (_, key) in candidates {
+                s.push(*cache.get(key).ok_or_else(|| {
+                    EngineError::Dataflow(format!(
+                        "no teacher score for a pair of query {qid}; this is a bug"
+                    ))
+                })?);
+            }
+            scores.push(s);
+        }
+        scored.push(ScoredQuery {
+            query_id: qid.to_string(),
+            sources: Vec::new(),
+            candidates: candidates.iter().map(|&(p, _)| p).collect(),
+            scores,
         });
     }
-    Ok(checks)
+    let teacher_run = teachers_run(&pipeline.teacher, &weights, &scored, &ids)?;
+    let report = evaluate(&teacher_run, &set.qrels, &EvalOptions::default())
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    Ok(TeacherCheck {
+        set: set.name.clone(),
+        label: set.label.clone(),
+        queries: set.queries.len(),
+        student: Metrics::of(&retrieved.report),
+        teachers: Metrics::of(&report),
+    })
 }
 
 /// The run the teachers' order makes of `scored` (candidates as places in `ids`): each

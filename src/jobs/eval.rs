@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::config::EmbedSettings;
 use crate::corpus::quarantined;
-use crate::dataflow::evaluate::{evaluate_retrieval, read_beir, RetrievalEval};
+use crate::dataflow::evaluate::{evaluate_retrieval, read_beir, QuerySet, RetrievalEval};
+use crate::dataflow::teacher_check::check_set;
 use crate::dataflow::EmbedStageReport;
 use crate::error::EngineError;
 use crate::eval::{write_run_file, EvalOptions, EvalReport};
@@ -32,6 +33,9 @@ pub struct EvalSettings {
     pub eval: EvalOptions,
     /// Threads for retrieval's top-k selection.
     pub threads: usize,
+    /// With `--teachers CONFIG`: that pipeline's teachers rerank each query's top 100
+    /// (the teacher check), their caches kept in this run directory.
+    pub teachers: Option<crate::config::Pipeline>,
 }
 
 /// What `distillery eval` measured.
@@ -52,6 +56,8 @@ pub struct EvalOutcome {
     /// Bad records skipped (with `--on-bad-record skip`) and where they were written.
     pub skipped_records: u64,
     pub quarantine: Option<PathBuf>,
+    /// The teachers' reranking of the top 100, with `--teachers`.
+    pub teachers: Option<crate::dataflow::evaluate::Metrics>,
     #[serde(skip)]
     pub report: EvalReport,
 }
@@ -86,6 +92,19 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
         options: &settings.eval,
         label: "eval",
     })?;
+    let teachers = match &settings.teachers {
+        Some(pipeline) => {
+            let set = QuerySet {
+                name: format!("beir:{}:{}", settings.dataset.display(), settings.split),
+                label: format!("beir {}", settings.split),
+                corpus: corpus.clone(),
+                queries,
+                qrels,
+            };
+            Some(check_set(pipeline, &store, &set, &scores)?.teachers)
+        }
+        None => None,
+    };
     let run_file = settings
         .run_dir
         .join(format!("run.{}.trec", settings.split));
@@ -107,6 +126,7 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
         tiny_model: resolved.origin == crate::model::ModelOrigin::Tiny,
         run_file,
         seconds: start.elapsed().as_secs_f64(),
+        teachers,
         report,
     };
     Ok((outcome, resolved))
