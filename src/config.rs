@@ -90,6 +90,9 @@ pub struct EvalFile {
     /// Also evaluate on the generated queries of the held-out passages (RECIPE.md's
     /// synthetic test set), when the configuration generates queries.
     pub synthetic: bool,
+    /// Before training, check the teachers on the same query sets: they rerank the base
+    /// student's top 100 and are scored beside it (`run` warns when they are not better).
+    pub check_teachers: bool,
 }
 
 impl Default for EvalFile {
@@ -98,6 +101,7 @@ impl Default for EvalFile {
             dataset: None,
             split: "test".into(),
             synthetic: true,
+            check_teachers: true,
         }
     }
 }

@@ -251,3 +251,22 @@ fn render_in_chromium(report: &Path) {
         assert!(w > 50 && h > 10, "the {name} plot drew {size}");
     }
 }
+
+#[test]
+fn the_teacher_check_is_skipped_when_the_configuration_says_so() {
+    let dir = fixture(false);
+    let config = dir.path().join("pipeline.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "dataset = \"beir\"",
+            "dataset = \"beir\"\ncheck_teachers = false",
+        ),
+    )
+    .unwrap();
+    ok(&["run", "--config", "pipeline.toml", "--quiet"], dir.path());
+    let summary = json(&dir.path().join("run/run-summary.json"));
+    assert_eq!(summary["teacher_checks"], serde_json::json!([]));
+    assert_eq!(summary["evaluations"].as_array().unwrap().len(), 2);
+}

@@ -328,11 +328,15 @@ pub fn run_recipe(pipeline: &Pipeline) -> Result<RunOutcome, EngineError> {
     let base_model = PathBuf::from(&student.model);
     let (generate, label) = driver.label()?;
     let t = driver.begin("check teachers", 4);
-    let teacher_checks = check_teachers(
-        pipeline,
-        generate.as_ref().map(|g| g.rows.as_slice()),
-        &base_model,
-    )?;
+    let teacher_checks = if pipeline.eval.check_teachers {
+        check_teachers(
+            pipeline,
+            generate.as_ref().map(|g| g.rows.as_slice()),
+            &base_model,
+        )?
+    } else {
+        Vec::new()
+    };
     driver.timed("check teachers", t);
     if !pipeline.quiet {
         for check in &teacher_checks {
