@@ -13,17 +13,18 @@ use candle_core::Device;
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
 use distillery::dataflow::candidates::CANDIDATES_STAGE;
+use distillery::dataflow::embedding_key::embedding_settings_hash;
 use distillery::dataflow::evaluate::read_matrix;
 use distillery::dataflow::label::bi_encoder::{cosine, BiEncoderTeacher};
 use distillery::dataflow::label::bm25::Bm25Teacher;
 use distillery::dataflow::label::teacher::{PairTeacher, PairToScore, ScoringContext};
 use distillery::dataflow::label::{pair_key, EXAMPLES_STAGE};
-use distillery::dataflow::passage_texts;
+use distillery::dataflow::{passage_texts, run_embed_stage, EmbedStage};
 use distillery::driver;
 use distillery::mining::bm25::{Bm25Params, Bm25Stats};
 use distillery::mining::examples_from_batch;
 use distillery::schema::candidates_from_batch;
-use distillery::store::StageStore;
+use distillery::store::{StageKey, StageStore};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{
     Embedder, EmbedderOptions, TextKind, TokenBatch, TokenBudgetBatcher, TokenizedText,
@@ -141,6 +142,63 @@ fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
     );
     // Scores tell pairs apart.
     assert!(got.iter().any(|&s| (s - got[0]).abs() > 1e-3), "{got:?}");
+    let counts = teacher.embedding_counts();
+    assert_eq!((counts.queries_embedded, counts.passages_embedded), (2, 5));
+
+    // In another run directory, stages that embed with the same model and settings (a
+    // retriever's, an evaluation's) embed the texts first: the teacher then embeds
+    // nothing, even though no stage it is told of holds them (its own stages share
+    // their embedding key's memo table), and the vectors read back give the same
+    // scores, bit for bit.
+    let other_run = tempfile::tempdir().unwrap();
+    let other_store = StageStore::open(other_run.path()).unwrap();
+    let model_print = distillery::model::fingerprint(model.path()).unwrap();
+    for (kind, side, items) in [
+        (TextKind::Query, "queries", queries.to_vec()),
+        (
+            TextKind::Passage,
+            "passages",
+            (0..5).map(|p| texts[p].1.as_str()).collect(),
+        ),
+    ] {
+        let stage = EmbedStage {
+            stage: format!("retriever-{side}"),
+            key: StageKey {
+                settings_hash: embedding_settings_hash(&embedder, &model_print, kind).unwrap(),
+                input_hash: side.into(),
+            },
+            kind,
+            batcher: TokenBudgetBatcher {
+                max_tokens: 4096,
+                max_rows: 64,
+            },
+            workers: 1,
+            chunk_rows: 2048,
+            total: None,
+            label: side.into(),
+            quiet: true,
+        };
+        let source: Vec<_> = items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Ok((i.to_string(), t.to_string())))
+            .collect();
+        run_embed_stage(
+            &other_store,
+            embedder.clone(),
+            Box::new(source.into_iter()),
+            &stage,
+        )
+        .unwrap();
+    }
+    let again = teacher
+        .score_pairs(&to_score, &context(&other_store))
+        .unwrap();
+    let counts = teacher.embedding_counts();
+    assert_eq!((counts.queries_embedded, counts.passages_embedded), (0, 0));
+    assert_eq!((counts.queries_reused, counts.passages_reused), (2, 5));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&again), bits(&got));
 
     // Another prompt is another teacher.
     let plain = Embedder::load(model.path(), &EmbedderOptions::default(), &Device::Cpu).unwrap();

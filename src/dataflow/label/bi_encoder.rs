@@ -11,7 +11,10 @@
 //! same embedding settings ([`crate::dataflow::embedding_key::embedding_settings_hash`]: the model's files,
 //! maximum length, prefix and side) already embedded is taken from the retriever's stage
 //! and not embedded again: a bi-encoder teacher with the retriever's own model embeds
-//! nothing. The embeddings of the texts being scored are then held while the cosines are
+//! nothing. Its own stages are keyed by that embedding key too, so they share the memo
+//! table of every stage that embeds with the same model and settings: a text a retriever
+//! or an evaluation embedded is read back even where no stage of the run lists it (the
+//! teacher check's queries and passages). The embeddings of the texts being scored are then held while the cosines are
 //! taken: `4 x dim` bytes a text (1.5 KB for MiniLM), about what the passage texts
 //! themselves already take.
 
@@ -65,13 +68,6 @@ struct BiEncoderKey<'a> {
     max_seq_length: usize,
     query_prefix: &'a str,
     passage_prefix: &'a str,
-}
-
-/// The key of one side's embedding stage.
-#[derive(Serialize)]
-struct SideKey<'a> {
-    teacher: &'a str,
-    side: &'a str,
 }
 
 impl BiEncoderTeacher {
@@ -173,13 +169,13 @@ impl BiEncoderTeacher {
         if items.is_empty() {
             return Ok((vectors, 0, reused));
         }
+        // Keyed by the one embedding key: the stage shares the memo table of every stage
+        // that embeds with the same model and settings (a retriever's), so a text any of
+        // them embedded is read back, not embedded again.
         let stage = EmbedStage {
             stage: format!("{}-{side}", ctx.stage_prefix),
             key: StageKey {
-                settings_hash: hash_settings(&SideKey {
-                    teacher: &self.fingerprint,
-                    side,
-                })?,
+                settings_hash: settings,
                 input_hash: input.finish(),
             },
             kind,
@@ -191,9 +187,14 @@ impl BiEncoderTeacher {
             quiet: ctx.quiet,
         };
         let expected: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
-        let embedded = items.len() as u64;
         let source: TextSource = Box::new(items.into_iter().map(Ok));
         let report = run_embed_stage(ctx.store, self.embedder.clone(), source, &stage)?;
+        // What the memo served was embedded before (by this teacher or a retriever).
+        let (embedded, reused) = if report.reused {
+            (0, reused + expected.len() as u64)
+        } else {
+            (report.rows_embedded, reused + report.rows_memoised)
+        };
         let matrix = read_matrix(ctx.store, &report.completed.stage)?;
         // The stage writes rows in input order; a mismatch would pair texts with other
         // texts' embeddings.
