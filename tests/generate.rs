@@ -304,8 +304,9 @@ fn a_change_regenerates_what_it_touches_and_no_more() {
     assert_eq!(added.rows, scratch.rows);
 }
 
-#[test]
-fn generated_queries_feed_mining_with_their_source_as_positive() {
+/// A tiny retriever built from the shipped SciFact subset, a fresh run directory and
+/// the extractive pipeline over them (the model's directory must outlive the pipeline).
+fn mining_fixture() -> (tempfile::TempDir, tempfile::TempDir, Pipeline) {
     let model = tempfile::tempdir().unwrap();
     let texts: Vec<String> = passage_texts(&scifact_mini(), &ReadOptions::default())
         .unwrap()
@@ -314,6 +315,12 @@ fn generated_queries_feed_mining_with_their_source_as_positive() {
     write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
     let run = tempfile::tempdir().unwrap();
     let p = generated_pipeline(run.path(), model.path());
+    (model, run, p)
+}
+
+#[test]
+fn generated_queries_feed_mining_with_their_source_as_positive() {
+    let (_model, run, p) = mining_fixture();
     let mined = driver::mine(&p).unwrap();
     // 475 passages outside the held-out 25, three queries each.
     assert_eq!(mined.queries, 475 * 3);
@@ -340,14 +347,7 @@ fn generated_queries_feed_mining_with_their_source_as_positive() {
 
 #[test]
 fn generated_queries_are_embedded_ahead_and_the_query_stage_keeps_its_bytes() {
-    let model = tempfile::tempdir().unwrap();
-    let texts: Vec<String> = passage_texts(&scifact_mini(), &ReadOptions::default())
-        .unwrap()
-        .map(|r| r.unwrap().1)
-        .collect();
-    write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
-    let run = tempfile::tempdir().unwrap();
-    let p = generated_pipeline(run.path(), model.path());
+    let (_model, run, p) = mining_fixture();
     driver::mine(&p).unwrap();
 
     // The training queries (held-out passages' queries are the synthetic test set).

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::config::Pipeline;
 use crate::dataflow::candidates::{MineOutcome, CANDIDATES_STAGE};
-use crate::dataflow::passage_texts;
+use crate::dataflow::passage_texts_of;
 use crate::dataflow::CHUNK_ROWS;
 use crate::error::EngineError;
 use crate::mining::{
@@ -228,13 +228,7 @@ pub fn run_label_stage(
         .flat_map(|r| r.candidate_ids.iter().map(String::as_str))
         .collect();
     let read = pipeline.retrievers[0].read_options()?;
-    let mut texts: HashMap<String, String> = HashMap::new();
-    for item in passage_texts(&pipeline.corpus, &read)? {
-        let (id, text) = item?;
-        if wanted.contains(id.as_str()) {
-            texts.insert(id, text);
-        }
-    }
+    let texts = passage_texts_of(&pipeline.corpus, &read, &wanted)?;
 
     // Every row's pair keys, computed once for the pairs and the funnel: a text is
     // hashed once for all its pairs. The texts are borrowed from the candidate rows and

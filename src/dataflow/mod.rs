@@ -87,6 +87,24 @@ pub fn passage_texts(
     })))
 }
 
+/// The texts (`title + " " + text`) of the passages of `path` whose ids are in
+/// `wanted`, by id, in one streamed pass: the stages that need some passages' texts
+/// (labelling, training, the teacher check) never hold the whole corpus.
+pub fn passage_texts_of(
+    path: &std::path::Path,
+    opts: &ReadOptions,
+    wanted: &std::collections::HashSet<&str>,
+) -> Result<std::collections::HashMap<String, String>, EngineError> {
+    let mut texts = std::collections::HashMap::new();
+    for item in passage_texts(path, opts)? {
+        let (id, text) = item?;
+        if wanted.contains(id.as_str()) {
+            texts.insert(id, text);
+        }
+    }
+    Ok(texts)
+}
+
 /// What a device stage writes: its schema and how rows of floats become a batch.
 #[derive(Clone)]
 pub struct StageOutput {

@@ -19,7 +19,7 @@ use crate::dataflow::evaluate::{
 };
 use crate::dataflow::label::load::load_teacher;
 use crate::dataflow::label::{pair_key_of, scores_through_cache};
-use crate::dataflow::passage_texts;
+use crate::dataflow::passage_texts_of;
 use crate::error::EngineError;
 use crate::eval::{evaluate, EvalOptions, Run};
 use crate::generate::queries_table::GeneratedQuery;
@@ -91,13 +91,7 @@ pub(crate) fn check_set(
         .flat_map(|list| list.iter().map(|(id, _)| id.as_str()))
         .collect();
     let read = pipeline.retrievers[0].read_options()?;
-    let mut texts: HashMap<String, String> = HashMap::new();
-    for item in passage_texts(&set.corpus, &read)? {
-        let (id, text) = item?;
-        if wanted.contains(id.as_str()) {
-            texts.insert(id, text);
-        }
-    }
+    let texts = passage_texts_of(&set.corpus, &read, &wanted)?;
     let query_text: HashMap<&str, &str> = set
         .queries
         .iter()

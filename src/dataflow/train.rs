@@ -11,7 +11,7 @@ use distillery_operators::student::{Student, StudentOptions};
 use crate::config::Pipeline;
 use crate::dataflow::journal_device_stage;
 use crate::dataflow::label::{LabelOutcome, EXAMPLES_STAGE};
-use crate::dataflow::passage_texts;
+use crate::dataflow::passage_texts_of;
 use crate::error::EngineError;
 use crate::executor::DeviceExecutor;
 use crate::mining::examples_from_batch;
@@ -94,13 +94,7 @@ pub fn run_train_stage(
         .flat_map(|e| e.passage_ids.iter().map(String::as_str))
         .collect();
     let read = pipeline.retrievers[0].read_options()?;
-    let mut texts = HashMap::new();
-    for item in passage_texts(&pipeline.corpus, &read)? {
-        let (id, text) = item?;
-        if wanted.contains(id.as_str()) {
-            texts.insert(id, text);
-        }
-    }
+    let texts = passage_texts_of(&pipeline.corpus, &read, &wanted)?;
     let options = StudentOptions {
         query_max_length: student_file.query_max_length,
         passage_max_length: student_file.passage_max_length,
