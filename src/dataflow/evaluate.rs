@@ -277,12 +277,14 @@ pub(crate) struct QuerySet {
     pub name: String,
     pub label: String,
     pub corpus: PathBuf,
+    /// [`hash_file`] of the corpus, taken once for every model evaluated on the set.
+    pub corpus_hash: String,
     pub queries: Vec<Query>,
     pub qrels: Qrels,
 }
 
 /// The held-out passages' generated queries, each judging its source passage relevant.
-fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
+fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path, corpus_hash: String) -> QuerySet {
     let mut queries = Vec::new();
     let mut qrels = Qrels::new();
     for g in rows.iter().filter(|g| g.held_out) {
@@ -299,6 +301,7 @@ fn synthetic_set(rows: &[GeneratedQuery], corpus: &Path) -> QuerySet {
         name: "synthetic".into(),
         label: "synthetic".into(),
         corpus: corpus.to_path_buf(),
+        corpus_hash,
         queries,
         qrels,
     }
@@ -313,7 +316,7 @@ pub(crate) fn query_sets(
     let read = pipeline.retrievers[0].read_options()?;
     let mut sets = Vec::new();
     if let (true, Some(rows)) = (pipeline.eval.synthetic, generated) {
-        let set = synthetic_set(rows, &pipeline.corpus);
+        let set = synthetic_set(rows, &pipeline.corpus, hash_file(&pipeline.corpus)?);
         if !set.queries.is_empty() {
             sets.push(set);
         }
@@ -323,6 +326,7 @@ pub(crate) fn query_sets(
         sets.push(QuerySet {
             name: format!("beir:{}:{}", dataset.display(), pipeline.eval.split),
             label: format!("beir {}", pipeline.eval.split),
+            corpus_hash: hash_file(&corpus)?,
             corpus,
             queries,
             qrels,
@@ -375,7 +379,6 @@ pub(crate) fn retrieve_set(
     model: &StudentModel,
 ) -> Result<RetrievalScores, EngineError> {
     let read = pipeline.retrievers[0].read_options()?;
-    let corpus_hash = hash_file(&set.corpus)?;
     let (which, embedder, model_fingerprint) = model;
     let tag = format!("eval-{}", &model_fingerprint[..12]);
     evaluate_retrieval(&RetrievalEval {
@@ -383,7 +386,7 @@ pub(crate) fn retrieve_set(
         embedder: embedder.clone(),
         model_fingerprint,
         corpus: &set.corpus,
-        corpus_hash: &corpus_hash,
+        corpus_hash: &set.corpus_hash,
         read: &read,
         passages_stage: format!("{tag}-set{index}-passages"),
         queries_stage: format!("{tag}-set{index}-queries"),
@@ -447,7 +450,7 @@ mod tests {
             row("b#title", "b", false),
             row("a#claim", "a", true),
         ];
-        let set = synthetic_set(&rows, Path::new("c.jsonl"));
+        let set = synthetic_set(&rows, Path::new("c.jsonl"), "h".into());
         let ids: Vec<&str> = set.queries.iter().map(|q| q.id.as_str()).collect();
         assert_eq!(ids, ["a#title", "a#claim"]);
         assert_eq!(set.qrels["a#claim"].get("a"), Some(&1));

@@ -98,6 +98,7 @@ pub fn run_eval(settings: &EvalSettings) -> Result<(EvalOutcome, ResolvedModel),
                 name: format!("beir:{}:{}", settings.dataset.display(), settings.split),
                 label: format!("beir {}", settings.split),
                 corpus: corpus.clone(),
+                corpus_hash: corpus_hash.clone(),
                 queries,
                 qrels,
             };
