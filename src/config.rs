@@ -188,6 +188,12 @@ pub struct EngineFile {
     /// Where every model runs: `cpu` (default) or `cuda:N` (a build with `--features
     /// cuda`).
     pub device: String,
+    /// Queries retrieved per pass over the passage index while the candidates stream to
+    /// teachers that score them ahead (a cross-encoder); unset: an eighth of the queries,
+    /// at least 1,024 ([`crate::dataflow::retrieve::streaming_chunk`]). Smaller starts
+    /// the teachers sooner and reads the passage index more often; the outputs are the
+    /// same bits whatever it is.
+    pub stream_queries: Option<usize>,
 }
 
 impl Default for EngineFile {
@@ -199,6 +205,7 @@ impl Default for EngineFile {
             batch_rows: DEFAULT_BATCH_ROWS,
             on_bad_record: "fail".into(),
             device: "cpu".into(),
+            stream_queries: None,
         }
     }
 }
@@ -231,6 +238,9 @@ pub struct Pipeline {
     pub threads: usize,
     pub batch_tokens: usize,
     pub batch_rows: usize,
+    /// `[engine] stream_queries`: queries per retrieval pass while the candidates
+    /// stream to the teachers (`None`: [`crate::dataflow::retrieve::streaming_chunk`]).
+    pub stream_queries: Option<usize>,
     /// The device every model of the run is loaded on (`[engine] device`), resolved once.
     pub device: candle_core::Device,
     pub quarantine: Option<PathBuf>,
@@ -345,6 +355,13 @@ impl Pipeline {
             .map(|(i, t)| t.resolve(i, resolve_model))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(origin, e))?;
+        if file.engine.stream_queries == Some(0) {
+            return Err(invalid(
+                origin,
+                "[engine] stream_queries: at least 1 (or leave it out: an eighth of the \
+                 queries)",
+            ));
+        }
         let threads = file
             .engine
             .threads
@@ -379,6 +396,7 @@ impl Pipeline {
             threads,
             batch_tokens: file.engine.batch_tokens,
             batch_rows: file.engine.batch_rows,
+            stream_queries: file.engine.stream_queries,
             device,
             quarantine,
             jsonl: file.output.jsonl,

@@ -457,12 +457,7 @@ fn run_cli(cli: Cli) -> Result<()> {
             let quarantine = pipeline.open_quarantine()?;
             let outcome = driver::label(&pipeline)?;
             print_mine(&outcome.mine, &pipeline);
-            let now: Vec<String> = outcome.scored_now.iter().map(|n| n.to_string()).collect();
-            println!(
-                "teacher pairs {} (scored now per teacher: {}; the rest from the cache)",
-                outcome.pairs,
-                now.join(", ")
-            );
+            println!("{}", driver::pairs_line(&outcome));
             println!("{}", outcome.stats);
             println!(
                 "examples {} (train {}, dev {}) in {}",

@@ -5,18 +5,22 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use arrow::array::{Array, Float32Array, StringArray};
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
-use distillery::dataflow::candidates::CANDIDATES_STAGE;
+use distillery::dataflow::candidates::{
+    read_human_queries, run_candidates_stage, CANDIDATES_STAGE,
+};
 use distillery::dataflow::label::{EXAMPLES_STAGE, EXAMPLES_STATS_FILE};
+use distillery::dataflow::passage_index::{embed_passages, load_retrievers};
 use distillery::dataflow::passage_texts;
 use distillery::driver;
 use distillery::mining::held_out_passages;
 use distillery::mining::{examples_from_batch, split_of, Split};
-use distillery::schema::candidates_from_batch;
+use distillery::schema::{candidates_from_batch, CandidateRow};
 use distillery::store::StageStore;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 
@@ -181,4 +185,129 @@ fn stage_files(run: &Path, stage: &str) -> Vec<(String, Vec<u8>)> {
         .collect();
     files.sort();
     files
+}
+
+/// A teacher cache's scores by pair key.
+fn cache_scores(run: &Path) -> BTreeMap<String, u32> {
+    let store = StageStore::open(run).unwrap();
+    let mut scores = BTreeMap::new();
+    for b in store.read("teacher-571f1c89ca9a604c-cache").unwrap() {
+        let b = b.unwrap();
+        let pairs = b
+            .column_by_name("pair")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let values = b
+            .column_by_name("score")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            // Each pair once: a second score of one pair would be work done twice.
+            let old = scores.insert(pairs.value(i).to_string(), values.value(i).to_bits());
+            assert_eq!(old, None, "pair {} scored twice", pairs.value(i));
+        }
+    }
+    scores
+}
+
+#[test]
+fn candidates_stream_to_the_cross_encoder_chunk_by_chunk_and_label_the_same_bits() {
+    let model = tempfile::tempdir().unwrap();
+    let corpus = root().join("datasets/scifact-mini/corpus.jsonl");
+    let texts: Vec<String> = passage_texts(&corpus, &ReadOptions::default())
+        .unwrap()
+        .map(|r| r.unwrap().1)
+        .collect();
+    write_tiny_bert(model.path(), texts.iter(), &TinyBertSpec::default()).unwrap();
+
+    // Not streamed: `mine` retrieves every query in one pass, then `label` finds the
+    // candidates complete and its teacher scores every pair itself.
+    let whole = tempfile::tempdir().unwrap();
+    let p = pipeline(whole.path(), model.path());
+    let mined = driver::mine(&p).unwrap();
+    assert_eq!(mined.retrievals[0].lists_retrieved, 127);
+    let labelled = driver::label(&p).unwrap();
+    assert!(labelled.mine.reused);
+    assert_eq!(labelled.scored_ahead, vec![0]);
+    assert_eq!(labelled.scored_now, vec![labelled.pairs]);
+    let want: Vec<_> = ["r0-retrieved", CANDIDATES_STAGE, EXAMPLES_STAGE]
+        .iter()
+        .map(|s| stage_files(whole.path(), s))
+        .collect();
+    let want_scores = cache_scores(whole.path());
+    assert_eq!(want_scores.len(), labelled.pairs);
+
+    for chunk in [1, 10, 126, 1000] {
+        let run = tempfile::tempdir().unwrap();
+        let mut p = pipeline(run.path(), model.path());
+        p.stream_queries = Some(chunk);
+
+        // The candidates stage alone, its rows collected as it hands them over: each
+        // hand-over holds the kept rows of at most `chunk` queries, in query order, and
+        // every one comes before the retrieval's lists are kept in the store (its
+        // stage is written when the last list is final).
+        let store = StageStore::open(run.path()).unwrap();
+        let retrievers = load_retrievers(&p).unwrap();
+        let indexes = embed_passages(&p, &retrievers).unwrap();
+        let queries: Vec<String> =
+            read_human_queries(p.queries.as_ref().unwrap(), &ReadOptions::default())
+                .unwrap()
+                .into_iter()
+                .map(|q| q.query.id)
+                .collect();
+        assert_eq!(queries.len(), 127);
+        let mut handed: Vec<Vec<String>> = Vec::new();
+        let mut retrieval_complete_at_first = None;
+        let mut sink = |rows: Vec<CandidateRow>| {
+            retrieval_complete_at_first
+                .get_or_insert_with(|| store.last_completed("r0-retrieved").unwrap().is_some());
+            handed.push(rows.into_iter().map(|r| r.query_id).collect());
+            Ok(())
+        };
+        let outcome = run_candidates_stage(&p, None, indexes, Some(&mut sink)).unwrap();
+        assert_eq!(outcome.retrievals[0].lists_retrieved, 127);
+        assert_eq!(retrieval_complete_at_first, Some(false), "chunk {chunk}");
+        assert!(store.last_completed("r0-retrieved").unwrap().is_some());
+        assert!(handed.len() >= outcome.stats.kept.div_ceil(chunk.min(127) as u64) as usize);
+        let place = |id: &String| queries.iter().position(|q| q == id).unwrap();
+        for rows in &handed {
+            assert!(!rows.is_empty());
+            let first = place(&rows[0]);
+            assert!(
+                rows.iter().all(|r| place(r) / chunk == first / chunk),
+                "chunk {chunk}"
+            );
+        }
+        let flat: Vec<String> = handed.concat();
+        let mut stage_rows = Vec::new();
+        for b in store.read(CANDIDATES_STAGE).unwrap() {
+            stage_rows.extend(
+                candidates_from_batch(&b.unwrap())
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.query_id),
+            );
+        }
+        assert_eq!(flat, stage_rows, "chunk {chunk}");
+        drop(store);
+        std::fs::remove_dir_all(run.path().join("stages")).unwrap();
+        std::fs::remove_file(run.path().join("manifest.json")).ok();
+
+        // The whole label from scratch, streaming: every pair scored ahead, none left to
+        // labelling, and the retrieval, candidates, examples and every cached score the
+        // same bits as the run that never streamed.
+        let streamed = driver::label(&p).unwrap();
+        assert_eq!(streamed.scored_ahead, vec![labelled.pairs], "chunk {chunk}");
+        assert_eq!(streamed.scored_now, vec![labelled.pairs], "chunk {chunk}");
+        let got: Vec<_> = ["r0-retrieved", CANDIDATES_STAGE, EXAMPLES_STAGE]
+            .iter()
+            .map(|s| stage_files(run.path(), s))
+            .collect();
+        assert!(got == want, "chunk {chunk}: a stage differs");
+        assert!(cache_scores(run.path()) == want_scores, "chunk {chunk}");
+    }
 }

@@ -18,14 +18,17 @@ use crate::corpus::{open_queries, read_qrels};
 use crate::dataflow::evaluate::read_matrix;
 use crate::dataflow::generate::GenerateOutcome;
 use crate::dataflow::passage_index::{retriever_stage, PassageIndex};
-use crate::dataflow::retrieve::{run_retrieval_stage, RetrievalReport, RetrievalStage};
+use crate::dataflow::retrieve::{
+    run_retrieval_stage, streaming_chunk, RetrievalReport, RetrievalRun, RetrievalStage,
+};
 use crate::dataflow::{run_embed_stage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::mining::{
     held_out_passages, select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals,
 };
 use crate::record::Query;
-use crate::schema::{candidates_batch, candidates_schema, CandidateRow};
+use crate::retrieval::Hit;
+use crate::schema::{candidates_batch, candidates_schema, CandidateRow, EmbeddingMatrix};
 use crate::store::{hash_settings, CompletedStage, ContentHasher, StageKey, StageStore};
 
 /// The candidates stage's name.
@@ -129,13 +132,27 @@ pub fn mining_queries(
     Ok(queries)
 }
 
+/// Where the candidates stage hands its rows as they become final: in query order, a
+/// chunk at a time, before the stage is written, for the stages that can start on part
+/// of them (the teachers' scoring ahead, [`crate::dataflow::score_ahead`]).
+pub type CandidateSink<'s> = &'s mut dyn FnMut(Vec<CandidateRow>) -> Result<(), EngineError>;
+
 /// The candidates stage over the human queries and `generated`'s (see
 /// [`mining_queries`]) and the retrievers' passage `indexes`; inputs not checked here
 /// ([`Pipeline::preflight`]).
+///
+/// With a `sink`, every retrieval that must run over every passage runs query-major in
+/// `[engine] stream_queries` queries per pass (by default [`streaming_chunk`]), all
+/// retrievers on one chunk before the next,
+/// and each chunk's kept rows go to the sink as soon as every retriever's lists of it
+/// are final (lists read back or repaired are final at once). Without one, each
+/// retriever retrieves every query in one pass, holding one query matrix at a time. The
+/// stage's bytes are the same either way.
 pub fn run_candidates_stage(
     pipeline: &Pipeline,
     generated: Option<&GenerateOutcome>,
     indexes: Vec<PassageIndex>,
+    mut sink: Option<CandidateSink<'_>>,
 ) -> Result<MineOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
     let first = &pipeline.retrievers[0];
@@ -172,14 +189,13 @@ pub fn run_candidates_stage(
         }
     }
     let queries_hash = qh.finish();
+    let nq = queries.len();
 
-    // Every retriever: embed the queries, retrieve from its passage index.
-    let mut lists_per_retriever: Vec<Vec<Vec<PassageIdx>>> = Vec::new();
-    let mut passage_ids: Option<Vec<String>> = None;
+    // Every retriever embeds the queries.
     let mut upstream = ContentHasher::new();
     let mut embedded = Vec::new();
-    let mut retrievals = Vec::new();
-    for (i, index) in indexes.into_iter().enumerate() {
+    let mut query_stages = Vec::new();
+    for (i, index) in indexes.iter().enumerate() {
         let q_stage = retriever_stage(
             pipeline,
             i,
@@ -187,7 +203,7 @@ pub fn run_candidates_stage(
             &index.model,
             TextKind::Query,
             &queries_hash,
-            Some(queries.len() as u64),
+            Some(nq as u64),
         )?;
         let q_source: Vec<_> = queries
             .iter()
@@ -212,68 +228,141 @@ pub fn run_candidates_stage(
                 settings_hash: q_stage.key.settings_hash.clone(),
             },
         ));
-        let q = read_matrix(&store, &q_report.completed.stage)?;
-        let retrieval = run_retrieval_stage(
-            &store,
-            &RetrievalStage {
-                stage: format!("r{i}-retrieved"),
-                label: format!("retriever {i}: retrieval"),
+        query_stages.push((q_report.completed, q_stage.key.settings_hash));
+    }
+    let retrieval_of = |i: usize, index: &PassageIndex, q_settings: &str| {
+        Ok::<_, EngineError>((
+            format!("r{i}-retrieved"),
+            format!("retriever {i}: retrieval"),
+            hash_settings(&(
+                &index.settings_hash,
+                q_settings,
+                pipeline.candidates.retrieve_top,
+            ))?,
+        ))
+    };
+
+    // Every retriever's retrieval: all at once (one matrix held at a time), or
+    // query-major for the sink (every matrix held, the chunks interleaved).
+    let key = candidates_key(pipeline, upstream.field(&queries_hash).finish())?;
+    let mut lists_per_retriever: Vec<Vec<Vec<Hit>>> = Vec::new();
+    let mut retrievals = Vec::new();
+    let mut streamed: Option<Streamed> = None;
+    let passage_ids: Vec<String>;
+    let state: CandidateState<'_>;
+    if let Some(sink) = sink.as_mut() {
+        let matrices: Vec<EmbeddingMatrix> = query_stages
+            .iter()
+            .map(|(done, _)| read_matrix(&store, &done.stage))
+            .collect::<Result<_, _>>()?;
+        let mut stages = Vec::with_capacity(indexes.len());
+        for (i, ((index, (q_done, q_settings)), q)) in
+            indexes.iter().zip(&query_stages).zip(&matrices).enumerate()
+        {
+            let (stage, label, settings_hash) = retrieval_of(i, index, q_settings)?;
+            stages.push(RetrievalStage {
+                stage,
+                label,
                 passages: &index.passages,
-                queries: &q,
-                queries_hash: q_report.completed.content_hash(),
-                settings_hash: hash_settings(&(
-                    &index.settings_hash,
-                    &q_stage.key.settings_hash,
-                    pipeline.candidates.retrieve_top,
-                ))?,
+                queries: q,
+                queries_hash: q_done.content_hash(),
+                settings_hash,
                 k: pipeline.candidates.retrieve_top,
                 threads: pipeline.threads,
                 quiet: pipeline.retrievers[i].quiet,
-            },
-        )?;
-        drop(q);
-        let (ids, hits) = (retrieval.passage_ids, retrieval.lists);
-        retrievals.push(retrieval.report);
-        match &passage_ids {
-            None => passage_ids = Some(ids),
-            Some(known) if *known != ids => {
-                return Err(EngineError::Invalid(format!(
-                    "retriever {i} embedded a different passage list than retriever 0; \
-                     the corpus changed during the run?"
-                )))
-            }
-            Some(_) => {}
+            });
         }
-        lists_per_retriever.push(
-            hits.into_iter()
-                .map(|h| h.into_iter().map(|x| x.passage).collect())
-                .collect(),
-        );
+        let mut runs = Vec::with_capacity(stages.len());
+        for (i, stage) in stages.iter().enumerate() {
+            let chunk = pipeline
+                .stream_queries
+                .unwrap_or_else(|| streaming_chunk(nq));
+            let run = RetrievalRun::open(&store, stage, chunk)?;
+            if let Some(first) = runs.first() {
+                same_passages(i, RetrievalRun::passage_ids(first), run.passage_ids())?;
+            }
+            runs.push(run);
+        }
+        passage_ids = runs
+            .first()
+            .map(|r| r.passage_ids().to_vec())
+            .unwrap_or_default();
+        state = candidate_state(pipeline, &queries, &passage_ids);
+        // Nothing to stream when the stage is complete: its rows went downstream when
+        // it was made.
+        let complete = store.completed(CANDIDATES_STAGE, &key)?.is_some();
+        let mut stream = Streamed {
+            stats: CandidateStats::default(),
+            kept: Vec::new(),
+        };
+        let mut sent = 0;
+        loop {
+            let frontier = runs
+                .iter()
+                .map(|r| r.final_lists().len())
+                .min()
+                .unwrap_or(nq);
+            if frontier > sent && !complete {
+                let per_query = (sent..frontier).map(|qi| QueryRetrievals {
+                    query_id: queries[qi].query.id.clone(),
+                    sources: state.sources(&queries[qi]),
+                    lists: runs
+                        .iter()
+                        .map(|r| r.final_lists()[qi].iter().map(|h| h.passage).collect())
+                        .collect(),
+                });
+                let (kept, stats) =
+                    select_candidates_all(&pipeline.candidates, &state.held_out, per_query);
+                stream.stats.merge(&stats);
+                if !kept.is_empty() {
+                    sink(kept.iter().map(|c| state.row_of(c)).collect())?;
+                }
+                stream.kept.extend(kept);
+            }
+            sent = frontier;
+            if frontier >= nq {
+                break;
+            }
+            for run in runs
+                .iter_mut()
+                .filter(|r| r.final_lists().len() == frontier)
+            {
+                run.advance()?;
+            }
+        }
+        for run in runs {
+            retrievals.push(run.finish()?.report);
+        }
+        streamed = (!complete).then_some(stream);
+    } else {
+        let mut first_ids: Option<Vec<String>> = None;
+        for (i, (index, (q_done, q_settings))) in indexes.iter().zip(&query_stages).enumerate() {
+            let q = read_matrix(&store, &q_done.stage)?;
+            let (stage, label, settings_hash) = retrieval_of(i, index, q_settings)?;
+            let retrieval = run_retrieval_stage(
+                &store,
+                &RetrievalStage {
+                    stage,
+                    label,
+                    passages: &index.passages,
+                    queries: &q,
+                    queries_hash: q_done.content_hash(),
+                    settings_hash,
+                    k: pipeline.candidates.retrieve_top,
+                    threads: pipeline.threads,
+                    quiet: pipeline.retrievers[i].quiet,
+                },
+            )?;
+            match &first_ids {
+                Some(first) => same_passages(i, first, &retrieval.passage_ids)?,
+                None => first_ids = Some(retrieval.passage_ids),
+            }
+            retrievals.push(retrieval.report);
+            lists_per_retriever.push(retrieval.lists);
+        }
+        passage_ids = first_ids.unwrap_or_default();
+        state = candidate_state(pipeline, &queries, &passage_ids);
     }
-    let passage_ids = passage_ids.unwrap_or_default();
-    let index: HashMap<&str, PassageIdx> = passage_ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.as_str(), i as PassageIdx))
-        .collect();
-    let held_out = held_out_passages(
-        &passage_ids,
-        pipeline.held_out.count,
-        pipeline.held_out.seed,
-    );
-
-    #[derive(Serialize)]
-    struct CandidateKeySettings<'a> {
-        candidates: &'a crate::mining::CandidateConfig,
-        held_out: &'a crate::config::HeldOutFile,
-    }
-    let key = StageKey {
-        settings_hash: hash_settings(&CandidateKeySettings {
-            candidates: &pipeline.candidates,
-            held_out: &pipeline.held_out,
-        })?,
-        input_hash: upstream.field(&queries_hash).finish(),
-    };
     let stats_path = pipeline.run_dir.join("candidates-stats.json");
     let complete = store.completed(CANDIDATES_STAGE, &key)?;
     if let Some(candidates) = &complete {
@@ -282,8 +371,8 @@ pub fn run_candidates_stage(
             if let Ok(stats) = serde_json::from_str::<CandidateStats>(&text) {
                 return Ok(MineOutcome {
                     passages: passage_ids.len(),
-                    queries: queries.len(),
-                    held_out: held_out.len(),
+                    queries: nq,
+                    held_out: state.held_out.len(),
                     stats,
                     reused: true,
                     retrievals,
@@ -294,17 +383,21 @@ pub fn run_candidates_stage(
         }
     }
 
-    let per_query = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
-        query_id: q.query.id.clone(),
-        // A judged passage missing from the corpus cannot be a source.
-        sources: q
-            .sources
-            .iter()
-            .filter_map(|s| index.get(s.as_str()).copied())
-            .collect(),
-        lists: lists_per_retriever.iter().map(|l| l[qi].clone()).collect(),
-    });
-    let (kept, stats) = select_candidates_all(&pipeline.candidates, &held_out, per_query);
+    let (kept, stats) = match streamed {
+        Some(s) => (s.kept, s.stats),
+        None => {
+            let per_query = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
+                query_id: q.query.id.clone(),
+                sources: state.sources(q),
+                lists: lists_per_retriever
+                    .iter()
+                    .map(|l| l[qi].iter().map(|h| h.passage).collect())
+                    .collect(),
+            });
+            select_candidates_all(&pipeline.candidates, &state.held_out, per_query)
+        }
+    };
+    drop(lists_per_retriever);
     if kept.is_empty() {
         // Nothing to label or train on: say so now, with the funnel, not after the
         // teachers have run over nothing.
@@ -314,31 +407,6 @@ pub fn run_candidates_stage(
             pipeline.origin.display()
         )));
     }
-    let by_id: HashMap<&str, &MiningQuery> =
-        queries.iter().map(|q| (q.query.id.as_str(), q)).collect();
-    // A candidate row names every passage by id: built a chunk at a time as the stage is
-    // written (all of them at once would hold every id string of every list).
-    let row_of = |c: &crate::mining::CandidateList| CandidateRow {
-        query_id: c.query_id.clone(),
-        query_text: by_id
-            .get(c.query_id.as_str())
-            .map(|q| q.query.text.clone())
-            .unwrap_or_default(),
-        query_type: by_id
-            .get(c.query_id.as_str())
-            .map(|q| q.query_type.clone())
-            .unwrap_or_default(),
-        source_ids: c
-            .sources
-            .iter()
-            .map(|&s| passage_ids[s as usize].clone())
-            .collect(),
-        candidate_ids: c
-            .candidates
-            .iter()
-            .map(|&p| passage_ids[p as usize].clone())
-            .collect(),
-    };
     // The stats are written before the stage is marked complete: a run killed in between
     // finds the stage unfinished and writes both again. (A complete stage whose stats are
     // missing, from a run killed before this order, gets its stats written now.)
@@ -351,8 +419,11 @@ pub fn run_candidates_stage(
         }
         None => {
             let mut writer = store.begin(CANDIDATES_STAGE, key, candidates_schema())?;
+            // A candidate row names every passage by id: built a chunk at a time as the
+            // stage is written (all of them at once would hold every id string of every
+            // list).
             writer.write_row_ranges(kept.len(), CHUNK_ROWS, |range| {
-                let rows: Vec<CandidateRow> = kept[range].iter().map(row_of).collect();
+                let rows: Vec<CandidateRow> = kept[range].iter().map(|c| state.row_of(c)).collect();
                 Ok::<_, EngineError>(candidates_batch(&rows)?)
             })?;
             crate::store::write_file_atomically(&stats_path, text.as_bytes())?;
@@ -361,12 +432,104 @@ pub fn run_candidates_stage(
     };
     Ok(MineOutcome {
         passages: passage_ids.len(),
-        queries: queries.len(),
-        held_out: held_out.len(),
+        queries: nq,
+        held_out: state.held_out.len(),
         stats,
         reused: false,
         retrievals,
         candidates,
         embeddings: embedded,
     })
+}
+
+/// Retriever `i`'s passages must be retriever 0's: the lists' positions count them.
+fn same_passages(i: usize, first: &[String], ids: &[String]) -> Result<(), EngineError> {
+    if first == ids {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "retriever {i} embedded a different passage list than retriever 0; \
+             the corpus changed during the run?"
+        )))
+    }
+}
+
+/// The funnel's output so far, when it ran chunk by chunk.
+struct Streamed {
+    stats: CandidateStats,
+    kept: Vec<crate::mining::CandidateList>,
+}
+
+/// The candidates stage's key: the funnel's and the held-out set's settings, over its
+/// `input` (every retriever's passage and query stages and the queries).
+fn candidates_key(pipeline: &Pipeline, input: String) -> Result<StageKey, EngineError> {
+    #[derive(Serialize)]
+    struct CandidateKeySettings<'a> {
+        candidates: &'a crate::mining::CandidateConfig,
+        held_out: &'a crate::config::HeldOutFile,
+    }
+    Ok(StageKey {
+        settings_hash: hash_settings(&CandidateKeySettings {
+            candidates: &pipeline.candidates,
+            held_out: &pipeline.held_out,
+        })?,
+        input_hash: input,
+    })
+}
+
+/// What the funnel needs beside the lists: the passages by id, the held-out ones, and
+/// the queries by id (for the rows).
+struct CandidateState<'q> {
+    passage_ids: &'q [String],
+    index: HashMap<&'q str, PassageIdx>,
+    held_out: HashSet<PassageIdx>,
+    by_id: HashMap<&'q str, &'q MiningQuery>,
+}
+
+fn candidate_state<'q>(
+    pipeline: &Pipeline,
+    queries: &'q [MiningQuery],
+    passage_ids: &'q [String],
+) -> CandidateState<'q> {
+    CandidateState {
+        passage_ids,
+        index: passage_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i as PassageIdx))
+            .collect(),
+        held_out: held_out_passages(passage_ids, pipeline.held_out.count, pipeline.held_out.seed),
+        by_id: queries.iter().map(|q| (q.query.id.as_str(), q)).collect(),
+    }
+}
+
+impl CandidateState<'_> {
+    /// The query's sources in the corpus (a judged passage missing from it cannot be a
+    /// source).
+    fn sources(&self, q: &MiningQuery) -> Vec<PassageIdx> {
+        q.sources
+            .iter()
+            .filter_map(|s| self.index.get(s.as_str()).copied())
+            .collect()
+    }
+
+    /// A kept query's row: its query and every passage by id.
+    fn row_of(&self, c: &crate::mining::CandidateList) -> CandidateRow {
+        let query = self.by_id.get(c.query_id.as_str());
+        CandidateRow {
+            query_id: c.query_id.clone(),
+            query_text: query.map(|q| q.query.text.clone()).unwrap_or_default(),
+            query_type: query.map(|q| q.query_type.clone()).unwrap_or_default(),
+            source_ids: c
+                .sources
+                .iter()
+                .map(|&s| self.passage_ids[s as usize].clone())
+                .collect(),
+            candidate_ids: c
+                .candidates
+                .iter()
+                .map(|&p| self.passage_ids[p as usize].clone())
+                .collect(),
+        }
+    }
 }

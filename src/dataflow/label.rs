@@ -7,7 +7,7 @@
 //! in an append-only cache stage named after the teacher's fingerprint, keyed per pair by
 //! a hash of the query text and the passage text: a pair is never scored twice by the
 //! same teacher, across runs and corpus changes, and teachers of different kinds or
-//! settings never share a cache. Missing pairs are scored by the teacher (its device
+//! settings never share a cache ([`pair_cache`]). Missing pairs are scored by the teacher (its device
 //! stages resume when killed) and then appended to the cache. BM25, whose every score
 //! moves with the corpus, scores every pair each time labelling runs and keeps none
 //! ([`teacher::PairTeacher::cached`]).
@@ -21,21 +21,21 @@ pub mod bi_encoder;
 pub mod bm25;
 pub mod cross_encoder;
 pub mod load;
+pub mod pair_cache;
 pub mod teacher;
+
+pub use pair_cache::pair_key;
+use pair_cache::{pair_key_of, PairCache};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float32Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::error::ArrowError;
-use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::config::Pipeline;
 use crate::dataflow::candidates::{MineOutcome, CANDIDATES_STAGE};
 use crate::dataflow::passage_texts_of;
+use crate::dataflow::score_ahead::ScoredAhead;
 use crate::dataflow::CHUNK_ROWS;
 use crate::error::EngineError;
 use crate::mining::{
@@ -44,16 +44,11 @@ use crate::mining::{
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
 use crate::store::memo::{MemoKey, MemoMap};
-use crate::store::{hash_settings, StageKey, StageStatus, StageStore};
-use load::load_teacher;
-use teacher::{EmbeddingCounts, KnownEmbeddings, PairToScore, ScoringContext};
+use crate::store::{hash_settings, StageKey, StageStore};
+use teacher::{EmbeddingCounts, KnownEmbeddings};
 
 /// The examples stage's name.
 pub const EXAMPLES_STAGE: &str = "examples";
-
-/// Column names of a teacher score stage.
-const COL_PAIR: &str = "pair";
-const COL_SCORE: &str = "score";
 
 /// What `label` did.
 #[derive(Debug, Clone, Serialize)]
@@ -61,9 +56,13 @@ pub struct LabelOutcome {
     pub mine: MineOutcome,
     /// True when the examples were complete under their key and nothing was labelled.
     pub reused: bool,
-    /// Pairs each teacher needed, and how many of them it had to score now.
+    /// Pairs each teacher needed, and how many of them it had to score now (ahead,
+    /// while the candidates were made, or in this stage).
     pub pairs: usize,
     pub scored_now: Vec<usize>,
+    /// Per teacher: how many of `scored_now` were scored ahead, while the candidates
+    /// were made ([`crate::dataflow::score_ahead`]).
+    pub scored_ahead: Vec<usize>,
     /// Per teacher: texts it embedded now and texts it took from a retriever's stage.
     pub teacher_embeddings: Vec<EmbeddingCounts>,
     pub stats: TeacherStats,
@@ -71,69 +70,6 @@ pub struct LabelOutcome {
     pub train: usize,
     pub dev: usize,
     pub jsonl: Option<PathBuf>,
-}
-
-/// The schema of a teacher's score stages: pair key, score.
-pub(crate) fn scores_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new(COL_PAIR, DataType::Utf8, false),
-        Field::new(COL_SCORE, DataType::Float32, false),
-    ]))
-}
-
-pub(crate) fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordBatch, ArrowError> {
-    let p: ArrayRef = Arc::new(StringArray::from_iter_values(pairs.iter()));
-    let s: ArrayRef = Arc::new(Float32Array::from(scores));
-    RecordBatch::try_new(scores_schema(), vec![p, s])
-}
-
-/// The cache key of a (query text, passage text) pair: what the teacher sees, nothing
-/// else, so a moved or renamed passage keeps its scores.
-pub fn pair_key(query: &str, passage: &str) -> String {
-    pair_key_of(
-        MemoKey::of(query.as_bytes()),
-        MemoKey::of(passage.as_bytes()),
-    )
-    .to_hex()
-}
-
-/// [`pair_key`] from the two texts' keys: a text is hashed once for all its pairs (a
-/// SciFact passage is in some 280 pairs; hashing it for each was most of a rerun). The
-/// cache stores [`MemoKey::to_hex`] of it.
-pub(crate) fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
-    let mut both = [0u8; 32];
-    both[..16].copy_from_slice(&query.0.to_be_bytes());
-    both[16..].copy_from_slice(&passage.0.to_be_bytes());
-    MemoKey::of(&both)
-}
-
-/// The input hash of every teacher cache stage: the cache holds the pairs any run asked
-/// for. Its version names the pair-key scheme; a cache of another scheme is started
-/// again (its keys would never match).
-const TEACHER_CACHE_INPUT: &str = "append-only cache; pair keys of text keys";
-
-pub(crate) fn read_scores(
-    store: &StageStore,
-    stage: &str,
-    into: &mut MemoMap<f32>,
-) -> Result<(), EngineError> {
-    for batch in store.read(stage)? {
-        let batch = batch?;
-        let bad = || EngineError::Invalid(format!("stage {stage}: not a teacher score table"));
-        let p = batch
-            .column_by_name(COL_PAIR)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(bad)?;
-        let s = batch
-            .column_by_name(COL_SCORE)
-            .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
-            .ok_or_else(bad)?;
-        for i in 0..batch.num_rows() {
-            let key = MemoKey::from_hex(p.value(i)).ok_or_else(bad)?;
-            into.insert(key, s.value(i));
-        }
-    }
-    Ok(())
 }
 
 /// The examples stage's record beside it: its key and what labelling measured, so a
@@ -153,18 +89,29 @@ struct ExamplesRecord {
 /// kept in the run directory.
 pub const EXAMPLES_STATS_FILE: &str = "examples-stats.json";
 
-/// Teacher scoring and labelling of `mine`'s candidates; inputs not checked here
+/// Teacher scoring and labelling of `mine`'s candidates by `teachers` (the pipeline's
+/// `[[teachers]]`, loaded: [`load::load_teachers`]), taking over the caches and counts
+/// of what was scored `ahead` while the candidates were made; inputs not checked here
 /// ([`Pipeline::preflight`]).
 pub fn run_label_stage(
     pipeline: &Pipeline,
     mine: MineOutcome,
+    teachers: &[Box<dyn teacher::PairTeacher>],
+    ahead: Option<ScoredAhead>,
 ) -> Result<LabelOutcome, EngineError> {
     let store = StageStore::open(&pipeline.run_dir)?;
-    // The teachers first: their fingerprints are part of the examples' key.
-    let mut teachers = Vec::with_capacity(pipeline.teachers.len());
-    for (t, settings) in pipeline.teachers.iter().enumerate() {
-        teachers.push(load_teacher(pipeline, t, settings)?);
+    if teachers.len() != pipeline.teachers.len() {
+        return Err(EngineError::Dataflow(format!(
+            "labelling got {} teachers for {} [[teachers]]; this is a bug",
+            teachers.len(),
+            pipeline.teachers.len()
+        )));
     }
+    let (mut ahead_caches, scored_ahead) = match ahead {
+        Some(a) => (a.caches, a.scored),
+        None => (Vec::new(), Vec::new()),
+    };
+    // The teachers' fingerprints are part of the examples' key.
     let teacher_ids: Vec<String> = teachers
         .iter()
         .map(|t| t.fingerprint().to_string())
@@ -207,6 +154,7 @@ pub fn run_label_stage(
                 reused: true,
                 pairs: record.pairs,
                 scored_now: vec![0; teachers.len()],
+                scored_ahead: vec![0; teachers.len()],
                 teacher_embeddings: vec![EmbeddingCounts::default(); teachers.len()],
                 stats: record.stats,
                 examples: record.examples,
@@ -307,7 +255,11 @@ pub fn run_label_stage(
         )
     };
     for (t, teacher) in teachers.iter().enumerate() {
-        let (cached, now) = scores_through_cache(
+        let mut cache = match ahead_caches.get_mut(t).and_then(Option::take) {
+            Some(cache) => cache,
+            None => PairCache::open(&store, teacher.as_ref())?,
+        };
+        let now = cache.score_missing(
             &store,
             pipeline,
             t,
@@ -316,11 +268,10 @@ pub fn run_label_stage(
             &texts_of,
             known.clone(),
         )?;
-        scored_now.push(now);
+        scored_now.push(now + scored_ahead.get(t).copied().unwrap_or(0));
         teacher_embeddings.push(teacher.embedding_counts());
-        per_teacher.push(cached);
+        per_teacher.push(cache.into_scores());
     }
-    drop(teachers);
 
     // The teacher funnel over every candidates row.
     let mut interned: Vec<String> = Vec::new();
@@ -411,6 +362,9 @@ pub fn run_label_stage(
         reused: false,
         pairs: pairs.len(),
         scored_now,
+        scored_ahead: (0..teachers.len())
+            .map(|t| scored_ahead.get(t).copied().unwrap_or(0))
+            .collect(),
         teacher_embeddings,
         stats,
         examples: examples.len(),
@@ -418,95 +372,6 @@ pub fn run_label_stage(
         dev,
         jsonl,
     })
-}
-
-/// Teacher `t`'s scores of the pairs `keys` names (sorted, distinct [`pair_key`]s;
-/// `texts(i)` is pair `i`'s query and passage text) through its pair cache: the pairs
-/// the cache lacks are scored and appended to it (a part at a time, each atomic), all of
-/// them for a teacher that is not cached. Returns every pair's score by key and how many
-/// were scored now.
-pub(crate) fn scores_through_cache<'t>(
-    store: &StageStore,
-    pipeline: &Pipeline,
-    t: usize,
-    teacher: &dyn teacher::PairTeacher,
-    keys: &[MemoKey],
-    texts: &dyn Fn(usize) -> (&'t str, &'t str),
-    known: Vec<KnownEmbeddings<'_>>,
-) -> Result<(MemoMap<f32>, usize), EngineError> {
-    let settings_hash = teacher.fingerprint().to_string();
-    // Stage names come from the hash, never from the user's path.
-    let stage_prefix = format!("teacher-{}", &settings_hash[..16]);
-    let cache_stage = format!("{stage_prefix}-cache");
-    let cache_key = StageKey {
-        settings_hash,
-        input_hash: TEACHER_CACHE_INPUT.into(),
-    };
-    let mut cached = MemoMap::default();
-    if teacher.cached()
-        && matches!(
-            store.status(&cache_stage, &cache_key)?,
-            StageStatus::Partial { .. }
-        )
-    {
-        read_scores(store, &cache_stage, &mut cached)?;
-    }
-    let missing: Vec<usize> = (0..keys.len())
-        .filter(|&i| !cached.contains_key(&keys[i]))
-        .collect();
-    if missing.is_empty() {
-        return Ok((cached, 0));
-    }
-    // A pair's key names it in the cache and in the teacher's own stages; a teacher that
-    // keeps neither needs none.
-    let hexes: Vec<String> = if teacher.cached() {
-        missing.iter().map(|&i| keys[i].to_hex()).collect()
-    } else {
-        vec![String::new(); missing.len()]
-    };
-    let to_score: Vec<PairToScore<'_>> = missing
-        .iter()
-        .zip(&hexes)
-        .map(|(&i, hex)| {
-            let (query, passage) = texts(i);
-            PairToScore {
-                key: hex,
-                query,
-                passage,
-            }
-        })
-        .collect();
-    let kind = pipeline
-        .teachers
-        .get(t)
-        .map_or("teacher", |s| s.kind.name());
-    let ctx = ScoringContext {
-        store,
-        stage_prefix,
-        label: format!("teacher {t} ({kind})"),
-        batcher: pipeline.batcher(),
-        workers: pipeline.workers,
-        threads: pipeline.threads,
-        quiet: pipeline.quiet,
-        known,
-    };
-    let scores = teacher.score_pairs(&to_score, &ctx)?;
-    if scores.len() != to_score.len() {
-        return Err(EngineError::Dataflow(format!(
-            "teacher {t} returned {} scores for {} pairs; this is a bug",
-            scores.len(),
-            to_score.len()
-        )));
-    }
-    if teacher.cached() {
-        let mut writer = store.begin(&cache_stage, cache_key, scores_schema())?;
-        for (chunk, chunk_scores) in hexes.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS)) {
-            writer.write_part(&[scores_batch(chunk, chunk_scores.to_vec())?])?;
-        }
-    }
-    let now = missing.len();
-    cached.extend(missing.into_iter().map(|i| keys[i]).zip(scores));
-    Ok((cached, now))
 }
 
 /// The examples as JSONL at `path`, through the durable protocol.

@@ -18,7 +18,7 @@ use crate::dataflow::evaluate::{
     query_sets, retrieve_set, student_models, Metrics, QuerySet, RetrievalScores,
 };
 use crate::dataflow::label::load::load_teacher;
-use crate::dataflow::label::{pair_key_of, scores_through_cache};
+use crate::dataflow::label::pair_cache::{pair_key_of, scores_through_cache};
 use crate::dataflow::passage_texts_of;
 use crate::error::EngineError;
 use crate::eval::{evaluate, EvalOptions, Run};

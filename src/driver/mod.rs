@@ -9,13 +9,16 @@
 //! ```text
 //! corpus ─┬─> generate ──────────────┐
 //!         └─> passage index (r<i>) ──┴─> candidates ─> label ─> train ─> evaluate
+//!                                            └─> score ahead ─┘
 //! ```
 //!
 //! Generation and every retriever's passage index run at the same time (the passage
-//! index needs only the corpus); the candidates stage starts when both are complete,
-//! and the later stages each when the one before it is, since each needs its input
-//! whole: retrieval is exact over the complete index, the teacher funnel normalises by
-//! corpus-wide percentiles, training shuffles every example. Every model of the run (the
+//! index needs only the corpus); the candidates stage starts when both are complete;
+//! its rows stream, a chunk of queries at a time, to the teachers that score ahead
+//! (a cross-encoder), and labelling starts when the candidates are complete. Each later
+//! stage starts when the one before it is, since each needs its input whole: retrieval
+//! is exact over the complete index, the teacher funnel normalises by corpus-wide
+//! percentiles, training shuffles every example. Every model of the run (the
 //! LLM, the retrievers, the teachers, the student) runs its batches on its device's one
 //! executor ([`crate::executor`]), so stages that overlap take turns on the device rather
 //! than oversubscribe it.
@@ -47,15 +50,19 @@ use crate::dataflow::evaluate::{evaluate_models, Evaluation};
 use crate::dataflow::generate::{
     build_generator, run_generate, run_generate_streaming, GenerateJob, GenerateOutcome,
 };
+use crate::dataflow::label::load::load_teachers;
+use crate::dataflow::label::teacher::PairTeacher;
 use crate::dataflow::label::{run_label_stage, LabelOutcome};
 use crate::dataflow::memo_embed::embed_ahead;
 use crate::dataflow::passage_index::{
     embed_passages, load_retrievers, retriever_stage, PassageIndex,
 };
 use crate::dataflow::read_device_journal;
+use crate::dataflow::score_ahead::{score_ahead, ScoredAhead};
 use crate::dataflow::teacher_check::{check_teachers, TeacherCheck};
 use crate::dataflow::train::{run_train_stage, TrainOutcome};
 use crate::error::EngineError;
+use crate::schema::CandidateRow;
 use crate::store::StageStore;
 
 /// The parts of a run, in order: generate, mine, label, check teachers, train, evaluate.
@@ -117,7 +124,7 @@ pub fn generate(pipeline: &Pipeline) -> Result<GenerateOutcome, EngineError> {
 /// candidates stage.
 pub fn mine(pipeline: &Pipeline) -> Result<MineOutcome, EngineError> {
     pipeline.preflight(RunPart::Mine)?;
-    Ok(Driver::new(pipeline, false).mine()?.1)
+    Ok(Driver::new(pipeline, false).mine(None)?.1)
 }
 
 /// `label`: [`mine`]'s stages, then teacher scoring and the examples.
@@ -146,6 +153,11 @@ fn generate_stage(pipeline: &Pipeline) -> Result<Option<GenerateOutcome>, Engine
 /// extractive one) does not pile texts up in memory; what finds a stream full is
 /// embedded by the candidates stage instead.
 const QUERIES_AHEAD_BATCHES: usize = 16;
+
+/// Chunks of candidate rows waiting for the teachers that score ahead: one in hand while
+/// the next is retrieved; a teacher slower than retrieval then holds the retrieval back
+/// instead of piling rows up in memory.
+const CANDIDATE_CHUNKS_AHEAD: usize = 1;
 
 /// Runs the stages in order, timing each part and, for `run`, saying which starts (the
 /// stages' own progress lines follow).
@@ -184,7 +196,15 @@ impl<'p> Driver<'p> {
     /// generated queries streaming into each retriever's query embeddings as they come
     /// ([`embed_ahead`]); then the candidates stage over all of it, whose query stages
     /// find those texts in their memo tables.
-    fn mine(&mut self) -> Result<(Option<GenerateOutcome>, MineOutcome), EngineError> {
+    ///
+    /// With `teachers` of which some score ahead ([`ScoredAhead::wanted`]), the
+    /// candidates stream to them as each chunk of queries is retrieved
+    /// ([`score_ahead`], on a thread of its own behind a bounded channel: a slow teacher
+    /// holds the retrieval back), and what they scored is returned for labelling.
+    fn mine(
+        &mut self,
+        teachers: Option<&[Box<dyn PairTeacher>]>,
+    ) -> Result<(Option<GenerateOutcome>, MineOutcome, Option<ScoredAhead>), EngineError> {
         let pipeline = self.pipeline;
         let t = self.begin("generate (and the passage index alongside)", 1);
         let retrievers = load_retrievers(pipeline)?;
@@ -262,18 +282,56 @@ impl<'p> Driver<'p> {
             part: "generate".into(),
             seconds: generated_at.duration_since(t).as_secs_f64(),
         });
+        let streaming = teachers.filter(|t| ScoredAhead::wanted(t));
         if self.announce {
-            eprintln!("run [2/{PARTS}] mine");
+            let ahead = if streaming.is_some() {
+                " (and teacher scoring ahead)"
+            } else {
+                ""
+            };
+            eprintln!("run [2/{PARTS}] mine{ahead}");
         }
-        let mine = run_candidates_stage(pipeline, generate.as_ref(), indexes)?;
+        let (mine, ahead) = match streaming {
+            None => (
+                run_candidates_stage(pipeline, generate.as_ref(), indexes, None)?,
+                None,
+            ),
+            Some(teachers) => {
+                let (tx, rx) = bounded::<Vec<CandidateRow>>(CANDIDATE_CHUNKS_AHEAD);
+                std::thread::scope(|scope| {
+                    let scoring =
+                        scope.spawn(move || score_ahead(pipeline, teachers, rx.into_iter()));
+                    let mut send = |rows: Vec<CandidateRow>| {
+                        tx.send(rows).map_err(|_| {
+                            EngineError::Dataflow("teacher scoring ahead stopped".into())
+                        })
+                    };
+                    let mine =
+                        run_candidates_stage(pipeline, generate.as_ref(), indexes, Some(&mut send));
+                    // Closes the stream: scoring ahead ends with what it was sent.
+                    drop(tx);
+                    let ahead = scoring.join().unwrap_or_else(|_| {
+                        Err(EngineError::Dataflow(
+                            "the teacher scoring thread panicked".into(),
+                        ))
+                    });
+                    // The scoring's error first: a failed teacher stops the stream,
+                    // which the candidates stage reports only as stopped.
+                    let ahead = ahead?;
+                    Ok::<_, EngineError>((mine?, Some(ahead)))
+                })?
+            }
+        };
         self.timed("mine", generated_at);
-        Ok((generate, mine))
+        Ok((generate, mine, ahead))
     }
 
     fn label(&mut self) -> Result<(Option<GenerateOutcome>, LabelOutcome), EngineError> {
-        let (generate, mine) = self.mine()?;
+        // Loaded once: the candidates stream to them, and labelling needs them whole.
+        let teachers = load_teachers(self.pipeline)?;
+        let (generate, mine, ahead) = self.mine(Some(&teachers))?;
         let t = self.begin("label", 3);
-        let label = run_label_stage(self.pipeline, mine)?;
+        let label = run_label_stage(self.pipeline, mine, &teachers, ahead)?;
         self.timed("label", t);
         Ok((generate, label))
     }
@@ -288,6 +346,28 @@ impl<'p> Driver<'p> {
         self.timed("train", t);
         Ok((generate, train))
     }
+}
+
+/// One line on labelling's teacher pairs: how many, and per teacher how many it scored
+/// now (and of those, how many ahead, while the candidates were made).
+pub fn pairs_line(label: &LabelOutcome) -> String {
+    let now: Vec<String> = label
+        .scored_now
+        .iter()
+        .zip(label.scored_ahead.iter().chain(std::iter::repeat(&0)))
+        .map(|(now, ahead)| {
+            if *ahead > 0 {
+                format!("{now} ({ahead} ahead)")
+            } else {
+                now.to_string()
+            }
+        })
+        .collect();
+    format!(
+        "teacher pairs {} (scored now per teacher: {}; the rest from the cache)",
+        label.pairs,
+        now.join(", ")
+    )
 }
 
 /// One line on the teacher check of a set, with a plain warning when the teachers do not

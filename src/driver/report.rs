@@ -371,15 +371,8 @@ pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, Engin
     ));
     let _ = write!(
         html,
-        "<p>Teacher pairs: {} (scored now per teacher: {}).</p>",
-        outcome.label.pairs,
-        outcome
-            .label
-            .scored_now
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "<p>{}.</p>",
+        escape(&super::pairs_line(&outcome.label))
     );
     html.push_str(&bar_chart("funnel", &funnel, |v| format!("{v:.0}")));
 

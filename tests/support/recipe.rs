@@ -108,6 +108,8 @@ pub fn fixture(bad: bool) -> tempfile::TempDir {
 pub fn write_config(dir: &Path, teacher_model: &str, on_bad_record: &str) {
     // The third teacher, the fixtures' tiny BERT cross-encoder, makes scoring a device
     // stage of its own (the bi-encoder takes the retriever's vectors, BM25 runs no model).
+    // `stream_queries` cuts the candidates into several chunks that stream to it while
+    // the next is retrieved, as a large corpus's would be (one chunk by default here).
     let cross_encoder = root().join("tests/fixtures/cross_encoders/bert");
     let cross_encoder = cross_encoder.display();
     let text = format!(
@@ -153,6 +155,7 @@ list_len = 5
 dataset = "beir"
 [engine]
 threads = 2
+stream_queries = 16
 on_bad_record = "{on_bad_record}"
 "#
     );

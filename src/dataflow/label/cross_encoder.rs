@@ -17,8 +17,8 @@ use crate::executor::ScorePairs;
 use crate::model::fingerprint;
 use crate::store::{hash_settings, ContentHasher, StageKey};
 
+use super::pair_cache::{read_scores, scores_batch, scores_schema};
 use super::teacher::{PairTeacher, PairToScore, ScoringContext};
-use super::{read_scores, scores_batch, scores_schema};
 use crate::store::memo::{MemoKey, MemoMap};
 
 /// A loaded cross-encoder and its fingerprint.
@@ -82,6 +82,10 @@ impl TextTable {
 impl PairTeacher for CrossEncoderTeacher {
     fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    fn scores_ahead(&self) -> bool {
+        true
     }
 
     fn score_pairs(

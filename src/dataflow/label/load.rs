@@ -12,6 +12,16 @@ use super::bm25::Bm25Teacher;
 use super::cross_encoder::CrossEncoderTeacher;
 use super::teacher::PairTeacher;
 
+/// Loads every teacher of `[[teachers]]`, in order.
+pub fn load_teachers(pipeline: &Pipeline) -> Result<Vec<Box<dyn PairTeacher>>, EngineError> {
+    pipeline
+        .teachers
+        .iter()
+        .enumerate()
+        .map(|(t, settings)| load_teacher(pipeline, t, settings))
+        .collect()
+}
+
 /// Loads the teacher `settings` describes; `index` is its place in `[[teachers]]`.
 pub fn load_teacher(
     pipeline: &Pipeline,

@@ -62,8 +62,9 @@ pub struct EmbeddingCounts {
     pub passages_reused: u64,
 }
 
-/// A teacher: anything that gives a (query, passage) pair a relevance score.
-pub trait PairTeacher {
+/// A teacher: anything that gives a (query, passage) pair a relevance score. Shared by
+/// the stages of a run that score (scoring ahead runs beside the candidates stage).
+pub trait PairTeacher: Send + Sync {
     /// The hash of every setting the scores depend on (64 hex digits).
     fn fingerprint(&self) -> &str;
 
@@ -81,6 +82,16 @@ pub trait PairTeacher {
     /// score costs more than computing it again.
     fn cached(&self) -> bool {
         true
+    }
+
+    /// Whether its pairs are worth scoring ahead, a chunk of candidates at a time while
+    /// the candidates stage retrieves the next ([`crate::dataflow::score_ahead`]): true
+    /// for a cached teacher whose work is per pair (a cross-encoder reads each pair
+    /// whole). A bi-encoder's work is per text (each text embedded once for all its
+    /// pairs), and a chunk's pairs name most of the corpus's passages, which it would
+    /// read or embed again for every chunk.
+    fn scores_ahead(&self) -> bool {
+        false
     }
 
     /// What the last [`Self::score_pairs`] embedded and reused (nothing, for teachers
