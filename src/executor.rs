@@ -79,7 +79,7 @@ impl BatchModel for EmbedTexts {
     }
 
     fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
-        self.embedder.embed_batch(batch)
+        self.embedder.embed_batch_as(batch, self.kind)
     }
 }
 

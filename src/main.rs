@@ -204,6 +204,9 @@ fn run_command(a: &RunArgs) -> Result<()> {
         outcome.label.dev,
         outcome.train.report.state.global_step
     );
+    if let Some(frozen) = &outcome.train.frozen_passages {
+        println!("{frozen}");
+    }
     for e in &outcome.evaluations {
         println!("{} ({} queries):", e.set, e.queries);
         let check = outcome.teacher_checks.iter().find(|c| c.set == e.set);
@@ -510,6 +513,9 @@ fn run_cli(cli: Cli) -> Result<()> {
                 ),
                 StopReason::MaxEpochs => println!("stopped after max_epochs"),
                 StopReason::Interrupted => println!("stopped before the end; rerun to resume"),
+            }
+            if let Some(frozen) = &outcome.frozen_passages {
+                println!("{frozen}");
             }
             println!("best model: {}", outcome.model.display());
             write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;

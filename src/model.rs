@@ -13,7 +13,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use distillery_operators::embedder::REQUIRED_FILES;
+use distillery_operators::st_config::ROUTER_CONFIG_FILE;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+use distillery_operators::Embedder;
 
 use crate::error::EngineError;
 use crate::store::ContentHasher;
@@ -63,8 +65,11 @@ impl fmt::Display for ResolvedModel {
     }
 }
 
+/// Whether `dir` holds a model: an encoder's files, or a sentence-transformers Router
+/// (whose encoders are in its module directories).
 fn is_model_dir(dir: &Path) -> bool {
     REQUIRED_FILES.iter().all(|(f, _)| dir.join(f).is_file())
+        || dir.join(ROUTER_CONFIG_FILE).is_file()
 }
 
 /// The hub cache's snapshot directory for `id` (`org/name`), when one is complete.
@@ -157,19 +162,81 @@ const FINGERPRINT_FILES: [&str; 7] = [
     "config_sentence_transformers.json",
 ];
 
+/// The files of one encoder's directory that decide its output, beside the pooling,
+/// normalisation and casing its modules say ([`tower_fingerprint`]).
+const TOWER_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// Adds `name` and the bytes of `dir/name` (or that it is absent) to `h`.
+fn hash_file_into(h: &mut ContentHasher, dir: &Path, name: &str) -> Result<(), EngineError> {
+    let path = dir.join(name);
+    h.field(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => h.field(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.field("<absent>"),
+        Err(source) => return Err(EngineError::Write { path, source }),
+    };
+    Ok(())
+}
+
 /// A content hash of the files that decide a model's output: two directories with the
-/// same fingerprint embed identically, wherever they live.
+/// same fingerprint embed identically, wherever they live. A sentence-transformers
+/// Router's module directories (named in its `router_config.json`) are hashed too.
 pub fn fingerprint(dir: &Path) -> Result<String, EngineError> {
     let mut h = ContentHasher::new();
     for name in FINGERPRINT_FILES {
-        let path = dir.join(name);
-        h.field(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => h.field(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.field("<absent>"),
-            Err(source) => return Err(EngineError::Write { path, source }),
-        };
+        hash_file_into(&mut h, dir, name)?;
     }
+    let router = dir.join(ROUTER_CONFIG_FILE);
+    if router.is_file() {
+        hash_file_into(&mut h, dir, ROUTER_CONFIG_FILE)?;
+        #[derive(serde::Deserialize)]
+        struct Modules {
+            types: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(&router).map_err(|source| EngineError::Write {
+            path: router.clone(),
+            source,
+        })?;
+        let modules: Modules = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Invalid(format!("{}: {e}", router.display())))?;
+        for id in modules.types.keys() {
+            // Only plain names inside the model (the loader refuses any other).
+            if id.contains(['/', '\\']) || id == ".." || id == "." || id.is_empty() {
+                return Err(EngineError::Invalid(format!(
+                    "{}: module id `{id}` is not a plain directory name",
+                    router.display()
+                )));
+            }
+            h.field(id);
+            for name in FINGERPRINT_FILES {
+                hash_file_into(&mut h, &dir.join(id), name)?;
+            }
+        }
+    }
+    Ok(h.finish())
+}
+
+/// A content hash of what one encoder computes (`side` of an embedder: see
+/// [`Embedder::side`]): its weights, config and tokenizer, its pooling, normalisation
+/// and casing. Where the encoder lives does not enter: the document route of a Router
+/// whose files are the base model's has the base model's tower fingerprint, so its
+/// embeddings are the base model's, found in the same memo table.
+pub fn tower_fingerprint(side: &Embedder) -> Result<String, EngineError> {
+    let mut h = ContentHasher::new();
+    for name in TOWER_FILES {
+        hash_file_into(&mut h, side.weights_dir(), name)?;
+    }
+    h.field(side.pooling().name())
+        .field(if side.normalizes() {
+            "normalised"
+        } else {
+            "raw"
+        })
+        .field(if side.do_lower_case() {
+            "lower-cased"
+        } else {
+            "cased"
+        });
     Ok(h.finish())
 }
 

@@ -383,8 +383,7 @@ fn generated_queries_are_embedded_ahead_and_the_query_stage_keeps_its_bytes() {
     // store where nothing was embedded ahead.
     let retrievers = load_retrievers(&p).unwrap();
     let r = &retrievers[0];
-    let query_stage =
-        retriever_stage(&p, 0, &r.embedder, &r.model, TextKind::Query, "input", None).unwrap();
+    let query_stage = retriever_stage(&p, 0, &r.embedder, TextKind::Query, "input", None).unwrap();
     let alone = tempfile::tempdir().unwrap();
     let alone_store = StageStore::open(alone.path()).unwrap();
     let source: Vec<_> = queries

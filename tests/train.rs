@@ -113,7 +113,7 @@ fn gradient_caching_equals_one_full_batch_backward() {
     }
     let loss = LossConfig::default();
     let vars = student.vars();
-    let batch = prepare(&student, &refs, &texts, &intern, LIST).unwrap();
+    let batch = prepare(&student, &refs, (&texts).into(), &intern, LIST).unwrap();
     // Micro-batches of 2 queries: three re-embedding passes.
     let (cached, values) = batch_gradients(&student, &loss, &batch, 2).unwrap();
 

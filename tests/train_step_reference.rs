@@ -7,7 +7,9 @@
 //! most 4 with one short list, a passage shared by two lists, a false negative, and one
 //! query's positive as another's hard negative. The step runs with micro-batches of 2
 //! queries, so the cached-gradient path (embed without a graph, loss gradient, re-embed
-//! and back-propagate per micro-batch) is the one compared.
+//! and back-propagate per micro-batch) is the one compared. The same step with the
+//! passage encoder frozen (query-tower training: the passages' embeddings given as
+//! constants) is compared with PyTorch's gradient through the queries alone.
 
 #![allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 
@@ -15,7 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use distillery::train::gradcache::{batch_gradients_on, PreparedBatch};
+use distillery::train::gradcache::{batch_gradients_on, LossValues, PreparedBatch};
 use distillery::train::loss::{LossConfig, LossMode, TeacherLists};
 use distillery_operators::student::GradientPath;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
@@ -48,6 +50,8 @@ struct Fixture {
     passage_ids: Vec<Vec<u32>>,
     scores: Vec<Vec<f32>>,
     modes: HashMap<String, Values>,
+    /// The same step with the passage encoder frozen (passages embedded, detached).
+    frozen_modes: HashMap<String, Values>,
 }
 
 fn fixtures() -> PathBuf {
@@ -103,7 +107,7 @@ fn train_step_gradients_equal_pytorch_in_every_mode() {
     let batch = batch(&f);
     let named = s.named_vars();
     assert_eq!(f.modes.len(), 3);
-    assert_eq!(reference.len(), 3 * named.len());
+    assert_eq!(reference.len(), (3 + f.frozen_modes.len()) * named.len());
 
     // Both gradient paths: the hand-written CPU kernel (the trainer's on the CPU) and
     // candle's autograd (other devices).
@@ -120,53 +124,130 @@ fn train_step_gradients_equal_pytorch_in_every_mode() {
         };
         let (grads, got) = batch_gradients_on(&s, path, &config, &batch, MICRO_BATCH).unwrap();
 
-        let loss_diff = relative(got.total, want.total);
-        assert!(
-            loss_diff < TOLERANCE,
-            "{mode_name}: {got:?} vs {}",
-            want.total
-        );
-        assert_eq!(got.kl.is_some(), want.kl.is_some(), "{mode_name}");
-        assert_eq!(got.infonce.is_some(), want.infonce.is_some(), "{mode_name}");
-        if let (Some(g), Some(w)) = (got.kl, want.kl) {
-            assert!(relative(g, w) < TOLERANCE, "{mode_name} kl: {g} vs {w}");
-        }
-        if let (Some(g), Some(w)) = (got.infonce, want.infonce) {
-            assert!(
-                relative(g, w) < TOLERANCE,
-                "{mode_name} infonce: {g} vs {w}"
-            );
-        }
+        check_step(mode_name, key, &named, &reference, &grads, &got, want);
+    }
+}
 
-        let mut worst = (0.0f64, String::new());
-        for ((name, _), grad) in named.iter().zip(&grads) {
-            let want = &reference[&format!("{key}/{name}")];
-            let grad = grad
-                .as_ref()
-                .unwrap_or_else(|| panic!("{mode_name}: no gradient for {name}"));
-            let diff = max_abs(&(grad.to_dtype(DType::F32).unwrap() - want).unwrap());
-            let scale = max_abs(want);
-            if name.ends_with("attention.self.key.bias") {
-                assert!(
-                    scale < 1e-9 && max_abs(grad) < ZERO_GRADIENT,
-                    "{mode_name} {name}: reference {scale}, ours {}",
-                    max_abs(grad)
-                );
-                continue;
-            }
-            assert!(
-                scale > 1e-4,
-                "{mode_name} {name}: reference gradient ~0 ({scale})"
-            );
-            if diff / scale > worst.0 {
-                worst = (diff / scale, name.clone());
-            }
-        }
-        eprintln!(
-            "{mode_name}: loss {} (reference {}, relative {loss_diff:.2e}); worst gradient \
-             difference relative to its tensor's largest: {:.2e} ({})",
-            got.total, want.total, worst.0, worst.1
+/// One step's loss and gradients (`grads`, in `named`'s order) against the reference's
+/// `want` and its `key/<parameter>` tensors.
+fn check_step(
+    mode_name: &str,
+    key: &str,
+    named: &[(String, candle_core::Var)],
+    reference: &HashMap<String, Tensor>,
+    grads: &[Option<Tensor>],
+    got: &LossValues,
+    want: &Values,
+) {
+    let loss_diff = relative(got.total, want.total);
+    assert!(
+        loss_diff < TOLERANCE,
+        "{mode_name}: {got:?} vs {}",
+        want.total
+    );
+    assert_eq!(got.kl.is_some(), want.kl.is_some(), "{mode_name}");
+    assert_eq!(got.infonce.is_some(), want.infonce.is_some(), "{mode_name}");
+    if let (Some(g), Some(w)) = (got.kl, want.kl) {
+        assert!(relative(g, w) < TOLERANCE, "{mode_name} kl: {g} vs {w}");
+    }
+    if let (Some(g), Some(w)) = (got.infonce, want.infonce) {
+        assert!(
+            relative(g, w) < TOLERANCE,
+            "{mode_name} infonce: {g} vs {w}"
         );
-        assert!(worst.0 < TOLERANCE, "{mode_name}: {worst:?}");
+    }
+
+    let mut worst = (0.0f64, String::new());
+    for ((name, _), grad) in named.iter().zip(grads) {
+        let want = &reference[&format!("{key}/{name}")];
+        let grad = grad
+            .as_ref()
+            .unwrap_or_else(|| panic!("{mode_name}: no gradient for {name}"));
+        let diff = max_abs(&(grad.to_dtype(DType::F32).unwrap() - want).unwrap());
+        let scale = max_abs(want);
+        if name.ends_with("attention.self.key.bias") {
+            assert!(
+                scale < 1e-9 && max_abs(grad) < ZERO_GRADIENT,
+                "{mode_name} {name}: reference {scale}, ours {}",
+                max_abs(grad)
+            );
+            continue;
+        }
+        assert!(
+            scale > 1e-4,
+            "{mode_name} {name}: reference gradient ~0 ({scale})"
+        );
+        if diff / scale > worst.0 {
+            worst = (diff / scale, name.clone());
+        }
+    }
+    eprintln!(
+        "{mode_name}: loss {} (reference {}, relative {loss_diff:.2e}); worst gradient \
+         difference relative to its tensor's largest: {:.2e} ({})",
+        got.total, want.total, worst.0, worst.1
+    );
+    assert!(worst.0 < TOLERANCE, "{mode_name}: {worst:?}");
+}
+
+#[test]
+fn a_frozen_passage_encoder_step_equals_pytorch_through_the_queries_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path());
+    let f: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("train_step/batch.json")).unwrap(),
+    )
+    .unwrap();
+    let reference = candle_core::safetensors::load(
+        fixtures().join("train_step/grads.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let named = s.named_vars();
+    assert_eq!(f.frozen_modes.len(), 1);
+    // The passages' embeddings by the same weights, given as constants: what the base
+    // model's corpus index holds at the first step.
+    let rows: Vec<&[u32]> = f
+        .passage_tokens
+        .iter()
+        .flatten()
+        .map(|r| r.as_slice())
+        .collect();
+    let fixed = s.embed_rows(&rows).unwrap();
+    let mut lists = TeacherLists::new(f.list_len);
+    for (ids, scores) in f.passage_ids.iter().zip(&f.scores) {
+        lists.push(ids, scores).unwrap();
+    }
+    let batch = PreparedBatch::with_fixed_passages(f.query_tokens.clone(), fixed, lists).unwrap();
+    for (mode_name, want) in &f.frozen_modes {
+        // The frozen step's gradient is not the shared one's: were the passages still
+        // back-propagated, the comparison below would fail by this much.
+        let mut apart = 0.0f64;
+        for (name, _) in &named {
+            let frozen = &reference[&format!("frozen_{mode_name}/{name}")];
+            let shared = &reference[&format!("{mode_name}/{name}")];
+            let scale = max_abs(frozen).max(1e-12);
+            apart = apart.max(max_abs(&(frozen - shared).unwrap()) / scale);
+        }
+        assert!(
+            apart > 100.0 * TOLERANCE,
+            "frozen and shared references differ by {apart}"
+        );
+        for path in [GradientPath::Kernel, GradientPath::Graph] {
+            let mode: LossMode = serde_json::from_value(serde_json::json!(mode_name)).unwrap();
+            let config = LossConfig {
+                mode,
+                ..LossConfig::default()
+            };
+            let (grads, got) = batch_gradients_on(&s, path, &config, &batch, MICRO_BATCH).unwrap();
+            check_step(
+                &format!("frozen {mode_name} ({path:?})"),
+                &format!("frozen_{mode_name}"),
+                &named,
+                &reference,
+                &grads,
+                &got,
+                want,
+            );
+        }
     }
 }

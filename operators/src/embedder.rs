@@ -22,7 +22,7 @@ use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weig
 use crate::cpu_bert::CpuBert;
 use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
-use crate::st_config::{Pooling, SentenceTransformerSpec};
+use crate::st_config::{ModelLayout, Pooling, SentenceTransformerSpec};
 
 /// Which side of retrieval a text is on, for models with query and passage prompts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,11 +95,19 @@ pub struct Embedder {
     query_prefix: String,
     passage_prefix: String,
     dir: PathBuf,
+    /// The directory of this encoder's weights, config and tokenizer: `dir` itself, or
+    /// a Router route's transformer directory inside it.
+    weights_dir: PathBuf,
+    /// A Router model's query encoder; `None` when one encoder embeds both sides.
+    query_tower: Option<Box<Embedder>>,
 }
 
 impl Embedder {
     /// Loads `dir` (config.json, tokenizer.json, model.safetensors and the optional
-    /// sentence-transformers files) onto `device`, with the fastest backend for it.
+    /// sentence-transformers files) onto `device`, with the fastest backend for it. A
+    /// sentence-transformers Router of `query` and `document` routes loads both
+    /// encoders: queries are embedded by the first, passages by the second
+    /// ([`Embedder::side`]).
     pub fn load(dir: &Path, options: &EmbedderOptions, device: &Device) -> Result<Self> {
         Self::load_with_backend(dir, options, device, Backend::for_device(device))
     }
@@ -120,6 +128,53 @@ impl Embedder {
                 supported: "the cpu kernel on the CPU; candle on any device",
             });
         }
+        match ModelLayout::read(dir)? {
+            ModelLayout::Single(spec) => Self::load_tower(dir, dir, spec, options, device, backend),
+            ModelLayout::Router { query, document } => {
+                let mut passages = Self::load_tower(
+                    dir,
+                    &document.transformer_dir,
+                    document.spec,
+                    options,
+                    device,
+                    backend,
+                )?;
+                let queries = Self::load_tower(
+                    dir,
+                    &query.transformer_dir,
+                    query.spec,
+                    options,
+                    device,
+                    backend,
+                )?;
+                if queries.dim() != passages.dim() {
+                    return Err(OperatorError::BadConfig {
+                        path: dir.to_path_buf(),
+                        what: "sentence-transformers Router",
+                        message: format!(
+                            "the query route embeds in {} dimensions, the document route in {}",
+                            queries.dim(),
+                            passages.dim()
+                        ),
+                    });
+                }
+                passages.query_tower = Some(Box::new(queries));
+                Ok(passages)
+            }
+        }
+    }
+
+    /// One encoder of model `dir`, its files in `weights_dir`.
+    fn load_tower(
+        dir: &Path,
+        weights_dir: &Path,
+        spec: SentenceTransformerSpec,
+        options: &EmbedderOptions,
+        device: &Device,
+        backend: Backend,
+    ) -> Result<Self> {
+        let root = dir;
+        let dir = weights_dir;
         for (file, why) in REQUIRED_FILES {
             if !dir.join(file).is_file() {
                 return Err(OperatorError::MissingFile {
@@ -130,7 +185,6 @@ impl Embedder {
             }
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let spec = SentenceTransformerSpec::read(dir)?;
         let weights = Weights::load(&dir.join("model.safetensors"), device)?;
         let encoder = match backend {
             Backend::Candle => Encoder::Candle(BertModel::load(&weights, &config)?),
@@ -175,8 +229,30 @@ impl Embedder {
                 .or_else(|| prompt("passage"))
                 .or_else(|| prompt("document"))
                 .unwrap_or_default(),
-            dir: dir.to_path_buf(),
+            dir: root.to_path_buf(),
+            weights_dir: weights_dir.to_path_buf(),
+            query_tower: None,
         })
+    }
+
+    /// The encoder that embeds texts of `kind`: the query route of a Router for
+    /// queries, this one otherwise.
+    pub fn side(&self, kind: TextKind) -> &Embedder {
+        match (kind, &self.query_tower) {
+            (TextKind::Query, Some(tower)) => tower,
+            _ => self,
+        }
+    }
+
+    /// Whether queries and passages have encoders of their own (a Router).
+    pub fn has_query_tower(&self) -> bool {
+        self.query_tower.is_some()
+    }
+
+    /// The directory holding this encoder's config.json, tokenizer.json and
+    /// model.safetensors (for a Router, the document route's; see [`Embedder::side`]).
+    pub fn weights_dir(&self) -> &Path {
+        &self.weights_dir
     }
 
     pub fn dim(&self) -> usize {
@@ -193,6 +269,11 @@ impl Embedder {
 
     pub fn normalizes(&self) -> bool {
         self.normalize
+    }
+
+    /// Whether texts are lower-cased before tokenising (`do_lower_case`).
+    pub fn do_lower_case(&self) -> bool {
+        self.do_lower_case
     }
 
     pub fn dir(&self) -> &Path {
@@ -222,6 +303,9 @@ impl Embedder {
     /// Runs the CPU kernel on `path` from now on; fails, changing nothing, when this CPU
     /// cannot run it. The candle backend checks the path and otherwise ignores it.
     pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
+        if let Some(tower) = &mut self.query_tower {
+            tower.set_cpu_path(path)?;
+        }
         match &mut self.encoder {
             Encoder::Cpu(kernel) => kernel.set_cpu_path(path),
             Encoder::Candle(_) => {
@@ -239,17 +323,27 @@ impl Embedder {
         }
     }
 
-    /// Token ids of each text, special tokens included, truncated to `max_seq_length`.
+    /// Token ids of each text, special tokens included, truncated to `max_seq_length`,
+    /// by the tokenizer of the encoder of `kind` ([`Embedder::side`]).
     pub fn tokenize(&self, texts: &[&str], kind: TextKind) -> Result<Vec<Vec<u32>>> {
+        let side = self.side(kind);
         encode_texts(
-            &self.tokenizer,
+            &side.tokenizer,
             texts,
-            self.prefix(kind),
-            self.do_lower_case,
+            side.prefix(kind),
+            side.do_lower_case,
         )
     }
 
-    /// Embeds one batch: a `rows x dim` row-major matrix, rows in the batch's order.
+    /// Embeds one batch of texts of `kind` (tokenised by [`Embedder::tokenize`] for the
+    /// same kind) with that side's encoder.
+    pub fn embed_batch_as(&self, batch: &TokenBatch, kind: TextKind) -> Result<Vec<f32>> {
+        self.side(kind).embed_batch(batch)
+    }
+
+    /// Embeds one batch with this encoder (for a Router, the document route's, as
+    /// sentence-transformers' plain `encode` does): a `rows x dim` row-major matrix,
+    /// rows in the batch's order.
     pub fn embed_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>> {
         let rows = batch.rows.len();
         if rows == 0 {

@@ -6,7 +6,7 @@
 //! normalisation; distillery does the same.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -84,9 +84,50 @@ struct StConfigFile {
     prompts: BTreeMap<String, String>,
 }
 
-const MODULE_TRANSFORMER: &str = "sentence_transformers.models.Transformer";
-const MODULE_POOLING: &str = "sentence_transformers.models.Pooling";
-const MODULE_NORMALIZE: &str = "sentence_transformers.models.Normalize";
+/// The modules distillery reads, by class name. sentence-transformers writes a module's
+/// full class path (`sentence_transformers.models.Pooling` up to version 5,
+/// `sentence_transformers.sentence_transformer.modules.pooling.Pooling` from 6); both
+/// name the same module, so the class name after the package decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Module {
+    Transformer,
+    Pooling,
+    Normalize,
+    Router,
+}
+
+impl Module {
+    /// The module a `type` of modules.json or router_config.json names, when it is one
+    /// of sentence-transformers' own that distillery reads.
+    fn of(kind: &str) -> Option<Self> {
+        let (package, class) = kind.rsplit_once('.')?;
+        if !(package == "sentence_transformers" || package.starts_with("sentence_transformers.")) {
+            return None;
+        }
+        match class {
+            "Transformer" => Some(Self::Transformer),
+            "Pooling" => Some(Self::Pooling),
+            "Normalize" => Some(Self::Normalize),
+            "Router" => Some(Self::Router),
+            _ => None,
+        }
+    }
+}
+
+/// What distillery writes for each module: the names sentence-transformers 5 writes,
+/// which 5 and later versions both read.
+pub const MODULE_TRANSFORMER: &str = "sentence_transformers.models.Transformer";
+pub const MODULE_POOLING: &str = "sentence_transformers.models.Pooling";
+pub const MODULE_NORMALIZE: &str = "sentence_transformers.models.Normalize";
+pub const MODULE_ROUTER: &str = "sentence_transformers.models.Router";
+
+/// The file of a Router module: its sub-modules and the routes through them.
+pub const ROUTER_CONFIG_FILE: &str = "router_config.json";
+/// The routes of a query/document Router (sentence-transformers'
+/// `Router.for_query_document`): `encode_query` takes the first, `encode_document` and a
+/// plain `encode` the second.
+pub const ROUTE_QUERY: &str = "query";
+pub const ROUTE_DOCUMENT: &str = "document";
 
 fn read_json<T: DeserializeOwned>(path: &Path, what: &'static str) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| OperatorError::Io {
@@ -108,47 +149,178 @@ fn read_optional<T: DeserializeOwned>(path: &Path, what: &'static str) -> Result
     }
 }
 
-impl SentenceTransformerSpec {
-    /// Reads the sentence-transformers files of `dir`.
+/// One route of a Router model: the directory of its transformer (weights, config,
+/// tokenizer) and what its modules say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub transformer_dir: PathBuf,
+    pub spec: SentenceTransformerSpec,
+}
+
+/// A model directory's encoders: one for every text, or (a sentence-transformers Router
+/// of `query` and `document` routes) one per side of retrieval.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelLayout {
+    Single(SentenceTransformerSpec),
+    Router { query: Route, document: Route },
+}
+
+#[derive(Deserialize)]
+struct RouterFile {
+    types: BTreeMap<String, String>,
+    structure: BTreeMap<String, Vec<String>>,
+}
+
+fn unsupported_module(path: &Path, kind: &str) -> OperatorError {
+    OperatorError::Unsupported {
+        path: path.to_path_buf(),
+        what: "sentence-transformers module",
+        value: kind.to_string(),
+        supported:
+            "Transformer, Pooling, Normalize, and a Router of query and document routes of those",
+    }
+}
+
+impl ModelLayout {
+    /// Reads the sentence-transformers files of `dir`: a Router when its modules.json
+    /// holds one Router module, one encoder otherwise.
     pub fn read(dir: &Path) -> Result<Self> {
         let modules_path = dir.join("modules.json");
-        let mut pooling = Pooling::Mean;
-        let mut normalize = false;
-        if let Some(modules) =
-            read_optional::<Vec<ModuleEntry>>(&modules_path, "sentence-transformers modules.json")?
-        {
-            for m in &modules {
-                match m.kind.as_str() {
-                    MODULE_TRANSFORMER => {}
-                    MODULE_POOLING => {
-                        pooling = read_pooling(&dir.join(&m.path).join("config.json"))?
-                    }
-                    MODULE_NORMALIZE => normalize = true,
-                    other => {
-                        return Err(OperatorError::Unsupported {
-                            path: modules_path.clone(),
-                            what: "sentence-transformers module",
-                            value: other.to_string(),
-                            supported: "Transformer, Pooling, Normalize",
-                        })
-                    }
-                }
-            }
+        let modules =
+            read_optional::<Vec<ModuleEntry>>(&modules_path, "sentence-transformers modules.json")?;
+        let is_router = modules.as_deref().is_some_and(|m| {
+            m.iter()
+                .any(|e| Module::of(&e.kind) == Some(Module::Router))
+        });
+        if !is_router {
+            return SentenceTransformerSpec::read(dir).map(Self::Single);
         }
+        let modules = modules.unwrap_or_default();
+        let [router] = modules.as_slice() else {
+            return Err(OperatorError::BadConfig {
+                path: modules_path,
+                what: "sentence-transformers modules.json",
+                message: "a Router must be the only module".into(),
+            });
+        };
+        let router_dir = dir.join(&router.path);
+        let config_path = router_dir.join(ROUTER_CONFIG_FILE);
+        let config: RouterFile = read_json(&config_path, "sentence-transformers Router config")?;
+        let prompts = read_prompts(dir)?;
+        let route = |name: &str| -> Result<Route> {
+            let ids = config.structure.get(name).ok_or_else(|| OperatorError::BadConfig {
+                path: config_path.clone(),
+                what: "sentence-transformers Router config",
+                message: format!(
+                    "no `{name}` route (distillery reads Routers of `{ROUTE_QUERY}` and `{ROUTE_DOCUMENT}` routes)"
+                ),
+            })?;
+            let mut modules = Vec::with_capacity(ids.len());
+            for id in ids {
+                // Module directories are relative names inside the model, never paths out
+                // of it.
+                if id.is_empty() || id.contains(['/', '\\']) || id == "." || id == ".." {
+                    return Err(OperatorError::BadConfig {
+                        path: config_path.clone(),
+                        what: "sentence-transformers Router config",
+                        message: format!("module id `{id}` is not a plain directory name"),
+                    });
+                }
+                let kind = config
+                    .types
+                    .get(id)
+                    .ok_or_else(|| OperatorError::BadConfig {
+                        path: config_path.clone(),
+                        what: "sentence-transformers Router config",
+                        message: format!("route `{name}` names module `{id}`, which has no type"),
+                    })?;
+                modules.push(ModuleEntry {
+                    path: id.clone(),
+                    kind: kind.clone(),
+                });
+            }
+            let transformer = modules
+                .iter()
+                .find(|m| Module::of(&m.kind) == Some(Module::Transformer))
+                .ok_or_else(|| OperatorError::BadConfig {
+                    path: config_path.clone(),
+                    what: "sentence-transformers Router config",
+                    message: format!("route `{name}` has no Transformer module"),
+                })?;
+            let transformer_dir = router_dir.join(&transformer.path);
+            let (pooling, normalize) = read_modules(&router_dir, &config_path, &modules)?;
+            let mut spec =
+                SentenceTransformerSpec::read_files(&transformer_dir, pooling, normalize)?;
+            spec.prompts = prompts.clone();
+            Ok(Route {
+                transformer_dir,
+                spec,
+            })
+        };
+        Ok(Self::Router {
+            query: route(ROUTE_QUERY)?,
+            document: route(ROUTE_DOCUMENT)?,
+        })
+    }
+}
+
+/// The pooling and normalisation of a list of modules whose directories are in `dir`;
+/// a Router among them, or a module distillery does not read, is an error naming
+/// `listed_in`.
+fn read_modules(dir: &Path, listed_in: &Path, modules: &[ModuleEntry]) -> Result<(Pooling, bool)> {
+    let mut pooling = Pooling::Mean;
+    let mut normalize = false;
+    for m in modules {
+        match Module::of(&m.kind) {
+            Some(Module::Transformer) => {}
+            Some(Module::Pooling) => {
+                pooling = read_pooling(&dir.join(&m.path).join("config.json"))?
+            }
+            Some(Module::Normalize) => normalize = true,
+            Some(Module::Router) | None => return Err(unsupported_module(listed_in, &m.kind)),
+        }
+    }
+    Ok((pooling, normalize))
+}
+
+fn read_prompts(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let st: Option<StConfigFile> = read_optional(
+        &dir.join("config_sentence_transformers.json"),
+        "config_sentence_transformers.json",
+    )?;
+    Ok(st.map(|s| s.prompts).unwrap_or_default())
+}
+
+impl SentenceTransformerSpec {
+    /// Reads the sentence-transformers files of `dir`, a model of one encoder (a Router
+    /// is read by [`ModelLayout::read`]).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let modules_path = dir.join("modules.json");
+        let (pooling, normalize) = match read_optional::<Vec<ModuleEntry>>(
+            &modules_path,
+            "sentence-transformers modules.json",
+        )? {
+            Some(modules) => read_modules(dir, &modules_path, &modules)?,
+            None => (Pooling::Mean, false),
+        };
+        let mut spec = Self::read_files(dir, pooling, normalize)?;
+        spec.prompts = read_prompts(dir)?;
+        Ok(spec)
+    }
+
+    /// The spec of a transformer directory (its `sentence_bert_config.json`) with the
+    /// pooling and normalisation its modules gave; no prompts.
+    fn read_files(dir: &Path, pooling: Pooling, normalize: bool) -> Result<Self> {
         let sbert: Option<SentenceBertFile> = read_optional(
             &dir.join("sentence_bert_config.json"),
             "sentence_bert_config.json",
-        )?;
-        let st: Option<StConfigFile> = read_optional(
-            &dir.join("config_sentence_transformers.json"),
-            "config_sentence_transformers.json",
         )?;
         Ok(Self {
             pooling,
             normalize,
             max_seq_length: sbert.as_ref().and_then(|s| s.max_seq_length),
             do_lower_case: sbert.map(|s| s.do_lower_case).unwrap_or(false),
-            prompts: st.map(|s| s.prompts).unwrap_or_default(),
+            prompts: BTreeMap::new(),
         })
     }
 }

@@ -200,7 +200,6 @@ pub fn run_candidates_stage(
             pipeline,
             i,
             &index.embedder,
-            &index.model,
             TextKind::Query,
             &queries_hash,
             Some(nq as u64),

@@ -6,11 +6,15 @@
 use distillery_operators::{Embedder, TextKind};
 
 use crate::error::EngineError;
+use crate::model::tower_fingerprint;
 
 /// What an embedding depends on besides its text.
 #[derive(serde::Serialize)]
 struct EmbeddingKey<'a> {
-    /// [`crate::model::fingerprint`] of the model's files.
+    /// [`crate::model::tower_fingerprint`] of the encoder that embeds the side: its
+    /// weights, config, tokenizer, pooling, normalisation and casing, wherever its files
+    /// live (a Router's document route with the base model's files has the base
+    /// model's key).
     model: &'a str,
     max_seq_length: usize,
     prefix: &'a str,
@@ -20,17 +24,14 @@ struct EmbeddingKey<'a> {
     arithmetic: u32,
 }
 
-/// The settings hash of `embedder`'s embeddings of `kind` texts; `model_fingerprint` is
-/// [`crate::model::fingerprint`] of its directory.
-pub fn embedding_settings_hash(
-    embedder: &Embedder,
-    model_fingerprint: &str,
-    kind: TextKind,
-) -> Result<String, EngineError> {
+/// The settings hash of `embedder`'s embeddings of `kind` texts (by the encoder of that
+/// side, [`Embedder::side`]).
+pub fn embedding_settings_hash(embedder: &Embedder, kind: TextKind) -> Result<String, EngineError> {
+    let side = embedder.side(kind);
     Ok(crate::store::hash_settings(&EmbeddingKey {
-        model: model_fingerprint,
-        max_seq_length: embedder.max_seq_length(),
-        prefix: embedder.prefix(kind),
+        model: &tower_fingerprint(side)?,
+        max_seq_length: side.max_seq_length(),
+        prefix: side.prefix(kind),
         kind: match kind {
             TextKind::Query => "query",
             TextKind::Passage => "passage",

@@ -143,7 +143,7 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
         Ok::<_, EngineError>(EmbedStage {
             stage: name.to_string(),
             key: StageKey {
-                settings_hash: embedding_settings_hash(&e.embedder, e.model_fingerprint, kind)?,
+                settings_hash: embedding_settings_hash(&e.embedder, kind)?,
                 input_hash,
             },
             kind,

@@ -2,22 +2,35 @@
 //! 5) with the trainer in `run_dir/train`,
 //! resuming from its checkpoint when one exists; the best model (by dev loss) is exported
 //! as a sentence-transformers directory at `run_dir/train/best-model`.
+//!
+//! With `[train] passage_encoder = "frozen"` only the query encoder trains: the examples'
+//! passages are embedded once by the base student as the run's evaluation embeds the
+//! corpus (the same embedding key, so through the same memo table: passages the base
+//! evaluation or a retriever with the same model and settings embedded are not embedded
+//! again, and what this stage embeds the evaluation finds), and the export is a Router
+//! whose document route is the base model.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use distillery_operators::student::{Student, StudentOptions};
+use distillery_operators::TextKind;
 
 use crate::config::Pipeline;
-use crate::dataflow::journal_device_stage;
+use crate::dataflow::embedding_key::embedding_settings_hash;
+use crate::dataflow::evaluate::{read_matrix, student_models};
 use crate::dataflow::label::{LabelOutcome, EXAMPLES_STAGE};
 use crate::dataflow::passage_texts_of;
+use crate::dataflow::{journal_device_stage, run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::executor::DeviceExecutor;
 use crate::mining::examples_from_batch;
 use crate::model::fingerprint;
-use crate::store::{hash_settings, ContentHasher, StageStore};
-use crate::train::trainer::{checkpoint_inputs, train, RunControl, TrainReport, WarmStart};
+use crate::store::{hash_settings, ContentHasher, StageKey, StageStore};
+use crate::train::gradcache::{FixedPassages, PassageInputs};
+use crate::train::trainer::{
+    checkpoint_inputs, train, PassageEncoder, RunControl, TrainReport, WarmStart,
+};
 use crate::train::warm_start::warm_start_model;
 
 /// What `train` did.
@@ -29,6 +42,30 @@ pub struct TrainOutcome {
     /// The model training started from: the `[student]` model, or with
     /// `warm_start = "previous"` after a change of inputs, the last run's.
     pub started_from: PathBuf,
+    /// With a frozen passage encoder: where its passage embeddings came from.
+    pub frozen_passages: Option<FrozenPassagesReport>,
+}
+
+/// A frozen passage encoder's embeddings of the examples' passages.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FrozenPassagesReport {
+    pub passages: usize,
+    /// Embedded by this run; the rest were in the store (the memo table of the base
+    /// student's passages, which its evaluation and a retriever of the same model and
+    /// settings share).
+    pub embedded: u64,
+}
+
+impl std::fmt::Display for FrozenPassagesReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "frozen passage encoder: {} passages' base embeddings, {} from the store, {} embedded now",
+            self.passages,
+            self.passages as u64 - self.embedded.min(self.passages as u64),
+            self.embedded
+        )
+    }
 }
 
 /// The identity of what a training run trains on: the examples, the texts of their
@@ -72,6 +109,58 @@ fn training_inputs(
     Ok(h.finish())
 }
 
+/// The stage of a frozen passage encoder's embeddings of the examples' passages.
+pub const FROZEN_PASSAGES_STAGE: &str = "train-frozen-passages";
+
+/// The base student's passage embeddings of `texts` (id -> text), as the run's
+/// evaluation embeds them: through the memo table of their embedding key.
+fn frozen_passages(
+    pipeline: &Pipeline,
+    store: &StageStore,
+    base: &std::path::Path,
+    texts: &HashMap<String, String>,
+) -> Result<(FixedPassages, FrozenPassagesReport), EngineError> {
+    let models = student_models(pipeline, base, None)?;
+    let (_, embedder, _) = models
+        .into_iter()
+        .next()
+        .ok_or_else(|| EngineError::Dataflow("no base student was loaded; this is a bug".into()))?;
+    let mut ids: Vec<&String> = texts.keys().collect();
+    ids.sort();
+    let mut h = ContentHasher::new();
+    for id in &ids {
+        h.field(id).field(&texts[*id]);
+    }
+    let stage = EmbedStage {
+        stage: FROZEN_PASSAGES_STAGE.into(),
+        key: StageKey {
+            settings_hash: embedding_settings_hash(&embedder, TextKind::Passage)?,
+            input_hash: h.finish(),
+        },
+        kind: TextKind::Passage,
+        batcher: pipeline.batcher(),
+        workers: pipeline.workers,
+        chunk_rows: CHUNK_ROWS,
+        total: Some(ids.len() as u64),
+        label: "train: the frozen encoder's passages".into(),
+        quiet: pipeline.quiet,
+    };
+    let source: Vec<_> = ids
+        .iter()
+        .map(|id| Ok(((*id).clone(), texts[*id].clone())))
+        .collect();
+    let report = run_embed_stage(store, embedder, Box::new(source.into_iter()), &stage)?;
+    let m = read_matrix(store, &report.completed.stage)?;
+    let counts = FrozenPassagesReport {
+        passages: m.ids.len(),
+        embedded: report.rows_embedded,
+    };
+    Ok((
+        FixedPassages::new(base.to_path_buf(), m.ids, m.dim, m.values)?,
+        counts,
+    ))
+}
+
 /// Training on `label`'s examples; inputs not checked here
 /// ([`Pipeline::preflight`]).
 pub fn run_train_stage(
@@ -102,6 +191,24 @@ pub fn run_train_stage(
         passage_prefix: student_file.passage_prefix.clone(),
     };
     let base = PathBuf::from(&student_file.model);
+    let frozen = match pipeline.train.passage_encoder {
+        PassageEncoder::Shared => None,
+        PassageEncoder::Frozen => {
+            if pipeline.train.warm_start == WarmStart::Previous {
+                return Err(EngineError::Invalid(
+                    "[train] passage_encoder = \"frozen\" with warm_start = \"previous\": \
+                     a frozen run exports a Router, which training does not start from; \
+                     use warm_start = \"base\""
+                        .into(),
+                ));
+            }
+            Some(frozen_passages(pipeline, &store, &base, &texts)?)
+        }
+    };
+    let passages = match &frozen {
+        Some((fixed, _)) => PassageInputs::Fixed(fixed),
+        None => PassageInputs::Texts(&texts),
+    };
     let train_dir = pipeline.run_dir.join("train");
     let mut inputs = training_inputs(&store, &texts, &base, student_file, &pipeline.train)?;
     let warm = match pipeline.train.warm_start {
@@ -133,7 +240,7 @@ pub fn run_train_stage(
     let report = train(
         &student,
         examples,
-        &texts,
+        passages,
         &pipeline.train,
         &train_dir,
         prompts,
@@ -159,6 +266,7 @@ pub fn run_train_stage(
         label,
         model: report.best_model.clone(),
         started_from: warm.unwrap_or(base),
+        frozen_passages: frozen.map(|(_, counts)| counts),
         report,
     })
 }

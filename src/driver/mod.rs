@@ -216,15 +216,7 @@ impl<'p> Driver<'p> {
         if job.is_some() {
             let mut seen = HashSet::new();
             for (i, r) in retrievers.iter().enumerate() {
-                let stage = retriever_stage(
-                    pipeline,
-                    i,
-                    &r.embedder,
-                    &r.model,
-                    TextKind::Query,
-                    "",
-                    None,
-                )?;
+                let stage = retriever_stage(pipeline, i, &r.embedder, TextKind::Query, "", None)?;
                 if seen.insert(stage.key.settings_hash.clone()) {
                     let (tx, rx) = bounded::<Vec<String>>(QUERIES_AHEAD_BATCHES);
                     ahead.push((tx, rx, r.embedder.clone(), stage));

@@ -12,6 +12,11 @@
 //! the embeddings), so a step is the same as one giant backward pass (tested). Steps 1
 //! and 3 are the student's gradient API: its CPU training kernel on the CPU, candle's
 //! autograd elsewhere (`distillery_operators::student::GradientPath`).
+//!
+//! With a frozen passage encoder ([`PassageInputs::Fixed`]) the passages' embeddings are
+//! given (the base model's, as the corpus index holds them): step 1 embeds the queries
+//! only, and step 3 back-propagates through the queries alone, so the parameters learn
+//! only how queries are embedded.
 
 use std::collections::HashMap;
 
@@ -26,9 +31,82 @@ use crate::train::loss::{distillation_loss, LossConfig, TeacherLists};
 /// One accumulated batch, tokenised: per query its token ids and its list's passages.
 pub struct PreparedBatch {
     queries: Vec<Vec<u32>>,
-    /// Per query, the token ids of its list's passages, in teacher order.
-    passages: Vec<Vec<Vec<u32>>>,
+    passages: BatchPassages,
     lists: TeacherLists,
+}
+
+/// A batch's passages: what the student embeds, or embeddings given.
+enum BatchPassages {
+    /// Per query, the token ids of its list's passages, in teacher order.
+    Tokens(Vec<Vec<Vec<u32>>>),
+    /// Every list's passages' embeddings, `[valid entries, d]`, query by query in
+    /// teacher order; no gradient flows into them.
+    Fixed(Tensor),
+}
+
+/// The passage embeddings of a frozen passage encoder: one row per passage id.
+pub struct FixedPassages {
+    /// The model directory whose passage encoder gave the rows (the export's document
+    /// route).
+    pub model: std::path::PathBuf,
+    row_of: HashMap<String, usize>,
+    dim: usize,
+    values: Vec<f32>,
+}
+
+impl FixedPassages {
+    /// Rows `values` (`ids.len() x dim`, row-major) of passages `ids`, embedded by the
+    /// passage encoder of `model`.
+    pub fn new(
+        model: std::path::PathBuf,
+        ids: Vec<String>,
+        dim: usize,
+        values: Vec<f32>,
+    ) -> Result<Self, EngineError> {
+        if values.len() != ids.len() * dim {
+            return Err(EngineError::Dataflow(format!(
+                "{} passage embeddings of {dim} dimensions but {} values; this is a bug",
+                ids.len(),
+                values.len()
+            )));
+        }
+        let row_of = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+        Ok(Self {
+            model,
+            row_of,
+            dim,
+            values,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn row(&self, id: &str) -> Option<&[f32]> {
+        let r = *self.row_of.get(id)?;
+        Some(&self.values[r * self.dim..(r + 1) * self.dim])
+    }
+}
+
+/// Where a batch's passages come from: their texts, embedded by the student (both
+/// encoders train), or fixed embeddings (the passage encoder is frozen).
+#[derive(Clone, Copy)]
+pub enum PassageInputs<'a> {
+    Texts(&'a HashMap<String, String>),
+    Fixed(&'a FixedPassages),
+}
+
+impl<'a> From<&'a HashMap<String, String>> for PassageInputs<'a> {
+    fn from(texts: &'a HashMap<String, String>) -> Self {
+        PassageInputs::Texts(texts)
+    }
+}
+
+impl<'a> From<&'a FixedPassages> for PassageInputs<'a> {
+    fn from(fixed: &'a FixedPassages) -> Self {
+        PassageInputs::Fixed(fixed)
+    }
 }
 
 impl PreparedBatch {
@@ -50,7 +128,31 @@ impl PreparedBatch {
         }
         Ok(Self {
             queries,
-            passages,
+            passages: BatchPassages::Tokens(passages),
+            lists,
+        })
+    }
+
+    /// A batch whose passages are embeddings given (a frozen passage encoder): per query
+    /// its token ids, and `[valid entries, d]` passage rows query by query in teacher
+    /// order (as many as `lists.lens()` sums to).
+    pub fn with_fixed_passages(
+        queries: Vec<Vec<u32>>,
+        passages: Tensor,
+        lists: TeacherLists,
+    ) -> Result<Self, EngineError> {
+        let valid: usize = lists.lens().iter().sum();
+        if queries.len() != lists.num_queries() || passages.dim(0)? != valid {
+            return Err(EngineError::Invalid(format!(
+                "{} queries and {} passage rows, but teacher lists of {:?}",
+                queries.len(),
+                passages.dim(0)?,
+                lists.lens()
+            )));
+        }
+        Ok(Self {
+            queries,
+            passages: BatchPassages::Fixed(passages),
             lists,
         })
     }
@@ -76,45 +178,83 @@ fn scalar(t: &Tensor) -> Result<f64, EngineError> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Tokenises `examples` for the student. `texts` maps passage ids to their text;
-/// `intern` gives each passage id a number shared across the batch.
+/// Tokenises `examples` for the student. `passages` gives each passage id its text (or
+/// its fixed embedding); `intern` gives each passage id a number shared across the
+/// batch.
 pub fn prepare(
     student: &Student,
     examples: &[&Example],
-    texts: &HashMap<String, String>,
+    passages: PassageInputs<'_>,
     intern: &HashMap<String, u32>,
     list_len: usize,
 ) -> Result<PreparedBatch, EngineError> {
     let qtexts: Vec<&str> = examples.iter().map(|e| e.query_text.as_str()).collect();
     let queries = student.tokenize(&qtexts, TextKind::Query)?;
-    let mut passages = Vec::with_capacity(examples.len());
+    let mut tokens = Vec::with_capacity(examples.len());
+    let mut rows: Vec<f32> = Vec::new();
     let mut lists = TeacherLists::new(list_len);
+    let missing = |e: &Example, pid: &str| {
+        EngineError::Invalid(format!(
+            "example {}: passage `{pid}` is not in the corpus",
+            e.query_id
+        ))
+    };
     for e in examples {
         let n = e.passage_ids.len().min(list_len);
         let mut ptexts = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
         for pid in &e.passage_ids[..n] {
-            let text = texts.get(pid).ok_or_else(|| {
-                EngineError::Invalid(format!(
-                    "example {}: passage `{pid}` is not in the corpus",
-                    e.query_id
-                ))
-            })?;
-            ptexts.push(text.as_str());
+            match passages {
+                PassageInputs::Texts(texts) => {
+                    ptexts.push(texts.get(pid).ok_or_else(|| missing(e, pid))?.as_str())
+                }
+                PassageInputs::Fixed(fixed) => {
+                    rows.extend_from_slice(fixed.row(pid).ok_or_else(|| missing(e, pid))?)
+                }
+            }
             ids.push(*intern.get(pid).ok_or_else(|| {
                 EngineError::Dataflow(format!("passage `{pid}` was not interned; this is a bug"))
             })?);
         }
-        passages.push(student.tokenize(&ptexts, TextKind::Passage)?);
+        if let PassageInputs::Texts(_) = passages {
+            tokens.push(student.tokenize(&ptexts, TextKind::Passage)?);
+        }
         lists
             .push(&ids, &e.scores[..n])
             .map_err(|err| EngineError::Invalid(format!("example {}: {err}", e.query_id)))?;
     }
+    let passages = match passages {
+        PassageInputs::Texts(_) => BatchPassages::Tokens(tokens),
+        PassageInputs::Fixed(fixed) => {
+            if fixed.dim() != student.dim() {
+                return Err(EngineError::Invalid(format!(
+                    "the frozen passage encoder of {} embeds in {} dimensions, the student in {}",
+                    fixed.model.display(),
+                    fixed.dim(),
+                    student.dim()
+                )));
+            }
+            let n = rows.len() / fixed.dim().max(1);
+            BatchPassages::Fixed(Tensor::from_vec(rows, (n, fixed.dim()), student.device())?)
+        }
+    };
     Ok(PreparedBatch {
         queries,
         passages,
         lists,
     })
+}
+
+/// The batch's passage embeddings `[valid entries, d]`: the student's, without
+/// gradients, or the fixed ones.
+fn passage_embeddings(student: &Student, batch: &PreparedBatch) -> Result<Tensor, EngineError> {
+    match &batch.passages {
+        BatchPassages::Tokens(lists) => {
+            let rows: Vec<&Vec<u32>> = lists.iter().flatten().collect();
+            embed_no_grad(student, &rows)
+        }
+        BatchPassages::Fixed(rows) => Ok(rows.clone()),
+    }
 }
 
 /// Embeddings of `rows` without gradients, `[rows, d]`.
@@ -196,9 +336,8 @@ pub fn batch_gradients_on(
 
     // 1. Embeddings without gradients.
     let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
-    let p_rows: Vec<&Vec<u32>> = batch.passages.iter().flatten().collect();
     let q_all = Var::from_tensor(&embed_no_grad(student, &q_rows)?)?;
-    let p_flat = embed_no_grad(student, &p_rows)?;
+    let p_flat = passage_embeddings(student, batch)?;
     let list_len = batch.lists.list_len();
     let (p_padded, slots) = pad_lists(&p_flat, batch.lists.lens(), list_len)?;
     let p_all = Var::from_tensor(&p_padded)?;
@@ -229,12 +368,15 @@ pub fn batch_gradients_on(
     let mut p_at = 0;
     for r in &ranges {
         let q_mb: Vec<&Vec<u32>> = batch.queries[r.clone()].iter().collect();
-        let p_mb: Vec<&Vec<u32>> = batch.passages[r.clone()].iter().flatten().collect();
         let dq_mb = dq.narrow(0, r.start, r.len())?;
-        let dp_mb = dp_flat.narrow(0, p_at, p_mb.len())?;
-        p_at += p_mb.len();
         backward_cached(student, &q_mb, &dq_mb, &mut total)?;
-        backward_cached(student, &p_mb, &dp_mb, &mut total)?;
+        // A frozen passage encoder's embeddings are constants: nothing flows back.
+        if let BatchPassages::Tokens(lists) = &batch.passages {
+            let p_mb: Vec<&Vec<u32>> = lists[r.clone()].iter().flatten().collect();
+            let dp_mb = dp_flat.narrow(0, p_at, p_mb.len())?;
+            p_at += p_mb.len();
+            backward_cached(student, &p_mb, &dp_mb, &mut total)?;
+        }
     }
     Ok((student.gradient_tensors(total)?, values))
 }
@@ -246,10 +388,9 @@ pub fn batch_loss(
     batch: &PreparedBatch,
 ) -> Result<LossValues, EngineError> {
     let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
-    let p_rows: Vec<&Vec<u32>> = batch.passages.iter().flatten().collect();
     let q_all = embed_no_grad(student, &q_rows)?;
     let (p_all, _) = pad_lists(
-        &embed_no_grad(student, &p_rows)?,
+        &passage_embeddings(student, batch)?,
         batch.lists.lens(),
         batch.lists.list_len(),
     )?;

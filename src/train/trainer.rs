@@ -24,7 +24,7 @@ use crate::mining::Example;
 use crate::progress::Progress;
 use crate::store::sync_dir;
 use crate::train::data::{steps_per_epoch, TrainingSet};
-use crate::train::gradcache::{batch_gradients, batch_loss, prepare, LossValues};
+use crate::train::gradcache::{batch_gradients, batch_loss, prepare, LossValues, PassageInputs};
 use crate::train::loss::LossConfig;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{LinearSchedule, ScheduleConfig};
@@ -58,6 +58,23 @@ pub struct TrainSettings {
     /// equals a run from scratch) or the last run's exported model
     /// ([`super::warm_start`]).
     pub warm_start: WarmStart,
+    /// Whether the passage encoder trains with the query encoder (`shared`, one model)
+    /// or stays the base model's (`frozen`): only queries are embedded differently
+    /// after training, so the corpus index of the base model stays valid.
+    pub passage_encoder: PassageEncoder,
+}
+
+/// Which encoders training changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassageEncoder {
+    /// One model embeds queries and passages, and both sides train (the recipe).
+    #[default]
+    Shared,
+    /// Query-tower training: passages keep the base model's embeddings (taken from the
+    /// store); the export is a sentence-transformers Router whose query route is the
+    /// fine-tuned model and whose document route is the base model, unchanged.
+    Frozen,
 }
 
 /// The model a training run of new inputs starts from.
@@ -88,6 +105,7 @@ impl Default for TrainSettings {
             checkpoint_minutes: DEFAULT_CHECKPOINT_MINUTES,
             seed: 42,
             warm_start: WarmStart::Base,
+            passage_encoder: PassageEncoder::Shared,
         }
     }
 }
@@ -401,11 +419,14 @@ fn fmt_opt(v: Option<f64>) -> String {
 }
 
 /// Trains `student` on `examples` in `dir` (resuming from its checkpoint when one exists)
-/// and exports the best model to `dir/best-model`.
-pub fn train(
+/// and exports the best model to `dir/best-model`. `passages` gives the examples'
+/// passages: their texts (both encoders train; the export is one model) or fixed
+/// embeddings (the passage encoder is frozen; the export is a Router of the student as
+/// query encoder and the fixed embeddings' model as document encoder).
+pub fn train<'p>(
     student: &Student,
     examples: Vec<Example>,
-    texts: &HashMap<String, String>,
+    passages: impl Into<PassageInputs<'p>>,
     settings: &TrainSettings,
     dir: &Path,
     prompts: (Option<String>, Option<String>),
@@ -417,6 +438,7 @@ pub fn train(
         device,
         inputs,
     } = control;
+    let passages = passages.into();
     let lease = |rows: usize| -> Result<Option<DeviceLease>, EngineError> {
         device
             .as_ref()
@@ -507,7 +529,7 @@ pub fn train(
                 .iter()
                 .map(|&i| &set.train[i])
                 .collect();
-            let batch = prepare(student, &chosen, texts, &intern, settings.list_len)?;
+            let batch = prepare(student, &chosen, passages, &intern, settings.list_len)?;
             let held = lease(chosen.len())?;
             let (mut grads, values) =
                 batch_gradients(student, &settings.loss, &batch, settings.micro_batch)?;
@@ -542,7 +564,7 @@ pub fn train(
         }
         // End of epoch: dev loss, best model, patience.
         let held = lease(set.dev.len().max(1))?;
-        let dev = dev_loss(student, &set, texts, &intern, settings)?;
+        let dev = dev_loss(student, &set, passages, &intern, settings)?;
         drop(held);
         dev_losses.push(dev.total);
         write_dev_log(&dev_log, &dev_losses)?;
@@ -550,7 +572,19 @@ pub fn train(
         if improved {
             state.best_dev = Some(dev.total);
             state.epochs_without_improvement = 0;
-            student.export_sentence_transformers(student.dir(), &best_model, prompts.clone())?;
+            match passages {
+                PassageInputs::Texts(_) => student.export_sentence_transformers(
+                    student.dir(),
+                    &best_model,
+                    prompts.clone(),
+                )?,
+                PassageInputs::Fixed(fixed) => student.export_query_document_router(
+                    student.dir(),
+                    &fixed.model,
+                    &best_model,
+                    prompts.clone(),
+                )?,
+            }
         } else {
             state.epochs_without_improvement += 1;
         }
@@ -612,7 +646,7 @@ fn best_epoch(dev_losses: &[f64]) -> Option<u64> {
 fn dev_loss(
     student: &Student,
     set: &TrainingSet,
-    texts: &HashMap<String, String>,
+    passages: PassageInputs<'_>,
     intern: &HashMap<String, u32>,
     settings: &TrainSettings,
 ) -> Result<LossValues, EngineError> {
@@ -626,7 +660,7 @@ fn dev_loss(
     let mut n = 0usize;
     for chunk in examples.chunks(per_step) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = prepare(student, &refs, texts, intern, settings.list_len)?;
+        let batch = prepare(student, &refs, passages, intern, settings.list_len)?;
         let v = batch_loss(student, &settings.loss, &batch)?;
         sum += v.total * chunk.len() as f64;
         n += chunk.len();

@@ -22,11 +22,15 @@ formulation is written here over this batch: one `F.kl_div(..., reduction="sum")
 query over its valid entries divided by the number of queries, and InfoNCE as
 `F.cross_entropy` over each query's selected candidate columns).
 
+The same step with the passage encoder frozen (query-tower training) is computed for the
+recipe's mode: the passages are embedded by the same weights but detached, so the
+gradient flows through the queries alone.
+
 Writes tests/fixtures/train_step/:
   - batch.json: token ids, passage ids, scores (rounded through float32, as the Rust side
     holds them), the InfoNCE candidate columns, and per mode the loss values;
   - grads.safetensors: `<mode>/<parameter>` for every mode and every parameter under its
-    Hugging Face name, float32 (rounded once from the float64 result; the test's 1e-4
+    Hugging Face name, and `frozen_<mode>/<parameter>` for the frozen step, float32 (rounded once from the float64 result; the test's 1e-4
     tolerance is far above that rounding).
 
 Run from the repository root:
@@ -60,6 +64,8 @@ LIST_LEN = 4
 # are drawn from 5..60. Its position embeddings hold 16, the longest sequence.
 CLS, SEP, FIRST_CONTENT, VOCAB, MAX_LEN = 2, 3, 5, 60, 16
 MODES = ["listwise_infonce", "listwise", "infonce"]
+# The frozen passage encoder is checked in the recipe's mode.
+FROZEN_MODES = ["listwise_infonce"]
 
 # Per query: (passage ids, teacher scores), teacher order.
 LISTS = [
@@ -150,10 +156,13 @@ def infonce(q, p, scores):
     return torch.stack(losses).mean()
 
 
-def run_mode(mode, model, queries, passages, scores):
+def run_mode(mode, model, queries, passages, scores, frozen=False):
     model.zero_grad(set_to_none=True)
     q = embed(model, queries)
     flat = embed(model, [row for rows in passages for row in rows])
+    if frozen:
+        # A frozen passage encoder: the passages' embeddings are constants.
+        flat = flat.detach()
     # [Q, L, d] with zero rows in the padding slots (never read by either loss).
     p = torch.zeros(len(LISTS), LIST_LEN, q.shape[1], dtype=torch.float64)
     at = 0
@@ -167,8 +176,9 @@ def run_mode(mode, model, queries, passages, scores):
     else:
         total = kl if kl is not None else nce
     total.backward()
+    prefix = "frozen_" + mode if frozen else mode
     grads = {
-        "%s/%s" % (mode, n): p_.grad.detach().float().contiguous()
+        "%s/%s" % (prefix, n): p_.grad.detach().float().contiguous()
         for n, p_ in model.named_parameters()
     }
     values = {
@@ -192,6 +202,12 @@ def main():
         modes[mode] = values
         all_grads.update(grads)
         print(mode, values)
+    frozen_modes = {}
+    for mode in FROZEN_MODES:
+        values, grads = run_mode(mode, model, queries, passages, scores, frozen=True)
+        frozen_modes[mode] = values
+        all_grads.update(grads)
+        print("frozen", mode, values)
     save_file(all_grads, os.path.join(OUT, "grads.safetensors"))
     fixture = {
         "generated_by": "tests/reference/train_step_reference.py (PyTorch %s, float64)"
@@ -203,6 +219,7 @@ def main():
         "scores": scores,
         "infonce_candidates": infonce_candidates(scores),
         "modes": modes,
+        "frozen_modes": frozen_modes,
     }
     # One key per line, each value compact: the token lists stay readable.
     lines = ["  %s: %s" % (json.dumps(k), json.dumps(v)) for k, v in fixture.items()]

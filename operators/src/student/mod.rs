@@ -355,6 +355,23 @@ impl Student {
         export::export_sentence_transformers(self, source_dir, out_dir, prompts)
     }
 
+    /// Writes a sentence-transformers Router at `out_dir`: the `query` route is this
+    /// student (as [`Student::export_sentence_transformers`] writes it, its
+    /// `max_seq_length` the query maximum), the `document` route the encoder of
+    /// `document_model` with its files copied unchanged (a Router's document route when
+    /// it is one). `encode_query` then embeds with the fine-tuned weights and
+    /// `encode_document` (and a plain `encode`) as `document_model` does. Whole or
+    /// absent, as the plain export.
+    pub fn export_query_document_router(
+        &self,
+        source_dir: &Path,
+        document_model: &Path,
+        out_dir: &Path,
+        prompts: (Option<String>, Option<String>),
+    ) -> Result<()> {
+        export::export_query_document_router(self, source_dir, document_model, out_dir, prompts)
+    }
+
     fn weight_tensors(&self) -> HashMap<String, Tensor> {
         self.named
             .iter()

@@ -41,8 +41,6 @@ use super::teacher::{EmbeddingCounts, PairTeacher, PairToScore, ScoringContext};
 /// A loaded sentence embedder and its fingerprint.
 pub struct BiEncoderTeacher {
     embedder: Arc<Embedder>,
-    /// [`fingerprint`] of the model's files.
-    model: String,
     fingerprint: String,
     counts: Mutex<EmbeddingCounts>,
 }
@@ -95,7 +93,6 @@ impl BiEncoderTeacher {
         })?;
         Ok(Self {
             embedder,
-            model: files,
             fingerprint,
             counts: Mutex::new(EmbeddingCounts::default()),
         })
@@ -125,7 +122,7 @@ impl BiEncoderTeacher {
             matrices: Vec::new(),
             at: HashMap::new(),
         };
-        let settings = embedding_settings_hash(&self.embedder, &self.model, kind)?;
+        let settings = embedding_settings_hash(&self.embedder, kind)?;
         for known in ctx.known.iter().filter(|k| k.settings_hash == settings) {
             let wanted: HashMap<&str, &'t str> = distinct
                 .iter()
