@@ -164,17 +164,16 @@ impl Embedder {
         }
     }
 
-    /// One encoder of model `dir`, its files in `weights_dir`.
+    /// One encoder of model `model_dir`, its files in `dir` (the model directory itself,
+    /// or a Router route's transformer directory inside it).
     fn load_tower(
+        model_dir: &Path,
         dir: &Path,
-        weights_dir: &Path,
         spec: SentenceTransformerSpec,
         options: &EmbedderOptions,
         device: &Device,
         backend: Backend,
     ) -> Result<Self> {
-        let root = dir;
-        let dir = weights_dir;
         for (file, why) in REQUIRED_FILES {
             if !dir.join(file).is_file() {
                 return Err(OperatorError::MissingFile {
@@ -229,8 +228,8 @@ impl Embedder {
                 .or_else(|| prompt("passage"))
                 .or_else(|| prompt("document"))
                 .unwrap_or_default(),
-            dir: root.to_path_buf(),
-            weights_dir: weights_dir.to_path_buf(),
+            dir: model_dir.to_path_buf(),
+            weights_dir: dir.to_path_buf(),
             query_tower: None,
         })
     }

@@ -431,6 +431,113 @@ mod tests {
         assert!(e.contains("unsupported pooling mode `max`"), "{e}");
     }
 
+    /// A query/document Router as sentence-transformers 6 writes it (its class paths),
+    /// the routes' transformer files left out (the layout does not read them).
+    fn write_router(dir: &Path, document_route: &str, module_id: &str) {
+        write(
+            dir,
+            "modules.json",
+            r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.base.modules.router.Router"}]"#,
+        );
+        let config = serde_json::json!({
+            "types": {
+                "query_0_Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+                module_id: "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+                "document_0_Transformer": "sentence_transformers.models.Transformer",
+                "document_1_Pooling": "sentence_transformers.models.Pooling",
+                "document_2_Normalize": "sentence_transformers.models.Normalize",
+            },
+            "structure": {
+                "query": ["query_0_Transformer", module_id],
+                document_route: ["document_0_Transformer", "document_1_Pooling", "document_2_Normalize"],
+            },
+            "parameters": {"default_route": "document"},
+        });
+        write(dir, "router_config.json", &config.to_string());
+        if !module_id.contains('/') {
+            write(
+                dir,
+                &format!("{module_id}/config.json"),
+                r#"{"pooling_mode":"cls"}"#,
+            );
+        }
+        write(
+            dir,
+            "document_1_Pooling/config.json",
+            r#"{"pooling_mode_mean_tokens":true}"#,
+        );
+        write(
+            dir,
+            "query_0_Transformer/sentence_bert_config.json",
+            r#"{"max_seq_length":32}"#,
+        );
+        write(
+            dir,
+            "config_sentence_transformers.json",
+            r#"{"prompts":{"query":"q: ","document":"d: "}}"#,
+        );
+    }
+
+    #[test]
+    fn reads_a_query_document_router_route_by_route() {
+        let d = tempfile::tempdir().unwrap();
+        write_router(d.path(), "document", "query_1_Pooling");
+        let ModelLayout::Router { query, document } = ModelLayout::read(d.path()).unwrap() else {
+            panic!("not read as a Router");
+        };
+        assert_eq!(query.transformer_dir, d.path().join("query_0_Transformer"));
+        assert_eq!(query.spec.pooling, Pooling::Cls);
+        assert!(!query.spec.normalize);
+        assert_eq!(query.spec.max_seq_length, Some(32));
+        assert_eq!(
+            document.transformer_dir,
+            d.path().join("document_0_Transformer")
+        );
+        assert_eq!(document.spec.pooling, Pooling::Mean);
+        assert!(document.spec.normalize);
+        assert_eq!(document.spec.max_seq_length, None);
+        // The model's prompts hold for both routes.
+        assert_eq!(query.spec.prompts["query"], "q: ");
+        assert_eq!(document.spec.prompts["document"], "d: ");
+        // A Router is not one encoder.
+        let e = SentenceTransformerSpec::read(d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Router"), "{e}");
+    }
+
+    #[test]
+    fn a_router_without_the_document_route_or_with_a_path_for_a_module_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        write_router(d.path(), "passage", "query_1_Pooling");
+        let e = ModelLayout::read(d.path()).unwrap_err().to_string();
+        assert!(e.contains("router_config.json"), "{e}");
+        assert!(e.contains("no `document` route"), "{e}");
+
+        let d = tempfile::tempdir().unwrap();
+        write_router(d.path(), "document", "../outside");
+        let e = ModelLayout::read(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("`../outside` is not a plain directory name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn module_types_are_read_by_class_name_in_sentence_transformers_only() {
+        assert_eq!(
+            Module::of("sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
+            Some(Module::Pooling)
+        );
+        assert_eq!(
+            Module::of("sentence_transformers.models.Normalize"),
+            Some(Module::Normalize)
+        );
+        assert_eq!(Module::of("my_package.Pooling"), None);
+        assert_eq!(Module::of("sentence_transformers.models.Dense"), None);
+        assert_eq!(Module::of("Pooling"), None);
+    }
+
     #[test]
     fn malformed_modules_json_is_named() {
         let d = tempfile::tempdir().unwrap();
