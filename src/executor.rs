@@ -40,20 +40,6 @@ pub trait BatchModel: Send + Sync + 'static {
     fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError>;
 }
 
-impl BatchModel for Embedder {
-    fn device(&self) -> &Device {
-        Embedder::device(self)
-    }
-
-    fn row_width(&self) -> usize {
-        self.dim()
-    }
-
-    fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError> {
-        self.embed_batch(batch)
-    }
-}
-
 /// A model the dataflow can feed: it tokenises its items on a worker thread and runs
 /// the batches on the device.
 pub trait DeviceModel: BatchModel {

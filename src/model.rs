@@ -166,15 +166,33 @@ const FINGERPRINT_FILES: [&str; 7] = [
 /// normalisation and casing its modules say ([`tower_fingerprint`]).
 const TOWER_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
-/// Adds `name` and the bytes of `dir/name` (or that it is absent) to `h`.
+/// Adds `name` and the bytes of `dir/name` (or that it is absent) to `h`, as
+/// [`ContentHasher::field`] would add them (so fingerprints, and the caches named after
+/// them, stay what they were), but read as a stream: a large model's weights are never
+/// held whole for this.
 fn hash_file_into(h: &mut ContentHasher, dir: &Path, name: &str) -> Result<(), EngineError> {
     let path = dir.join(name);
     h.field(name);
-    match std::fs::read(&path) {
-        Ok(bytes) => h.field(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.field("<absent>"),
-        Err(source) => return Err(EngineError::Write { path, source }),
+    let failed = |source| EngineError::Write {
+        path: path.clone(),
+        source,
     };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            h.field("<absent>");
+            return Ok(());
+        }
+        Err(e) => return Err(failed(e)),
+    };
+    let len = file.metadata().map_err(failed)?.len();
+    h.update(len.to_le_bytes());
+    let copied = std::io::copy(&mut file, h).map_err(failed)?;
+    if copied != len {
+        return Err(failed(std::io::Error::other(format!(
+            "the file changed while it was read ({len} bytes, then {copied})"
+        ))));
+    }
     Ok(())
 }
 

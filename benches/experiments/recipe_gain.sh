@@ -102,7 +102,8 @@ for t in bm25 bi-encoder both; do
   if [ ! -f "$out/teachers-$t.json" ]; then
     echo "== teacher check: $t" >&2
     "$DISTILLERY" eval --model "$model" --dataset "$data" --split test --run-dir "$out/eval" \
-      --teachers "$out/teachers-$t.toml" --json "$out/teachers-$t.json" --quiet
+      --teachers "$out/teachers-$t.toml" --json "$out/teachers-$t.json" --quiet \
+      >"$out/teachers-$t.out"
   fi
 done
 
@@ -143,8 +144,8 @@ for t in ["bm25", "bi-encoder", "both"]:
         print(f"| base MiniLM (retrieval) | {row(r)} |")
     print(f"| {t} reranking its top 100 | {row(r['teachers'])} |")
 print()
-print("| training | queries | set | base | fine-tuned (nDCG@10 / Recall@100 / MRR@10) | train s | run s |")
-print("|---|---|---|---|---|---|---|")
+print("| training | train queries | set | base nDCG@10 | fine-tuned nDCG@10 | Recall@100 | MRR@10 | train s | run s |")
+print("|---|---|---|---|---|---|---|---|---|")
 for enc in ["frozen", "shared"]:
     for mode in ["infonce", "listwise", "listwise_infonce"]:
         p = f"{out}/{enc}-{mode}/run-summary.json"
