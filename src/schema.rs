@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, FixedSizeBinaryArray, FixedSizeListArray, Float32Array, ListArray,
-    ListBuilder, StringArray, StringBuilder, UInt32Array,
+    ListBuilder, StringArray, StringBuilder, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -350,6 +350,73 @@ pub fn retrieved_from_batch(batch: &RecordBatch) -> Result<Vec<(u128, Vec<Hit>)>
             (q, hits)
         })
         .collect())
+}
+
+/// Column names of a corpus version (the corpus change plan's record of a finished
+/// generation): per passage its `id` and digests of its `title` and `text`; per query
+/// its `query_id`, `source_id` and a digest of its `text`.
+pub const COL_TITLE_DIGEST: &str = "title";
+pub const COL_TEXT_DIGEST: &str = "text";
+pub const COL_SOURCE_ID: &str = "source_id";
+
+/// A corpus version's passages: `id` (utf8), `title` and `text` (u64 digests).
+pub fn version_passages_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(COL_ID, DataType::Utf8, false),
+        Field::new(COL_TITLE_DIGEST, DataType::UInt64, false),
+        Field::new(COL_TEXT_DIGEST, DataType::UInt64, false),
+    ]))
+}
+
+/// A corpus version's queries: `query_id`, `source_id` (utf8) and `text` (u64 digest).
+pub fn version_queries_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(COL_QUERY_ID, DataType::Utf8, false),
+        Field::new(COL_SOURCE_ID, DataType::Utf8, false),
+        Field::new(COL_TEXT_DIGEST, DataType::UInt64, false),
+    ]))
+}
+
+/// Builds a batch of `schema` (one of the two above): two utf8 columns or one, then the
+/// digests, in the schema's order.
+pub fn version_batch(
+    schema: SchemaRef,
+    strings: &[&[String]],
+    digests: &[&[u64]],
+) -> Result<RecordBatch, ArrowError> {
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(strings.len() + digests.len());
+    for s in strings {
+        columns.push(Arc::new(StringArray::from_iter_values(s.iter())));
+    }
+    for d in digests {
+        columns.push(Arc::new(UInt64Array::from(d.to_vec())));
+    }
+    RecordBatch::try_new(schema, columns)
+}
+
+/// A utf8 column of a corpus-version batch.
+pub fn version_strings(batch: &RecordBatch, name: &str) -> Result<Vec<String>, ArrowError> {
+    let column = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| {
+            ArrowError::SchemaError(format!("corpus version: no utf8 column `{name}`"))
+        })?;
+    Ok(column
+        .iter()
+        .map(|s| s.unwrap_or_default().to_string())
+        .collect())
+}
+
+/// A u64 column of a corpus-version batch.
+pub fn version_digests(batch: &RecordBatch, name: &str) -> Result<Vec<u64>, ArrowError> {
+    let column = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+        .ok_or_else(|| {
+            ArrowError::SchemaError(format!("corpus version: no u64 column `{name}`"))
+        })?;
+    Ok(column.values().to_vec())
 }
 
 #[cfg(test)]

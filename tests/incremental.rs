@@ -265,6 +265,9 @@ struct Touches {
     embedded: u64,
     added: u64,
     removed: u64,
+    /// The change plan's passages: added, removed, text edited, title edited, and
+    /// duplicates formed (passages repeating another's title and text).
+    plan: [i64; 5],
 }
 
 /// A change of the corpus, given the fixture's original corpus.
@@ -336,6 +339,31 @@ fn check_change(base: &Path, name: &str, changes: &[Change], touches: Touches) {
         .map(|(_, rows, _)| rows)
         .sum();
     assert_eq!(embedded, touches.embedded, "{name}: passages embedded");
+    // The change plan (differential dataflow over the last finished version): what the
+    // last change did to the corpus, per id.
+    let change = &json(&run.join("generate-report.json"))["change"];
+    let p = &change["passages"];
+    assert_eq!(change["last_version"], true, "{name}: {change}");
+    assert_eq!(
+        [
+            &p["added"],
+            &p["removed"],
+            &p["text_edited"],
+            &p["title_edited"],
+            &p["duplicates_formed"]
+        ]
+        .map(|v| v.as_i64().unwrap()),
+        touches.plan,
+        "{name}: {change}"
+    );
+    assert_eq!(p["read"], corpus.len() as u64, "{name}: {change}");
+    let q = &change["queries"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(
+        n(&q["unchanged"]) + n(&q["added"]) + n(&q["rewritten"]),
+        n(&q["queries"]),
+        "{name}: {change}"
+    );
     let label = &json(&run.join("train-report.json"))["label"];
     let retrieval = &label["mine"]["retrievals"][0];
     let queries = retrieval["queries"].as_u64().unwrap();
@@ -409,6 +437,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 0,
             added: 0,
             removed: 0,
+            plan: [0, 0, 0, 0, 0],
         },
     );
     check_change(
@@ -427,6 +456,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 2,
             added: 2,
             removed: 0,
+            plan: [2, 0, 0, 0, 0],
         },
     );
     check_change(
@@ -440,6 +470,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 0,
             added: 0,
             removed: 2,
+            plan: [0, 2, 0, 0, 0],
         },
     );
     check_change(
@@ -456,6 +487,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 1,
             added: 1,
             removed: 1,
+            plan: [0, 0, 1, 0, 0],
         },
     );
     check_change(
@@ -466,6 +498,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 1,
             added: 1,
             removed: 1,
+            plan: [0, 0, 0, 1, 0],
         },
     );
     check_change(
@@ -481,6 +514,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 0,
             added: 1,
             removed: 0,
+            plan: [1, 0, 0, 0, 1],
         },
     );
     check_change(
@@ -496,6 +530,7 @@ fn every_kind_of_change_ends_as_a_fresh_run_and_costs_what_it_touches() {
             embedded: 0,
             added: 1,
             removed: 0,
+            plan: [1, 0, 0, 0, 0],
         },
     );
 }

@@ -33,6 +33,7 @@ use serde::Serialize;
 use crate::config::{GenerateFile, HeldOutFile, Pipeline};
 use crate::corpus::open_passages;
 use crate::corpus::{quarantined, read_options};
+use crate::dataflow::corpus_change::{plan_and_record, ChangePlan, CorpusVersion};
 use crate::dataflow::journal_device_stage;
 use crate::error::EngineError;
 use crate::executor::DeviceExecutor;
@@ -131,6 +132,11 @@ pub struct GenerateOutcome {
     pub quarantine: Option<PathBuf>,
     pub queries_file: PathBuf,
     pub failures_file: PathBuf,
+    /// What changed since the last generation that finished in this run directory.
+    pub change: ChangePlan,
+    /// Seconds the change plan took: reading the last version, the dataflow, recording
+    /// this version.
+    pub change_seconds: f64,
     /// The queries, in passage then type order.
     #[serde(skip)]
     pub rows: Vec<GeneratedQuery>,
@@ -389,6 +395,7 @@ pub fn run_generate_streaming(
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let (skipped_records, quarantine) = quarantined(&read)?;
     let passages = prepared.passages;
+    let read_passages = prepared.read;
 
     let generator = make(&passages)?;
     let generator_id = generator.id();
@@ -624,6 +631,16 @@ pub fn run_generate_streaming(
     if let Some(output) = &job.output {
         write_queries_file(output, &rows)?;
     }
+    // The corpus change plan, against the last version this run directory finished;
+    // then this version becomes the last.
+    let plan_start = Instant::now();
+    let version = CorpusVersion::new(read_passages, &rows);
+    let change = plan_and_record(&store, &version, job.prepare.held_out, job.prepare.seed)?;
+    drop(version);
+    let change_seconds = plan_start.elapsed().as_secs_f64();
+    if !job.quiet {
+        eprintln!("{}", change.line());
+    }
     let per_second = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
     let outcome = GenerateOutcome {
         generator: generator_id,
@@ -642,6 +659,8 @@ pub fn run_generate_streaming(
         quarantine,
         queries_file,
         failures_file,
+        change,
+        change_seconds,
         rows,
     };
     let report = job.run_dir.join(REPORT_FILE);

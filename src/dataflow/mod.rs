@@ -23,12 +23,17 @@
 //! memo table ([`memo_embed`]): only texts never embedded under its settings run, and
 //! a killed one resumes from the memo's committed parts.
 //!
+//! Every generation records its corpus version, and [`corpus_change`] computes what a
+//! changed corpus touches (the change plan) in differential dataflow, from the
+//! difference between the last finished version and this one.
+//!
 //! Retrieval ([`retrieve`]) keeps each query's top-k in the store beside the passage
 //! list it counts positions in, so a rerun over changed passages repairs those lists
 //! (the changed passages scored against every query, lists that lost a passage
 //! retrieved again) instead of scoring every query against every passage.
 
 pub mod candidates;
+pub mod corpus_change;
 pub mod embedding_key;
 pub mod evaluate;
 pub mod generate;

@@ -170,7 +170,32 @@ fn reuse_table(outcome: &RunOutcome) -> String {
         );
     };
     if let Some(g) = &outcome.generate {
-        row("generation", g.cached, g.generated_now, None, "requests");
+        let c = &g.change;
+        if c.last_version {
+            let p = &c.passages;
+            let edited = p.text_edited + p.title_edited;
+            row(
+                "corpus (since the last generation)",
+                p.unchanged,
+                p.added + edited,
+                Some(p.removed + edited),
+                "passages",
+            );
+            row(
+                "held-out set",
+                0,
+                c.held_out.moved_in,
+                Some(c.held_out.moved_out),
+                "passages moved",
+            );
+        }
+        row(
+            "generation",
+            g.cached,
+            g.generated_now,
+            c.last_version.then_some(c.queries.retracted),
+            "requests (retracted: queries)",
+        );
     }
     for r in &outcome.mine.retrievals {
         let kept = if r.reused {
@@ -210,7 +235,9 @@ fn reuse_table(outcome: &RunOutcome) -> String {
         "</table><p class=\"note\">Retrieval keeps the lists of the last version: after a \
          corpus change only the new passages are scored against every query, and only the \
          lists that lost a passage (or whose query is new) are retrieved again. Retracted: \
-         passages of the last version that are gone (removed or edited).</p>",
+         passages of the last version that are gone (removed or edited), and queries of \
+         the last generation no longer generated. The corpus rows come from the change \
+         plan (differential dataflow over the last finished version).</p>",
     );
     html
 }

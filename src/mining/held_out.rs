@@ -10,18 +10,21 @@ use std::collections::HashSet;
 
 use super::PassageIdx;
 
+/// The seeded hash of `id` the choice ranks by, smallest first.
+pub fn held_out_rank(id: &str, seed: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(id.as_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// The `count` passages with the smallest seeded hash of their id: a choice that does
 /// not move when other passages are added or removed.
 pub fn held_out_passages(ids: &[String], count: usize, seed: u64) -> HashSet<PassageIdx> {
     let mut keyed: Vec<([u8; 32], PassageIdx)> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| {
-            let mut h = blake3::Hasher::new();
-            h.update(&seed.to_le_bytes());
-            h.update(id.as_bytes());
-            (*h.finalize().as_bytes(), i as PassageIdx)
-        })
+        .map(|(i, id)| (held_out_rank(id, seed), i as PassageIdx))
         .collect();
     keyed.sort();
     keyed.into_iter().take(count).map(|(_, i)| i).collect()

@@ -76,7 +76,7 @@ pub use examples::{
     write_examples_jsonl, Example, COL_PASSAGE_IDS, COL_QUERY_ID, COL_QUERY_TEXT, COL_QUERY_TYPE,
     COL_SCORES, COL_SOURCE_IDS, COL_SPLIT,
 };
-pub use held_out::held_out_passages;
+pub use held_out::{held_out_passages, held_out_rank};
 pub use normalize::{percentile, percentile_of_sorted, ScoreScale};
 pub use rerank::rerank;
 pub use rrf::{fuse, FusedHit, DEFAULT_RRF_K};

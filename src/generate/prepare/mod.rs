@@ -106,6 +106,27 @@ pub struct PrepareReport {
 pub struct PreparedCorpus {
     pub passages: Vec<SampledPassage>,
     pub report: PrepareReport,
+    /// Every passage read, in input order, by digest: the corpus version that
+    /// generation records and the next run's change plan compares against.
+    pub read: Vec<ReadPassage>,
+}
+
+/// A passage as read (before any filter), by digests of its title and its whole text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPassage {
+    pub id: String,
+    pub title: u64,
+    pub text: u64,
+}
+
+/// A 64-bit digest of `s` (the first 8 bytes of its blake3, little-endian): what a corpus
+/// version keeps of a title, a text or a query. Two different strings share a digest
+/// with probability 2^-64 per pair, far below a corpus's edits.
+pub fn digest64(s: &str) -> u64 {
+    let hash = blake3::hash(s.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Prepares passages one at a time (so a reader's errors stay the caller's):
@@ -121,6 +142,8 @@ pub struct Preparer {
     options: PrepareOptions,
     /// Every id read, in input order (the held-out choice is made over all of them).
     ids: Vec<String>,
+    /// Every passage's title and text digests, in input order ([`ReadPassage`]).
+    digests: Vec<(u64, u64)>,
     /// Record number (0-based) of each id by a hash of the id, to name both records of a
     /// duplicate id; ids whose hash another id already holds are in `seen_collided`.
     seen: HashMap<u64, u32>,
@@ -145,6 +168,7 @@ impl Preparer {
         Ok(Self {
             options,
             ids: Vec::new(),
+            digests: Vec::new(),
             seen: HashMap::new(),
             seen_collided: HashMap::new(),
             entries: Vec::new(),
@@ -200,6 +224,8 @@ impl Preparer {
             }
         }
         self.ids.push(passage.id);
+        self.digests
+            .push((digest64(&passage.title), digest64(&passage.text)));
         let text = truncate_chars(&passage.text, self.options.max_chars);
         if text.trim().chars().count() < self.options.min_chars {
             self.too_short.push(record);
@@ -227,6 +253,7 @@ impl Preparer {
         let Preparer {
             options,
             ids,
+            digests,
             entries,
             empty,
             texts,
@@ -334,7 +361,16 @@ impl Preparer {
             .collect();
         report.kept = passages.len();
         drop(spill);
-        Ok(PreparedCorpus { passages, report })
+        let read = ids
+            .into_iter()
+            .zip(digests)
+            .map(|(id, (title, text))| ReadPassage { id, title, text })
+            .collect();
+        Ok(PreparedCorpus {
+            passages,
+            report,
+            read,
+        })
     }
 }
 
