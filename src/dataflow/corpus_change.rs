@@ -14,7 +14,7 @@
 //!    time 1; the operators below carry it to what depends on it, and their output's
 //!    updates at time 1 are what the change touches:
 //!    - the held-out set (`reduce` over every id read: the `held_out` smallest seeded id
-//!      hashes, as [`held_out_passages`] chooses them): passages moved in or out;
+//!      hashes, as [`crate::mining::held_out_passages`] chooses them): passages moved in or out;
 //!    - the queries on each side of it (`semijoin` of the queries, keyed by source, with
 //!      the held-out set, and the rest): queries moved between the training set and the
 //!      synthetic test set, whether or not their own text changed;
