@@ -196,6 +196,25 @@ pub(crate) struct EmbedArgs {
     /// Write timing as JSON here (passages, seconds, passages_per_second).
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+}
+
+/// Timely's cluster, as its own examples take it: the same command on every process,
+/// with its own `-p`.
+#[derive(Args)]
+pub(crate) struct ClusterArgs {
+    /// Processes in the cluster; process 0 reads the input, writes the output and feeds
+    /// the others.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub(crate) processes: usize,
+    /// This process's index, 0 to processes - 1.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    pub(crate) process: usize,
+    /// A file of host:port lines, one per process, in process order (default:
+    /// localhost:2101, localhost:2102, ...).
+    #[arg(long)]
+    pub(crate) hostfile: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -8,10 +8,11 @@ use distillery::config::EmbedSettings;
 use distillery::config::{EndpointFile, GenerateFile, HeldOutFile, Pipeline, QUARANTINE_FILE};
 use distillery::corpus::Quarantine;
 use distillery::dataflow::candidates::MineOutcome;
+use distillery::dataflow::cluster::Cluster;
 use distillery::dataflow::generate::{run_generate, GenerateJob, GenerateOutcome};
 use distillery::driver::{self, demo, run_recipe};
 use distillery::eval::EvalOptions;
-use distillery::jobs::embed::{run_embed, EmbedJob};
+use distillery::jobs::embed::{follow_embed, run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::score::{run_score, ScoreJob};
 use distillery::train::trainer::StopReason;
@@ -387,8 +388,15 @@ fn run_cli(cli: Cli) -> Result<()> {
                 .run_dir
                 .clone()
                 .unwrap_or_else(|| a.output.with_extension("run"));
-            std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let cluster = Cluster::new(
+                a.cluster.processes,
+                a.cluster.process,
+                a.cluster.hostfile.as_deref(),
+            )?;
+            if cluster.is_leader() {
+                std::fs::create_dir_all(&run_dir)
+                    .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            }
             let job = EmbedJob {
                 embed: embed_settings(&a.model, &run_dir),
                 input: a.input.clone(),
@@ -398,7 +406,19 @@ fn run_cli(cli: Cli) -> Result<()> {
                     Kind::Query => TextKind::Query,
                 },
                 run_dir,
+                cluster,
             };
+            if !job.cluster.is_leader() {
+                let f = follow_embed(&job)?;
+                println!(
+                    "process {} of {}: embedded {} texts for process 0 with {}",
+                    f.process, f.processes, f.embedded, f.model
+                );
+                if let Some(path) = &a.json {
+                    write_json(path, &f)?;
+                }
+                return Ok(());
+            }
             let (outcome, _model) = run_embed(&job)?;
             let memo = if outcome.memoised > 0 {
                 format!(

@@ -48,6 +48,7 @@ fn stage(workers: usize, chunk_rows: usize) -> EmbedStage {
             max_rows: 64,
         },
         workers,
+        cluster: Default::default(),
         chunk_rows,
         total: None,
         label: "test".into(),

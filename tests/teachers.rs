@@ -172,6 +172,7 @@ fn bi_encoder_score_is_the_cosine_of_the_embedders_embeddings() {
                 max_rows: 64,
             },
             workers: 1,
+            cluster: Default::default(),
             chunk_rows: 2048,
             total: None,
             label: side.into(),

@@ -149,6 +149,7 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
             kind,
             batcher: e.batcher,
             workers: e.workers,
+            cluster: Default::default(),
             chunk_rows: crate::dataflow::CHUNK_ROWS,
             total,
             label,

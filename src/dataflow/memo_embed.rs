@@ -83,7 +83,6 @@ fn embed_misses(
     index: Arc<MemoIndex>,
     mut record: impl FnMut(&str, MemoKey) + Send + 'static,
 ) -> Result<MissesRun, EngineError> {
-    let dim = embedder.dim();
     let settings_hash = &stage.key.settings_hash;
     // Reads the source up to its next miss, recording every text's place on the way.
     let mut next_miss = {
@@ -108,6 +107,7 @@ fn embed_misses(
     // Whether any text misses decides whether the device runs at all.
     let Some(first) = next_miss() else {
         // Every text was a hit: the first call read the source to its end.
+        release_followers(store, embedder, stage)?;
         return Ok(MissesRun {
             rows: 0,
             seconds: 0.0,
@@ -122,6 +122,23 @@ fn embed_misses(
         ..stage.clone()
     };
     drop(index);
+    let (model, output) = embedding_model(embedder, stage);
+    let source: TextSource = Box::new(std::iter::once(first).chain(std::iter::from_fn(next_miss)));
+    let ran = run_dataflow(store, model, source, &memo, output, Writing::Append)?;
+    Ok(MissesRun {
+        rows: ran.rows,
+        seconds: ran.seconds,
+        executor: ran.executor,
+    })
+}
+
+/// The embedding model and output of `stage` (what the leader and its followers build
+/// the same dataflow from).
+pub fn embedding_model(
+    embedder: Arc<Embedder>,
+    stage: &EmbedStage,
+) -> (Arc<EmbedTexts>, StageOutput) {
+    let dim = embedder.dim();
     let output = StageOutput {
         schema: embeddings_schema(dim),
         to_batch: Arc::new(move |ids, matrix| embeddings_batch(ids, matrix, dim)),
@@ -130,13 +147,17 @@ fn embed_misses(
         embedder,
         kind: stage.kind,
     });
-    let source: TextSource = Box::new(std::iter::once(first).chain(std::iter::from_fn(next_miss)));
-    let ran = run_dataflow(store, model, source, &memo, output, Writing::Append)?;
-    Ok(MissesRun {
-        rows: ran.rows,
-        seconds: ran.seconds,
-        executor: ran.executor,
-    })
+    (model, output)
+}
+
+/// Releases the followers of an embedding stage with nothing to embed.
+pub(super) fn release_followers(
+    store: &StageStore,
+    embedder: Arc<Embedder>,
+    stage: &EmbedStage,
+) -> Result<(), EngineError> {
+    let (model, output) = embedding_model(embedder, stage);
+    super::release_followers(store, model, stage, output)
 }
 
 /// Embeds ahead into the memo table of `stage`'s settings every text of `texts` it

@@ -33,6 +33,7 @@
 //! retrieved again) instead of scoring every query against every passage.
 
 pub mod candidates;
+pub mod cluster;
 pub mod corpus_change;
 pub mod embedding_key;
 pub mod evaluate;
@@ -62,6 +63,7 @@ use crate::error::EngineError;
 use crate::executor::{DeviceExecutor, DeviceModel, ExecutorStats};
 use crate::progress::Progress;
 use crate::store::{CompletedStage, StageKey, StageStore};
+use cluster::Cluster;
 use infer_op::{infer_on_device, InferConfig, InputRecord};
 use write_parts::{write_parts, BatchBuilder, SharedWriter};
 
@@ -127,8 +129,10 @@ pub struct EmbedStage {
     pub key: StageKey,
     pub kind: TextKind,
     pub batcher: TokenBudgetBatcher,
-    /// Timely worker threads (tokenisation and batching run on them).
+    /// Timely worker threads (tokenisation and batching run on them), per process.
     pub workers: usize,
+    /// The processes the stage runs over ([`cluster`]); one by default.
+    pub cluster: Cluster,
     /// Texts per chunk (timestamp) and per Parquet part; [`CHUNK_ROWS`] unless a test
     /// wants many small parts. A resumed stage must use the value it began with.
     pub chunk_rows: usize,
@@ -263,6 +267,7 @@ pub fn run_embed_stage(
     stage: &EmbedStage,
 ) -> Result<EmbedStageReport, EngineError> {
     if let Some(completed) = complete_under_key(store, stage)? {
+        memo_embed::release_followers(store, embedder, stage)?;
         return Ok(EmbedStageReport::reused(completed));
     }
     memo_embed::run(store, embedder, source, stage)
@@ -278,6 +283,7 @@ pub fn run_device_stage<M: DeviceModel>(
     output: StageOutput,
 ) -> Result<EmbedStageReport, EngineError> {
     if let Some(completed) = complete_under_key(store, stage)? {
+        release_followers(store, model, stage, output)?;
         return Ok(EmbedStageReport::reused(completed));
     }
     let ran = run_dataflow(store, model, source, stage, output, Writing::WholeStage)?;
@@ -314,6 +320,39 @@ fn complete_under_key(
     })
 }
 
+/// A follower's share of a device stage that process 0 of `stage.cluster` leads (see
+/// [`cluster`]): the same dataflow, fed by the leader, on this process's workers and
+/// device. Returns the items this process ran on its device.
+pub fn follow_device_stage<M: DeviceModel>(
+    model: Arc<M>,
+    stage: &EmbedStage,
+    output: StageOutput,
+) -> Result<u64, EngineError> {
+    if stage.cluster.is_leader() {
+        return Err(EngineError::Invalid(
+            "process 0 leads a stage; it does not follow one".into(),
+        ));
+    }
+    let nothing: ItemSource<M::Item> = Box::new(std::iter::empty());
+    let ran = run_cluster_dataflow(None, model, nothing, stage, output, Writing::Nothing)?;
+    Ok(ran.rows)
+}
+
+/// The leader's dataflow for a stage with nothing to compute, run empty when the stage
+/// spans several processes: the followers wait in it until it ends.
+fn release_followers<M: DeviceModel>(
+    store: &StageStore,
+    model: Arc<M>,
+    stage: &EmbedStage,
+    output: StageOutput,
+) -> Result<(), EngineError> {
+    if stage.cluster.is_distributed() {
+        let nothing: ItemSource<M::Item> = Box::new(std::iter::empty());
+        run_cluster_dataflow(Some(store), model, nothing, stage, output, Writing::Nothing)?;
+    }
+    Ok(())
+}
+
 /// How the dataflow writes its stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Writing {
@@ -323,6 +362,8 @@ enum Writing {
     /// Rows appended to a stage that stays open (a memo table): every item of the source
     /// is run and written after the committed rows; the stage is never finished.
     Append,
+    /// Nothing written: a follower's share, or a leader's empty run.
+    Nothing,
 }
 
 /// What one run of the dataflow did.
@@ -334,10 +375,22 @@ struct DataflowRun {
     executor: ExecutorStats,
 }
 
-/// Feeds `source` through `InferOnDevice` into `stage`'s parts (see the module docs) and
-/// journals the device's figures.
+/// Feeds `source` through `InferOnDevice` into `stage`'s parts (see the module docs).
 fn run_dataflow<M: DeviceModel>(
     store: &StageStore,
+    model: Arc<M>,
+    source: ItemSource<M::Item>,
+    stage: &EmbedStage,
+    output: StageOutput,
+    writing: Writing,
+) -> Result<DataflowRun, EngineError> {
+    run_cluster_dataflow(Some(store), model, source, stage, output, writing)
+}
+
+/// [`run_dataflow`] over `stage.cluster`'s processes: with a store on the leader (its
+/// worker 0 feeds and writes), without one on a follower.
+fn run_cluster_dataflow<M: DeviceModel>(
+    store: Option<&StageStore>,
     model: Arc<M>,
     source: ItemSource<M::Item>,
     stage: &EmbedStage,
@@ -358,17 +411,23 @@ fn run_dataflow<M: DeviceModel>(
         progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
-    let store = store.clone();
+    let store = store.cloned();
+    let leader = store.is_some();
     let stage_spec = stage.clone();
     let width = model.row_width();
     let chunk_rows = stage.chunk_rows.max(1);
 
     let guards = timely::execute(
-        timely::Config::process(stage.workers.max(1)),
+        stage.cluster.timely_config(stage.workers),
         move |worker| -> Result<Option<(Option<CompletedStage>, u64)>, EngineError> {
             let index = worker.index();
             let writer: SharedWriter = Rc::new(RefCell::new(None));
-            if index == 0 {
+            if index == 0 && writing != Writing::Nothing {
+                let Some(store) = &store else {
+                    return Err(EngineError::Dataflow(
+                        "worker 0 has no stage store: process 0 must lead".into(),
+                    ));
+                };
                 *writer.borrow_mut() = Some(store.begin(
                     &stage_spec.stage,
                     stage_spec.key.clone(),
@@ -381,7 +440,7 @@ fn run_dataflow<M: DeviceModel>(
                     .as_ref()
                     .map(|w| w.committed_rows())
                     .unwrap_or(0),
-                Writing::Append => 0,
+                Writing::Append | Writing::Nothing => 0,
             };
             let error: Rc<RefCell<Option<EngineError>>> = Rc::new(RefCell::new(None));
             let discard_from = Rc::new(Cell::new(u64::MAX));
@@ -457,9 +516,10 @@ fn run_dataflow<M: DeviceModel>(
             }
             let finished = writer.borrow_mut().take();
             match (finished, writing) {
+                (None, Writing::Nothing) if index == 0 => Ok(Some((None, fed))),
                 (None, _) => Ok(None),
                 (Some(w), Writing::WholeStage) => Ok(Some((Some(w.finish()?), fed))),
-                (Some(w), Writing::Append) => {
+                (Some(w), Writing::Append | Writing::Nothing) => {
                     drop(w);
                     Ok(Some((None, fed)))
                 }
@@ -491,8 +551,16 @@ fn run_dataflow<M: DeviceModel>(
     if let Some(e) = first_error {
         return Err(e);
     }
-    let (completed, rows_embedded) = outcome
-        .ok_or_else(|| EngineError::Dataflow("worker 0 returned no stage; this is a bug".into()))?;
+    let (completed, rows_embedded) = match outcome {
+        Some(done) => done,
+        // A follower: no worker 0 here; what its device ran is its share.
+        None if !leader => (None, executor_stats.rows),
+        None => {
+            return Err(EngineError::Dataflow(
+                "worker 0 returned no stage; this is a bug".into(),
+            ))
+        }
+    };
     let seconds = start.elapsed().as_secs_f64();
     Ok(DataflowRun {
         completed,

@@ -107,6 +107,7 @@ pub fn retriever_stage(
         kind,
         batcher: settings.batcher(),
         workers: pipeline.workers,
+        cluster: Default::default(),
         chunk_rows: CHUNK_ROWS,
         total,
         quiet: settings.quiet,

@@ -167,6 +167,7 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
             max_rows: job.batch_rows.max(1),
         },
         workers: job.workers,
+        cluster: Default::default(),
         chunk_rows: CHUNK_ROWS,
         total: count_records(&job.input),
         label: "score pairs".into(),

@@ -107,6 +107,7 @@ impl PairTeacher for CrossEncoderTeacher {
             kind: TextKind::Passage,
             batcher: ctx.batcher,
             workers: ctx.workers,
+            cluster: Default::default(),
             chunk_rows: CHUNK_ROWS,
             total: Some(pairs.len() as u64),
             label: format!("{}: score pairs", ctx.label),

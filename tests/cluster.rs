@@ -1,0 +1,183 @@
+//! `distillery embed` over timely's cluster: 2 processes x 1 worker over localhost write
+//! the same file, byte for byte, as 1 process with 1 worker and with 2 workers; the
+//! follower embeds a share of the texts on its own device; a rerun whose stage is
+//! complete releases the follower at once.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// Passages embedded: more than one chunk of 2,048, so several timestamps travel.
+const PASSAGES: usize = 2500;
+
+/// How long a two-process run may take before the test calls it hung.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `corpus.jsonl` (scifact-mini's passages, repeated with new ids up to [`PASSAGES`])
+/// and a tiny model trained on them.
+fn fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus =
+        std::fs::read_to_string(root().join("datasets/scifact-mini/corpus.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = corpus
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut out = String::new();
+    let mut texts = Vec::new();
+    for i in 0..PASSAGES {
+        let mut r = records[i % records.len()].clone();
+        r["_id"] = format!("p{i}").into();
+        r["text"] = format!("{} ({i})", r["text"].as_str().unwrap()).into();
+        texts.push(format!(
+            "{} {}",
+            r["title"].as_str().unwrap_or(""),
+            r["text"]
+        ));
+        out.push_str(&r.to_string());
+        out.push('\n');
+    }
+    std::fs::write(dir.path().join("corpus.jsonl"), out).unwrap();
+    write_tiny_bert(
+        &dir.path().join("model"),
+        texts.iter().take(500),
+        &TinyBertSpec::default(),
+    )
+    .unwrap();
+    dir
+}
+
+fn embed(dir: &Path, output: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distillery"));
+    c.args([
+        "embed",
+        "--model",
+        "model",
+        "--input",
+        "corpus.jsonl",
+        "--output",
+        output,
+        "--quiet",
+    ])
+    .args(extra)
+    .current_dir(dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `child` to its end within the deadline; its stdout.
+fn finish(mut child: Child, what: &str, started: Instant) -> String {
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            panic!("{what}: still running after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Two free localhost ports.
+fn hostfile(dir: &Path) -> PathBuf {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "# process 0, then process 1\n127.0.0.1:{}\n127.0.0.1:{}\n",
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port()
+    );
+    drop((a, b));
+    let path = dir.join("hosts");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `embed` as 2 processes x 1 worker; the follower's stdout.
+fn two_processes(dir: &Path, output: &str) -> String {
+    let hosts = hostfile(dir);
+    let hosts = hosts.to_str().unwrap();
+    let started = Instant::now();
+    let follower = embed(dir, output, &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let leader = embed(dir, output, &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    finish(leader, "process 0", started);
+    finish(follower, "process 1", started)
+}
+
+/// The texts the follower says it embedded.
+fn followed(stdout: &str) -> usize {
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "embedded").unwrap();
+    words[at + 1].parse().unwrap()
+}
+
+#[test]
+fn two_processes_write_what_one_process_writes_and_share_the_work() {
+    let fixture = fixture();
+    let dir = fixture.path();
+    let started = Instant::now();
+    finish(
+        embed(dir, "one.parquet", &["-w", "1"]).spawn().unwrap(),
+        "1 worker",
+        started,
+    );
+    finish(
+        embed(dir, "two-workers.parquet", &["-w", "2"])
+            .spawn()
+            .unwrap(),
+        "2 workers",
+        started,
+    );
+    let stdout = two_processes(dir, "two-processes.parquet");
+    let one = std::fs::read(dir.join("one.parquet")).unwrap();
+    let rows: usize = ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(dir.join("one.parquet")).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap()
+    .map(|b| b.unwrap().num_rows())
+    .sum();
+    assert_eq!(rows, PASSAGES);
+    assert!(std::fs::read(dir.join("two-workers.parquet")).unwrap() == one);
+    assert!(
+        std::fs::read(dir.join("two-processes.parquet")).unwrap() == one,
+        "2 processes wrote another file than 1 process"
+    );
+    // The follower ran a share of the texts on its own device (items are exchanged by
+    // position: half of them each).
+    let share = followed(&stdout);
+    assert!(
+        share > PASSAGES / 4 && share < PASSAGES * 3 / 4,
+        "the follower embedded {share} of {PASSAGES}: {stdout}"
+    );
+    // Nothing to embed the second time: the leader runs the stage's dataflow empty and
+    // the follower ends with it.
+    let stdout = two_processes(dir, "two-processes.parquet");
+    assert_eq!(followed(&stdout), 0, "{stdout}");
+    assert!(std::fs::read(dir.join("two-processes.parquet")).unwrap() == one);
+}
