@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use distillery::config::cluster::Cluster;
 use distillery::config::Pipeline;
 use distillery::config::{DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 
@@ -75,20 +76,53 @@ pub(crate) struct EngineArgs {
     /// No progress output.
     #[arg(long)]
     pub(crate) quiet: bool,
+    /// Processes of timely's cluster (default: the configuration's [engine] processes).
+    #[arg(short = 'n', long)]
+    pub(crate) processes: Option<usize>,
+    /// This process's index (default: the configuration's [engine] process).
+    #[arg(short = 'p', long)]
+    pub(crate) process: Option<usize>,
+    /// host:port lines, one per process (default: the configuration's [engine]
+    /// hostfile, else localhost:2101 onwards).
+    #[arg(long)]
+    pub(crate) hostfile: Option<PathBuf>,
 }
 
 impl EngineArgs {
     /// `pipeline` with these options over its `[engine]`, its compute threads set and
     /// its run directory made.
     pub(crate) fn apply(&self, mut pipeline: Pipeline) -> Result<Pipeline> {
-        pipeline.override_engine(
+        let cluster =
+            if self.processes.is_some() || self.process.is_some() || self.hostfile.is_some() {
+                let hostfile = self.hostfile.clone().or_else(|| {
+                    pipeline.file.engine.hostfile.as_ref().map(|h| {
+                        pipeline
+                            .origin
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join(h)
+                    })
+                });
+                Some(Cluster::new(
+                    self.processes.unwrap_or(pipeline.cluster.processes),
+                    self.process.unwrap_or(pipeline.cluster.process),
+                    hostfile.as_deref(),
+                )?)
+            } else {
+                None
+            };
+        pipeline.override_engine_in(
             self.workers,
             self.on_bad_record.map(|o| o == OnBadRecord::Skip),
             self.quiet,
+            cluster,
         );
         set_threads(Some(pipeline.threads));
-        std::fs::create_dir_all(&pipeline.run_dir)
-            .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+        // A follower keeps no run directory: process 0 holds the run.
+        if pipeline.cluster.is_leader() {
+            std::fs::create_dir_all(&pipeline.run_dir)
+                .with_context(|| format!("cannot create {}", pipeline.run_dir.display()))?;
+        }
         Ok(pipeline)
     }
 }

@@ -27,6 +27,7 @@ use crate::error::EngineError;
 use crate::mining::{CandidateConfig, TeacherConfig};
 use crate::train::trainer::TrainSettings;
 
+pub mod cluster;
 mod embed;
 mod generate;
 mod preflight;
@@ -194,6 +195,14 @@ pub struct EngineFile {
     /// the teachers sooner and reads the passage index more often; the outputs are the
     /// same bits whatever it is.
     pub stream_queries: Option<usize>,
+    /// Processes of timely's cluster that run the device stages (1: this one alone);
+    /// `-n` on the command line.
+    pub processes: usize,
+    /// This process's index among them (`-p`); process 0 leads.
+    pub process: usize,
+    /// A file of `host:port` lines, one per process (`--hostfile`); default
+    /// `localhost:2101` onwards.
+    pub hostfile: Option<PathBuf>,
 }
 
 impl Default for EngineFile {
@@ -206,6 +215,9 @@ impl Default for EngineFile {
             on_bad_record: "fail".into(),
             device: "cpu".into(),
             stream_queries: None,
+            processes: 1,
+            process: 0,
+            hostfile: None,
         }
     }
 }
@@ -243,6 +255,8 @@ pub struct Pipeline {
     pub stream_queries: Option<usize>,
     /// The device every model of the run is loaded on (`[engine] device`), resolved once.
     pub device: candle_core::Device,
+    /// The processes the device stages run over (`[engine] processes`, `-n`, ...).
+    pub cluster: cluster::Cluster,
     pub quarantine: Option<PathBuf>,
     pub jsonl: bool,
     /// The student, its model path resolved.
@@ -318,6 +332,13 @@ impl Pipeline {
                 ))
             }
         };
+        let hostfile = file.engine.hostfile.as_deref().map(at);
+        let cluster = cluster::Cluster::new(
+            file.engine.processes,
+            file.engine.process,
+            hostfile.as_deref(),
+        )
+        .map_err(|e| invalid(origin, format!("[engine] {e}")))?;
         let device = resolve_device(&file.engine.device).map_err(|e| {
             invalid(
                 origin,
@@ -398,6 +419,7 @@ impl Pipeline {
             batch_rows: file.engine.batch_rows,
             stream_queries: file.engine.stream_queries,
             device,
+            cluster,
             quarantine,
             jsonl: file.output.jsonl,
             student: file.student.as_ref().map(|s| StudentFile {
@@ -425,6 +447,21 @@ impl Pipeline {
         skip_bad_records: Option<bool>,
         quiet: bool,
     ) {
+        self.override_engine_in(workers, skip_bad_records, quiet, None);
+    }
+
+    /// [`Pipeline::override_engine`], and the cluster the command line names (`-n`,
+    /// `-p`, `--hostfile`) over `[engine]`'s.
+    pub fn override_engine_in(
+        &mut self,
+        workers: Option<usize>,
+        skip_bad_records: Option<bool>,
+        quiet: bool,
+        cluster: Option<cluster::Cluster>,
+    ) {
+        if let Some(c) = cluster {
+            self.cluster = c;
+        }
         if let Some(w) = workers {
             self.workers = w.max(1);
         }

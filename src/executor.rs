@@ -40,6 +40,68 @@ pub trait BatchModel: Send + Sync + 'static {
     fn run_batch(&self, batch: &TokenBatch) -> Result<Vec<f32>, OperatorError>;
 }
 
+/// How to load a device model again from its files, as another process of the cluster
+/// does to run its share of a stage (`dataflow::cluster`): the directory and every
+/// setting resolved, so the model it loads computes the same bits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ModelSpec {
+    /// An embedder on one side of retrieval.
+    Embed {
+        dir: std::path::PathBuf,
+        max_seq_length: usize,
+        query_prefix: String,
+        passage_prefix: String,
+        query: bool,
+    },
+    /// A cross-encoder scoring pairs.
+    Score {
+        dir: std::path::PathBuf,
+        max_length: usize,
+    },
+}
+
+impl ModelSpec {
+    /// The model loaded on `device`.
+    pub fn load_embed(&self, device: &Device) -> Result<Option<EmbedTexts>, OperatorError> {
+        let ModelSpec::Embed {
+            dir,
+            max_seq_length,
+            query_prefix,
+            passage_prefix,
+            query,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let options = distillery_operators::EmbedderOptions {
+            max_seq_length: Some(*max_seq_length),
+            query_prefix: Some(query_prefix.clone()),
+            passage_prefix: Some(passage_prefix.clone()),
+        };
+        Ok(Some(EmbedTexts {
+            embedder: Arc::new(Embedder::load(dir, &options, device)?),
+            kind: if *query {
+                TextKind::Query
+            } else {
+                TextKind::Passage
+            },
+        }))
+    }
+
+    /// The cross-encoder loaded on `device`.
+    pub fn load_score(&self, device: &Device) -> Result<Option<ScorePairs>, OperatorError> {
+        let ModelSpec::Score { dir, max_length } = self else {
+            return Ok(None);
+        };
+        let options = distillery_operators::cross_encoder::CrossEncoderOptions {
+            max_length: Some(*max_length),
+        };
+        Ok(Some(ScorePairs {
+            model: Arc::new(CrossEncoder::load(dir, &options, device)?),
+        }))
+    }
+}
+
 /// A model the dataflow can feed: it tokenises its items on a worker thread and runs
 /// the batches on the device.
 pub trait DeviceModel: BatchModel {
@@ -47,6 +109,8 @@ pub trait DeviceModel: BatchModel {
     type Item: timely::ExchangeData + Clone;
     /// Tokenises items, in order (each `index` is set by the caller).
     fn tokenize(&self, items: &[&Self::Item]) -> Result<Vec<TokenizedText>, OperatorError>;
+    /// How another process loads this model ([`ModelSpec`]).
+    fn spec(&self) -> ModelSpec;
 }
 
 /// An embedder bound to one side of retrieval (queries or passages).
@@ -81,6 +145,17 @@ impl DeviceModel for EmbedTexts {
             .map(|ids| TokenizedText::new(0, ids))
             .collect())
     }
+
+    fn spec(&self) -> ModelSpec {
+        let e = &self.embedder;
+        ModelSpec::Embed {
+            dir: e.dir().to_path_buf(),
+            max_seq_length: e.max_seq_length(),
+            query_prefix: e.prefix(TextKind::Query).to_string(),
+            passage_prefix: e.prefix(TextKind::Passage).to_string(),
+            query: self.kind == TextKind::Query,
+        }
+    }
 }
 
 /// A cross-encoder teacher scoring (query, passage) pairs: one score per pair.
@@ -111,6 +186,13 @@ impl DeviceModel for ScorePairs {
             .map(|(q, p)| (q.as_str(), p.as_str()))
             .collect();
         self.model.tokenize_pairs(&pairs)
+    }
+
+    fn spec(&self) -> ModelSpec {
+        ModelSpec::Score {
+            dir: self.model.dir().to_path_buf(),
+            max_length: self.model.max_length(),
+        }
     }
 }
 

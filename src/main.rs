@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use distillery::config::cluster::Cluster;
 use distillery::config::EmbedSettings;
 use distillery::config::{EndpointFile, GenerateFile, HeldOutFile, Pipeline, QUARANTINE_FILE};
 use distillery::corpus::Quarantine;
 use distillery::dataflow::candidates::MineOutcome;
-use distillery::dataflow::cluster::Cluster;
+use distillery::dataflow::cluster::{self, FollowerJob};
 use distillery::dataflow::generate::{run_generate, GenerateJob, GenerateOutcome};
 use distillery::driver::{self, demo, run_recipe};
 use distillery::eval::EvalOptions;
-use distillery::jobs::embed::{follow_embed, run_embed, EmbedJob};
+use distillery::jobs::embed::{run_embed, EmbedJob};
 use distillery::jobs::eval::{run_eval, EvalSettings};
 use distillery::jobs::score::{run_score, ScoreJob};
 use distillery::train::trainer::StopReason;
@@ -96,6 +97,47 @@ fn print_generate(o: &GenerateOutcome) {
     println!("queries  {}", o.queries_file.display());
     if o.failed > 0 {
         println!("failures {}", o.failures_file.display());
+    }
+}
+
+/// Runs `command` on process 0 of `pipeline`'s cluster, then tells the other processes
+/// it is done; on any other process, serves process 0's stages instead.
+fn lead_or_follow(pipeline: &Pipeline, command: impl FnOnce() -> Result<()>) -> Result<()> {
+    let c = &pipeline.cluster;
+    if !c.is_leader() {
+        return follow(c, pipeline.workers, &pipeline.device, pipeline.quiet, None);
+    }
+    let result = command();
+    if c.is_distributed() {
+        release_followers(c, pipeline.workers);
+    }
+    result
+}
+
+/// A follower's whole command: it serves process 0's stages until process 0 is done.
+fn follow(
+    c: &Cluster,
+    workers: usize,
+    device: &candle_core::Device,
+    quiet: bool,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    let served = cluster::serve(c, workers, device, quiet)?;
+    println!(
+        "process {} of {}: ran {} items on this device in {} stage(s) for process 0",
+        c.process, c.processes, served.items, served.stages
+    );
+    if let Some(path) = json {
+        write_json(path, &served)?;
+    }
+    Ok(())
+}
+
+/// Process 0 tells its followers its command is over, whether it succeeded or not (a
+/// follower that cannot be told is reported, and the command's own outcome stands).
+fn release_followers(c: &Cluster, workers: usize) {
+    if let Err(e) = cluster::announce(c, workers, FollowerJob::Done) {
+        eprintln!("warning: could not tell the other processes that process 0 is done: {e}");
     }
 }
 
@@ -195,6 +237,12 @@ fn run_command(a: &RunArgs) -> Result<()> {
         }
     };
     let pipeline = a.engine.apply(pipeline)?;
+    lead_or_follow(&pipeline, || report_recipe(&pipeline, tiny_demo))
+}
+
+/// `run` on process 0: the recipe, its summary printed.
+fn report_recipe(pipeline: &Pipeline, tiny_demo: bool) -> Result<()> {
+    let pipeline = pipeline.clone();
     let quarantine = pipeline.open_quarantine()?;
     let outcome = run_recipe(&pipeline)?;
     let metric = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.4}"));
@@ -409,17 +457,17 @@ fn run_cli(cli: Cli) -> Result<()> {
                 cluster,
             };
             if !job.cluster.is_leader() {
-                let f = follow_embed(&job)?;
-                println!(
-                    "process {} of {}: embedded {} texts for process 0 with {}",
-                    f.process, f.processes, f.embedded, f.model
+                return follow(
+                    &job.cluster,
+                    job.embed.workers,
+                    &job.embed.device,
+                    job.embed.quiet,
+                    a.json.as_deref(),
                 );
-                if let Some(path) = &a.json {
-                    write_json(path, &f)?;
-                }
-                return Ok(());
             }
-            let (outcome, _model) = run_embed(&job)?;
+            let ran = run_embed(&job);
+            release_followers(&job.cluster, job.embed.workers);
+            let (outcome, _model) = ran?;
             let memo = if outcome.memoised > 0 {
                 format!(
                     " ({} of them from the run's memo table, embedded before)",
@@ -470,76 +518,82 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Mine(a) => {
             let pipeline = a.pipeline()?;
-            let quarantine = pipeline.open_quarantine()?;
-            let outcome = driver::mine(&pipeline)?;
-            print_mine(&outcome, &pipeline);
-            report_run_quarantine(quarantine)?;
+            lead_or_follow(&pipeline, || {
+                let quarantine = pipeline.open_quarantine()?;
+                let outcome = driver::mine(&pipeline)?;
+                print_mine(&outcome, &pipeline);
+                report_run_quarantine(quarantine)
+            })?;
         }
         Command::Label(a) => {
             let pipeline = a.pipeline()?;
-            let quarantine = pipeline.open_quarantine()?;
-            let outcome = driver::label(&pipeline)?;
-            print_mine(&outcome.mine, &pipeline);
-            println!("{}", driver::pairs_line(&outcome));
-            println!("{}", outcome.stats);
-            println!(
-                "examples {} (train {}, dev {}) in {}",
-                outcome.examples,
-                outcome.train,
-                outcome.dev,
-                pipeline.run_dir.join("stages/examples").display()
-            );
-            if let Some(p) = &outcome.jsonl {
-                println!("examples as JSONL: {}", p.display());
-            }
-            let stats = pipeline.run_dir.join("label-stats.json");
-            write_json(&stats, &outcome)?;
-            report_run_quarantine(quarantine)?;
+            lead_or_follow(&pipeline, || {
+                let quarantine = pipeline.open_quarantine()?;
+                let outcome = driver::label(&pipeline)?;
+                print_mine(&outcome.mine, &pipeline);
+                println!("{}", driver::pairs_line(&outcome));
+                println!("{}", outcome.stats);
+                println!(
+                    "examples {} (train {}, dev {}) in {}",
+                    outcome.examples,
+                    outcome.train,
+                    outcome.dev,
+                    pipeline.run_dir.join("stages/examples").display()
+                );
+                if let Some(p) = &outcome.jsonl {
+                    println!("examples as JSONL: {}", p.display());
+                }
+                let stats = pipeline.run_dir.join("label-stats.json");
+                write_json(&stats, &outcome)?;
+                report_run_quarantine(quarantine)
+            })?;
         }
         Command::Train(a) => {
             let pipeline = a.pipeline()?;
-            let quarantine = pipeline.open_quarantine()?;
-            let outcome = driver::train(&pipeline, None)?;
-            let r = &outcome.report;
-            if let Some(step) = r.resumed_from {
-                println!("resumed from the checkpoint at step {step}");
-            }
-            if outcome
-                .started_from
-                .ends_with(distillery::train::warm_start::WARM_START_DIR)
-            {
+            lead_or_follow(&pipeline, || {
+                let quarantine = pipeline.open_quarantine()?;
+                let outcome = driver::train(&pipeline, None)?;
+                let r = &outcome.report;
+                if let Some(step) = r.resumed_from {
+                    println!("resumed from the checkpoint at step {step}");
+                }
+                if outcome
+                    .started_from
+                    .ends_with(distillery::train::warm_start::WARM_START_DIR)
+                {
+                    println!(
+                        "warm start: trained on from the last run's model ({})",
+                        outcome.started_from.display()
+                    );
+                }
                 println!(
-                    "warm start: trained on from the last run's model ({})",
-                    outcome.started_from.display()
+                    "trained {} steps ({} per epoch, {} epochs) on {} train queries, {} dev",
+                    r.state.global_step,
+                    r.steps_per_epoch,
+                    r.state.epoch,
+                    r.train_queries,
+                    r.dev_queries
                 );
-            }
-            println!(
-                "trained {} steps ({} per epoch, {} epochs) on {} train queries, {} dev",
-                r.state.global_step,
-                r.steps_per_epoch,
-                r.state.epoch,
-                r.train_queries,
-                r.dev_queries
-            );
-            let losses: Vec<String> = r.dev_losses.iter().map(|l| format!("{l:.5}")).collect();
-            println!("dev loss per epoch: {}", losses.join(", "));
-            match r.stopped {
-                StopReason::Patience => println!(
-                    "stopped early: no better dev loss for {} epochs (patience); the best \
-                     model is epoch {}'s",
-                    r.state.epochs_without_improvement,
-                    r.best_epoch
-                        .map_or_else(|| "none".into(), |e| e.to_string())
-                ),
-                StopReason::MaxEpochs => println!("stopped after max_epochs"),
-                StopReason::Interrupted => println!("stopped before the end; rerun to resume"),
-            }
-            if let Some(frozen) = &outcome.frozen_passages {
-                println!("{frozen}");
-            }
-            println!("best model: {}", outcome.model.display());
-            write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;
-            report_run_quarantine(quarantine)?;
+                let losses: Vec<String> = r.dev_losses.iter().map(|l| format!("{l:.5}")).collect();
+                println!("dev loss per epoch: {}", losses.join(", "));
+                match r.stopped {
+                    StopReason::Patience => println!(
+                        "stopped early: no better dev loss for {} epochs (patience); the best \
+                         model is epoch {}'s",
+                        r.state.epochs_without_improvement,
+                        r.best_epoch
+                            .map_or_else(|| "none".into(), |e| e.to_string())
+                    ),
+                    StopReason::MaxEpochs => println!("stopped after max_epochs"),
+                    StopReason::Interrupted => println!("stopped before the end; rerun to resume"),
+                }
+                if let Some(frozen) = &outcome.frozen_passages {
+                    println!("{frozen}");
+                }
+                println!("best model: {}", outcome.model.display());
+                write_json(&pipeline.run_dir.join("train-report.json"), &outcome)?;
+                report_run_quarantine(quarantine)
+            })?;
         }
         Command::Score(a) => {
             set_threads(a.threads);

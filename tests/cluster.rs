@@ -1,7 +1,9 @@
-//! `distillery embed` over timely's cluster: 2 processes x 1 worker over localhost write
-//! the same file, byte for byte, as 1 process with 1 worker and with 2 workers; the
-//! follower embeds a share of the texts on its own device; a rerun whose stage is
-//! complete releases the follower at once.
+//! Timely's cluster over localhost: `distillery embed` as 2 processes x 1 worker writes
+//! the same file, byte for byte, as 1 process with 1 worker and with 2 workers, the
+//! follower embedding a share of the texts on its own device, and a rerun with nothing
+//! to compute ends the follower at once; `distillery label` as 2 processes writes the
+//! retrieval lists, candidates and examples of one process, the follower running its
+//! share of every embedding and cross-encoder stage.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -12,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+#[path = "support/recipe.rs"]
+mod recipe;
 
 /// Passages embedded: more than one chunk of 2,048, so several timestamps travel.
 const PASSAGES: usize = 2500;
@@ -128,10 +133,10 @@ fn two_processes(dir: &Path, output: &str) -> String {
     finish(follower, "process 1", started)
 }
 
-/// The texts the follower says it embedded.
+/// The items the follower says it ran on its device.
 fn followed(stdout: &str) -> usize {
     let words: Vec<&str> = stdout.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "embedded").unwrap();
+    let at = words.iter().position(|w| *w == "ran").unwrap();
     words[at + 1].parse().unwrap()
 }
 
@@ -180,4 +185,74 @@ fn two_processes_write_what_one_process_writes_and_share_the_work() {
     let stdout = two_processes(dir, "two-processes.parquet");
     assert_eq!(followed(&stdout), 0, "{stdout}");
     assert!(std::fs::read(dir.join("two-processes.parquet")).unwrap() == one);
+}
+
+/// The bytes of every part of a stage, in order.
+fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
+    let mut parts: Vec<_> = std::fs::read_dir(run.join("stages").join(stage))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    parts.sort();
+    parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+fn label(dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distillery"));
+    c.args(["label", "--config", "pipeline.toml", "--quiet"])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("DISTILLERY_MODEL")
+        .env("HF_HUB_CACHE", dir.join("no-hub-cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn label_over_two_processes_writes_what_one_process_writes() {
+    let one = recipe::fixture(false);
+    let two = recipe::fixture(false);
+    let started = Instant::now();
+    finish(
+        label(one.path(), &[]).spawn().unwrap(),
+        "1 process",
+        started,
+    );
+    let hosts = hostfile(two.path());
+    let hosts = hosts.to_str().unwrap();
+    let follower = label(two.path(), &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let leader = label(two.path(), &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    finish(leader, "process 0", started);
+    let stdout = finish(follower, "process 1", started);
+    for stage in [
+        "r0-passages",
+        "r0-queries",
+        "r0-retrieved",
+        "candidates",
+        "examples",
+    ] {
+        let a = stage_bytes(&one.path().join("run"), stage);
+        assert!(!a.is_empty(), "{stage}: no parts");
+        assert!(
+            a == stage_bytes(&two.path().join("run"), stage),
+            "stage {stage}: 2 processes wrote another stage than 1 process"
+        );
+    }
+    // The follower embedded and scored: the passages, the queries, the teachers' texts
+    // and pairs.
+    let ran = followed(&stdout);
+    assert!(ran > 0, "{stdout}");
+    let stages: usize = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "in")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stages >= 3, "{stdout}");
 }

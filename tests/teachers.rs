@@ -64,6 +64,7 @@ fn context(store: &StageStore) -> ScoringContext<'_> {
             max_rows: 64,
         },
         workers: 2,
+        cluster: Default::default(),
         threads: 2,
         quiet: true,
         known: Vec::new(),

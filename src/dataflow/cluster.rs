@@ -6,179 +6,165 @@
 //! it alone reads the input, decides what to compute (the stage store, the memo tables)
 //! and writes; its worker 0 feeds the items, which timely exchanges by position to every
 //! worker of every process, and every result comes back to it to be written in input
-//! order, so the stage's bytes are those of one process. The other processes follow:
-//! they load the same model, build the same dataflow, and run on their device what
-//! timely sends them; they read no input and open no run directory. A leader with
-//! nothing to compute still runs the stage's dataflow, empty, so that the followers it
-//! waits for are released.
+//! order, so the stage's bytes are those of one process. The other processes follow
+//! ([`serve`]): they read no input and open no run directory; they wait for the leader's
+//! next [`FollowerJob`], announced to them in a small timely computation of its own
+//! ([`announce`]), load the model it names (once: loaded models are kept), build the
+//! stage's dataflow and run on their device what timely sends them, until the leader
+//! announces [`FollowerJob::Done`] at the end of its command. A leader with nothing to
+//! compute in a stage still runs the stage's dataflow, empty, so that every stage it
+//! announced is run by every process.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+use crate::config::cluster::Cluster;
 use crate::error::EngineError;
+use crate::executor::{EmbedTexts, ModelSpec, ScorePairs};
 
-/// The first port of the addresses timely uses without a hostfile (`localhost:2101`,
-/// `localhost:2102`, ...), as its own examples do.
-pub const DEFAULT_BASE_PORT: u16 = 2101;
-
-/// This process's place in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cluster {
-    /// Processes in all (1: no cluster).
-    pub processes: usize,
-    /// This process's index, `0..processes`.
-    pub process: usize,
-    /// Every process's `host:port`, by index.
-    pub addresses: Vec<String>,
+/// What the leader tells its followers before each stage, and at its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FollowerJob {
+    /// Run a stage of `model`, batching by `max_tokens` and `max_rows`.
+    Stage {
+        model: ModelSpec,
+        max_tokens: usize,
+        max_rows: usize,
+        label: String,
+    },
+    /// The leader's command is over.
+    Done,
 }
 
-impl Default for Cluster {
-    fn default() -> Self {
-        Self::single()
-    }
-}
-
-impl Cluster {
-    /// One process.
-    pub fn single() -> Self {
-        Self {
-            processes: 1,
-            process: 0,
-            addresses: Vec::new(),
-        }
-    }
-
-    /// The cluster `-n processes -p process [--hostfile hostfile]` names: the hostfile's
-    /// first `processes` lines (`host:port` each; blank lines and `#` comments skipped),
-    /// or `localhost:2101` onwards without one.
-    pub fn new(
-        processes: usize,
-        process: usize,
-        hostfile: Option<&Path>,
-    ) -> Result<Self, EngineError> {
-        if processes == 0 {
-            return Err(EngineError::Invalid(
-                "--processes: at least 1 process".into(),
-            ));
-        }
-        if process >= processes {
-            return Err(EngineError::Invalid(format!(
-                "--process {process}: the processes are numbered 0 to {} (--processes {processes})",
-                processes - 1
-            )));
-        }
-        if processes == 1 {
-            return Ok(Self::single());
-        }
-        let addresses = match hostfile {
-            Some(path) => read_hostfile(path, processes)?,
-            None => (0..processes)
-                .map(|i| format!("localhost:{}", usize::from(DEFAULT_BASE_PORT) + i))
-                .collect(),
-        };
-        Ok(Self {
-            processes,
-            process,
-            addresses,
-        })
-    }
-
-    /// More than one process.
-    pub fn is_distributed(&self) -> bool {
-        self.processes > 1
-    }
-
-    /// This process leads: it reads, decides and writes.
-    pub fn is_leader(&self) -> bool {
-        self.process == 0
-    }
-
-    /// Timely's configuration for `workers` threads in this process.
-    pub fn timely_config(&self, workers: usize) -> timely::Config {
-        let workers = workers.max(1);
-        if !self.is_distributed() {
-            return timely::Config::process(workers);
-        }
-        timely::Config {
-            communication: timely::CommunicationConfig::Cluster {
-                threads: workers,
-                process: self.process,
-                addresses: self.addresses.clone(),
-                report: false,
-                zerocopy: false,
-            },
-            worker: timely::WorkerConfig::default(),
-        }
-    }
-}
-
-/// The first `processes` addresses of `path`, each checked to be `host:port`.
-fn read_hostfile(path: &Path, processes: usize) -> Result<Vec<String>, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        EngineError::Invalid(format!("cannot read the hostfile {}: {e}", path.display()))
-    })?;
-    let mut addresses = Vec::with_capacity(processes);
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let port = line
-            .rsplit_once(':')
-            .map(|(host, port)| (host, port.parse::<u16>()));
-        match port {
-            Some((host, Ok(_))) if !host.is_empty() => addresses.push(line.to_string()),
-            _ => {
-                return Err(EngineError::Invalid(format!(
-                    "{} line {}: `{line}` is not host:port",
-                    path.display(),
-                    number + 1
-                )))
+/// Sends `job` from the leader's worker 0 to every worker of every process (the
+/// leader passes `Some`, followers `None`); every process returns it.
+fn exchange(
+    cluster: &Cluster,
+    workers: usize,
+    job: Option<FollowerJob>,
+) -> Result<FollowerJob, EngineError> {
+    let bytes = job
+        .map(|j| serde_json::to_vec(&j))
+        .transpose()
+        .map_err(|e| EngineError::Dataflow(format!("a follower job: {e}")))?;
+    let bytes = Arc::new(Mutex::new(bytes));
+    let guards = timely::execute(cluster.timely_config(workers), move |worker| {
+        let received: Rc<RefCell<Option<Vec<u8>>>> = Rc::new(RefCell::new(None));
+        let mut input: InputHandleVec<u64, Vec<u8>> = InputHandleVec::new();
+        let probe = ProbeHandle::new();
+        let sink = received.clone();
+        worker.dataflow::<u64, _, _>(|scope| {
+            input
+                .to_stream(scope)
+                .broadcast()
+                .inspect(move |b: &Vec<u8>| *sink.borrow_mut() = Some(b.clone()))
+                .probe_with(&probe);
+        });
+        if worker.index() == 0 {
+            if let Some(b) = bytes.lock().ok().and_then(|mut b| b.take()) {
+                input.send(b);
             }
         }
-        if addresses.len() == processes {
-            return Ok(addresses);
-        }
-    }
-    Err(EngineError::Invalid(format!(
-        "{}: {} address(es) for --processes {processes}",
-        path.display(),
-        addresses.len()
-    )))
+        input.close();
+        while worker.step_or_park(None) {}
+        received.take()
+    })
+    .map_err(EngineError::Dataflow)?;
+    let got = guards
+        .join()
+        .into_iter()
+        .find_map(|r| r.ok().flatten())
+        .ok_or_else(|| EngineError::Dataflow("no job came from process 0".into()))?;
+    serde_json::from_slice(&got)
+        .map_err(|e| EngineError::Dataflow(format!("a job from process 0: {e}")))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hostfile_lines_are_read_in_order_and_bad_ones_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hosts");
-        std::fs::write(
-            &path,
-            "# the cluster\nnode-a:2101\n\n10.0.0.2:2200\nextra:1\n",
-        )
-        .unwrap();
-        let c = Cluster::new(2, 1, Some(&path)).unwrap();
-        assert_eq!(c.addresses, ["node-a:2101", "10.0.0.2:2200"]);
-        assert!(c.is_distributed() && !c.is_leader());
-
-        let err = Cluster::new(4, 0, Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("3 address(es) for --processes 4"), "{err}");
-        std::fs::write(&path, "node-a:2101\nnode-b\n").unwrap();
-        let err = Cluster::new(2, 0, Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("node-b"), "{err}");
-        let err = Cluster::new(2, 2, None).unwrap_err().to_string();
-        assert!(err.contains("numbered 0 to 1"), "{err}");
+/// The leader announces `job` to its followers (nothing to do on one process).
+pub fn announce(cluster: &Cluster, workers: usize, job: FollowerJob) -> Result<(), EngineError> {
+    if cluster.is_distributed() && cluster.is_leader() {
+        exchange(cluster, workers, Some(job))?;
     }
+    Ok(())
+}
 
-    #[test]
-    fn without_a_hostfile_the_processes_are_on_localhost_from_2101() {
-        let c = Cluster::new(3, 0, None).unwrap();
-        assert_eq!(
-            c.addresses,
-            ["localhost:2101", "localhost:2102", "localhost:2103"]
-        );
-        assert_eq!(Cluster::new(1, 0, None).unwrap(), Cluster::single());
+/// What a follower did for its leader.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Served {
+    pub stages: usize,
+    /// Items this process's device ran (texts embedded, pairs scored).
+    pub items: u64,
+}
+
+/// A follower's life: every stage the leader announces, run on `device` with `workers`
+/// threads, until it announces the end.
+pub fn serve(
+    cluster: &Cluster,
+    workers: usize,
+    device: &Device,
+    quiet: bool,
+) -> Result<Served, EngineError> {
+    if cluster.is_leader() {
+        return Err(EngineError::Invalid(
+            "process 0 leads; it does not serve".into(),
+        ));
+    }
+    let mut served = Served::default();
+    let mut embedders: Vec<(ModelSpec, Arc<EmbedTexts>)> = Vec::new();
+    let mut scorers: Vec<(ModelSpec, Arc<ScorePairs>)> = Vec::new();
+    loop {
+        let (model, max_tokens, max_rows, label) = match exchange(cluster, workers, None)? {
+            FollowerJob::Done => return Ok(served),
+            FollowerJob::Stage {
+                model,
+                max_tokens,
+                max_rows,
+                label,
+            } => (model, max_tokens, max_rows, label),
+        };
+        let stage = super::EmbedStage {
+            stage: String::new(),
+            key: crate::store::StageKey {
+                settings_hash: String::new(),
+                input_hash: String::new(),
+            },
+            kind: distillery_operators::TextKind::Passage,
+            batcher: distillery_operators::TokenBudgetBatcher {
+                max_tokens,
+                max_rows,
+            },
+            workers,
+            cluster: cluster.clone(),
+            chunk_rows: super::CHUNK_ROWS,
+            total: None,
+            label: format!("process {}: {label}", cluster.process),
+            quiet,
+        };
+        let unwritten = super::unwritten_output;
+        let items = if let Some(found) = embedders.iter().find(|(s, _)| *s == model) {
+            super::follow_device_stage(found.1.clone(), &stage, unwritten())?
+        } else if let Some(found) = scorers.iter().find(|(s, _)| *s == model) {
+            super::follow_device_stage(found.1.clone(), &stage, unwritten())?
+        } else if let Some(m) = model.load_embed(device)? {
+            let m = Arc::new(m);
+            embedders.push((model, m.clone()));
+            super::follow_device_stage(m, &stage, unwritten())?
+        } else if let Some(m) = model.load_score(device)? {
+            let m = Arc::new(m);
+            scorers.push((model, m.clone()));
+            super::follow_device_stage(m, &stage, unwritten())?
+        } else {
+            return Err(EngineError::Dataflow(format!(
+                "process 0 named a model this process cannot load: {model:?}"
+            )));
+        };
+        served.stages += 1;
+        served.items += items;
     }
 }

@@ -118,6 +118,8 @@ pub struct RetrievalEval<'a> {
     pub qrels: &'a Qrels,
     pub batcher: TokenBudgetBatcher,
     pub workers: usize,
+    /// The processes its embedding stages run over.
+    pub cluster: crate::config::cluster::Cluster,
     /// Threads for the top-k selection.
     pub threads: usize,
     pub quiet: bool,
@@ -149,7 +151,7 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
             kind,
             batcher: e.batcher,
             workers: e.workers,
-            cluster: Default::default(),
+            cluster: e.cluster.clone(),
             chunk_rows: crate::dataflow::CHUNK_ROWS,
             total,
             label,
@@ -395,6 +397,7 @@ pub(crate) fn retrieve_set(
         qrels: &set.qrels,
         batcher: pipeline.batcher(),
         workers: pipeline.workers,
+        cluster: pipeline.cluster.clone(),
         threads: pipeline.threads,
         quiet: pipeline.quiet,
         options: &EvalOptions::default(),

@@ -107,7 +107,6 @@ fn embed_misses(
     // Whether any text misses decides whether the device runs at all.
     let Some(first) = next_miss() else {
         // Every text was a hit: the first call read the source to its end.
-        release_followers(store, embedder, stage)?;
         return Ok(MissesRun {
             rows: 0,
             seconds: 0.0,
@@ -148,16 +147,6 @@ pub fn embedding_model(
         kind: stage.kind,
     });
     (model, output)
-}
-
-/// Releases the followers of an embedding stage with nothing to embed.
-pub(super) fn release_followers(
-    store: &StageStore,
-    embedder: Arc<Embedder>,
-    stage: &EmbedStage,
-) -> Result<(), EngineError> {
-    let (model, output) = embedding_model(embedder, stage);
-    super::release_followers(store, model, stage, output)
 }
 
 /// Embeds ahead into the memo table of `stage`'s settings every text of `texts` it

@@ -58,12 +58,12 @@ use distillery_operators::{Embedder, TextKind, TokenBudgetBatcher};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
+use crate::config::cluster::Cluster;
 use crate::corpus::{open_passages, ReadOptions};
 use crate::error::EngineError;
 use crate::executor::{DeviceExecutor, DeviceModel, ExecutorStats};
 use crate::progress::Progress;
 use crate::store::{CompletedStage, StageKey, StageStore};
-use cluster::Cluster;
 use infer_op::{infer_on_device, InferConfig, InputRecord};
 use write_parts::{write_parts, BatchBuilder, SharedWriter};
 
@@ -267,7 +267,6 @@ pub fn run_embed_stage(
     stage: &EmbedStage,
 ) -> Result<EmbedStageReport, EngineError> {
     if let Some(completed) = complete_under_key(store, stage)? {
-        memo_embed::release_followers(store, embedder, stage)?;
         return Ok(EmbedStageReport::reused(completed));
     }
     memo_embed::run(store, embedder, source, stage)
@@ -283,7 +282,6 @@ pub fn run_device_stage<M: DeviceModel>(
     output: StageOutput,
 ) -> Result<EmbedStageReport, EngineError> {
     if let Some(completed) = complete_under_key(store, stage)? {
-        release_followers(store, model, stage, output)?;
         return Ok(EmbedStageReport::reused(completed));
     }
     let ran = run_dataflow(store, model, source, stage, output, Writing::WholeStage)?;
@@ -338,19 +336,24 @@ pub fn follow_device_stage<M: DeviceModel>(
     Ok(ran.rows)
 }
 
-/// The leader's dataflow for a stage with nothing to compute, run empty when the stage
-/// spans several processes: the followers wait in it until it ends.
-fn release_followers<M: DeviceModel>(
-    store: &StageStore,
-    model: Arc<M>,
-    stage: &EmbedStage,
-    output: StageOutput,
-) -> Result<(), EngineError> {
-    if stage.cluster.is_distributed() {
-        let nothing: ItemSource<M::Item> = Box::new(std::iter::empty());
-        run_cluster_dataflow(Some(store), model, nothing, stage, output, Writing::Nothing)?;
+/// The output of a stage this process does not write (a follower's share).
+fn unwritten_output() -> StageOutput {
+    StageOutput {
+        schema: Arc::new(arrow::datatypes::Schema::empty()),
+        to_batch: Arc::new(|_, _| {
+            Err(arrow::error::ArrowError::InvalidArgumentError(
+                "a follower writes no stage".into(),
+            ))
+        }),
     }
-    Ok(())
+}
+
+/// Held while a stage that spans several processes runs (see [`run_cluster_dataflow`]).
+static CLUSTER_STAGE: Mutex<()> = Mutex::new(());
+
+/// This process leads a stage that spans several processes.
+fn leader_of_cluster(store: Option<&StageStore>, stage: &EmbedStage) -> bool {
+    store.is_some() && stage.cluster.is_distributed() && stage.cluster.is_leader()
 }
 
 /// How the dataflow writes its stage.
@@ -362,7 +365,7 @@ enum Writing {
     /// Rows appended to a stage that stays open (a memo table): every item of the source
     /// is run and written after the committed rows; the stage is never finished.
     Append,
-    /// Nothing written: a follower's share, or a leader's empty run.
+    /// Nothing written: a follower's share.
     Nothing,
 }
 
@@ -411,6 +414,29 @@ fn run_cluster_dataflow<M: DeviceModel>(
         progress: progress.clone(),
     };
     let source = Arc::new(Mutex::new(Some(source)));
+    // One distributed stage at a time in this process: each is announced to the
+    // followers and runs as its own timely computation over the cluster's ports.
+    let _turn = if stage.cluster.is_distributed() {
+        Some(
+            CLUSTER_STAGE
+                .lock()
+                .map_err(|_| EngineError::Dataflow("a distributed stage panicked".into()))?,
+        )
+    } else {
+        None
+    };
+    if leader_of_cluster(store, stage) {
+        cluster::announce(
+            &stage.cluster,
+            stage.workers,
+            cluster::FollowerJob::Stage {
+                model: model.spec(),
+                max_tokens: stage.batcher.max_tokens,
+                max_rows: stage.batcher.max_rows,
+                label: stage.label.clone(),
+            },
+        )?;
+    }
     let store = store.cloned();
     let leader = store.is_some();
     let stage_spec = stage.clone();
@@ -516,7 +542,6 @@ fn run_cluster_dataflow<M: DeviceModel>(
             }
             let finished = writer.borrow_mut().take();
             match (finished, writing) {
-                (None, Writing::Nothing) if index == 0 => Ok(Some((None, fed))),
                 (None, _) => Ok(None),
                 (Some(w), Writing::WholeStage) => Ok(Some((Some(w.finish()?), fed))),
                 (Some(w), Writing::Append | Writing::Nothing) => {

@@ -107,7 +107,7 @@ pub fn retriever_stage(
         kind,
         batcher: settings.batcher(),
         workers: pipeline.workers,
-        cluster: Default::default(),
+        cluster: pipeline.cluster.clone(),
         chunk_rows: CHUNK_ROWS,
         total,
         quiet: settings.quiet,

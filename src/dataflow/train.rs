@@ -140,7 +140,7 @@ fn frozen_passages(
         kind: TextKind::Passage,
         batcher: pipeline.batcher(),
         workers: pipeline.workers,
-        cluster: Default::default(),
+        cluster: pipeline.cluster.clone(),
         chunk_rows: CHUNK_ROWS,
         total: Some(ids.len() as u64),
         label: "train: the frozen encoder's passages".into(),

@@ -8,14 +8,13 @@ use distillery_operators::TextKind;
 use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
+use crate::config::cluster::Cluster;
 use crate::config::EmbedSettings;
 use crate::corpus::count_records;
 use crate::corpus::open_queries;
 use crate::corpus::quarantined;
-use crate::dataflow::cluster::Cluster;
-use crate::dataflow::memo_embed::embedding_model;
 use crate::dataflow::passage_texts;
-use crate::dataflow::{follow_device_stage, run_embed_stage, EmbedStage, TextSource};
+use crate::dataflow::{run_embed_stage, EmbedStage, TextSource};
 use crate::error::EngineError;
 use crate::model::{fingerprint, ResolvedModel};
 use crate::schema::embeddings_schema;
@@ -61,61 +60,11 @@ struct Settings<'a> {
     kind: &'a str,
 }
 
-/// What a follower process did: the texts its device embedded for process 0.
-#[derive(Debug, Clone, Serialize)]
-pub struct FollowOutcome {
-    pub process: usize,
-    pub processes: usize,
-    pub embedded: u64,
-    pub model: String,
-}
-
-/// Runs a follower's share of the job (a process other than 0 of `job.cluster`): the
-/// model loaded as process 0 loads it, no input read, no run directory opened.
-pub fn follow_embed(job: &EmbedJob) -> Result<FollowOutcome, EngineError> {
-    // No quarantine: a follower reads no record (the input only ever trains a tiny
-    // model's tokenizer when no model is given).
-    let read = EmbedSettings {
-        quarantine: None,
-        ..job.embed.clone()
-    }
-    .read_options()?;
-    let (embedder, resolved) =
-        job.embed
-            .load_embedder(&job.input, &read, &job.run_dir.join("tiny-model"))?;
-    let stage = EmbedStage {
-        stage: "embeddings".into(),
-        key: StageKey {
-            settings_hash: String::new(),
-            input_hash: String::new(),
-        },
-        kind: job.kind,
-        batcher: job.embed.batcher(),
-        workers: job.embed.workers,
-        cluster: job.cluster.clone(),
-        chunk_rows: crate::dataflow::CHUNK_ROWS,
-        total: None,
-        label: format!(
-            "process {} of {}: embed for process 0",
-            job.cluster.process, job.cluster.processes
-        ),
-        quiet: job.embed.quiet,
-    };
-    let (model, output) = embedding_model(embedder, &stage);
-    let embedded = follow_device_stage(model, &stage, output)?;
-    Ok(FollowOutcome {
-        process: job.cluster.process,
-        processes: job.cluster.processes,
-        embedded,
-        model: resolved.dir.display().to_string(),
-    })
-}
-
 /// Runs the job (on process 0 of `job.cluster`, which leads it).
 pub fn run_embed(job: &EmbedJob) -> Result<(EmbedOutcome, ResolvedModel), EngineError> {
     if !job.cluster.is_leader() {
         return Err(EngineError::Invalid(format!(
-            "process {} follows process 0: run follow_embed",
+            "process {} follows process 0: it serves (dataflow::cluster::serve)",
             job.cluster.process
         )));
     }

@@ -178,7 +178,7 @@ impl BiEncoderTeacher {
             kind,
             batcher: ctx.batcher,
             workers: ctx.workers,
-            cluster: Default::default(),
+            cluster: ctx.cluster.clone(),
             chunk_rows: CHUNK_ROWS,
             total: Some(items.len() as u64),
             label: format!("{}: embed {side}", ctx.label),

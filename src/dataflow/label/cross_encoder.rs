@@ -107,7 +107,7 @@ impl PairTeacher for CrossEncoderTeacher {
             kind: TextKind::Passage,
             batcher: ctx.batcher,
             workers: ctx.workers,
-            cluster: Default::default(),
+            cluster: ctx.cluster.clone(),
             chunk_rows: CHUNK_ROWS,
             total: Some(pairs.len() as u64),
             label: format!("{}: score pairs", ctx.label),

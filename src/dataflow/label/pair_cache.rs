@@ -195,6 +195,7 @@ impl PairCache {
             label: format!("teacher {t} ({kind})"),
             batcher: pipeline.batcher(),
             workers: pipeline.workers,
+            cluster: pipeline.cluster.clone(),
             threads: pipeline.threads,
             quiet: pipeline.quiet,
             known,

@@ -35,6 +35,8 @@ pub struct ScoringContext<'a> {
     pub batcher: TokenBudgetBatcher,
     /// Timely workers of device stages.
     pub workers: usize,
+    /// The processes its device stages run over.
+    pub cluster: crate::config::cluster::Cluster,
     /// Threads for CPU-only scoring.
     pub threads: usize,
     pub quiet: bool,
