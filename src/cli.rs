@@ -289,6 +289,8 @@ pub(crate) struct ScoreArgs {
     /// No progress output.
     #[arg(long)]
     pub(crate) quiet: bool,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
 }
 
 #[derive(Args)]

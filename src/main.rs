@@ -341,9 +341,36 @@ fn restore_sigpipe() {
 /// Runs the command; an error is printed as its chain of causes (`error: ...: ...`) with
 /// exit status 1, never as a panic or a backtrace: the errors a user meets name the file,
 /// field or value to fix, and a backtrace would only bury that.
+/// When a process of a cluster dies, timely's communication threads on the others panic
+/// on purpose, to stop the computation; the engine reports that as an error. Their panics
+/// are shown as one line each, not as a crash with a backtrace.
+fn quiet_timely_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let timely = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("timely:"))
+            || info
+                .location()
+                .is_some_and(|l| l.file().contains("timely_communication"));
+        if timely {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("a communication thread stopped");
+            eprintln!("timely: {message}");
+        } else {
+            default(info);
+        }
+    }));
+}
+
 fn main() {
     #[cfg(unix)]
     restore_sigpipe();
+    quiet_timely_panics();
     if let Err(e) = run_cli(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -597,6 +624,21 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Score(a) => {
             set_threads(a.threads);
+            let cluster = Cluster::new(
+                a.cluster.processes,
+                a.cluster.process,
+                a.cluster.hostfile.as_deref(),
+            )?;
+            if !cluster.is_leader() {
+                // The cross-encoder runs where `score` runs it: on the CPU.
+                return follow(
+                    &cluster,
+                    a.workers,
+                    &candle_core::Device::Cpu,
+                    a.quiet,
+                    a.json.as_deref(),
+                );
+            }
             let run_dir = a
                 .run_dir
                 .clone()
@@ -615,7 +657,10 @@ fn run_cli(cli: Cli) -> Result<()> {
             job.quarantine =
                 matches!(a.on_bad_record, OnBadRecord::Skip).then(|| run_dir.join(QUARANTINE_FILE));
             job.quiet = a.quiet;
-            let outcome = run_score(&job)?;
+            job.cluster = cluster;
+            let ran = run_score(&job);
+            release_followers(&job.cluster, job.workers);
+            let outcome = ran?;
             if outcome.reused {
                 println!(
                     "{} pair scores reused from {} -> {}",

@@ -1,9 +1,11 @@
 //! Timely's cluster over localhost: `distillery embed` as 2 processes x 1 worker writes
 //! the same file, byte for byte, as 1 process with 1 worker and with 2 workers, the
 //! follower embedding a share of the texts on its own device, and a rerun with nothing
-//! to compute ends the follower at once; `distillery label` as 2 processes writes the
-//! retrieval lists, candidates and examples of one process, the follower running its
-//! share of every embedding and cross-encoder stage.
+//! to compute ends the follower at once; `score` likewise; `label` as 2 processes writes
+//! the retrieval lists, candidates and examples of one process, the follower running its
+//! share of every embedding and cross-encoder stage, and so does a 2-process `label`
+//! whose process 0 was killed with SIGKILL mid-run and which both processes then
+//! resumed.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -255,4 +257,145 @@ fn label_over_two_processes_writes_what_one_process_writes() {
         .parse()
         .unwrap();
     assert!(stages >= 3, "{stdout}");
+}
+
+#[test]
+fn a_run_whose_leader_is_killed_ends_as_one_process_when_both_start_again() {
+    let one = recipe::fixture(false);
+    let started = Instant::now();
+    finish(
+        label(one.path(), &[]).spawn().unwrap(),
+        "1 process",
+        started,
+    );
+
+    let two = recipe::fixture(false);
+    let dir = two.path();
+    let hosts = hostfile(dir);
+    let hosts = hosts.to_str().unwrap();
+    let mut follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let mut leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    // SIGKILL process 0 as soon as it has begun a device stage's memo table.
+    let stages = dir.join("run/stages");
+    let begun = || {
+        std::fs::read_dir(&stages).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with("memo-"))
+        })
+    };
+    while !begun() {
+        assert!(
+            leader.try_wait().unwrap().is_none(),
+            "process 0 ended before any memo table was begun"
+        );
+        assert!(started.elapsed() < DEADLINE, "no memo table begun");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    // The follower either failed with the lost connection or waits for a process 0 that
+    // is gone: stopped too, as a person would.
+    let _ = follower.kill();
+    follower.wait().unwrap();
+
+    // Both started again: process 0 resumes from its run directory.
+    let hosts = hostfile(dir);
+    let hosts = hosts.to_str().unwrap();
+    let follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    finish(leader, "process 0, again", started);
+    finish(follower, "process 1, again", started);
+    for stage in [
+        "r0-passages",
+        "r0-queries",
+        "r0-retrieved",
+        "candidates",
+        "examples",
+    ] {
+        assert!(
+            stage_bytes(&one.path().join("run"), stage) == stage_bytes(&dir.join("run"), stage),
+            "stage {stage}: the resumed 2-process run differs from 1 process"
+        );
+    }
+    // No temporary files left behind by the kill.
+    let mut stack = vec![dir.join("run")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            assert!(!name.contains(".tmp"), "left behind: {}", p.display());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+}
+
+fn score(dir: &Path, output: &str, extra: &[&str]) -> Command {
+    let model = root().join("tests/fixtures/cross_encoders/bert");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distillery"));
+    c.args(["score", "--model", model.to_str().unwrap()])
+        .args(["--input", "pairs.jsonl", "--output", output, "--quiet"])
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn score_over_two_processes_writes_what_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Pairs of the shipped SciFact subset: each passage with its title as the query.
+    let corpus =
+        std::fs::read_to_string(root().join("datasets/scifact-mini/corpus.jsonl")).unwrap();
+    let mut pairs = String::new();
+    for (i, line) in corpus.lines().take(300).enumerate() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let pair = serde_json::json!({"id": format!("pair{i}"), "query": r["title"],
+            "passage": r["text"]});
+        pairs.push_str(&pair.to_string());
+        pairs.push('\n');
+    }
+    std::fs::write(d.join("pairs.jsonl"), pairs).unwrap();
+    let started = Instant::now();
+    finish(
+        score(d, "one.parquet", &[]).spawn().unwrap(),
+        "1 process",
+        started,
+    );
+    let hosts = hostfile(d);
+    let hosts = hosts.to_str().unwrap();
+    let follower = score(
+        d,
+        "two.parquet",
+        &["-n", "2", "-p", "1", "--hostfile", hosts],
+    )
+    .spawn()
+    .unwrap();
+    let leader = score(
+        d,
+        "two.parquet",
+        &["-n", "2", "-p", "0", "--hostfile", hosts],
+    )
+    .spawn()
+    .unwrap();
+    finish(leader, "process 0", started);
+    let stdout = finish(follower, "process 1", started);
+    assert!(
+        std::fs::read(d.join("one.parquet")).unwrap()
+            == std::fs::read(d.join("two.parquet")).unwrap(),
+        "2 processes scored other bytes than 1 process"
+    );
+    let share = followed(&stdout);
+    assert!(share > 75 && share < 225, "{stdout}");
 }

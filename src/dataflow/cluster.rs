@@ -17,13 +17,17 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
+use timely::communication::WorkerGuards;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::worker::Worker;
 
 use crate::config::cluster::Cluster;
 use crate::error::EngineError;
@@ -43,6 +47,68 @@ pub enum FollowerJob {
     Done,
 }
 
+/// How long process 0 waits for the other processes to join one of its timely
+/// computations once they have joined a first one. From then on they wait in [`serve`]
+/// for each announcement and stage, so they join at once; one that does not within this
+/// time is gone (killed, its machine down), and process 0 stops with an error instead of
+/// waiting forever. The first computation waits as long as it takes: people start the
+/// processes of a cluster by hand, one machine after another.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every process has joined one of this process's computations.
+static JOINED: AtomicBool = AtomicBool::new(false);
+
+/// [`timely::execute`] over `cluster`: on process 0 of several, after the first join, an
+/// error when the others do not all join within [`JOIN_TIMEOUT`] (followers wait as long
+/// as process 0 needs).
+pub fn execute<T, F>(
+    cluster: &Cluster,
+    workers: usize,
+    func: F,
+) -> Result<WorkerGuards<T>, EngineError>
+where
+    T: Send + 'static,
+    F: Fn(&mut Worker) -> T + Send + Sync + 'static,
+{
+    let config = cluster.timely_config(workers);
+    if !(cluster.is_distributed() && cluster.is_leader()) {
+        return timely::execute(config, func).map_err(EngineError::Dataflow);
+    }
+    if !JOINED.load(Ordering::SeqCst) {
+        let guards = timely::execute(config, func).map_err(EngineError::Dataflow)?;
+        JOINED.store(true, Ordering::SeqCst);
+        return Ok(guards);
+    }
+    let (joined, joining) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = joined.send(timely::execute(config, func));
+    });
+    match joining.recv_timeout(JOIN_TIMEOUT) {
+        Ok(guards) => guards.map_err(EngineError::Dataflow),
+        Err(_) => Err(EngineError::Dataflow(format!(
+            "the other {} process(es) of the cluster did not join within {} s: did one \
+             stop? Stop every process and start them again: process 0 resumes its run",
+            cluster.processes - 1,
+            JOIN_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Joins a computation's workers. A process of the cluster that died takes its
+/// connections down, and timely's communication threads panic to stop the computation
+/// (on every process); that is reported as an error naming what to do, not a panic.
+pub fn join<T: Send + 'static>(
+    guards: WorkerGuards<T>,
+) -> Result<Vec<Result<T, String>>, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || guards.join())).map_err(|_| {
+        EngineError::Dataflow(
+            "a process of the cluster was lost (its connection closed): stop every process \
+             and start them again; process 0 resumes its run"
+                .into(),
+        )
+    })
+}
+
 /// Sends `job` from the leader's worker 0 to every worker of every process (the
 /// leader passes `Some`, followers `None`); every process returns it.
 fn exchange(
@@ -55,7 +121,7 @@ fn exchange(
         .transpose()
         .map_err(|e| EngineError::Dataflow(format!("a follower job: {e}")))?;
     let bytes = Arc::new(Mutex::new(bytes));
-    let guards = timely::execute(cluster.timely_config(workers), move |worker| {
+    let guards = execute(cluster, workers, move |worker| {
         let received: Rc<RefCell<Option<Vec<u8>>>> = Rc::new(RefCell::new(None));
         let mut input: InputHandleVec<u64, Vec<u8>> = InputHandleVec::new();
         let probe = ProbeHandle::new();
@@ -75,10 +141,8 @@ fn exchange(
         input.close();
         while worker.step_or_park(None) {}
         received.take()
-    })
-    .map_err(EngineError::Dataflow)?;
-    let got = guards
-        .join()
+    })?;
+    let got = join(guards)?
         .into_iter()
         .find_map(|r| r.ok().flatten())
         .ok_or_else(|| EngineError::Dataflow("no job came from process 0".into()))?;

@@ -443,8 +443,9 @@ fn run_cluster_dataflow<M: DeviceModel>(
     let width = model.row_width();
     let chunk_rows = stage.chunk_rows.max(1);
 
-    let guards = timely::execute(
-        stage.cluster.timely_config(stage.workers),
+    let guards = cluster::execute(
+        &stage.cluster,
+        stage.workers,
         move |worker| -> Result<Option<(Option<CompletedStage>, u64)>, EngineError> {
             let index = worker.index();
             let writer: SharedWriter = Rc::new(RefCell::new(None));
@@ -550,12 +551,11 @@ fn run_cluster_dataflow<M: DeviceModel>(
                 }
             }
         },
-    )
-    .map_err(EngineError::Dataflow)?;
+    )?;
 
     let mut outcome = None;
     let mut first_error = None;
-    for result in guards.join() {
+    for result in cluster::join(guards)? {
         match result {
             Ok(Ok(Some(done))) => outcome = Some(done),
             Ok(Ok(None)) => {}

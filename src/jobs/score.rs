@@ -28,6 +28,7 @@ use distillery_operators::{TextKind, TokenBudgetBatcher};
 use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
+use crate::config::cluster::Cluster;
 use crate::config::{DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS};
 use crate::corpus::count_records;
 use crate::corpus::quarantined;
@@ -68,6 +69,8 @@ pub struct ScoreJob {
     /// Skip bad records into this quarantine file instead of stopping.
     pub quarantine: Option<PathBuf>,
     pub quiet: bool,
+    /// The processes the scoring runs over; process 0 reads, writes and leads.
+    pub cluster: Cluster,
 }
 
 impl ScoreJob {
@@ -84,6 +87,7 @@ impl ScoreJob {
             workers: 1,
             quarantine: None,
             quiet: false,
+            cluster: Cluster::single(),
         }
     }
 }
@@ -167,7 +171,7 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
             max_rows: job.batch_rows.max(1),
         },
         workers: job.workers,
-        cluster: Default::default(),
+        cluster: job.cluster.clone(),
         chunk_rows: CHUNK_ROWS,
         total: count_records(&job.input),
         label: "score pairs".into(),
