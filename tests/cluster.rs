@@ -1,11 +1,11 @@
 //! Timely's cluster over localhost: `distillery embed` as 2 processes x 1 worker writes
 //! the same file, byte for byte, as 1 process with 1 worker and with 2 workers, the
 //! follower embedding a share of the texts on its own device, and a rerun with nothing
-//! to compute ends the follower at once; `score` likewise; `label` as 2 processes writes
-//! the retrieval lists, candidates and examples of one process, the follower running its
-//! share of every embedding and cross-encoder stage, and so does a 2-process `label`
-//! whose process 0 was killed with SIGKILL mid-run and which both processes then
-//! resumed.
+//! to compute ends the follower at once; `score` likewise; `run` with 1 worker, 2
+//! workers and 2 processes x 1 worker writes the same retrieval lists, candidates,
+//! examples and model, the follower running its share of every embedding and
+//! cross-encoder stage; a 2-process `label` whose process 0 was killed with SIGKILL
+//! mid-run, then started again with its follower, ends as one process does.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -200,8 +200,12 @@ fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
 }
 
 fn label(dir: &Path, extra: &[&str]) -> Command {
+    pipeline_command("label", dir, extra)
+}
+
+fn pipeline_command(command: &str, dir: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_distillery"));
-    c.args(["label", "--config", "pipeline.toml", "--quiet"])
+    c.args([command, "--config", "pipeline.toml", "--quiet"])
         .args(extra)
         .current_dir(dir)
         .env_remove("DISTILLERY_MODEL")
@@ -212,25 +216,37 @@ fn label(dir: &Path, extra: &[&str]) -> Command {
 }
 
 #[test]
-fn label_over_two_processes_writes_what_one_process_writes() {
-    let one = recipe::fixture(false);
-    let two = recipe::fixture(false);
+fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_and_model() {
     let started = Instant::now();
+    let one = recipe::fixture(false);
     finish(
-        label(one.path(), &[]).spawn().unwrap(),
-        "1 process",
+        pipeline_command("run", one.path(), &["-w", "1"])
+            .spawn()
+            .unwrap(),
+        "1 worker",
         started,
     );
+    let workers = recipe::fixture(false);
+    finish(
+        pipeline_command("run", workers.path(), &["-w", "2"])
+            .spawn()
+            .unwrap(),
+        "2 workers",
+        started,
+    );
+    let two = recipe::fixture(false);
     let hosts = hostfile(two.path());
     let hosts = hosts.to_str().unwrap();
-    let follower = label(two.path(), &["-n", "2", "-p", "1", "--hostfile", hosts])
+    let cluster = |p: &'static str| ["-w", "1", "-n", "2", "-p", p, "--hostfile", hosts];
+    let follower = pipeline_command("run", two.path(), &cluster("1"))
         .spawn()
         .unwrap();
-    let leader = label(two.path(), &["-n", "2", "-p", "0", "--hostfile", hosts])
+    let leader = pipeline_command("run", two.path(), &cluster("0"))
         .spawn()
         .unwrap();
     finish(leader, "process 0", started);
     let stdout = finish(follower, "process 1", started);
+    let runs = [one.path(), workers.path(), two.path()].map(|d| d.join("run"));
     for stage in [
         "r0-passages",
         "r0-queries",
@@ -238,17 +254,28 @@ fn label_over_two_processes_writes_what_one_process_writes() {
         "candidates",
         "examples",
     ] {
-        let a = stage_bytes(&one.path().join("run"), stage);
+        let a = stage_bytes(&runs[0], stage);
         assert!(!a.is_empty(), "{stage}: no parts");
+        for (run, what) in runs[1..].iter().zip(["2 workers", "2 processes"]) {
+            assert!(
+                a == stage_bytes(run, stage),
+                "stage {stage}: {what} wrote another stage than 1 worker"
+            );
+        }
+    }
+    // Training runs on process 0, on what every layout labelled alike: the same model,
+    // byte for byte (the same summation order: one process trains).
+    let model = recipe::files(&runs[0].join("train/best-model"));
+    assert!(!model.is_empty());
+    for (run, what) in runs[1..].iter().zip(["2 workers", "2 processes"]) {
         assert!(
-            a == stage_bytes(&two.path().join("run"), stage),
-            "stage {stage}: 2 processes wrote another stage than 1 process"
+            model == recipe::files(&run.join("train/best-model")),
+            "{what}: another model than 1 worker's"
         );
     }
-    // The follower embedded and scored: the passages, the queries, the teachers' texts
-    // and pairs.
-    let ran = followed(&stdout);
-    assert!(ran > 0, "{stdout}");
+    // The follower ran its share of the passage, query, cross-encoder and evaluation
+    // stages.
+    assert!(followed(&stdout) > 0, "{stdout}");
     let stages: usize = stdout
         .split_whitespace()
         .skip_while(|w| *w != "in")
