@@ -290,6 +290,16 @@ fn report_recipe(pipeline: &Pipeline, tiny_demo: bool) -> Result<()> {
             }
         }
     }
+    println!("reused and recomputed (kept from earlier runs / computed now / retracted):");
+    for r in driver::report::reuse_rows(&outcome) {
+        let gone = r
+            .retracted
+            .map_or_else(|| "-".to_string(), |g| g.to_string());
+        println!(
+            "  {:<36} {:>9} / {:>9} / {:>7} {}",
+            r.stage, r.kept, r.now, gone, r.unit
+        );
+    }
     println!("model    {}", outcome.model.display());
     println!(
         "examples {}",

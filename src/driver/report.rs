@@ -152,22 +152,32 @@ fn metrics_rows(which: &str, m: &Metrics) -> String {
     )
 }
 
-/// The page for `outcome`.
+/// One stage's line of the "reused and recomputed" account of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReuseRow {
+    pub stage: String,
+    /// Items kept from earlier runs.
+    pub kept: usize,
+    /// Items computed by this run.
+    pub now: usize,
+    /// Items of the last version that are gone, where the stage knows them.
+    pub retracted: Option<usize>,
+    pub unit: &'static str,
+}
+
 /// What this invocation took from earlier ones and what it computed, stage by stage
-/// (embeddings: the device table's "from memo" column).
-fn reuse_table(outcome: &RunOutcome) -> String {
-    let mut html = String::from(
-        "<h2>Reused and recomputed</h2><table><tr><th>stage</th><th>kept from earlier \
-         runs</th><th>computed now</th><th>retracted</th><th>unit</th></tr>",
-    );
-    let mut row = |stage: &str, kept: usize, now: usize, gone: Option<usize>, unit: &str| {
-        let gone = gone.map_or_else(|| "-".to_string(), |g| g.to_string());
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{kept}</td><td>{now}</td><td>{gone}</td><td>{}</td></tr>",
-            escape(stage),
-            escape(unit)
-        );
+/// (embeddings: the device table's "from memo" column): the report's table and the
+/// `run` summary's lines.
+pub fn reuse_rows(outcome: &RunOutcome) -> Vec<ReuseRow> {
+    let mut rows = Vec::new();
+    let mut row = |stage: String, kept: usize, now: usize, retracted: Option<usize>, unit| {
+        rows.push(ReuseRow {
+            stage,
+            kept,
+            now,
+            retracted,
+            unit,
+        });
     };
     if let Some(g) = &outcome.generate {
         let c = &g.change;
@@ -175,14 +185,14 @@ fn reuse_table(outcome: &RunOutcome) -> String {
             let p = &c.passages;
             let edited = p.text_edited + p.title_edited;
             row(
-                "corpus (since the last generation)",
+                "corpus (since the last generation)".into(),
                 p.unchanged,
                 p.added + edited,
                 Some(p.removed + edited),
                 "passages",
             );
             row(
-                "held-out set",
+                "held-out set".into(),
                 0,
                 c.held_out.moved_in,
                 Some(c.held_out.moved_out),
@@ -190,7 +200,7 @@ fn reuse_table(outcome: &RunOutcome) -> String {
             );
         }
         row(
-            "generation",
+            "generation".into(),
             g.cached,
             g.generated_now,
             c.last_version.then_some(c.queries.retracted),
@@ -203,11 +213,20 @@ fn reuse_table(outcome: &RunOutcome) -> String {
         } else {
             r.lists_repaired
         };
-        row(&r.stage, kept, r.lists_retrieved, None, "query lists");
         row(
-            &format!("{}: passages", r.stage),
-            r.passages - r.passages_added,
-            r.passages_added,
+            r.stage.clone(),
+            kept,
+            r.lists_retrieved,
+            None,
+            "query lists",
+        );
+        // A retrieval over every passage (nothing repaired) scored every passage now.
+        let full = !r.reused && r.lists_repaired == 0;
+        let new_passages = if full { r.passages } else { r.passages_added };
+        row(
+            format!("{}: passages", r.stage),
+            r.passages - new_passages,
+            new_passages,
             Some(r.passages_removed),
             "passages",
         );
@@ -215,7 +234,7 @@ fn reuse_table(outcome: &RunOutcome) -> String {
     let pairs = outcome.label.pairs;
     for (i, now) in outcome.label.scored_now.iter().enumerate() {
         row(
-            &format!("teacher {i}"),
+            format!("teacher {i}"),
             pairs.saturating_sub(*now),
             *now,
             None,
@@ -225,12 +244,34 @@ fn reuse_table(outcome: &RunOutcome) -> String {
     let r = &outcome.train.report;
     let resumed = r.resumed_from.unwrap_or(0) as usize;
     row(
-        "training",
+        "training".into(),
         resumed,
         (r.state.global_step as usize).saturating_sub(resumed),
         None,
         "steps",
     );
+    rows
+}
+
+/// The report's table of [`reuse_rows`].
+fn reuse_table(outcome: &RunOutcome) -> String {
+    let mut html = String::from(
+        "<h2>Reused and recomputed</h2><table><tr><th>stage</th><th>kept from earlier \
+         runs</th><th>computed now</th><th>retracted</th><th>unit</th></tr>",
+    );
+    for r in reuse_rows(outcome) {
+        let gone = r
+            .retracted
+            .map_or_else(|| "-".to_string(), |g| g.to_string());
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{gone}</td><td>{}</td></tr>",
+            escape(&r.stage),
+            r.kept,
+            r.now,
+            escape(r.unit)
+        );
+    }
     html.push_str(
         "</table><p class=\"note\">Retrieval keeps the lists of the last version: after a \
          corpus change only the new passages are scored against every query, and only the \
@@ -242,6 +283,7 @@ fn reuse_table(outcome: &RunOutcome) -> String {
     html
 }
 
+/// The page for `outcome`.
 pub fn render(pipeline: &Pipeline, outcome: &RunOutcome) -> Result<String, EngineError> {
     let mut html = String::new();
     let title = format!("distillery run: {}", pipeline.run_dir.display());
