@@ -4,8 +4,9 @@
 //! to compute ends the follower at once; `score` likewise; `run` with 1 worker, 2
 //! workers and 2 processes x 1 worker writes the same retrieval lists, candidates,
 //! examples and model, the follower running its share of every embedding and
-//! cross-encoder stage; a 2-process `label` whose process 0 was killed with SIGKILL
-//! mid-run, then started again with its follower, ends as one process does.
+//! cross-encoder stage; a 2-process `label` whose process 0, or whose follower, was
+//! killed with SIGKILL mid-run (process 0 then stops by itself, never hangs), then
+//! started again, ends as one process does.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -425,4 +426,78 @@ fn score_over_two_processes_writes_what_one_process_writes() {
     );
     let share = followed(&stdout);
     assert!(share > 75 && share < 225, "{stdout}");
+}
+
+#[test]
+fn a_run_whose_follower_is_killed_stops_and_ends_as_one_process_when_both_start_again() {
+    let one = recipe::fixture(false);
+    let started = Instant::now();
+    finish(
+        label(one.path(), &[]).spawn().unwrap(),
+        "1 process",
+        started,
+    );
+
+    let two = recipe::fixture(false);
+    let dir = two.path();
+    let hosts = hostfile(dir);
+    let hosts = hosts.to_str().unwrap();
+    let mut follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    // SIGKILL the follower as soon as process 0 has begun a device stage's memo table.
+    let stages = dir.join("run/stages");
+    while !std::fs::read_dir(&stages).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("memo-"))
+    }) {
+        assert!(started.elapsed() < DEADLINE, "no memo table begun");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    // Process 0 does not wait forever: it stops (with an error naming the lost process,
+    // or done, had the follower finished its part), within the deadline.
+    let mut leader = leader;
+    while leader.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "process 0 still running after its follower was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = leader.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            || stderr.contains("a process of the cluster was lost")
+            || stderr.contains("did not join"),
+        "{stderr}"
+    );
+
+    let hosts = hostfile(dir);
+    let hosts = hosts.to_str().unwrap();
+    let follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
+        .spawn()
+        .unwrap();
+    finish(leader, "process 0, again", started);
+    finish(follower, "process 1, again", started);
+    for stage in [
+        "r0-passages",
+        "r0-queries",
+        "r0-retrieved",
+        "candidates",
+        "examples",
+    ] {
+        assert!(
+            stage_bytes(&one.path().join("run"), stage) == stage_bytes(&dir.join("run"), stage),
+            "stage {stage}: the resumed 2-process run differs from 1 process"
+        );
+    }
 }
