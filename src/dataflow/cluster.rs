@@ -58,7 +58,7 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Every process has joined one of this process's computations.
 static JOINED: AtomicBool = AtomicBool::new(false);
 
-/// [`timely::execute`] over `cluster`: on process 0 of several, after the first join, an
+/// [`timely::execute()`] over `cluster`: on process 0 of several, after the first join, an
 /// error when the others do not all join within [`JOIN_TIMEOUT`] (followers wait as long
 /// as process 0 needs).
 pub fn execute<T, F>(
