@@ -92,21 +92,13 @@ impl EngineArgs {
     /// `pipeline` with these options over its `[engine]`, its compute threads set and
     /// its run directory made.
     pub(crate) fn apply(&self, mut pipeline: Pipeline) -> Result<Pipeline> {
+        let c = &pipeline.cluster;
         let cluster =
             if self.processes.is_some() || self.process.is_some() || self.hostfile.is_some() {
-                let hostfile = self.hostfile.clone().or_else(|| {
-                    pipeline.file.engine.hostfile.as_ref().map(|h| {
-                        pipeline
-                            .origin
-                            .parent()
-                            .unwrap_or(std::path::Path::new("."))
-                            .join(h)
-                    })
-                });
                 Some(Cluster::new(
-                    self.processes.unwrap_or(pipeline.cluster.processes),
-                    self.process.unwrap_or(pipeline.cluster.process),
-                    hostfile.as_deref(),
+                    self.processes.unwrap_or(c.processes),
+                    self.process.unwrap_or(c.process),
+                    self.hostfile.as_deref().or(c.hostfile.as_deref()),
                 )?)
             } else {
                 None
@@ -249,6 +241,17 @@ pub(crate) struct ClusterArgs {
     /// localhost:2101, localhost:2102, ...).
     #[arg(long)]
     pub(crate) hostfile: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// The cluster these flags name.
+    pub(crate) fn cluster(&self) -> Result<Cluster> {
+        Ok(Cluster::new(
+            self.processes,
+            self.process,
+            self.hostfile.as_deref(),
+        )?)
+    }
 }
 
 #[derive(Args)]

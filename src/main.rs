@@ -242,9 +242,8 @@ fn run_command(a: &RunArgs) -> Result<()> {
 
 /// `run` on process 0: the recipe, its summary printed.
 fn report_recipe(pipeline: &Pipeline, tiny_demo: bool) -> Result<()> {
-    let pipeline = pipeline.clone();
     let quarantine = pipeline.open_quarantine()?;
-    let outcome = run_recipe(&pipeline)?;
+    let outcome = run_recipe(pipeline)?;
     let metric = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |x| format!("{x:.4}"));
     println!(
         "examples {} (train {}, dev {}); trained {} steps",
@@ -473,11 +472,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 .run_dir
                 .clone()
                 .unwrap_or_else(|| a.output.with_extension("run"));
-            let cluster = Cluster::new(
-                a.cluster.processes,
-                a.cluster.process,
-                a.cluster.hostfile.as_deref(),
-            )?;
+            let cluster = a.cluster.cluster()?;
             if cluster.is_leader() {
                 std::fs::create_dir_all(&run_dir)
                     .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -634,11 +629,7 @@ fn run_cli(cli: Cli) -> Result<()> {
         }
         Command::Score(a) => {
             set_threads(a.threads);
-            let cluster = Cluster::new(
-                a.cluster.processes,
-                a.cluster.process,
-                a.cluster.hostfile.as_deref(),
-            )?;
+            let cluster = a.cluster.cluster()?;
             if !cluster.is_leader() {
                 // The cross-encoder runs where `score` runs it: on the CPU.
                 return follow(

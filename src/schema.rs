@@ -394,14 +394,23 @@ pub fn version_batch(
     RecordBatch::try_new(schema, columns)
 }
 
+/// The column `name` of a corpus-version batch as `T`; `kind` names the type expected.
+fn version_column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    kind: &str,
+) -> Result<&'a T, ArrowError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            ArrowError::SchemaError(format!("corpus version: no {kind} column `{name}`"))
+        })
+}
+
 /// A utf8 column of a corpus-version batch.
 pub fn version_strings(batch: &RecordBatch, name: &str) -> Result<Vec<String>, ArrowError> {
-    let column = batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .ok_or_else(|| {
-            ArrowError::SchemaError(format!("corpus version: no utf8 column `{name}`"))
-        })?;
+    let column = version_column::<StringArray>(batch, name, "utf8")?;
     Ok(column
         .iter()
         .map(|s| s.unwrap_or_default().to_string())
@@ -410,13 +419,9 @@ pub fn version_strings(batch: &RecordBatch, name: &str) -> Result<Vec<String>, A
 
 /// A u64 column of a corpus-version batch.
 pub fn version_digests(batch: &RecordBatch, name: &str) -> Result<Vec<u64>, ArrowError> {
-    let column = batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
-        .ok_or_else(|| {
-            ArrowError::SchemaError(format!("corpus version: no u64 column `{name}`"))
-        })?;
-    Ok(column.values().to_vec())
+    Ok(version_column::<UInt64Array>(batch, name, "u64")?
+        .values()
+        .to_vec())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use recipe::stage_bytes;
 
 #[path = "support/recipe.rs"]
 mod recipe;
@@ -121,26 +122,38 @@ fn hostfile(dir: &Path) -> PathBuf {
     path
 }
 
-/// Runs `embed` as 2 processes x 1 worker; the follower's stdout.
-fn two_processes(dir: &Path, output: &str) -> String {
+/// Starts `command` (given the extra arguments) as process 1, then process 0, of a
+/// 2-process cluster on fresh localhost ports: (follower, leader).
+fn spawn_two(command: impl Fn(&[&str]) -> Command, dir: &Path) -> (Child, Child) {
     let hosts = hostfile(dir);
     let hosts = hosts.to_str().unwrap();
-    let started = Instant::now();
-    let follower = embed(dir, output, &["-n", "2", "-p", "1", "--hostfile", hosts])
+    let follower = command(&["-n", "2", "-p", "1", "--hostfile", hosts])
         .spawn()
         .unwrap();
-    let leader = embed(dir, output, &["-n", "2", "-p", "0", "--hostfile", hosts])
+    let leader = command(&["-n", "2", "-p", "0", "--hostfile", hosts])
         .spawn()
         .unwrap();
+    (follower, leader)
+}
+
+/// Runs `command` as 2 processes to their end; the follower's stdout.
+fn two_processes(command: impl Fn(&[&str]) -> Command, dir: &Path, started: Instant) -> String {
+    let (follower, leader) = spawn_two(command, dir);
     finish(leader, "process 0", started);
     finish(follower, "process 1", started)
 }
 
+/// The number after `word` in what the follower printed ("ran N items on this device in
+/// S stage(s)").
+fn number_after(stdout: &str, word: &str) -> usize {
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == word).unwrap();
+    words[at + 1].parse().unwrap()
+}
+
 /// The items the follower says it ran on its device.
 fn followed(stdout: &str) -> usize {
-    let words: Vec<&str> = stdout.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "ran").unwrap();
-    words[at + 1].parse().unwrap()
+    number_after(stdout, "ran")
 }
 
 #[test]
@@ -160,7 +173,8 @@ fn two_processes_write_what_one_process_writes_and_share_the_work() {
         "2 workers",
         started,
     );
-    let stdout = two_processes(dir, "two-processes.parquet");
+    let two = |extra: &[&str]| embed(dir, "two-processes.parquet", extra);
+    let stdout = two_processes(two, dir, started);
     let one = std::fs::read(dir.join("one.parquet")).unwrap();
     let rows: usize = ParquetRecordBatchReaderBuilder::try_new(
         std::fs::File::open(dir.join("one.parquet")).unwrap(),
@@ -183,21 +197,59 @@ fn two_processes_write_what_one_process_writes_and_share_the_work() {
         share > PASSAGES / 4 && share < PASSAGES * 3 / 4,
         "the follower embedded {share} of {PASSAGES}: {stdout}"
     );
-    // Nothing to embed the second time: the leader runs the stage's dataflow empty and
-    // the follower ends with it.
-    let stdout = two_processes(dir, "two-processes.parquet");
+    // Nothing to embed the second time: the leader announces no stage, only its end.
+    let stdout = two_processes(two, dir, started);
     assert_eq!(followed(&stdout), 0, "{stdout}");
     assert!(std::fs::read(dir.join("two-processes.parquet")).unwrap() == one);
 }
 
-/// The bytes of every part of a stage, in order.
-fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
-    let mut parts: Vec<_> = std::fs::read_dir(run.join("stages").join(stage))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    parts.sort();
-    parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
+/// The stages every layout must write alike.
+const STAGES: [&str; 5] = [
+    "r0-passages",
+    "r0-queries",
+    "r0-retrieved",
+    "candidates",
+    "examples",
+];
+
+/// `b`'s run directory holds [`STAGES`] byte for byte as `a`'s.
+fn assert_same_stages(a: &Path, b: &Path, what: &str) {
+    for stage in STAGES {
+        let parts = stage_bytes(&a.join("run"), stage);
+        assert!(!parts.is_empty(), "{stage}: no parts");
+        assert!(
+            parts == stage_bytes(&b.join("run"), stage),
+            "stage {stage}: {what} wrote another stage"
+        );
+    }
+}
+
+/// Waits until process 0 has begun a device stage's memo table in `dir`'s run (so that
+/// a kill lands mid-run), `leader` still running.
+fn wait_for_a_memo_table(dir: &Path, leader: &mut Child, started: Instant) {
+    let stages = dir.join("run/stages");
+    while !std::fs::read_dir(&stages).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("memo-"))
+    }) {
+        assert!(
+            leader.try_wait().unwrap().is_none(),
+            "process 0 ended before any memo table was begun"
+        );
+        assert!(started.elapsed() < DEADLINE, "no memo table begun");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `label` on a fresh fixture with 1 process: what the 2-process runs must end as.
+fn label_one_process(started: Instant) -> tempfile::TempDir {
+    let one = recipe::fixture(false);
+    finish(
+        label(one.path(), &[]).spawn().unwrap(),
+        "1 process",
+        started,
+    );
+    one
 }
 
 fn label(dir: &Path, extra: &[&str]) -> Command {
@@ -236,34 +288,18 @@ fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_an
         started,
     );
     let two = recipe::fixture(false);
-    let hosts = hostfile(two.path());
-    let hosts = hosts.to_str().unwrap();
-    let cluster = |p: &'static str| ["-w", "1", "-n", "2", "-p", p, "--hostfile", hosts];
-    let follower = pipeline_command("run", two.path(), &cluster("1"))
-        .spawn()
-        .unwrap();
-    let leader = pipeline_command("run", two.path(), &cluster("0"))
-        .spawn()
-        .unwrap();
-    finish(leader, "process 0", started);
-    let stdout = finish(follower, "process 1", started);
+    let stdout = two_processes(
+        |extra| {
+            let mut c = pipeline_command("run", two.path(), &["-w", "1"]);
+            c.args(extra);
+            c
+        },
+        two.path(),
+        started,
+    );
+    assert_same_stages(one.path(), workers.path(), "2 workers");
+    assert_same_stages(one.path(), two.path(), "2 processes");
     let runs = [one.path(), workers.path(), two.path()].map(|d| d.join("run"));
-    for stage in [
-        "r0-passages",
-        "r0-queries",
-        "r0-retrieved",
-        "candidates",
-        "examples",
-    ] {
-        let a = stage_bytes(&runs[0], stage);
-        assert!(!a.is_empty(), "{stage}: no parts");
-        for (run, what) in runs[1..].iter().zip(["2 workers", "2 processes"]) {
-            assert!(
-                a == stage_bytes(run, stage),
-                "stage {stage}: {what} wrote another stage than 1 worker"
-            );
-        }
-    }
     // Training runs on process 0, on what every layout labelled alike: the same model,
     // byte for byte (the same summation order: one process trains).
     let model = recipe::files(&runs[0].join("train/best-model"));
@@ -277,52 +313,18 @@ fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_an
     // The follower ran its share of the passage, query, cross-encoder and evaluation
     // stages.
     assert!(followed(&stdout) > 0, "{stdout}");
-    let stages: usize = stdout
-        .split_whitespace()
-        .skip_while(|w| *w != "in")
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(stages >= 3, "{stdout}");
+    assert!(number_after(&stdout, "in") >= 3, "{stdout}");
 }
 
 #[test]
 fn a_run_whose_leader_is_killed_ends_as_one_process_when_both_start_again() {
-    let one = recipe::fixture(false);
     let started = Instant::now();
-    finish(
-        label(one.path(), &[]).spawn().unwrap(),
-        "1 process",
-        started,
-    );
-
+    let one = label_one_process(started);
     let two = recipe::fixture(false);
     let dir = two.path();
-    let hosts = hostfile(dir);
-    let hosts = hosts.to_str().unwrap();
-    let mut follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    let mut leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    // SIGKILL process 0 as soon as it has begun a device stage's memo table.
-    let stages = dir.join("run/stages");
-    let begun = || {
-        std::fs::read_dir(&stages).is_ok_and(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().starts_with("memo-"))
-        })
-    };
-    while !begun() {
-        assert!(
-            leader.try_wait().unwrap().is_none(),
-            "process 0 ended before any memo table was begun"
-        );
-        assert!(started.elapsed() < DEADLINE, "no memo table begun");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut follower, mut leader) = spawn_two(|extra| label(dir, extra), dir);
+    // SIGKILL process 0 mid-run.
+    wait_for_a_memo_table(dir, &mut leader, started);
     leader.kill().unwrap();
     leader.wait().unwrap();
     // The follower either failed with the lost connection or waits for a process 0 that
@@ -331,28 +333,8 @@ fn a_run_whose_leader_is_killed_ends_as_one_process_when_both_start_again() {
     follower.wait().unwrap();
 
     // Both started again: process 0 resumes from its run directory.
-    let hosts = hostfile(dir);
-    let hosts = hosts.to_str().unwrap();
-    let follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    finish(leader, "process 0, again", started);
-    finish(follower, "process 1, again", started);
-    for stage in [
-        "r0-passages",
-        "r0-queries",
-        "r0-retrieved",
-        "candidates",
-        "examples",
-    ] {
-        assert!(
-            stage_bytes(&one.path().join("run"), stage) == stage_bytes(&dir.join("run"), stage),
-            "stage {stage}: the resumed 2-process run differs from 1 process"
-        );
-    }
+    two_processes(|extra| label(dir, extra), dir, started);
+    assert_same_stages(one.path(), dir, "the resumed 2-process run");
     // No temporary files left behind by the kill.
     let mut stack = vec![dir.join("run")];
     while let Some(d) = stack.pop() {
@@ -401,24 +383,7 @@ fn score_over_two_processes_writes_what_one_process_writes() {
         "1 process",
         started,
     );
-    let hosts = hostfile(d);
-    let hosts = hosts.to_str().unwrap();
-    let follower = score(
-        d,
-        "two.parquet",
-        &["-n", "2", "-p", "1", "--hostfile", hosts],
-    )
-    .spawn()
-    .unwrap();
-    let leader = score(
-        d,
-        "two.parquet",
-        &["-n", "2", "-p", "0", "--hostfile", hosts],
-    )
-    .spawn()
-    .unwrap();
-    finish(leader, "process 0", started);
-    let stdout = finish(follower, "process 1", started);
+    let stdout = two_processes(|extra| score(d, "two.parquet", extra), d, started);
     assert!(
         std::fs::read(d.join("one.parquet")).unwrap()
             == std::fs::read(d.join("two.parquet")).unwrap(),
@@ -430,38 +395,17 @@ fn score_over_two_processes_writes_what_one_process_writes() {
 
 #[test]
 fn a_run_whose_follower_is_killed_stops_and_ends_as_one_process_when_both_start_again() {
-    let one = recipe::fixture(false);
     let started = Instant::now();
-    finish(
-        label(one.path(), &[]).spawn().unwrap(),
-        "1 process",
-        started,
-    );
-
+    let one = label_one_process(started);
     let two = recipe::fixture(false);
     let dir = two.path();
-    let hosts = hostfile(dir);
-    let hosts = hosts.to_str().unwrap();
-    let mut follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    // SIGKILL the follower as soon as process 0 has begun a device stage's memo table.
-    let stages = dir.join("run/stages");
-    while !std::fs::read_dir(&stages).is_ok_and(|d| {
-        d.filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().starts_with("memo-"))
-    }) {
-        assert!(started.elapsed() < DEADLINE, "no memo table begun");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut follower, mut leader) = spawn_two(|extra| label(dir, extra), dir);
+    // SIGKILL the follower mid-run.
+    wait_for_a_memo_table(dir, &mut leader, started);
     follower.kill().unwrap();
     follower.wait().unwrap();
     // Process 0 does not wait forever: it stops (with an error naming the lost process,
     // or done, had the follower finished its part), within the deadline.
-    let mut leader = leader;
     while leader.try_wait().unwrap().is_none() {
         assert!(
             started.elapsed() < DEADLINE,
@@ -478,26 +422,6 @@ fn a_run_whose_follower_is_killed_stops_and_ends_as_one_process_when_both_start_
         "{stderr}"
     );
 
-    let hosts = hostfile(dir);
-    let hosts = hosts.to_str().unwrap();
-    let follower = label(dir, &["-n", "2", "-p", "1", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    let leader = label(dir, &["-n", "2", "-p", "0", "--hostfile", hosts])
-        .spawn()
-        .unwrap();
-    finish(leader, "process 0, again", started);
-    finish(follower, "process 1, again", started);
-    for stage in [
-        "r0-passages",
-        "r0-queries",
-        "r0-retrieved",
-        "candidates",
-        "examples",
-    ] {
-        assert!(
-            stage_bytes(&one.path().join("run"), stage) == stage_bytes(&dir.join("run"), stage),
-            "stage {stage}: the resumed 2-process run differs from 1 process"
-        );
-    }
+    two_processes(|extra| label(dir, extra), dir, started);
+    assert_same_stages(one.path(), dir, "the resumed 2-process run");
 }

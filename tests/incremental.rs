@@ -9,7 +9,7 @@ use std::path::Path;
 
 #[path = "support/recipe.rs"]
 mod recipe;
-use recipe::{files, fixture, ok};
+use recipe::{files, fixture, ok, stage_bytes};
 
 /// The fixture's corpus with passage 12's text replaced, passage 40 removed and one
 /// passage added at the end.
@@ -70,16 +70,6 @@ fn retrieved(run: &Path) -> Vec<(u128, Vec<String>)> {
         }
     }
     lists
-}
-
-/// The bytes of every part of a stage, in order.
-fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
-    let mut parts: Vec<_> = std::fs::read_dir(run.join("stages").join(stage))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    parts.sort();
-    parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 /// Lines of the run's device journal so far.

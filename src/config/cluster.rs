@@ -2,7 +2,7 @@
 //! among the processes (`-n/--processes`, `-p/--process`, `--hostfile`), and timely's
 //! configuration for it. What the processes do together is `dataflow::cluster`'s.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::EngineError;
 
@@ -19,6 +19,9 @@ pub struct Cluster {
     pub process: usize,
     /// Every process's `host:port`, by index.
     pub addresses: Vec<String>,
+    /// The hostfile named (resolved), kept for a command line that changes `-n` or `-p`
+    /// over the configuration's.
+    pub hostfile: Option<PathBuf>,
 }
 
 impl Default for Cluster {
@@ -34,6 +37,7 @@ impl Cluster {
             processes: 1,
             process: 0,
             addresses: Vec::new(),
+            hostfile: None,
         }
     }
 
@@ -56,8 +60,12 @@ impl Cluster {
                 processes - 1
             )));
         }
+        let hostfile_named = hostfile.map(Path::to_path_buf);
         if processes == 1 {
-            return Ok(Self::single());
+            return Ok(Self {
+                hostfile: hostfile_named,
+                ..Self::single()
+            });
         }
         let addresses = match hostfile {
             Some(path) => read_hostfile(path, processes)?,
@@ -69,6 +77,7 @@ impl Cluster {
             processes,
             process,
             addresses,
+            hostfile: hostfile_named,
         })
     }
 

@@ -33,8 +33,10 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use differential_dataflow::input::Input;
+use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::ProbeHandle;
 
@@ -263,11 +265,33 @@ struct Observed {
     duplicates: Vec<(Key, isize)>,
 }
 
-/// Updates to feed at time 1, and the host-side counts of the difference.
-struct Difference {
+/// Updates to feed the plan's inputs at one time: a version at time 0, the difference
+/// at time 1.
+#[derive(Default)]
+struct Updates {
     passages: Vec<((Key, Content), isize)>,
     ranks: Vec<(([u8; 32], Key), isize)>,
     queries: Vec<((Key, Key), isize)>,
+}
+
+impl Updates {
+    /// `version` as insertions, each id keyed once; its queries only `with_queries`.
+    fn of(version: &CorpusVersion, seed: u64, with_queries: bool) -> Self {
+        let mut u = Updates::default();
+        for r in &version.passages {
+            let k = key(&r.id);
+            u.passages.push(((k, (r.title, r.text)), 1));
+            u.ranks.push(((held_out_rank(&r.id, seed), k), 1));
+        }
+        if with_queries {
+            u.queries = version
+                .queries
+                .iter()
+                .map(|q| ((key(&q.source), key(&q.id)), 1))
+                .collect();
+        }
+        u
+    }
 }
 
 /// The plan of `now` against `last` (none: a first version), with the held-out set of
@@ -292,9 +316,15 @@ pub fn plan(
     // A query of both versions changes sides only with its source, so the queries enter
     // the dataflow only when the held-out set moved (their sides' updates are otherwise
     // the queries' own difference, counted above).
-    let mut observed = run_dataflow(old, &diff, held_out, seed, false);
+    let diff = Arc::new(diff);
+    let mut observed = run_dataflow(
+        Arc::new(Updates::of(old, seed, false)),
+        diff.clone(),
+        held_out,
+        false,
+    );
     if !observed.held.is_empty() {
-        observed = run_dataflow(old, &diff, held_out, seed, true);
+        observed = run_dataflow(Arc::new(Updates::of(old, seed, true)), diff, held_out, true);
     }
 
     let count = |updates: &[(Key, isize)], sign: isize| {
@@ -338,12 +368,8 @@ fn difference(
     now: &CorpusVersion,
     seed: u64,
     plan: &mut ChangePlan,
-) -> Difference {
-    let mut out = Difference {
-        passages: Vec::new(),
-        ranks: Vec::new(),
-        queries: Vec::new(),
-    };
+) -> Updates {
+    let mut out = Updates::default();
     let p = &mut plan.passages;
     p.read = now.passages.len();
     let mut before: HashMap<&str, Content> = old
@@ -411,38 +437,36 @@ fn difference(
     out
 }
 
-/// Feeds `old` at time 0 and `diff` at time 1 through the plan's operators; returns their
+/// Records `collection`'s updates at time 1 (consolidated) in the list of `observed`
+/// that `pick` names.
+fn observe<'s, D>(
+    collection: VecCollection<'s, u32, D, isize>,
+    probe: &ProbeHandle<u32>,
+    observed: &Rc<RefCell<Observed>>,
+    pick: fn(&mut Observed) -> &mut Vec<(D, isize)>,
+) where
+    D: differential_dataflow::ExchangeData + differential_dataflow::Hashable,
+{
+    let sink = observed.clone();
+    collection
+        .consolidate()
+        .inspect(move |(d, t, r)| {
+            if *t == 1 {
+                pick(&mut sink.borrow_mut()).push((d.clone(), *r));
+            }
+        })
+        .probe_with(probe);
+}
+
+/// Feeds `at_0` (the last version) at time 0 and `at_1` (the difference) at time 1
+/// through the plan's operators (the queries only `with_queries`); returns their
 /// outputs' updates at time 1.
 fn run_dataflow(
-    old: &CorpusVersion,
-    diff: &Difference,
+    at_0: Arc<Updates>,
+    at_1: Arc<Updates>,
     held_out: usize,
-    seed: u64,
     with_queries: bool,
 ) -> Observed {
-    let old_passages: Vec<(Key, Content)> = old
-        .passages
-        .iter()
-        .map(|r| (key(&r.id), (r.title, r.text)))
-        .collect();
-    let old_ranks: Vec<([u8; 32], Key)> = old
-        .passages
-        .iter()
-        .map(|r| (held_out_rank(&r.id, seed), key(&r.id)))
-        .collect();
-    let old_queries: Vec<(Key, Key)> = old
-        .queries
-        .iter()
-        .filter(|_| with_queries)
-        .map(|q| (key(&q.source), key(&q.id)))
-        .collect();
-    let diff_passages = diff.passages.clone();
-    let diff_ranks = diff.ranks.clone();
-    let diff_queries = if with_queries {
-        diff.queries.clone()
-    } else {
-        Vec::new()
-    };
     timely::execute_directly(move |worker| {
         let observed = Rc::new(RefCell::new(Observed::default()));
         let probe = ProbeHandle::new();
@@ -488,75 +512,30 @@ fn run_dataflow(
                 .map(|(c, _)| c);
             let duplicates = by_content.flat_map(|(_, repeat)| repeat);
 
-            let sink = observed.clone();
-            held.consolidate()
-                .inspect(move |(k, t, r)| {
-                    if *t == 1 {
-                        sink.borrow_mut().held.push((*k, *r));
-                    }
-                })
-                .probe_with(&probe);
-            let sink = observed.clone();
-            test.consolidate()
-                .inspect(move |(k, t, r)| {
-                    if *t == 1 {
-                        sink.borrow_mut().test.push((*k, *r));
-                    }
-                })
-                .probe_with(&probe);
-            let sink = observed.clone();
-            train
-                .consolidate()
-                .inspect(move |(k, t, r)| {
-                    if *t == 1 {
-                        sink.borrow_mut().train.push((*k, *r));
-                    }
-                })
-                .probe_with(&probe);
-            let sink = observed.clone();
-            contents
-                .consolidate()
-                .inspect(move |(c, t, r)| {
-                    if *t == 1 {
-                        sink.borrow_mut().contents.push((*c, *r));
-                    }
-                })
-                .probe_with(&probe);
-            let sink = observed.clone();
-            duplicates
-                .consolidate()
-                .inspect(move |(k, t, r)| {
-                    if *t == 1 {
-                        sink.borrow_mut().duplicates.push((*k, *r));
-                    }
-                })
-                .probe_with(&probe);
+            observe(held, &probe, &observed, |o| &mut o.held);
+            observe(test, &probe, &observed, |o| &mut o.test);
+            observe(train, &probe, &observed, |o| &mut o.train);
+            observe(contents, &probe, &observed, |o| &mut o.contents);
+            observe(duplicates, &probe, &observed, |o| &mut o.duplicates);
             (passages_in, ranks_in, queries_in)
         });
-        for p in &old_passages {
-            passages.insert(*p);
+        for (time, updates) in [at_0, at_1].iter().enumerate() {
+            for (p, r) in &updates.passages {
+                passages.update(*p, *r);
+            }
+            for (x, r) in &updates.ranks {
+                ranks.update(*x, *r);
+            }
+            if with_queries {
+                for (q, r) in &updates.queries {
+                    queries.update(*q, *r);
+                }
+            }
+            let next = time as u32 + 1;
+            passages.advance_to(next);
+            ranks.advance_to(next);
+            queries.advance_to(next);
         }
-        for r in &old_ranks {
-            ranks.insert(*r);
-        }
-        for q in &old_queries {
-            queries.insert(*q);
-        }
-        passages.advance_to(1);
-        ranks.advance_to(1);
-        queries.advance_to(1);
-        for (p, r) in &diff_passages {
-            passages.update(*p, *r);
-        }
-        for (x, r) in &diff_ranks {
-            ranks.update(*x, *r);
-        }
-        for (q, r) in &diff_queries {
-            queries.update(*q, *r);
-        }
-        passages.advance_to(2);
-        ranks.advance_to(2);
-        queries.advance_to(2);
         passages.flush();
         ranks.flush();
         queries.flush();

@@ -133,10 +133,7 @@ fn embed_misses(
 
 /// The embedding model and output of `stage` (what the leader and its followers build
 /// the same dataflow from).
-pub fn embedding_model(
-    embedder: Arc<Embedder>,
-    stage: &EmbedStage,
-) -> (Arc<EmbedTexts>, StageOutput) {
+fn embedding_model(embedder: Arc<Embedder>, stage: &EmbedStage) -> (Arc<EmbedTexts>, StageOutput) {
     let dim = embedder.dim();
     let output = StageOutput {
         schema: embeddings_schema(dim),

@@ -180,3 +180,13 @@ pub fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// The bytes of every part of a run directory's stage, in order.
+pub fn stage_bytes(run: &Path, stage: &str) -> Vec<Vec<u8>> {
+    let mut parts: Vec<_> = std::fs::read_dir(run.join("stages").join(stage))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    parts.sort();
+    parts.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
