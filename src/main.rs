@@ -124,8 +124,9 @@ fn follow(
 ) -> Result<()> {
     let served = cluster::serve(c, workers, device, quiet)?;
     println!(
-        "process {} of {}: ran {} items on this device in {} stage(s) for process 0",
-        c.process, c.processes, served.items, served.stages
+        "process {} of {}: ran {} items on this device in {} stage(s) for process 0, and \
+         its share of {} training batch(es)",
+        c.process, c.processes, served.items, served.stages, served.train_batches
     );
     if let Some(path) = json {
         write_json(path, &served)?;

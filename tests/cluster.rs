@@ -151,6 +151,12 @@ fn number_after(stdout: &str, word: &str) -> usize {
     words[at + 1].parse().unwrap()
 }
 
+fn number_before(stdout: &str, word: &str) -> usize {
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == word).unwrap();
+    words[at - 1].parse().unwrap()
+}
+
 /// The items the follower says it ran on its device.
 fn followed(stdout: &str) -> usize {
     number_after(stdout, "ran")
@@ -300,8 +306,9 @@ fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_an
     assert_same_stages(one.path(), workers.path(), "2 workers");
     assert_same_stages(one.path(), two.path(), "2 processes");
     let runs = [one.path(), workers.path(), two.path()].map(|d| d.join("run"));
-    // Training runs on process 0, on what every layout labelled alike: the same model,
-    // byte for byte (the same summation order: one process trains).
+    // Every layout trains on what it labelled alike; over 2 processes each step's
+    // micro-batches are shared, and their gradients summed in the same fixed tree as
+    // one process sums them: the same model, byte for byte.
     let model = recipe::files(&runs[0].join("train/best-model"));
     assert!(!model.is_empty());
     for (run, what) in runs[1..].iter().zip(["2 workers", "2 processes"]) {
@@ -311,9 +318,13 @@ fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_an
         );
     }
     // The follower ran its share of the passage, query, cross-encoder and evaluation
-    // stages.
+    // stages, and of every training step and dev loss.
     assert!(followed(&stdout) > 0, "{stdout}");
     assert!(number_after(&stdout, "in") >= 3, "{stdout}");
+    let steps = std::fs::read_to_string(runs[0].join("train/loss-log.csv")).unwrap();
+    let steps = steps.lines().skip(1).count();
+    assert!(steps > 0);
+    assert!(number_before(&stdout, "training") > steps, "{stdout}");
 }
 
 #[test]

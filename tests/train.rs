@@ -6,14 +6,19 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use distillery::corpus::ReadOptions;
 use distillery::dataflow::passage_texts;
+use distillery::error::EngineError;
 use distillery::mining::{Example, Split};
-use distillery::train::gradcache::{batch_gradients, prepare};
+use distillery::train::data_parallel::{serve_steps, share, Collective, Peers};
+use distillery::train::gradcache::{
+    batch_gradients, batch_gradients_on, batch_gradients_shared, batch_loss, prepare,
+    FixedPassages, PassageInputs,
+};
 use distillery::train::loss::{distillation_loss, LossConfig, TeacherLists};
 use distillery::train::optim::grads_of;
 use distillery::train::trainer::{train, RunControl, StopReason, TrainSettings};
@@ -76,12 +81,13 @@ fn tiny_student(dir: &Path, passages: &[(String, String)]) -> Student {
     Student::load(dir, &opts, &Device::Cpu).unwrap()
 }
 
-fn quiet(stop_after: Option<u64>) -> RunControl {
+fn quiet(stop_after: Option<u64>) -> RunControl<'static> {
     RunControl {
         stop_after,
         quiet: true,
         device: None,
         inputs: "the examples of `examples`".into(),
+        peers: None,
     }
 }
 
@@ -501,4 +507,146 @@ fn early_stopping_ends_the_run_and_the_best_model_holds_the_best_epochs_weights(
         .export_sentence_transformers(trained.dir(), last.path(), (None, None))
         .unwrap();
     assert!(bytes(&report.best_model) != bytes(last.path()));
+}
+
+/// Per (round, destination), each sender's message.
+type Mailboxes = HashMap<(u64, usize), BTreeMap<usize, Vec<u8>>>;
+
+/// Processes as threads: each round's messages left in a shared mailroom, a barrier
+/// between rounds.
+struct Mailroom {
+    processes: usize,
+    boxes: std::sync::Mutex<Mailboxes>,
+    barrier: std::sync::Barrier,
+}
+
+struct ThreadProcess {
+    room: std::sync::Arc<Mailroom>,
+    me: usize,
+    round: u64,
+}
+
+impl Collective for ThreadProcess {
+    fn processes(&self) -> usize {
+        self.room.processes
+    }
+
+    fn process(&self) -> usize {
+        self.me
+    }
+
+    fn round(
+        &mut self,
+        outgoing: Vec<(usize, Vec<u8>)>,
+    ) -> Result<BTreeMap<usize, Vec<u8>>, EngineError> {
+        {
+            let mut boxes = self.room.boxes.lock().unwrap();
+            for (to, message) in outgoing {
+                boxes
+                    .entry((self.round, to))
+                    .or_default()
+                    .insert(self.me, message);
+            }
+        }
+        self.room.barrier.wait();
+        let got = self
+            .room
+            .boxes
+            .lock()
+            .unwrap()
+            .remove(&(self.round, self.me))
+            .unwrap_or_default();
+        self.round += 1;
+        Ok(got)
+    }
+}
+
+fn bits(grads: &[Option<Tensor>]) -> Vec<Option<Vec<u32>>> {
+    grads
+        .iter()
+        .map(|g| {
+            g.as_ref().map(|t| {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            })
+        })
+        .collect()
+}
+
+/// A step's gradient and a dev batch's loss with the micro-batches shared among 2, 3 and
+/// 5 processes (threads here; tests/cluster.rs runs real processes) are the same bits as
+/// one process's, with the student's passage encoder trained and frozen, and shares of
+/// unequal size or none.
+#[test]
+fn a_step_shared_among_processes_gives_one_processs_bits() {
+    let passages = corpus();
+    let texts: HashMap<String, String> = passages.iter().cloned().collect();
+    let model = tempfile::tempdir().unwrap();
+    let student = tiny_student(model.path(), &passages);
+    // 7 queries in micro-batches of 2: 4 micro-batches, the last of one query.
+    let ex = examples(&passages, 7);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let mut intern = HashMap::new();
+    for e in &ex {
+        for p in &e.passage_ids {
+            let n = intern.len() as u32;
+            intern.entry(p.clone()).or_insert(n);
+        }
+    }
+    // Fixed passage rows: any values of the student's width.
+    let ids: Vec<String> = intern.keys().cloned().collect();
+    let dim = student.dim();
+    let values: Vec<f32> = (0..ids.len() * dim)
+        .map(|i| ((i as f32) * 0.37).sin())
+        .collect();
+    let fixed = FixedPassages::new(model.path().to_path_buf(), ids, dim, values).unwrap();
+    let loss = LossConfig::default();
+    let path = student.default_gradient_path();
+    for inputs in [PassageInputs::Texts(&texts), PassageInputs::Fixed(&fixed)] {
+        let batch = prepare(&student, &refs, inputs, &intern, LIST).unwrap();
+        let (alone, alone_loss) = batch_gradients_on(&student, path, &loss, &batch, 2).unwrap();
+        let alone_dev = batch_loss(&student, &loss, &batch, 2, None).unwrap();
+        for processes in [2, 3, 5] {
+            let room = std::sync::Arc::new(Mailroom {
+                processes,
+                boxes: Default::default(),
+                barrier: std::sync::Barrier::new(processes),
+            });
+            let others: Vec<_> = (1..processes)
+                .map(|me| {
+                    let (room, dir, passages) =
+                        (room.clone(), model.path().to_path_buf(), passages.clone());
+                    std::thread::spawn(move || {
+                        let student = tiny_student(&dir, &passages);
+                        let mut me = ThreadProcess { room, me, round: 0 };
+                        serve_steps(&student, &mut me).unwrap()
+                    })
+                })
+                .collect();
+            let mut zero = ThreadProcess {
+                room: room.clone(),
+                me: 0,
+                round: 0,
+            };
+            let mut peers = Peers::new(&mut zero).unwrap();
+            let (shared, shared_loss) =
+                batch_gradients_shared(&student, path, &loss, &batch, 2, Some(&mut peers)).unwrap();
+            let shared_dev = batch_loss(&student, &loss, &batch, 2, Some(&mut peers)).unwrap();
+            peers.finish();
+            let served: Vec<_> = others.into_iter().map(|t| t.join().unwrap()).collect();
+            assert_eq!(shared_loss, alone_loss, "{processes} processes");
+            assert_eq!(shared_dev, alone_dev, "{processes} processes");
+            assert!(
+                bits(&shared) == bits(&alone),
+                "{processes} processes: other gradient bits"
+            );
+            // Every process embedded twice (the step and the dev batch) and
+            // back-propagated its share of the 4 micro-batches (none for some of 5).
+            for (p, s) in served.iter().enumerate() {
+                assert_eq!(s.embedded, 2, "process {}", p + 1);
+                let mine = share(4, processes, p + 1).len() as u64;
+                assert_eq!(s.micro_batches, mine, "process {}", p + 1);
+            }
+        }
+    }
 }

@@ -29,9 +29,15 @@ use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
+use std::path::Path;
+
+use distillery_operators::student::{Student, StudentOptions};
+
 use crate::config::cluster::Cluster;
+use crate::dataflow::rounds::Rounds;
 use crate::error::EngineError;
 use crate::executor::{EmbedTexts, ModelSpec, ScorePairs};
+use crate::train::data_parallel::{refuse_steps, serve_steps};
 
 /// What the leader tells its followers before each stage, and at its end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +48,15 @@ pub enum FollowerJob {
         max_tokens: usize,
         max_rows: usize,
         label: String,
+    },
+    /// Train a student data-parallel (`train::data_parallel`): load the student of
+    /// `model` with these settings, open the cluster's rounds and serve the steps.
+    Train {
+        model: String,
+        query_max_length: usize,
+        passage_max_length: usize,
+        query_prefix: Option<String>,
+        passage_prefix: Option<String>,
     },
     /// The leader's command is over.
     Done,
@@ -164,6 +179,8 @@ pub struct Served {
     pub stages: usize,
     /// Items this process's device ran (texts embedded, pairs scored).
     pub items: u64,
+    /// Training steps (and dev-loss batches) whose share this process embedded.
+    pub train_batches: u64,
 }
 
 /// A follower's life: every stage the leader announces, run on `device` with `workers`
@@ -185,6 +202,34 @@ pub fn serve(
     loop {
         let (model, max_tokens, max_rows, label) = match exchange(cluster, workers, None)? {
             FollowerJob::Done => return Ok(served),
+            FollowerJob::Train {
+                model,
+                query_max_length,
+                passage_max_length,
+                query_prefix,
+                passage_prefix,
+            } => {
+                let options = StudentOptions {
+                    query_max_length,
+                    passage_max_length,
+                    query_prefix,
+                    passage_prefix,
+                };
+                // The rounds first: process 0 waits in them, and hears from them why
+                // this process cannot train.
+                let mut rounds = Rounds::open(cluster)?;
+                let steps = match Student::load(Path::new(&model), &options, device) {
+                    Ok(student) => serve_steps(&student, &mut rounds)?,
+                    Err(e) => {
+                        let e = EngineError::from(e);
+                        refuse_steps(&mut rounds, &e)?;
+                        return Err(e);
+                    }
+                };
+                served.stages += 1;
+                served.train_batches += steps.embedded;
+                continue;
+            }
             FollowerJob::Stage {
                 model,
                 max_tokens,

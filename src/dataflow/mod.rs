@@ -43,6 +43,7 @@ pub mod label;
 pub mod memo_embed;
 pub mod passage_index;
 pub mod retrieve;
+pub mod rounds;
 pub mod score_ahead;
 pub mod teacher_check;
 pub mod train;

@@ -17,16 +17,19 @@ use distillery_operators::student::{Student, StudentOptions};
 use distillery_operators::TextKind;
 
 use crate::config::Pipeline;
+use crate::dataflow::cluster::{self, FollowerJob};
 use crate::dataflow::embedding_key::embedding_settings_hash;
 use crate::dataflow::evaluate::{read_matrix, student_models};
 use crate::dataflow::label::{LabelOutcome, EXAMPLES_STAGE};
 use crate::dataflow::passage_texts_of;
+use crate::dataflow::rounds::Rounds;
 use crate::dataflow::{journal_device_stage, run_embed_stage, EmbedStage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::executor::DeviceExecutor;
 use crate::mining::examples_from_batch;
 use crate::model::fingerprint;
 use crate::store::{hash_settings, ContentHasher, StageKey, StageStore};
+use crate::train::data_parallel::{Collective, Peers};
 use crate::train::gradcache::{FixedPassages, PassageInputs};
 use crate::train::trainer::{
     checkpoint_inputs, train, PassageEncoder, RunControl, TrainReport, WarmStart,
@@ -238,7 +241,36 @@ pub fn run_train_stage(
         .and_then(|executor| executor.open_lease_queue())
         .map_err(|e| EngineError::Dataflow(format!("the device executor: {e}")))?;
     let start = std::time::Instant::now();
-    let report = train(
+    // Over several processes, every step's micro-batches are shared among them
+    // (`train::data_parallel`): the followers are told which student to load, and the
+    // steps' rounds run in one computation of the cluster.
+    let distributed = pipeline.cluster.is_distributed();
+    let _turn = if distributed {
+        Some(
+            super::CLUSTER_STAGE
+                .lock()
+                .map_err(|_| EngineError::Dataflow("a distributed stage panicked".into()))?,
+        )
+    } else {
+        None
+    };
+    let mut rounds = if distributed {
+        cluster::announce(
+            &pipeline.cluster,
+            pipeline.workers,
+            FollowerJob::Train {
+                model: base.to_string_lossy().into_owned(),
+                query_max_length: options.query_max_length,
+                passage_max_length: options.passage_max_length,
+                query_prefix: options.query_prefix.clone(),
+                passage_prefix: options.passage_prefix.clone(),
+            },
+        )?;
+        Some(Rounds::open(&pipeline.cluster)?)
+    } else {
+        None
+    };
+    let trained = train(
         &student,
         examples,
         passages,
@@ -250,8 +282,14 @@ pub fn run_train_stage(
             quiet: pipeline.quiet,
             device: Some(device.clone()),
             inputs,
+            peers: rounds.as_mut().map(|r| r as &mut dyn Collective),
         },
-    )?;
+    );
+    if let Some(r) = rounds.as_mut() {
+        Peers::new(r)?.finish();
+    }
+    drop(rounds);
+    let report = trained?;
     let stats = device.stats();
     if stats.batches > 0 {
         journal_device_stage(

@@ -6,7 +6,10 @@
 //! 2. Compute the loss on those embeddings (as leaf variables) and its gradient with
 //!    respect to each embedding.
 //! 3. Re-embed each micro-batch keeping what backward needs, back-propagate
-//!    `sum(embedding * cached gradient)`, and add up the parameter gradients.
+//!    `sum(embedding * cached gradient)`, and add up the parameter gradients: each
+//!    micro-batch's from zero, summed in a fixed binary tree over the micro-batches, so
+//!    that the micro-batches can be shared among the processes of a cluster with the
+//!    same bits as one process ([`crate::train::data_parallel`]).
 //!
 //! The sum of step 3 is exactly the full-batch parameter gradient (the chain rule through
 //! the embeddings), so a step is the same as one giant backward pass (tested). Steps 1
@@ -21,11 +24,12 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
-use distillery_operators::student::{GradientPath, Gradients, Student};
+use distillery_operators::student::{GradientPath, Student};
 use distillery_operators::TextKind;
 
 use crate::error::EngineError;
 use crate::mining::Example;
+use crate::train::data_parallel::{self, embed_shares, gradient_of_shares, Peers, ShareRows};
 use crate::train::loss::{distillation_loss, LossConfig, TeacherLists};
 
 /// One accumulated batch, tokenised: per query its token ids and its list's passages.
@@ -164,6 +168,30 @@ impl PreparedBatch {
     pub fn is_empty(&self) -> bool {
         self.queries.is_empty()
     }
+
+    /// The batch's micro-batches of `micro_batch` queries, shared among `processes`
+    /// ([`data_parallel::share`]): each share's token rows.
+    fn shares(&self, micro_batch: usize, processes: usize) -> Vec<ShareRows> {
+        let micro = micro_batch.max(1);
+        let q = self.queries.len();
+        let total = q.div_ceil(micro);
+        (0..processes.max(1))
+            .map(|p| {
+                let micro_batches = data_parallel::share(total, processes, p);
+                let rows = (micro_batches.start * micro).min(q)..(micro_batches.end * micro).min(q);
+                ShareRows {
+                    micro_batches,
+                    total,
+                    micro_batch: micro,
+                    queries: self.queries[rows.clone()].to_vec(),
+                    passages: match &self.passages {
+                        BatchPassages::Tokens(lists) => Some(lists[rows].to_vec()),
+                        BatchPassages::Fixed(_) => None,
+                    },
+                }
+            })
+            .collect()
+    }
 }
 
 /// Loss values of a batch, as plain numbers for the log.
@@ -245,35 +273,6 @@ pub fn prepare(
     })
 }
 
-/// The batch's passage embeddings `[valid entries, d]`: the student's, without
-/// gradients, or the fixed ones.
-fn passage_embeddings(student: &Student, batch: &PreparedBatch) -> Result<Tensor, EngineError> {
-    match &batch.passages {
-        BatchPassages::Tokens(lists) => {
-            let rows: Vec<&Vec<u32>> = lists.iter().flatten().collect();
-            embed_no_grad(student, &rows)
-        }
-        BatchPassages::Fixed(rows) => Ok(rows.clone()),
-    }
-}
-
-/// Embeddings of `rows` without gradients, `[rows, d]`.
-fn embed_no_grad(student: &Student, rows: &[&Vec<u32>]) -> Result<Tensor, EngineError> {
-    let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    Ok(student.embed_rows(&rows)?)
-}
-
-/// Adds to `total` the parameter gradient of `sum(embed(rows) * grads)`.
-fn backward_cached(
-    student: &Student,
-    rows: &[&Vec<u32>],
-    grads: &Tensor,
-    total: &mut Gradients,
-) -> Result<(), EngineError> {
-    let rows: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    Ok(student.accumulate_gradients(&rows, grads, total)?)
-}
-
 /// Flat valid-passage rows -> `[Q, L, d]` with zero padding, and the flat row index of each
 /// valid slot (`q * L + j`).
 fn pad_lists(
@@ -327,17 +326,25 @@ pub fn batch_gradients_on(
     batch: &PreparedBatch,
     micro_batch: usize,
 ) -> Result<(Vec<Option<Tensor>>, LossValues), EngineError> {
-    let q_count = batch.len();
-    let micro = micro_batch.max(1);
-    let ranges: Vec<std::ops::Range<usize>> = (0..q_count)
-        .step_by(micro)
-        .map(|s| s..(s + micro).min(q_count))
-        .collect();
+    batch_gradients_shared(student, path, loss, batch, micro_batch, None)
+}
 
-    // 1. Embeddings without gradients.
-    let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
-    let q_all = Var::from_tensor(&embed_no_grad(student, &q_rows)?)?;
-    let p_flat = passage_embeddings(student, batch)?;
+/// [`batch_gradients_on`] with the micro-batches shared among the processes of `peers`
+/// (see [`crate::train::data_parallel`]): the same bits as on one process.
+pub fn batch_gradients_shared(
+    student: &Student,
+    path: GradientPath,
+    loss: &LossConfig,
+    batch: &PreparedBatch,
+    micro_batch: usize,
+    mut peers: Option<&mut Peers<'_>>,
+) -> Result<(Vec<Option<Tensor>>, LossValues), EngineError> {
+    let q_count = batch.len();
+    let shares = batch.shares(micro_batch, peers.as_ref().map_or(1, |p| p.processes()));
+
+    // 1. Embeddings without gradients, each share's where it is computed.
+    let (q_flat, p_flat) = embeddings(student, batch, &shares, peers.as_deref_mut())?;
+    let q_all = Var::from_tensor(&q_flat)?;
     let list_len = batch.lists.list_len();
     let (p_padded, slots) = pad_lists(&p_flat, batch.lists.lens(), list_len)?;
     let p_all = Var::from_tensor(&p_padded)?;
@@ -362,38 +369,76 @@ pub fn batch_gradients_on(
     let slot_index = Tensor::from_vec(slots, (p_flat.dim(0)?,), dp.device())?;
     let dp_flat = dp.index_select(&slot_index, 0)?;
 
-    // 3. Re-embed each micro-batch with gradients, a chunk at a time, and
-    // back-propagate the cached gradients.
-    let mut total = student.zero_gradients_on(path);
-    let mut p_at = 0;
-    for r in &ranges {
-        let q_mb: Vec<&Vec<u32>> = batch.queries[r.clone()].iter().collect();
-        let dq_mb = dq.narrow(0, r.start, r.len())?;
-        backward_cached(student, &q_mb, &dq_mb, &mut total)?;
-        // A frozen passage encoder's embeddings are constants: nothing flows back.
-        if let BatchPassages::Tokens(lists) = &batch.passages {
-            let p_mb: Vec<&Vec<u32>> = lists[r.clone()].iter().flatten().collect();
-            let dp_mb = dp_flat.narrow(0, p_at, p_mb.len())?;
-            p_at += p_mb.len();
-            backward_cached(student, &p_mb, &dp_mb, &mut total)?;
-        }
+    // 3. Each share's rows of the cached gradients; each share re-embeds its
+    // micro-batches with gradients and back-propagates them (a frozen passage encoder's
+    // embeddings are constants: nothing flows back into them), and the micro-batches'
+    // gradients are summed in the fixed tree of `data_parallel`.
+    let (mut dqs, mut dps) = (Vec::new(), Vec::new());
+    let (mut q_at, mut p_at) = (0, 0);
+    for share in &shares {
+        let n = share.queries.len();
+        dqs.push(dq.narrow(0, q_at, n)?);
+        q_at += n;
+        dps.push(match &share.passages {
+            Some(lists) => {
+                let rows: usize = lists.iter().map(Vec::len).sum();
+                let part = dp_flat.narrow(0, p_at, rows)?;
+                p_at += rows;
+                Some(part)
+            }
+            None => None,
+        });
     }
-    Ok((student.gradient_tensors(total)?, values))
+    let total = gradient_of_shares(student, path, &shares, &dqs, &dps, peers)?;
+    Ok((total, values))
 }
 
-/// The loss of a batch without any gradient (dev evaluation).
+/// The batch's query embeddings `[queries, d]` and passage embeddings `[valid entries,
+/// d]` (the fixed ones, or the student's), every share embedded where it is computed.
+fn embeddings(
+    student: &Student,
+    batch: &PreparedBatch,
+    shares: &[ShareRows],
+    peers: Option<&mut Peers<'_>>,
+) -> Result<(Tensor, Tensor), EngineError> {
+    let embedded = embed_shares(student, shares, peers)?;
+    let cat = |parts: Vec<&Tensor>| -> Result<Tensor, EngineError> {
+        let parts: Vec<&Tensor> = parts
+            .into_iter()
+            .filter(|t| t.dim(0).is_ok_and(|n| n > 0))
+            .collect();
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, student.dim()),
+                DType::F32,
+                student.device(),
+            )?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    let queries = cat(embedded.iter().map(|e| &e.queries).collect())?;
+    let passages = match &batch.passages {
+        BatchPassages::Fixed(rows) => rows.clone(),
+        BatchPassages::Tokens(_) => cat(embedded
+            .iter()
+            .filter_map(|e| e.passages.as_ref())
+            .collect())?,
+    };
+    Ok((queries, passages))
+}
+
+/// The loss of a batch without any gradient (dev evaluation), its embeddings shared
+/// among the processes of `peers` as a step's are.
 pub fn batch_loss(
     student: &Student,
     loss: &LossConfig,
     batch: &PreparedBatch,
+    micro_batch: usize,
+    peers: Option<&mut Peers<'_>>,
 ) -> Result<LossValues, EngineError> {
-    let q_rows: Vec<&Vec<u32>> = batch.queries.iter().collect();
-    let q_all = embed_no_grad(student, &q_rows)?;
-    let (p_all, _) = pad_lists(
-        &passage_embeddings(student, batch)?,
-        batch.lists.lens(),
-        batch.lists.list_len(),
-    )?;
+    let shares = batch.shares(micro_batch, peers.as_ref().map_or(1, |p| p.processes()));
+    let (q_all, p_flat) = embeddings(student, batch, &shares, peers)?;
+    let (p_all, _) = pad_lists(&p_flat, batch.lists.lens(), batch.lists.list_len())?;
     let terms = distillation_loss(loss, &q_all, &p_all, &batch.lists)
         .map_err(|e| EngineError::Invalid(format!("loss: {e}")))?;
     Ok(LossValues {

@@ -12,6 +12,7 @@
 //!   from the last run's.
 
 pub mod data;
+pub mod data_parallel;
 pub mod gradcache;
 pub mod loss;
 pub mod optim;

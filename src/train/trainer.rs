@@ -24,7 +24,10 @@ use crate::mining::Example;
 use crate::progress::Progress;
 use crate::store::sync_dir;
 use crate::train::data::{steps_per_epoch, TrainingSet};
-use crate::train::gradcache::{batch_gradients, batch_loss, prepare, LossValues, PassageInputs};
+use crate::train::data_parallel::{Collective, Peers};
+use crate::train::gradcache::{
+    batch_gradients_shared, batch_loss, prepare, LossValues, PassageInputs,
+};
 use crate::train::loss::LossConfig;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{LinearSchedule, ScheduleConfig};
@@ -172,8 +175,8 @@ pub struct TrainReport {
 }
 
 /// How a run is driven from outside.
-#[derive(Debug, Clone, Default)]
-pub struct RunControl {
+#[derive(Default)]
+pub struct RunControl<'a> {
     /// Stop (with a checkpoint) once this many optimizer steps are done: what a kill
     /// does, for tests of resume.
     pub stop_after: Option<u64>,
@@ -187,6 +190,11 @@ pub struct RunControl {
     /// settings; the caller hashes them): a checkpoint saved for other inputs is not
     /// resumed, and the run starts again from the student it is given.
     pub inputs: String,
+    /// The other processes of a cluster, when training is data-parallel: every step's
+    /// and every dev loss's micro-batches are shared among them
+    /// ([`crate::train::data_parallel`]). This process must be process 0; the caller
+    /// tells the others when training is over ([`Peers::finish`]).
+    pub peers: Option<&'a mut dyn Collective>,
 }
 
 const CHECKPOINT_DIR: &str = "checkpoint";
@@ -430,14 +438,16 @@ pub fn train<'p>(
     settings: &TrainSettings,
     dir: &Path,
     prompts: (Option<String>, Option<String>),
-    control: RunControl,
+    control: RunControl<'_>,
 ) -> Result<TrainReport, EngineError> {
     let RunControl {
         stop_after,
         quiet,
         device,
         inputs,
+        peers,
     } = control;
+    let mut peers = peers.map(Peers::new).transpose()?;
     let passages = passages.into();
     let lease = |rows: usize| -> Result<Option<DeviceLease>, EngineError> {
         device
@@ -531,8 +541,14 @@ pub fn train<'p>(
                 .collect();
             let batch = prepare(student, &chosen, passages, &intern, settings.list_len)?;
             let held = lease(chosen.len())?;
-            let (mut grads, values) =
-                batch_gradients(student, &settings.loss, &batch, settings.micro_batch)?;
+            let (mut grads, values) = batch_gradients_shared(
+                student,
+                student.default_gradient_path(),
+                &settings.loss,
+                &batch,
+                settings.micro_batch,
+                peers.as_mut(),
+            )?;
             if !values.total.is_finite() {
                 return Err(EngineError::Invalid(format!(
                     "non-finite loss {} at step {} (epoch {}, batch {} of the epoch): stopping, nothing was updated",
@@ -564,7 +580,7 @@ pub fn train<'p>(
         }
         // End of epoch: dev loss, best model, patience.
         let held = lease(set.dev.len().max(1))?;
-        let dev = dev_loss(student, &set, passages, &intern, settings)?;
+        let dev = dev_loss(student, &set, passages, &intern, settings, peers.as_mut())?;
         drop(held);
         dev_losses.push(dev.total);
         write_dev_log(&dev_log, &dev_losses)?;
@@ -649,6 +665,7 @@ fn dev_loss(
     passages: PassageInputs<'_>,
     intern: &HashMap<String, u32>,
     settings: &TrainSettings,
+    mut peers: Option<&mut Peers<'_>>,
 ) -> Result<LossValues, EngineError> {
     let examples = if set.dev.is_empty() {
         &set.train
@@ -661,7 +678,13 @@ fn dev_loss(
     for chunk in examples.chunks(per_step) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = prepare(student, &refs, passages, intern, settings.list_len)?;
-        let v = batch_loss(student, &settings.loss, &batch)?;
+        let v = batch_loss(
+            student,
+            &settings.loss,
+            &batch,
+            settings.micro_batch,
+            peers.as_deref_mut(),
+        )?;
         sum += v.total * chunk.len() as f64;
         n += chunk.len();
     }
