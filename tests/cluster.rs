@@ -436,3 +436,121 @@ fn a_run_whose_follower_is_killed_stops_and_ends_as_one_process_when_both_start_
     two_processes(|extra| label(dir, extra), dir, started);
     assert_same_stages(one.path(), dir, "the resumed 2-process run");
 }
+
+/// `run` of the recipe fixture over 2 processes with `-w 1`.
+fn run_command(dir: &Path) -> impl Fn(&[&str]) -> Command + '_ {
+    move |extra| {
+        let mut c = pipeline_command("run", dir, &["-w", "1"]);
+        c.args(extra);
+        c
+    }
+}
+
+/// A 1-process `run` of the recipe fixture, its crash points traced: (the run, the
+/// 1-based index of its second training step's point among all its points).
+fn run_one_process_traced(started: Instant) -> (tempfile::TempDir, usize) {
+    let one = recipe::fixture(false);
+    let trace = one.path().join("points.txt");
+    let mut c = pipeline_command("run", one.path(), &["-w", "1"]);
+    c.env("DISTILLERY_CRASH_TRACE", &trace);
+    finish(c.spawn().unwrap(), "1 process", started);
+    let points = std::fs::read_to_string(&trace).unwrap();
+    let steps: Vec<usize> = points
+        .lines()
+        .enumerate()
+        .filter(|(_, p)| p.split_whitespace().next() == Some("train.step"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert!(
+        steps.len() >= 2,
+        "the fixture trains {} step(s)",
+        steps.len()
+    );
+    (one, steps[1])
+}
+
+/// Both runs exported the same model, byte for byte.
+fn assert_same_model(a: &Path, b: &Path, what: &str) {
+    let model = recipe::files(&a.join("run/train/best-model"));
+    assert!(!model.is_empty());
+    assert!(
+        model == recipe::files(&b.join("run/train/best-model")),
+        "{what}: another model than 1 process's"
+    );
+}
+
+/// Waits for `child` to end by itself within the deadline: whether it succeeded, and its
+/// stderr.
+fn ends_by_itself(mut child: Child, what: &str, started: Instant) -> (bool, String) {
+    while child.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < DEADLINE, "{what} still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn a_run_whose_leader_dies_while_training_stops_and_ends_with_one_processs_model() {
+    let started = Instant::now();
+    let (one, second_step) = run_one_process_traced(started);
+    let two = recipe::fixture(false);
+    let dir = two.path();
+    // Process 0 SIGKILLs itself at its second training step (its points before training
+    // are the 1-process run's: it alone writes).
+    let (follower, leader) = spawn_two(
+        |extra| {
+            let mut c = run_command(dir)(extra);
+            if extra.windows(2).any(|w| w == ["-p", "0"]) {
+                c.env("DISTILLERY_CRASH_AT", second_step.to_string());
+            }
+            c
+        },
+        dir,
+    );
+    ends_by_itself(leader, "process 0", started);
+    assert!(dir.join("run/train/loss-log.csv").exists());
+    // The follower, mid-training, stops by itself: its rounds lost their connection.
+    let (_, stderr) = ends_by_itself(follower, "process 1", started);
+    assert!(
+        stderr.contains("a process of the cluster was lost")
+            || stderr.contains("process 0 stopped training"),
+        "{stderr}"
+    );
+    // Both started again: process 0 resumes, and the model is one process's.
+    two_processes(run_command(dir), dir, started);
+    assert_same_stages(one.path(), dir, "the resumed 2-process run");
+    assert_same_model(one.path(), dir, "the resumed 2-process run");
+}
+
+#[test]
+fn a_run_whose_follower_dies_while_training_stops_and_ends_with_one_processs_model() {
+    let started = Instant::now();
+    let (one, _) = run_one_process_traced(started);
+    let two = recipe::fixture(false);
+    let dir = two.path();
+    let (mut follower, leader) = spawn_two(run_command(dir), dir);
+    // SIGKILL the follower once process 0 has logged a training step.
+    let log = dir.join("run/train/loss-log.csv");
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 2) {
+        assert!(started.elapsed() < DEADLINE, "no training step logged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    // Process 0 stops by itself with an error that names the loss (or ends, had the
+    // follower's last share already been sent back).
+    let (ok, stderr) = ends_by_itself(leader, "process 0", started);
+    assert!(
+        ok || stderr.contains("a process of the cluster was lost")
+            || stderr.contains("sent no answer")
+            || stderr.contains("did not join"),
+        "{stderr}"
+    );
+    two_processes(run_command(dir), dir, started);
+    assert_same_stages(one.path(), dir, "the resumed 2-process run");
+    assert_same_model(one.path(), dir, "the resumed 2-process run");
+}

@@ -85,6 +85,9 @@ where
     T: Send + 'static,
     F: Fn(&mut Worker) -> T + Send + Sync + 'static,
 {
+    if cluster.is_distributed() && LOST.load(Ordering::SeqCst) {
+        return Err(lost());
+    }
     let config = cluster.timely_config(workers);
     if !(cluster.is_distributed() && cluster.is_leader()) {
         return timely::execute(config, func).map_err(EngineError::Dataflow);
@@ -109,19 +112,28 @@ where
     }
 }
 
+/// A process of the cluster was lost: later computations over the cluster are not
+/// tried (each would wait [`JOIN_TIMEOUT`] for it in vain).
+static LOST: AtomicBool = AtomicBool::new(false);
+
+/// The error of a lost process, and from now on of every computation over the cluster.
+pub fn lost() -> EngineError {
+    LOST.store(true, Ordering::SeqCst);
+    EngineError::Dataflow(
+        "a process of the cluster was lost (its connection closed): stop every process \
+         and start them again; process 0 resumes its run"
+            .into(),
+    )
+}
+
 /// Joins a computation's workers. A process of the cluster that died takes its
 /// connections down, and timely's communication threads panic to stop the computation
 /// (on every process); that is reported as an error naming what to do, not a panic.
 pub fn join<T: Send + 'static>(
     guards: WorkerGuards<T>,
 ) -> Result<Vec<Result<T, String>>, EngineError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || guards.join())).map_err(|_| {
-        EngineError::Dataflow(
-            "a process of the cluster was lost (its connection closed): stop every process \
-             and start them again; process 0 resumes its run"
-                .into(),
-        )
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || guards.join()))
+        .map_err(|_| lost())
 }
 
 /// Sends `job` from the leader's worker 0 to every worker of every process (the

@@ -91,13 +91,7 @@ impl Collective for Rounds {
     }
 
     fn round(&mut self, outgoing: Vec<(usize, Vec<u8>)>) -> Result<Received, EngineError> {
-        let lost = || {
-            EngineError::Dataflow(
-                "a process of the cluster was lost (its connection closed): stop every \
-                 process and start them again; process 0 resumes its run"
-                    .into(),
-            )
-        };
+        let lost = cluster::lost;
         if let Some(&(to, _)) = outgoing.iter().find(|(to, _)| *to >= self.processes) {
             return Err(EngineError::Dataflow(format!(
                 "a message to process {to} of a cluster of {}; this is a bug",
