@@ -108,7 +108,7 @@ impl EngineArgs {
             self.on_bad_record.map(|o| o == OnBadRecord::Skip),
             self.quiet,
             cluster,
-        );
+        )?;
         set_threads(Some(pipeline.threads));
         // A follower keeps no run directory: process 0 holds the run.
         if pipeline.cluster.is_leader() {

@@ -187,7 +187,8 @@ pub struct EngineFile {
     /// `fail` (default) or `skip` (into `run_dir/quarantine.jsonl`).
     pub on_bad_record: String,
     /// Where every model runs: `cpu` (default) or `cuda:N` (a build with `--features
-    /// cuda`).
+    /// cuda`); `cuda:{local}` is this process's index among the cluster's processes on
+    /// its host, so that each process of a machine takes a GPU of its own.
     pub device: String,
     /// Queries retrieved per pass over the passage index while the candidates stream to
     /// teachers that score them ahead (a cross-encoder); unset: an eighth of the queries,
@@ -203,6 +204,10 @@ pub struct EngineFile {
     /// A file of `host:port` lines, one per process (`--hostfile`); default
     /// `localhost:2101` onwards.
     pub hostfile: Option<PathBuf>,
+    /// An exact retrieval of at least this many scores (queries x passages) is shared
+    /// among the cluster's processes; a smaller one runs on process 0 alone. Default
+    /// [`crate::dataflow::shared_top_k::MIN_SHARED_SCORES`].
+    pub min_shared_scores: u64,
 }
 
 impl Default for EngineFile {
@@ -218,6 +223,7 @@ impl Default for EngineFile {
             processes: 1,
             process: 0,
             hostfile: None,
+            min_shared_scores: crate::dataflow::shared_top_k::MIN_SHARED_SCORES,
         }
     }
 }
@@ -253,8 +259,14 @@ pub struct Pipeline {
     /// `[engine] stream_queries`: queries per retrieval pass while the candidates
     /// stream to the teachers (`None`: [`crate::dataflow::retrieve::streaming_chunk`]).
     pub stream_queries: Option<usize>,
-    /// The device every model of the run is loaded on (`[engine] device`), resolved once.
+    /// The device every model of the run is loaded on (`[engine] device`), resolved once
+    /// (again when the command line names another place in the cluster).
     pub device: candle_core::Device,
+    /// `[engine] device` as written.
+    pub device_name: String,
+    /// `[engine] min_shared_scores`: the smallest exact retrieval shared among the
+    /// cluster's processes.
+    pub min_shared_scores: u64,
     /// The processes the device stages run over (`[engine] processes`, `-n`, ...).
     pub cluster: cluster::Cluster,
     pub quarantine: Option<PathBuf>,
@@ -339,7 +351,7 @@ impl Pipeline {
             hostfile.as_deref(),
         )
         .map_err(|e| invalid(origin, format!("[engine] {e}")))?;
-        let device = resolve_device(&file.engine.device).map_err(|e| {
+        let device = resolve_device(&file.engine.device, &cluster).map_err(|e| {
             invalid(
                 origin,
                 format!("engine.device = {:?}: {e}", file.engine.device),
@@ -419,6 +431,8 @@ impl Pipeline {
             batch_rows: file.engine.batch_rows,
             stream_queries: file.engine.stream_queries,
             device,
+            device_name: file.engine.device.clone(),
+            min_shared_scores: file.engine.min_shared_scores,
             cluster,
             quarantine,
             jsonl: file.output.jsonl,
@@ -447,21 +461,43 @@ impl Pipeline {
         skip_bad_records: Option<bool>,
         quiet: bool,
     ) {
-        self.override_engine_in(workers, skip_bad_records, quiet, None);
+        self.override_engine_options(workers, skip_bad_records, quiet);
     }
 
     /// [`Pipeline::override_engine`], and the cluster the command line names (`-n`,
-    /// `-p`, `--hostfile`) over `[engine]`'s.
+    /// `-p`, `--hostfile`) over `[engine]`'s (a device of `cuda:{local}` resolved again
+    /// for this process's new place).
     pub fn override_engine_in(
         &mut self,
         workers: Option<usize>,
         skip_bad_records: Option<bool>,
         quiet: bool,
         cluster: Option<cluster::Cluster>,
-    ) {
+    ) -> Result<(), EngineError> {
         if let Some(c) = cluster {
+            if self.device_name.contains("{local}") {
+                self.device = resolve_device(&self.device_name, &c).map_err(|e| {
+                    EngineError::Invalid(format!(
+                        "engine.device = {:?} (process {} of {}): {e}",
+                        self.device_name, c.process, c.processes
+                    ))
+                })?;
+                for r in &mut self.retrievers {
+                    r.device = self.device.clone();
+                }
+            }
             self.cluster = c;
         }
+        self.override_engine_options(workers, skip_bad_records, quiet);
+        Ok(())
+    }
+
+    fn override_engine_options(
+        &mut self,
+        workers: Option<usize>,
+        skip_bad_records: Option<bool>,
+        quiet: bool,
+    ) {
         if let Some(w) = workers {
             self.workers = w.max(1);
         }
@@ -473,6 +509,15 @@ impl Pipeline {
             r.workers = self.workers;
             r.quarantine.clone_from(&self.quarantine);
             r.quiet = self.quiet;
+        }
+    }
+
+    /// How the run's exact retrievals are shared among its processes.
+    pub fn sharing(&self) -> crate::dataflow::shared_top_k::Sharing {
+        crate::dataflow::shared_top_k::Sharing {
+            cluster: self.cluster.clone(),
+            workers: self.workers,
+            min_scores: self.min_shared_scores,
         }
     }
 
@@ -500,20 +545,39 @@ impl Pipeline {
     }
 }
 
-/// The device `[engine] device` names: `cpu`, or `cuda:N` where the build has CUDA.
-pub fn resolve_device(name: &str) -> Result<candle_core::Device, String> {
-    if name == "cpu" {
+/// The device `[engine] device` names for this process of `cluster`: `cpu`, or
+/// `cuda:N` where the build has CUDA ([`device_ordinal`]).
+pub fn resolve_device(
+    name: &str,
+    cluster: &cluster::Cluster,
+) -> Result<candle_core::Device, String> {
+    let Some(ordinal) = device_ordinal(name, cluster)? else {
         return Ok(candle_core::Device::Cpu);
-    }
-    let ordinal = name
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-        .ok_or_else(|| "expected `cpu` or `cuda:N` (N the GPU's ordinal)".to_string())?;
+    };
     candle_core::Device::new_cuda(ordinal).map_err(|e| match e {
         candle_core::Error::NotCompiledWithCudaSupport => {
             "this build has no CUDA support (build with `--features cuda`)".to_string()
         }
         other => format!("cannot open GPU {ordinal}: {other}"),
+    })
+}
+
+/// The GPU ordinal `name` names for this process of `cluster` (`None`: the CPU):
+/// `cuda:N`, or `cuda:{local}`, `{local}` standing for the process's index among the
+/// processes of its host ([`cluster::Cluster::local_index`]).
+pub fn device_ordinal(name: &str, cluster: &cluster::Cluster) -> Result<Option<usize>, String> {
+    if name == "cpu" {
+        return Ok(None);
+    }
+    let ordinal = name.strip_prefix("cuda:").and_then(|n| {
+        if n == "{local}" {
+            Some(cluster.local_index())
+        } else {
+            n.parse::<usize>().ok()
+        }
+    });
+    ordinal.map(Some).ok_or_else(|| {
+        "expected `cpu`, `cuda:N` (N the GPU's ordinal) or `cuda:{local}`".to_string()
     })
 }
 
@@ -567,8 +631,9 @@ model = "org/model"
             candle_core::Device::Cpu
         ));
         for (value, said) in [
-            ("gpu", "expected `cpu` or `cuda:N`"),
-            ("cuda:x", "expected `cpu` or `cuda:N`"),
+            ("gpu", "expected `cpu`, `cuda:N`"),
+            ("cuda:x", "expected `cpu`, `cuda:N`"),
+            ("cuda:{process}", "or `cuda:{local}`"),
         ] {
             let e = parse(&format!("{MINIMAL}\n[engine]\ndevice = \"{value}\"\n"))
                 .unwrap_err()
@@ -576,6 +641,20 @@ model = "org/model"
             assert!(e.contains(&format!("engine.device = \"{value}\"")), "{e}");
             assert!(e.contains(said), "{e}");
         }
+        // `cuda:{local}`: each process of a host its own GPU.
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "a:1\nb:1\na:2\n").unwrap();
+        let ordinals: Vec<Option<usize>> = (0..3)
+            .map(|p| {
+                let c = cluster::Cluster::new(3, p, Some(&hosts)).unwrap();
+                device_ordinal("cuda:{local}", &c).unwrap()
+            })
+            .collect();
+        assert_eq!(ordinals, [Some(0), Some(0), Some(1)]);
+        let one = cluster::Cluster::single();
+        assert_eq!(device_ordinal("cuda:3", &one), Ok(Some(3)));
+        assert_eq!(device_ordinal("cpu", &one), Ok(None));
         // Without the cuda feature a GPU is refused by name, not at the first model load.
         if !cfg!(feature = "cuda") {
             let e = parse(&format!("{MINIMAL}\n[engine]\ndevice = \"cuda:0\"\n"))

@@ -2,6 +2,7 @@
 //! dense retriever. See ARCHITECTURE.md for a walk through the modules.
 
 pub mod bad_record;
+pub mod collective;
 pub mod config;
 pub mod corpus;
 pub mod crash;

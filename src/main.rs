@@ -124,9 +124,14 @@ fn follow(
 ) -> Result<()> {
     let served = cluster::serve(c, workers, device, quiet)?;
     println!(
-        "process {} of {}: ran {} items on this device in {} stage(s) for process 0, and \
-         its share of {} training batch(es)",
-        c.process, c.processes, served.items, served.stages, served.train_batches
+        "process {} of {}: ran {} items on this device in {} stage(s) for process 0, \
+         {} retrieval block(s), and its share of {} training batch(es)",
+        c.process,
+        c.processes,
+        served.items,
+        served.stages,
+        served.retrieval_blocks,
+        served.train_batches
     );
     if let Some(path) = json {
         write_json(path, &served)?;

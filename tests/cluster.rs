@@ -318,8 +318,10 @@ fn run_with_one_worker_two_workers_and_two_processes_writes_the_same_examples_an
         );
     }
     // The follower ran its share of the passage, query, cross-encoder and evaluation
-    // stages, and of every training step and dev loss.
+    // stages, scored passage blocks of the retrievals (hard negatives, teacher check,
+    // evaluations), and its share of every training step and dev loss.
     assert!(followed(&stdout) > 0, "{stdout}");
+    assert!(number_before(&stdout, "retrieval") > 0, "{stdout}");
     assert!(number_after(&stdout, "in") >= 3, "{stdout}");
     let steps = std::fs::read_to_string(runs[0].join("train/loss-log.csv")).unwrap();
     let steps = steps.lines().skip(1).count();

@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use distillery::collective::ThreadProcess;
 use distillery::corpus::ReadOptions;
 use distillery::dataflow::passage_texts;
-use distillery::error::EngineError;
 use distillery::mining::{Example, Split};
-use distillery::train::data_parallel::{serve_steps, share, Collective, Peers};
+use distillery::train::data_parallel::{serve_steps, share, Peers};
 use distillery::train::gradcache::{
     batch_gradients, batch_gradients_on, batch_gradients_shared, batch_loss, prepare,
     FixedPassages, PassageInputs,
@@ -509,58 +509,6 @@ fn early_stopping_ends_the_run_and_the_best_model_holds_the_best_epochs_weights(
     assert!(bytes(&report.best_model) != bytes(last.path()));
 }
 
-/// Per (round, destination), each sender's message.
-type Mailboxes = HashMap<(u64, usize), BTreeMap<usize, Vec<u8>>>;
-
-/// Processes as threads: each round's messages left in a shared mailroom, a barrier
-/// between rounds.
-struct Mailroom {
-    processes: usize,
-    boxes: std::sync::Mutex<Mailboxes>,
-    barrier: std::sync::Barrier,
-}
-
-struct ThreadProcess {
-    room: std::sync::Arc<Mailroom>,
-    me: usize,
-    round: u64,
-}
-
-impl Collective for ThreadProcess {
-    fn processes(&self) -> usize {
-        self.room.processes
-    }
-
-    fn process(&self) -> usize {
-        self.me
-    }
-
-    fn round(
-        &mut self,
-        outgoing: Vec<(usize, Vec<u8>)>,
-    ) -> Result<BTreeMap<usize, Vec<u8>>, EngineError> {
-        {
-            let mut boxes = self.room.boxes.lock().unwrap();
-            for (to, message) in outgoing {
-                boxes
-                    .entry((self.round, to))
-                    .or_default()
-                    .insert(self.me, message);
-            }
-        }
-        self.room.barrier.wait();
-        let got = self
-            .room
-            .boxes
-            .lock()
-            .unwrap()
-            .remove(&(self.round, self.me))
-            .unwrap_or_default();
-        self.round += 1;
-        Ok(got)
-    }
-}
-
 fn bits(grads: &[Option<Tensor>]) -> Vec<Option<Vec<u32>>> {
     grads
         .iter()
@@ -607,27 +555,17 @@ fn a_step_shared_among_processes_gives_one_processs_bits() {
         let (alone, alone_loss) = batch_gradients_on(&student, path, &loss, &batch, 2).unwrap();
         let alone_dev = batch_loss(&student, &loss, &batch, 2, None).unwrap();
         for processes in [2, 3, 5] {
-            let room = std::sync::Arc::new(Mailroom {
-                processes,
-                boxes: Default::default(),
-                barrier: std::sync::Barrier::new(processes),
-            });
-            let others: Vec<_> = (1..processes)
-                .map(|me| {
-                    let (room, dir, passages) =
-                        (room.clone(), model.path().to_path_buf(), passages.clone());
+            let mut cluster = ThreadProcess::cluster(processes).into_iter();
+            let mut zero = cluster.next().unwrap();
+            let others: Vec<_> = cluster
+                .map(|mut me| {
+                    let (dir, passages) = (model.path().to_path_buf(), passages.clone());
                     std::thread::spawn(move || {
                         let student = tiny_student(&dir, &passages);
-                        let mut me = ThreadProcess { room, me, round: 0 };
                         serve_steps(&student, &mut me).unwrap()
                     })
                 })
                 .collect();
-            let mut zero = ThreadProcess {
-                room: room.clone(),
-                me: 0,
-                round: 0,
-            };
             let mut peers = Peers::new(&mut zero).unwrap();
             let (shared, shared_loss) =
                 batch_gradients_shared(&student, path, &loss, &batch, 2, Some(&mut peers)).unwrap();

@@ -91,6 +91,20 @@ impl Cluster {
         self.process == 0
     }
 
+    /// This process's index among the cluster's processes on its host (the processes
+    /// before it whose address names the same host): which of the host's GPUs it takes
+    /// with `[engine] device = "cuda:{local}"`.
+    pub fn local_index(&self) -> usize {
+        let host = |a: &String| a.rsplit_once(':').map_or(a.clone(), |(h, _)| h.to_string());
+        let Some(mine) = self.addresses.get(self.process).map(host) else {
+            return 0;
+        };
+        self.addresses[..self.process]
+            .iter()
+            .filter(|a| host(a) == mine)
+            .count()
+    }
+
     /// Timely's configuration for `workers` threads in this process.
     pub fn timely_config(&self, workers: usize) -> timely::Config {
         let workers = workers.max(1);
@@ -169,6 +183,24 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("node-b"), "{err}");
         let err = Cluster::new(2, 2, None).unwrap_err().to_string();
         assert!(err.contains("numbered 0 to 1"), "{err}");
+    }
+
+    #[test]
+    fn a_process_is_numbered_among_the_processes_of_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            "node-a:2101\nnode-b:2101\nnode-a:2102\n10.0.0.7:2101\nnode-a:2103\n",
+        )
+        .unwrap();
+        let local: Vec<usize> = (0..5)
+            .map(|p| Cluster::new(5, p, Some(&hosts)).unwrap().local_index())
+            .collect();
+        assert_eq!(local, [0, 0, 1, 0, 2]);
+        // Without a hostfile every process is on localhost: its index.
+        assert_eq!(Cluster::new(3, 2, None).unwrap().local_index(), 2);
+        assert_eq!(Cluster::single().local_index(), 0);
     }
 
     #[test]

@@ -268,6 +268,7 @@ pub fn run_candidates_stage(
                 settings_hash,
                 k: pipeline.candidates.retrieve_top,
                 threads: pipeline.threads,
+                sharing: pipeline.sharing(),
                 quiet: pipeline.retrievers[i].quiet,
             });
         }
@@ -349,6 +350,7 @@ pub fn run_candidates_stage(
                     settings_hash,
                     k: pipeline.candidates.retrieve_top,
                     threads: pipeline.threads,
+                    sharing: pipeline.sharing(),
                     quiet: pipeline.retrievers[i].quiet,
                 },
             )?;

@@ -23,7 +23,12 @@ use std::time::Duration;
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use timely::communication::WorkerGuards;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+use timely::communication::{Hooks, WorkerGuards};
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
@@ -35,6 +40,7 @@ use distillery_operators::student::{Student, StudentOptions};
 
 use crate::config::cluster::Cluster;
 use crate::dataflow::rounds::Rounds;
+use crate::dataflow::shared_top_k::serve_top_k;
 use crate::error::EngineError;
 use crate::executor::{EmbedTexts, ModelSpec, ScorePairs};
 use crate::train::data_parallel::{refuse_steps, serve_steps};
@@ -58,6 +64,9 @@ pub enum FollowerJob {
         query_prefix: Option<String>,
         passage_prefix: Option<String>,
     },
+    /// Score the passage blocks of an exact top-k (`dataflow::shared_top_k`): open the
+    /// cluster's rounds and serve it.
+    Retrieve,
     /// The leader's command is over.
     Done,
 }
@@ -88,21 +97,21 @@ where
     if cluster.is_distributed() && LOST.load(Ordering::SeqCst) {
         return Err(lost());
     }
-    let config = cluster.timely_config(workers);
     if !(cluster.is_distributed() && cluster.is_leader()) {
-        return timely::execute(config, func).map_err(EngineError::Dataflow);
+        return start(cluster, workers, func);
     }
     if !JOINED.load(Ordering::SeqCst) {
-        let guards = timely::execute(config, func).map_err(EngineError::Dataflow)?;
+        let guards = start(cluster, workers, func)?;
         JOINED.store(true, Ordering::SeqCst);
         return Ok(guards);
     }
     let (joined, joining) = std::sync::mpsc::sync_channel(1);
+    let c = cluster.clone();
     std::thread::spawn(move || {
-        let _ = joined.send(timely::execute(config, func));
+        let _ = joined.send(start(&c, workers, func));
     });
     match joining.recv_timeout(JOIN_TIMEOUT) {
-        Ok(guards) => guards.map_err(EngineError::Dataflow),
+        Ok(guards) => guards,
         Err(_) => Err(EngineError::Dataflow(format!(
             "the other {} process(es) of the cluster did not join within {} s: did one \
              stop? Stop every process and start them again: process 0 resumes its run",
@@ -124,6 +133,123 @@ pub fn lost() -> EngineError {
          and start them again; process 0 resumes its run"
             .into(),
     )
+}
+
+/// Starts timely's workers of this process: on one process as timely's `execute` does;
+/// over several, on connections made here ([`connect`]) instead of timely's own, which
+/// retry a refused connection and poll for an awaited one once a second: every
+/// computation after the first is joined by processes that learn of it at the same
+/// moment, so that second would be paid at every join.
+fn start<T, F>(cluster: &Cluster, workers: usize, func: F) -> Result<WorkerGuards<T>, EngineError>
+where
+    T: Send + 'static,
+    F: Fn(&mut Worker) -> T + Send + Sync + 'static,
+{
+    let workers = workers.max(1);
+    if !cluster.is_distributed() {
+        return timely::execute(cluster.timely_config(workers), func)
+            .map_err(EngineError::Dataflow);
+    }
+    let sockets = connect(cluster)?;
+    let hooks = Hooks::default();
+    let local =
+        ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, comms) =
+        initialize_networking_from_sockets(local, sockets, cluster.process, workers, hooks)
+            .map_err(|e| EngineError::Dataflow(format!("the cluster's connections: {e}")))?;
+    timely::execute::execute_from(
+        builders.into_iter().map(AllocatorBuilder::Tcp).collect(),
+        Box::new(comms),
+        timely::WorkerConfig::default(),
+        func,
+    )
+    .map_err(EngineError::Dataflow)
+}
+
+/// How often a process retries connecting to a lower one that is not listening yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// After this long waiting for another process, say so once.
+const WAITING_NOTICE: Duration = Duration::from_secs(2);
+
+/// This process's connection to every other, by process index (`None` at its own): it
+/// listens at its address, connects to every lower process (retrying every
+/// [`CONNECT_RETRY`] until that one listens) and accepts every higher one (looking as
+/// often), each of which first sends its index, as timely's own start does.
+fn connect(cluster: &Cluster) -> Result<Vec<Option<TcpStream>>, EngineError> {
+    let me = cluster.process;
+    let n = cluster.processes;
+    let address = |i: usize| cluster.addresses.get(i).cloned().unwrap_or_default();
+    let io = |what: String| move |e: std::io::Error| EngineError::Dataflow(format!("{what}: {e}"));
+    let listener = TcpListener::bind(address(me))
+        .map_err(io(format!("process {me} cannot listen at {}", address(me))))?;
+    let mut sockets: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    for (i, slot) in sockets.iter_mut().enumerate().take(me) {
+        let started = std::time::Instant::now();
+        let mut told = false;
+        let mut stream = loop {
+            match TcpStream::connect(address(i)) {
+                Ok(stream) => break stream,
+                Err(_) => {
+                    if !told && started.elapsed() > WAITING_NOTICE {
+                        eprintln!("process {me}: waiting for process {i} at {}", address(i));
+                        told = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                }
+            }
+        };
+        let failed = io(format!(
+            "process {me} connecting to process {i} at {}",
+            address(i)
+        ));
+        stream.set_nodelay(true).map_err(&failed)?;
+        stream
+            .write_all(&(me as u64).to_le_bytes())
+            .map_err(&failed)?;
+        *slot = Some(stream);
+    }
+    let failed = io(format!("process {me} accepting at {}", address(me)));
+    listener.set_nonblocking(true).map_err(&failed)?;
+    let started = std::time::Instant::now();
+    let mut told = false;
+    for _ in me + 1..n {
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !told && started.elapsed() > WAITING_NOTICE {
+                        eprintln!(
+                            "process {me}: waiting for processes {} to {} to connect at {}",
+                            me + 1,
+                            n - 1,
+                            address(me)
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        };
+        stream.set_nonblocking(false).map_err(&failed)?;
+        stream.set_nodelay(true).map_err(&failed)?;
+        let mut index = [0u8; 8];
+        stream.read_exact(&mut index).map_err(&failed)?;
+        let from = usize::try_from(u64::from_le_bytes(index)).unwrap_or(usize::MAX);
+        match sockets.get_mut(from) {
+            Some(slot @ None) if from > me => *slot = Some(stream),
+            _ => {
+                return Err(EngineError::Dataflow(format!(
+                    "process {me}: a connection at {} says it is process {from} of {n}, \
+                     which this process does not expect: is another cluster using the \
+                     same ports?",
+                    address(me)
+                )))
+            }
+        }
+    }
+    Ok(sockets)
 }
 
 /// Joins a computation's workers. A process of the cluster that died takes its
@@ -193,6 +319,8 @@ pub struct Served {
     pub items: u64,
     /// Training steps (and dev-loss batches) whose share this process embedded.
     pub train_batches: u64,
+    /// Passage blocks of exact retrievals this process scored.
+    pub retrieval_blocks: u64,
 }
 
 /// A follower's life: every stage the leader announces, run on `device` with `workers`
@@ -214,6 +342,12 @@ pub fn serve(
     loop {
         let (model, max_tokens, max_rows, label) = match exchange(cluster, workers, None)? {
             FollowerJob::Done => return Ok(served),
+            FollowerJob::Retrieve => {
+                let mut rounds = Rounds::open(cluster)?;
+                served.retrieval_blocks += serve_top_k(&mut rounds, workers)?;
+                served.stages += 1;
+                continue;
+            }
             FollowerJob::Train {
                 model,
                 query_max_length,

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::config::Pipeline;
 use crate::corpus::{count_records, open_queries, read_qrels, ReadOptions, CORPUS_FILES};
 use crate::dataflow::embedding_key::embedding_settings_hash;
+use crate::dataflow::shared_top_k::{Sharing, TopKOver};
 use crate::dataflow::{passage_texts, run_embed_stage, EmbedStage, EmbedStageReport};
 use crate::error::EngineError;
 use crate::eval::{evaluate, EvalOptions, EvalReport, Run};
@@ -24,7 +25,7 @@ use crate::model::fingerprint;
 use crate::record::{Qrels, Query};
 use crate::schema::EmbeddingMatrix;
 use crate::store::hash_file;
-use crate::store::{ContentHasher, StageKey, StageStore};
+use crate::store::{CompletedStage, ContentHasher, StageKey, StageStore};
 
 /// nDCG@10, Recall@100 and MRR@10 of one model on one query set.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -120,6 +121,8 @@ pub struct RetrievalEval<'a> {
     pub workers: usize,
     /// The processes its embedding stages run over.
     pub cluster: crate::config::cluster::Cluster,
+    /// How its retrieval is shared among them.
+    pub sharing: Sharing,
     /// Threads for the top-k selection.
     pub threads: usize,
     pub quiet: bool,
@@ -211,11 +214,11 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
     let k = deepest + usize::from(e.options.ignore_identical_ids);
     let (passage_ids, hits) = top_k_over_stage(
         e.store,
-        &passages.completed.stage,
+        &passages.completed,
         &q.values,
-        q.dim,
-        k,
+        (q.dim, k),
         e.threads,
+        &e.sharing,
     )?;
     let mut run: Run = BTreeMap::new();
     for (qi, list) in hits.into_iter().enumerate() {
@@ -239,17 +242,25 @@ pub fn evaluate_retrieval(e: &RetrievalEval<'_>) -> Result<RetrievalScores, Engi
 }
 
 /// Exact top-`k` of `queries` (`n x dim`) over the passages of an embedding stage, read
-/// from the store part by part (never the whole matrix); returns the passage ids in
+/// from the store part by part (never the whole matrix), the product shared as
+/// `sharing` says; returns the passage ids in
 /// stage order, which the hits' positions index.
 pub fn top_k_over_stage(
     store: &StageStore,
-    stage: &str,
+    passages: &CompletedStage,
     queries: &[f32],
-    dim: usize,
-    k: usize,
+    (dim, k): (usize, usize),
     threads: usize,
+    sharing: &Sharing,
 ) -> Result<(Vec<String>, Vec<Vec<crate::retrieval::Hit>>), EngineError> {
-    let mut top = crate::retrieval::TopK::new(queries, dim, k, threads);
+    let stage = &passages.stage;
+    let mut top = TopKOver::open(
+        sharing,
+        queries,
+        (dim, k),
+        passages.rows() as usize,
+        threads,
+    )?;
     let mut ids = Vec::new();
     for batch in store.read(stage)? {
         let mut part = EmbeddingMatrix::default();
@@ -398,6 +409,7 @@ pub(crate) fn retrieve_set(
         batcher: pipeline.batcher(),
         workers: pipeline.workers,
         cluster: pipeline.cluster.clone(),
+        sharing: pipeline.sharing(),
         threads: pipeline.threads,
         quiet: pipeline.quiet,
         options: &EvalOptions::default(),

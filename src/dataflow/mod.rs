@@ -45,6 +45,7 @@ pub mod passage_index;
 pub mod retrieve;
 pub mod rounds;
 pub mod score_ahead;
+pub mod shared_top_k;
 pub mod teacher_check;
 pub mod train;
 pub mod write_parts;

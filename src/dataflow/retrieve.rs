@@ -31,6 +31,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::CHUNK_ROWS;
+use crate::dataflow::shared_top_k::{Sharing, TopKOver};
 use crate::error::EngineError;
 use crate::progress::Progress;
 use crate::retrieval::repair::{passage_identity, query_identity, ChangeTracker, Identity};
@@ -71,6 +72,8 @@ pub struct RetrievalStage<'a> {
     pub settings_hash: String,
     pub k: usize,
     pub threads: usize,
+    /// How the product is shared among the cluster's processes.
+    pub sharing: Sharing,
     pub quiet: bool,
 }
 
@@ -234,14 +237,16 @@ impl<'a> RetrievalRun<'a> {
         let mut tracker = last.as_ref().map(|l| ChangeTracker::new(&l.passages));
         let mut added_vectors = Vec::new();
         let first = chunk.min(nq);
-        let mut full = last.is_none().then(|| {
-            TopK::new(
+        let mut full = match last {
+            None => Some(TopKOver::open(
+                &s.sharing,
                 &s.queries.values[..first * s.queries.dim],
-                s.queries.dim,
-                s.k,
+                (s.queries.dim, s.k),
+                np,
                 s.threads,
-            )
-        });
+            )?),
+            Some(_) => None,
+        };
         let mut passage_ids = Vec::with_capacity(np);
         let mut identities = Vec::with_capacity(np);
         let progress = Progress::new(&s.label, Some(np as u64), s.quiet);
@@ -468,7 +473,13 @@ fn retrieve_all(
     queries: &[f32],
     label: &str,
 ) -> Result<Vec<Vec<Hit>>, EngineError> {
-    let mut top = TopK::new(queries, s.queries.dim, s.k, s.threads);
+    let mut top = TopKOver::open(
+        &s.sharing,
+        queries,
+        (s.queries.dim, s.k),
+        s.passages.rows() as usize,
+        s.threads,
+    )?;
     let progress = Progress::new(label, Some(s.passages.rows()), s.quiet);
     for batch in store.read(&s.passages.stage)? {
         let part = passage_part(&s.passages.stage, &batch?, s.queries)?;
@@ -476,7 +487,7 @@ fn retrieve_all(
         progress.inc(part.len() as u64);
     }
     progress.finish();
-    Ok(top.finish()?)
+    top.finish()
 }
 
 /// A part of the passage stage, checked to have the queries' dimension.

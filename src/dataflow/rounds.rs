@@ -29,10 +29,10 @@ use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
+use crate::collective::Collective;
 use crate::config::cluster::Cluster;
 use crate::dataflow::cluster;
 use crate::error::EngineError;
-use crate::train::data_parallel::Collective;
 
 /// The largest piece a message is cut into: large enough that a 90 MB gradient is under
 /// a hundred records, small enough that no single buffer of timely's is huge.

@@ -153,6 +153,20 @@ impl<'q> TopK<'q> {
         Ok(())
     }
 
+    /// Scores one block of passages at positions `p0, p0 + 1, ...` at once: what a
+    /// process given some of a matrix's blocks does (`dataflow/shared_top_k.rs`). Not
+    /// mixed with [`TopK::push`]; positions must grow from block to block (ties go to
+    /// the earlier position).
+    pub fn push_block_at(&mut self, p0: usize, block: &[f32]) -> candle_core::Result<()> {
+        if self.dim == 0 || block.is_empty() {
+            return Ok(());
+        }
+        self.pending.clear();
+        self.pending.extend_from_slice(block);
+        self.scored = p0;
+        self.score_pending()
+    }
+
     /// The `k` best passages of each query, best first.
     pub fn finish(mut self) -> candle_core::Result<Vec<Vec<Hit>>> {
         if !self.pending.is_empty() {

@@ -156,6 +156,8 @@ dataset = "beir"
 [engine]
 threads = 2
 stream_queries = 16
+# Over several processes every retrieval is shared, however small (tests/cluster.rs).
+min_shared_scores = 0
 on_bad_record = "{on_bad_record}"
 "#
     );

@@ -38,25 +38,13 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 use distillery_operators::student::{GradientPath, Student};
 
+pub use crate::collective::Collective;
+use crate::collective::Writer;
 use crate::error::EngineError;
 use wire::{decode_reply, decode_requests, encode_reply, encode_request, encode_requests};
-use wire::{Reply, Request, Writer};
+use wire::{Reply, Request};
 
 mod wire;
-
-/// Rounds of messages among the processes of a cluster.
-pub trait Collective {
-    /// How many processes take part.
-    fn processes(&self) -> usize;
-    /// This process's index (0 leads).
-    fn process(&self) -> usize;
-    /// Sends every `(process, message)` of `outgoing` and returns what each process sent
-    /// this one in this round, by sender, once every process has sent its part.
-    fn round(
-        &mut self,
-        outgoing: Vec<(usize, Vec<u8>)>,
-    ) -> Result<BTreeMap<usize, Vec<u8>>, EngineError>;
-}
 
 /// Parameter gradients, one slot per variable of [`Student::vars`].
 pub type Grads = Vec<Option<Tensor>>;

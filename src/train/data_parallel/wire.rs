@@ -8,6 +8,7 @@ use std::ops::Range;
 use distillery_operators::student::GradientPath;
 
 use super::{FlatGrads, ShareRows};
+use crate::collective::{Reader, Writer};
 use crate::error::EngineError;
 
 /// What process 0 asks of another process.
@@ -48,118 +49,6 @@ const REQ_DONE: u8 = 4;
 const REPLY_EMBEDDED: u8 = 11;
 const REPLY_GRADIENTS: u8 = 12;
 const REPLY_FAILED: u8 = 13;
-
-/// Little-endian encoding of the messages.
-#[derive(Default)]
-pub(super) struct Writer(pub(super) Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) -> &mut Self {
-        self.0.push(v);
-        self
-    }
-    pub(super) fn u64(&mut self, v: usize) -> &mut Self {
-        self.0.extend_from_slice(&(v as u64).to_le_bytes());
-        self
-    }
-    fn u32s(&mut self, v: &[u32]) -> &mut Self {
-        self.u64(v.len());
-        self.0.reserve(v.len() * 4);
-        for x in v {
-            self.0.extend_from_slice(&x.to_le_bytes());
-        }
-        self
-    }
-    fn f32s(&mut self, v: &[f32]) -> &mut Self {
-        self.u64(v.len());
-        self.0.reserve(v.len() * 4);
-        for x in v {
-            self.0.extend_from_slice(&x.to_le_bytes());
-        }
-        self
-    }
-    fn opt_f32s(&mut self, v: Option<&[f32]>) -> &mut Self {
-        match v {
-            Some(v) => self.u8(1).f32s(v),
-            None => self.u8(0),
-        }
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.u64(s.len());
-        self.0.extend_from_slice(s.as_bytes());
-        self
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    from: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], from: usize) -> Self {
-        Self { bytes, at: 0, from }
-    }
-    fn bad(&self, what: &str) -> EngineError {
-        EngineError::Dataflow(format!(
-            "a training message from process {} is malformed ({what} at byte {}): are all \
-             processes the same distillery?",
-            self.from, self.at
-        ))
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], EngineError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| self.bad("cut short"))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn done(&self) -> bool {
-        self.at == self.bytes.len()
-    }
-    fn u8(&mut self) -> Result<u8, EngineError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u64(&mut self) -> Result<usize, EngineError> {
-        let b = self.take(8)?;
-        let v = u64::from_le_bytes(b.try_into().map_err(|_| self.bad("a length"))?);
-        usize::try_from(v).map_err(|_| self.bad("a length"))
-    }
-    fn len4(&mut self) -> Result<&'a [u8], EngineError> {
-        let n = self.u64()?;
-        let bytes = n.checked_mul(4).ok_or_else(|| self.bad("a length"))?;
-        self.take(bytes)
-    }
-    fn u32s(&mut self) -> Result<Vec<u32>, EngineError> {
-        Ok(self
-            .len4()?
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-    fn f32s(&mut self) -> Result<Vec<f32>, EngineError> {
-        Ok(self
-            .len4()?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-    fn opt_f32s(&mut self) -> Result<Option<Vec<f32>>, EngineError> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.f32s()?)),
-            _ => Err(self.bad("an option tag")),
-        }
-    }
-    fn str(&mut self) -> Result<String, EngineError> {
-        let n = self.u64()?;
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
-    }
-}
 
 fn path_tag(path: GradientPath) -> u8 {
     match path {
