@@ -206,7 +206,7 @@ pub struct EngineFile {
     pub hostfile: Option<PathBuf>,
     /// An exact retrieval of at least this many scores (queries x passages) is shared
     /// among the cluster's processes; a smaller one runs on process 0 alone. Default
-    /// [`crate::dataflow::shared_top_k::MIN_SHARED_SCORES`].
+    /// [`cluster::MIN_SHARED_SCORES`].
     pub min_shared_scores: u64,
 }
 
@@ -223,7 +223,7 @@ impl Default for EngineFile {
             processes: 1,
             process: 0,
             hostfile: None,
-            min_shared_scores: crate::dataflow::shared_top_k::MIN_SHARED_SCORES,
+            min_shared_scores: cluster::MIN_SHARED_SCORES,
         }
     }
 }
@@ -513,8 +513,8 @@ impl Pipeline {
     }
 
     /// How the run's exact retrievals are shared among its processes.
-    pub fn sharing(&self) -> crate::dataflow::shared_top_k::Sharing {
-        crate::dataflow::shared_top_k::Sharing {
+    pub fn sharing(&self) -> cluster::Sharing {
+        cluster::Sharing {
             cluster: self.cluster.clone(),
             workers: self.workers,
             min_scores: self.min_shared_scores,

@@ -122,7 +122,7 @@ fn follow(
     quiet: bool,
     json: Option<&std::path::Path>,
 ) -> Result<()> {
-    let served = cluster::serve(c, workers, device, quiet)?;
+    let served = distillery::dataflow::follower::serve(c, workers, device, quiet)?;
     println!(
         "process {} of {}: ran {} items on this device in {} stage(s) for process 0, \
          {} retrieval block(s), and its share of {} training batch(es)",

@@ -24,6 +24,22 @@ pub struct Cluster {
     pub hostfile: Option<PathBuf>,
 }
 
+/// How exact retrievals are shared: over which cluster (its processes' timely workers
+/// each), from how many scores on.
+#[derive(Debug, Clone, Default)]
+pub struct Sharing {
+    pub cluster: Cluster,
+    pub workers: usize,
+    /// Retrievals of fewer scores (queries x passages) run on process 0 alone.
+    pub min_scores: u64,
+}
+
+/// The default of [`Sharing::min_scores`] (`[engine] min_shared_scores`): sharing a
+/// retrieval (`dataflow/shared_top_k.rs`) joins the cluster twice (an announcement, then the rounds), up to a second
+/// each when timely's first connection is refused and retried; a product of 2^24 scores
+/// of MiniLM's 384 dimensions (6.4 GFLOP) takes about that on one of these cores.
+pub const MIN_SHARED_SCORES: u64 = 1 << 24;
+
 impl Default for Cluster {
     fn default() -> Self {
         Self::single()

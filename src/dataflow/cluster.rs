@@ -7,7 +7,7 @@
 //! and writes; its worker 0 feeds the items, which timely exchanges by position to every
 //! worker of every process, and every result comes back to it to be written in input
 //! order, so the stage's bytes are those of one process. The other processes follow
-//! ([`serve`]): they read no input and open no run directory; they wait for the leader's
+//! (`dataflow/follower.rs`): they read no input and open no run directory; they wait for the leader's
 //! next [`FollowerJob`], announced to them in a small timely computation of its own
 //! ([`announce`]), load the model it names (once: loaded models are kept), build the
 //! stage's dataflow and run on their device what timely sends them, until the leader
@@ -16,15 +16,14 @@
 //! announced is run by every process.
 
 use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 
 use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
 use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
@@ -34,16 +33,9 @@ use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
-use std::path::Path;
-
-use distillery_operators::student::{Student, StudentOptions};
-
 use crate::config::cluster::Cluster;
-use crate::dataflow::rounds::Rounds;
-use crate::dataflow::shared_top_k::serve_top_k;
 use crate::error::EngineError;
-use crate::executor::{EmbedTexts, ModelSpec, ScorePairs};
-use crate::train::data_parallel::{refuse_steps, serve_steps};
+use crate::executor::ModelSpec;
 
 /// What the leader tells its followers before each stage, and at its end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +64,7 @@ pub enum FollowerJob {
 }
 
 /// How long process 0 waits for the other processes to join one of its timely
-/// computations once they have joined a first one. From then on they wait in [`serve`]
+/// computations once they have joined a first one. From then on they wait in `follower::serve`
 /// for each announcement and stage, so they join at once; one that does not within this
 /// time is gone (killed, its machine down), and process 0 stops with an error instead of
 /// waiting forever. The first computation waits as long as it takes: people start the
@@ -303,123 +295,15 @@ fn exchange(
         .map_err(|e| EngineError::Dataflow(format!("a job from process 0: {e}")))
 }
 
+/// A follower's next job from process 0 (it waits as long as process 0 takes).
+pub fn next_job(cluster: &Cluster, workers: usize) -> Result<FollowerJob, EngineError> {
+    exchange(cluster, workers, None)
+}
+
 /// The leader announces `job` to its followers (nothing to do on one process).
 pub fn announce(cluster: &Cluster, workers: usize, job: FollowerJob) -> Result<(), EngineError> {
     if cluster.is_distributed() && cluster.is_leader() {
         exchange(cluster, workers, Some(job))?;
     }
     Ok(())
-}
-
-/// What a follower did for its leader.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Served {
-    pub stages: usize,
-    /// Items this process's device ran (texts embedded, pairs scored).
-    pub items: u64,
-    /// Training steps (and dev-loss batches) whose share this process embedded.
-    pub train_batches: u64,
-    /// Passage blocks of exact retrievals this process scored.
-    pub retrieval_blocks: u64,
-}
-
-/// A follower's life: every stage the leader announces, run on `device` with `workers`
-/// threads, until it announces the end.
-pub fn serve(
-    cluster: &Cluster,
-    workers: usize,
-    device: &Device,
-    quiet: bool,
-) -> Result<Served, EngineError> {
-    if cluster.is_leader() {
-        return Err(EngineError::Invalid(
-            "process 0 leads; it does not serve".into(),
-        ));
-    }
-    let mut served = Served::default();
-    let mut embedders: Vec<(ModelSpec, Arc<EmbedTexts>)> = Vec::new();
-    let mut scorers: Vec<(ModelSpec, Arc<ScorePairs>)> = Vec::new();
-    loop {
-        let (model, max_tokens, max_rows, label) = match exchange(cluster, workers, None)? {
-            FollowerJob::Done => return Ok(served),
-            FollowerJob::Retrieve => {
-                let mut rounds = Rounds::open(cluster)?;
-                served.retrieval_blocks += serve_top_k(&mut rounds, workers)?;
-                served.stages += 1;
-                continue;
-            }
-            FollowerJob::Train {
-                model,
-                query_max_length,
-                passage_max_length,
-                query_prefix,
-                passage_prefix,
-            } => {
-                let options = StudentOptions {
-                    query_max_length,
-                    passage_max_length,
-                    query_prefix,
-                    passage_prefix,
-                };
-                // The rounds first: process 0 waits in them, and hears from them why
-                // this process cannot train.
-                let mut rounds = Rounds::open(cluster)?;
-                let steps = match Student::load(Path::new(&model), &options, device) {
-                    Ok(student) => serve_steps(&student, &mut rounds)?,
-                    Err(e) => {
-                        let e = EngineError::from(e);
-                        refuse_steps(&mut rounds, &e)?;
-                        return Err(e);
-                    }
-                };
-                served.stages += 1;
-                served.train_batches += steps.embedded;
-                continue;
-            }
-            FollowerJob::Stage {
-                model,
-                max_tokens,
-                max_rows,
-                label,
-            } => (model, max_tokens, max_rows, label),
-        };
-        let stage = super::EmbedStage {
-            stage: String::new(),
-            key: crate::store::StageKey {
-                settings_hash: String::new(),
-                input_hash: String::new(),
-            },
-            kind: distillery_operators::TextKind::Passage,
-            batcher: distillery_operators::TokenBudgetBatcher {
-                max_tokens,
-                max_rows,
-            },
-            workers,
-            cluster: cluster.clone(),
-            chunk_rows: super::CHUNK_ROWS,
-            total: None,
-            label: format!("process {}: {label}", cluster.process),
-            quiet,
-        };
-        let unwritten = super::unwritten_output;
-        let items = if let Some(found) = embedders.iter().find(|(s, _)| *s == model) {
-            super::follow_device_stage(found.1.clone(), &stage, unwritten())?
-        } else if let Some(found) = scorers.iter().find(|(s, _)| *s == model) {
-            super::follow_device_stage(found.1.clone(), &stage, unwritten())?
-        } else if let Some(m) = model.load_embed(device)? {
-            let m = Arc::new(m);
-            embedders.push((model, m.clone()));
-            super::follow_device_stage(m, &stage, unwritten())?
-        } else if let Some(m) = model.load_score(device)? {
-            let m = Arc::new(m);
-            scorers.push((model, m.clone()));
-            super::follow_device_stage(m, &stage, unwritten())?
-        } else {
-            return Err(EngineError::Dataflow(format!(
-                "process 0 named a model this process cannot load: {model:?}"
-            )));
-        };
-        served.stages += 1;
-        served.items += items;
-    }
 }

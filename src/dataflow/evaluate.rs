@@ -13,10 +13,11 @@ use std::sync::Arc;
 use distillery_operators::{Embedder, EmbedderOptions, TextKind, TokenBudgetBatcher};
 use serde::Serialize;
 
+use crate::config::cluster::Sharing;
 use crate::config::Pipeline;
 use crate::corpus::{count_records, open_queries, read_qrels, ReadOptions, CORPUS_FILES};
 use crate::dataflow::embedding_key::embedding_settings_hash;
-use crate::dataflow::shared_top_k::{Sharing, TopKOver};
+use crate::dataflow::shared_top_k::TopKOver;
 use crate::dataflow::{passage_texts, run_embed_stage, EmbedStage, EmbedStageReport};
 use crate::error::EngineError;
 use crate::eval::{evaluate, EvalOptions, EvalReport, Run};

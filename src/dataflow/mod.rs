@@ -37,6 +37,7 @@ pub mod cluster;
 pub mod corpus_change;
 pub mod embedding_key;
 pub mod evaluate;
+pub mod follower;
 pub mod generate;
 pub mod infer_op;
 pub mod label;

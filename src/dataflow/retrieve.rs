@@ -31,7 +31,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::CHUNK_ROWS;
-use crate::dataflow::shared_top_k::{Sharing, TopKOver};
+use crate::config::cluster::Sharing;
+use crate::dataflow::shared_top_k::TopKOver;
 use crate::error::EngineError;
 use crate::progress::Progress;
 use crate::retrieval::repair::{passage_identity, query_identity, ChangeTracker, Identity};

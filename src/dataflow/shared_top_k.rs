@@ -19,27 +19,11 @@
 use std::sync::MutexGuard;
 
 use crate::collective::{Collective, Reader, Writer};
-use crate::config::cluster::Cluster;
+use crate::config::cluster::Sharing;
 use crate::dataflow::cluster::{self, FollowerJob};
 use crate::dataflow::rounds::Rounds;
 use crate::error::EngineError;
 use crate::retrieval::{better, Hit, TopK, PASSAGE_BLOCK};
-
-/// How exact retrievals are shared: over which cluster (its processes' timely workers
-/// each), from how many scores on.
-#[derive(Debug, Clone, Default)]
-pub struct Sharing {
-    pub cluster: Cluster,
-    pub workers: usize,
-    /// Retrievals of fewer scores (queries x passages) run on process 0 alone.
-    pub min_scores: u64,
-}
-
-/// The default of [`Sharing::min_scores`] (`[engine] min_shared_scores`): sharing a
-/// retrieval joins the cluster twice (an announcement, then the rounds), up to a second
-/// each when timely's first connection is refused and retried; a product of 2^24 scores
-/// of MiniLM's 384 dimensions (6.4 GFLOP) takes about that on one of these cores.
-pub const MIN_SHARED_SCORES: u64 = 1 << 24;
 
 const MSG_START: u8 = 1;
 const MSG_BLOCK: u8 = 2;
