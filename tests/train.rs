@@ -91,6 +91,18 @@ fn quiet(stop_after: Option<u64>) -> RunControl<'static> {
     }
 }
 
+/// Each passage id of `ex` numbered in order of first appearance, as the trainer does.
+fn intern(ex: &[Example]) -> HashMap<String, u32> {
+    let mut intern = HashMap::new();
+    for e in ex {
+        for p in &e.passage_ids {
+            let n = intern.len() as u32;
+            intern.entry(p.clone()).or_insert(n);
+        }
+    }
+    intern
+}
+
 fn settings() -> TrainSettings {
     TrainSettings {
         micro_batch: 2,
@@ -110,13 +122,7 @@ fn gradient_caching_equals_one_full_batch_backward() {
     let student = tiny_student(model.path(), &passages);
     let ex = examples(&passages, 6);
     let refs: Vec<&Example> = ex.iter().collect();
-    let mut intern = HashMap::new();
-    for e in &ex {
-        for p in &e.passage_ids {
-            let n = intern.len() as u32;
-            intern.entry(p.clone()).or_insert(n);
-        }
-    }
+    let intern = intern(&ex);
     let loss = LossConfig::default();
     let vars = student.vars();
     let batch = prepare(&student, &refs, (&texts).into(), &intern, LIST).unwrap();
@@ -534,13 +540,7 @@ fn a_step_shared_among_processes_gives_one_processs_bits() {
     // 7 queries in micro-batches of 2: 4 micro-batches, the last of one query.
     let ex = examples(&passages, 7);
     let refs: Vec<&Example> = ex.iter().collect();
-    let mut intern = HashMap::new();
-    for e in &ex {
-        for p in &e.passage_ids {
-            let n = intern.len() as u32;
-            intern.entry(p.clone()).or_insert(n);
-        }
-    }
+    let intern = intern(&ex);
     // Fixed passage rows: any values of the student's width.
     let ids: Vec<String> = intern.keys().cloned().collect();
     let dim = student.dim();

@@ -5,11 +5,8 @@
 # and the bytes a follower exchanges per passage.
 #   usage: benches/cluster/embed.sh CORPUS.jsonl MODEL_DIR [WORK_DIR]
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-corpus=$(realpath "$1")
-model=$(realpath "$2")
-work=${3:-/tmp/distillery-cluster-bench}
-bin=${CARGO_TARGET_DIR:-$root/target}/release/distillery
+default_work=/tmp/distillery-cluster-bench
+source "$(dirname "$0")/common.sh"
 rm -rf "$work" && mkdir -p "$work" && cd "$work"
 embed() { "$bin" embed --model "$model" --input "$corpus" --quiet "$@"; }
 t0=$(date +%s.%N)

@@ -5,11 +5,8 @@
 # stages are byte-equal and prints both wall times and what the follower ran.
 #   usage: benches/cluster/label.sh CORPUS.jsonl MODEL_DIR [WORK_DIR]
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-corpus=$(realpath "$1")
-model=$(realpath "$2")
-work=${3:-/tmp/distillery-cluster-label}
-bin=${CARGO_TARGET_DIR:-$root/target}/release/distillery
+default_work=/tmp/distillery-cluster-label
+source "$(dirname "$0")/common.sh"
 rm -rf "$work" && mkdir -p "$work/one" "$work/two" && cd "$work"
 for v in one two; do
   threads=$([ $v = one ] && echo 2 || echo 1)
@@ -29,16 +26,7 @@ model = "$model"
 threads = $threads
 TOML
 done
-printf '127.0.0.1:2101\n127.0.0.1:2102\n' > two/hosts
-t0=$(date +%s.%N)
-(cd one && "$bin" label --config pipeline.toml -w 2 --quiet > label.out)
-t1=$(date +%s.%N)
-(cd two && "$bin" label --config pipeline.toml -w 1 -n 2 -p 1 --hostfile hosts --quiet \
-  > follower.out 2> follower.err) &
-follower=$!
-(cd two && "$bin" label --config pipeline.toml -w 1 -n 2 -p 0 --hostfile hosts --quiet > label.out)
-wait $follower
-t2=$(date +%s.%N)
+one_and_two label
 for stage in candidates examples; do
   if diff -rq one/run/stages/$stage two/run/stages/$stage > /dev/null; then
     echo "stage $stage: byte-equal"

@@ -9,13 +9,9 @@
 # The training settings (below) are small so the benchmark takes minutes on 2 cores:
 # 4 micro-batches of 8 queries a step, lists of 8 passages, one epoch.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-corpus=$(realpath "$1")
-model=$(realpath "$2")
-work=${3:-/tmp/distillery-cluster-train}
-bin=${CARGO_TARGET_DIR:-$root/target}/release/distillery
+default_work=/tmp/distillery-cluster-train
+source "$(dirname "$0")/common.sh"
 rm -rf "$work" && mkdir -p "$work/base" && cd "$work"
-"$bin" cpu | head -3
 config() {
   cat <<TOML
 run_dir = "run"
@@ -43,16 +39,7 @@ for v in one two; do
   cp -r base $v
   config $([ $v = one ] && echo 2 || echo 1) > $v/pipeline.toml
 done
-printf '127.0.0.1:2101\n127.0.0.1:2102\n' > two/hosts
-t0=$(date +%s.%N)
-(cd one && "$bin" train --config pipeline.toml -w 2 --quiet > train.out)
-t1=$(date +%s.%N)
-(cd two && "$bin" train --config pipeline.toml -w 1 -n 2 -p 1 --hostfile hosts --quiet \
-  > follower.out 2> follower.err) &
-follower=$!
-(cd two && "$bin" train --config pipeline.toml -w 1 -n 2 -p 0 --hostfile hosts --quiet > train.out)
-wait $follower
-t2=$(date +%s.%N)
+one_and_two train
 if diff -r one/run/train/best-model two/run/train/best-model > /dev/null; then
   echo "exported models: byte-equal"
 else

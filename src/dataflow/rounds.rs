@@ -10,14 +10,15 @@
 //! process computes between rounds while the cluster's connections stay open.
 //!
 //! Each message travels as chunks of at most [`CHUNK_BYTES`], tagged with the round, its
-//! sender and its position, and routed by timely to the destination process; a round is
-//! complete when timely's frontier has passed it. A process that stops (its [`Rounds`]
+//! sender and its position, and routed by timely to the destination process, where a
+//! sink takes them (moved, not copied); a round is complete when the sink's frontier has
+//! passed it. A process that stops (its [`Rounds`]
 //! dropped) closes its input: the others' rounds then complete without its messages,
 //! which the protocol above reads as its end. A process lost without closing (killed)
 //! takes its connections down; timely's threads then fail, and the next round is an
 //! error.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -25,8 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use timely::communication::WorkerGuards;
-use timely::dataflow::operators::{Exchange, Inspect, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::InputHandleVec;
 use timely::worker::Worker;
 
 use crate::collective::Collective;
@@ -126,15 +128,20 @@ fn serve_rounds(
 ) {
     let me = worker.index() as u64;
     let mut input: InputHandleVec<u64, Chunk> = InputHandleVec::new();
-    let probe = ProbeHandle::new();
     let arrived: Rc<RefCell<Vec<Chunk>>> = Rc::new(RefCell::new(Vec::new()));
-    let sink = arrived.clone();
+    // The round being waited for, and whether the sink's frontier has passed it.
+    let waiting = Rc::new(Cell::new(0u64));
+    let complete = Rc::new(Cell::new(false));
+    let (sink, waiting_in, complete_in) = (arrived.clone(), waiting.clone(), complete.clone());
     worker.dataflow::<u64, _, _>(|scope| {
-        input
-            .to_stream(scope)
-            .exchange(|c: &Chunk| c.0)
-            .inspect(move |c: &Chunk| sink.borrow_mut().push(c.clone()))
-            .probe_with(&probe);
+        input.to_stream(scope).sink(
+            Exchange::new(|c: &Chunk| c.0),
+            "RoundArrivals",
+            move |(chunks, frontier)| {
+                chunks.for_each(|_, data| sink.borrow_mut().append(data));
+                complete_in.set(!frontier.less_equal(&waiting_in.get()));
+            },
+        );
     });
     let mut round: u64 = 0;
     while let Ok(outgoing) = requests.recv() {
@@ -148,19 +155,18 @@ fn serve_rounds(
                 input.send((to as u64, me, round, i as u32, piece.to_vec()));
             }
         }
+        // The frontier cannot pass this round before this process's input does.
+        waiting.set(round);
+        complete.set(false);
         input.advance_to(round + 1);
-        while probe.less_equal(&round) {
+        while !complete.get() {
             worker.step_or_park(Some(PARK));
         }
-        let mut chunks: Vec<Chunk> = Vec::new();
-        arrived.borrow_mut().retain(|c| {
-            if c.2 == round {
-                chunks.push(c.clone());
-                false
-            } else {
-                true
-            }
-        });
+        // Chunks of the next round may have come already (a faster process); they stay.
+        let all = std::mem::take(&mut *arrived.borrow_mut());
+        let (mut chunks, later): (Vec<Chunk>, Vec<Chunk>) =
+            all.into_iter().partition(|c| c.2 == round);
+        *arrived.borrow_mut() = later;
         chunks.sort_by_key(|c| (c.1, c.3));
         let mut received = Received::new();
         for (_, from, _, _, bytes) in chunks {

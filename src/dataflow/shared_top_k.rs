@@ -309,14 +309,7 @@ pub fn serve_top_k(collective: &mut dyn Collective, threads: usize) -> Result<u6
 mod tests {
     use super::*;
     use crate::collective::ThreadProcess;
-    use crate::retrieval::tests::seeded_values;
-
-    fn bits(lists: &[Vec<Hit>]) -> Vec<Vec<(u32, u32)>> {
-        lists
-            .iter()
-            .map(|l| l.iter().map(|h| (h.passage, h.score.to_bits())).collect())
-            .collect()
-    }
+    use crate::retrieval::tests::{bits, seeded_values};
 
     /// Processes as threads: the lists are one process's bits, ties included (passages
     /// repeated in other blocks), whatever the number of processes and however the

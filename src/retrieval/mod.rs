@@ -232,6 +232,14 @@ impl<'q> TopK<'q> {
 pub(crate) mod tests {
     use super::*;
 
+    /// Lists as (passage, score bits): what equal-bits assertions compare.
+    pub(crate) fn bits(lists: &[Vec<Hit>]) -> Vec<Vec<(u32, u32)>> {
+        lists
+            .iter()
+            .map(|l| l.iter().map(|h| (h.passage, h.score.to_bits())).collect())
+            .collect()
+    }
+
     /// `n` values in [-0.5, 0.5) from a fixed linear congruential sequence.
     fn pseudo_random(n: usize) -> Vec<f32> {
         seeded_values(12345, n)

@@ -196,7 +196,7 @@ impl PassageChange {
 #[cfg(test)]
 mod tests {
     use super::super::exact_top_k;
-    use super::super::tests::seeded_values as pseudo_random;
+    use super::super::tests::{bits, seeded_values as pseudo_random};
     use super::*;
 
     struct Corpus {
@@ -250,13 +250,6 @@ mod tests {
             })
             .collect();
         Some((lists, again))
-    }
-
-    fn bits(lists: &[Vec<Hit>]) -> Vec<Vec<(u32, u32)>> {
-        lists
-            .iter()
-            .map(|l| l.iter().map(|h| (h.passage, h.score.to_bits())).collect())
-            .collect()
     }
 
     #[test]
