@@ -13,11 +13,26 @@
 //! - `batched`: all prompts in one call with `max_batch_rows` = the number of prompts
 //!   (prefilled together, then decoded one token per row per step).
 //!
-//! The generator does not report its phases, so each measurement is made twice: with one
-//! new token (the prefill and the first sampled token: `prefill_seconds`) and with all of
-//! them (`seconds`); `decode_seconds` is the difference, the time of the remaining
-//! `new_tokens - 1` tokens per prompt. Model loading and one warm-up generation are not
-//! timed. Prints one JSON line per mode (and writes them as a list to `--json`).
+//! Phases: the generator times its prompt steps (shared prefixes, each group's prefill
+//! and the choice of its first tokens: `prefill_seconds`); `decode_seconds` is the rest
+//! of the run (`seconds`), the remaining `new_tokens - 1` tokens per prompt. Model
+//! loading and one warm-up generation are not timed. Prints one JSON line per mode (and
+//! writes them as a list to `--json`).
+//!
+//! Options for the recipe's shape (benches/compare/llm_recipe_shape.sh):
+//! - `--render CORPUS.jsonl --passages N --out FILE`: writes the prompts `distillery
+//!   generate` renders for the first N passages generation takes from CORPUS (default
+//!   preparation: titles, texts cut to 2,048 characters), one per built-in query type
+//!   with its few-shot examples drawn as the run's seed (42) draws them, through the
+//!   model's own chat template and tokenizer: `{"prompts": [[ids]], "seeds": [..],
+//!   "types": [..], "passages": [..]}`. Nothing is generated.
+//! - `--temperature T`: sample at T with each prompt's seed (`seeds` of the prompts
+//!   file, else 0) instead of greedy decoding; end-of-turn stays barred, so every prompt
+//!   still gets exactly `--new-tokens`.
+//! - `--rows R`: `batched` runs groups of R prompts (the generator's `max_batch_rows`)
+//!   instead of all at once.
+//! - `--prefix-cache off`: every prompt computed whole (the generator's shared-prefix
+//!   reuse off); the JSON line reports `prefix_tokens_reused` either way.
 //!
 //! `--mode kernels` is a diagnostic instead: it times candle's quantized products
 //! (`QMatMul::forward`) for each distinct (matrix, storage type) of the GGUF file at 1, 8
@@ -29,6 +44,9 @@
 //! usage: cargo bench -p distillery --bench llm_generate -- --model FILE.gguf
 //!            [--prompts prompts.json] [--new-tokens N]
 //!            [--mode single|batched|both|kernels] [--json OUT]
+//!            [--temperature T] [--rows R] [--prefix-cache on|off]
+//!        cargo bench -p distillery --bench llm_generate -- --model FILE.gguf
+//!            --render CORPUS.jsonl --passages N --out prompts.json
 //! Threads: RAYON_NUM_THREADS (candle's CPU kernels and the generator's sampling run on
 //! rayon's pool and on candle's pool of the same size).
 
@@ -36,6 +54,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use distillery::corpus::{open_passages, ReadOptions};
+use distillery::generate::prepare::{prepare_passages, PrepareOptions};
+use distillery::generate::prompts::PromptSet;
 use distillery_operators::llm::{LlmGenerator, LlmOptions, SamplingParams};
 use serde_json::json;
 
@@ -43,6 +64,15 @@ use serde_json::json;
 const DEFAULT_NEW_TOKENS: usize = 64;
 /// New tokens of the untimed warm-up generation (first prompt only).
 const WARMUP_TOKENS: usize = 4;
+/// The run seed of `distillery generate` unless a config says otherwise.
+const RUN_SEED: u64 = 42;
+
+/// What `--render` asks for.
+struct Render {
+    corpus: PathBuf,
+    passages: usize,
+    out: PathBuf,
+}
 
 struct Args {
     model: PathBuf,
@@ -51,6 +81,10 @@ struct Args {
     modes: Vec<&'static str>,
     kernels: bool,
     json: Option<PathBuf>,
+    temperature: f64,
+    rows: Option<usize>,
+    prefix_cache: bool,
+    render: Option<Render>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -60,6 +94,10 @@ fn parse_args() -> Result<Args> {
     let mut modes = vec!["single", "batched"];
     let mut kernels = false;
     let mut json = None;
+    let mut temperature = 0.0;
+    let mut rows = None;
+    let mut prefix_cache = true;
+    let (mut corpus, mut passages, mut out) = (None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         // `cargo bench` appends --bench to the arguments of a harness-less target.
@@ -91,12 +129,51 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--json" => json = Some(PathBuf::from(value()?)),
+            "--temperature" => {
+                temperature = value()?
+                    .parse()
+                    .context("--temperature needs a number >= 0")?;
+            }
+            "--rows" => {
+                let r: usize = value()?
+                    .parse()
+                    .context("--rows needs a positive integer")?;
+                if r == 0 {
+                    bail!("--rows needs a positive integer");
+                }
+                rows = Some(r);
+            }
+            "--prefix-cache" => {
+                prefix_cache = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("--prefix-cache is on or off, not `{other}`"),
+                }
+            }
+            "--render" => corpus = Some(PathBuf::from(value()?)),
+            "--passages" => {
+                passages = Some(
+                    value()?
+                        .parse::<usize>()
+                        .context("--passages needs a positive integer")?,
+                )
+            }
+            "--out" => out = Some(PathBuf::from(value()?)),
             other => {
                 bail!("unknown argument `{other}` (see the header of benches/llm_generate.rs)")
             }
         }
     }
-    if !kernels && prompts.is_none() {
+    let render = match (corpus, passages, out) {
+        (Some(corpus), Some(passages), Some(out)) if passages > 0 => Some(Render {
+            corpus,
+            passages,
+            out,
+        }),
+        (None, None, None) => None,
+        _ => bail!("--render needs --passages (a positive integer) and --out"),
+    };
+    if !kernels && render.is_none() && prompts.is_none() {
         bail!("--prompts prompts.json is required");
     }
     Ok(Args {
@@ -106,10 +183,15 @@ fn parse_args() -> Result<Args> {
         modes,
         kernels,
         json,
+        temperature,
+        rows,
+        prefix_cache,
+        render,
     })
 }
 
-fn read_prompts(path: &PathBuf) -> Result<Vec<Vec<u32>>> {
+/// The prompts (token ids) of a prompts file, and their seeds (`seeds`, else 0 each).
+fn read_prompts(path: &PathBuf) -> Result<(Vec<Vec<u32>>, Vec<u64>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: serde_json::Value =
@@ -129,13 +211,67 @@ fn read_prompts(path: &PathBuf) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         bail!("{}: no prompts, or an empty one", path.display());
     }
-    Ok(prompts)
+    let seeds: Vec<u64> = match value.get("seeds") {
+        Some(seeds) => serde_json::from_value(seeds.clone())
+            .with_context(|| format!("{}: `seeds` is not a list of integers", path.display()))?,
+        None => vec![0; prompts.len()],
+    };
+    if seeds.len() != prompts.len() {
+        bail!(
+            "{}: {} seeds for {} prompts",
+            path.display(),
+            seeds.len(),
+            prompts.len()
+        );
+    }
+    Ok((prompts, seeds))
 }
 
-/// Exactly `n` greedy tokens per prompt.
-fn greedy(n: usize) -> SamplingParams {
+/// Writes the prompts `distillery generate` renders for the first passages of a corpus
+/// (see the module docs).
+fn render(model: &std::path::Path, r: &Render) -> Result<()> {
+    let generator = LlmGenerator::load(model, &LlmOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
+    let reader = open_passages(&r.corpus, &ReadOptions::default())
+        .with_context(|| format!("opening {}", r.corpus.display()))?;
+    let passages = reader
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", r.corpus.display()))?;
+    let prepared = prepare_passages(passages, &PrepareOptions::default())
+        .with_context(|| format!("preparing {}", r.corpus.display()))?;
+    let types = PromptSet::builtin().context("the built-in query types")?;
+    let (mut prompts, mut seeds, mut names, mut ids) = (vec![], vec![], vec![], vec![]);
+    for sampled in prepared.passages.iter().take(r.passages) {
+        for request in types.requests(&sampled.passage, RUN_SEED) {
+            prompts.push(generator.prompt_ids(&request.messages)?);
+            seeds.push(request.seed);
+            names.push(request.query_type);
+            ids.push(sampled.passage.id.clone());
+        }
+    }
+    if prompts.is_empty() {
+        bail!("{}: no passage to render", r.corpus.display());
+    }
+    let out = json!({"prompts": prompts, "seeds": seeds, "types": names, "passages": ids});
+    std::fs::write(&r.out, serde_json::to_string(&out)? + "\n")
+        .with_context(|| format!("writing {}", r.out.display()))?;
+    let tokens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    eprintln!(
+        "{} prompts ({} passages x {} types), {} to {} tokens, {} in all",
+        prompts.len(),
+        prompts.len() / types.types().len(),
+        types.types().len(),
+        tokens.iter().min().copied().unwrap_or(0),
+        tokens.iter().max().copied().unwrap_or(0),
+        tokens.iter().sum::<usize>()
+    );
+    Ok(())
+}
+
+/// Exactly `n` tokens per prompt: greedy at temperature 0, else sampled.
+fn exactly(n: usize, temperature: f64) -> SamplingParams {
     SamplingParams {
-        temperature: 0.0,
+        temperature,
         top_p: 1.0,
         max_new_tokens: n,
         min_new_tokens: n,
@@ -146,11 +282,12 @@ fn greedy(n: usize) -> SamplingParams {
 fn timed(
     generator: &LlmGenerator,
     prompts: &[Vec<u32>],
+    seeds: &[u64],
     new_tokens: usize,
+    temperature: f64,
 ) -> Result<(Vec<Vec<u32>>, f64)> {
-    let seeds = vec![0u64; prompts.len()];
     let start = Instant::now();
-    let out = generator.generate_ids(prompts, &seeds, &greedy(new_tokens))?;
+    let out = generator.generate_ids(prompts, seeds, &exactly(new_tokens, temperature))?;
     let seconds = start.elapsed().as_secs_f64();
     Ok((out.into_iter().map(|(ids, _)| ids).collect(), seconds))
 }
@@ -165,15 +302,27 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let prompts = read_prompts(&args.prompts)?;
+    if let Some(r) = &args.render {
+        return render(&args.model, r);
+    }
+    let (prompts, seeds) = read_prompts(&args.prompts)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let mut results = Vec::new();
     for mode in &args.modes {
-        let rows = if *mode == "single" { 1 } else { prompts.len() };
+        let rows = if *mode == "single" {
+            1
+        } else {
+            args.rows.unwrap_or(prompts.len())
+        };
         let options = LlmOptions {
             max_batch_rows: rows,
             max_batch_tokens: prompt_tokens.max(LlmOptions::default().max_batch_tokens),
+            prefix_cache_bytes: if args.prefix_cache {
+                LlmOptions::default().prefix_cache_bytes
+            } else {
+                0
+            },
             ..LlmOptions::default()
         };
         let generator = LlmGenerator::load(&args.model, &options)
@@ -181,21 +330,28 @@ fn main() -> Result<()> {
         timed(
             &generator,
             &prompts[..1],
+            &seeds[..1],
             WARMUP_TOKENS.min(args.new_tokens),
+            args.temperature,
         )?;
-        let groups: Vec<&[Vec<u32>]> = if *mode == "single" {
-            prompts.chunks(1).collect()
-        } else {
-            vec![&prompts[..]]
-        };
-        let (mut prefill, mut total) = (0.0, 0.0);
+        // The timed runs start with no shared prefix kept (the warm-up's dropped) and
+        // keep what they compute, as one job's calls do.
+        generator.forget_prefixes();
+        let size = if *mode == "single" { 1 } else { prompts.len() };
+        let mut total = 0.0;
         let mut new_ids = Vec::new();
-        for group in groups {
-            prefill += timed(&generator, group, 1)?.1;
-            let (ids, seconds) = timed(&generator, group, args.new_tokens)?;
+        let reused_before = generator.prefix_tokens_reused();
+        let (prefill_before, _) = generator.step_seconds();
+        for (group, group_seeds) in prompts.chunks(size).zip(seeds.chunks(size)) {
+            let t = args.temperature;
+            let (ids, seconds) = timed(&generator, group, group_seeds, args.new_tokens, t)?;
             total += seconds;
             new_ids.extend(ids);
         }
+        // Prompt steps, as the generator times them (prefixes, prefill, first tokens);
+        // everything else is decoding.
+        let prefill = generator.step_seconds().0 - prefill_before;
+        let reused = generator.prefix_tokens_reused() - reused_before;
         let counts: Vec<usize> = new_ids.iter().map(Vec::len).collect();
         if counts.iter().any(|&c| c != args.new_tokens) {
             bail!(
@@ -210,6 +366,10 @@ fn main() -> Result<()> {
             "model": args.model.file_name().map(|f| f.to_string_lossy().into_owned()),
             "quantization": generator.quantization(),
             "mode": mode,
+            "rows": rows,
+            "temperature": args.temperature,
+            "prefix_cache": args.prefix_cache,
+            "prefix_tokens_reused": reused,
             "threads": threads,
             "prompts": prompts.len(),
             "prompt_tokens": prompt_tokens,

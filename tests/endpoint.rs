@@ -446,14 +446,16 @@ fn llama_cpp_server_generates_queries() {
         Err(why) => return eprintln!("SKIPPED: {why}"),
     };
     let has_server = Command::new(&python)
-        .args(["-c", "import llama_cpp.server"])
+        // What `python -m llama_cpp.server` imports: the package imports without its
+        // `[server]` extras, the server does not.
+        .args(["-c", "import uvicorn, llama_cpp.server.app"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !has_server {
         return eprintln!(
-            "SKIPPED: {} cannot import llama_cpp.server (pip install 'llama-cpp-python[server]')",
+            "SKIPPED: {} cannot import llama_cpp.server.app and uvicorn (pip install 'llama-cpp-python[server]')",
             python.display()
         );
     }

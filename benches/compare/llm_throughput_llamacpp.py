@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The llama.cpp half of llm_throughput.sh: greedy generation from fixed token-id prompts
-with llama-cpp-python's low-level bindings (llama.cpp's C API), timed.
+"""The llama.cpp half of llm_throughput.sh and llm_recipe_shape.sh: generation from fixed
+token-id prompts with llama-cpp-python's low-level bindings (llama.cpp's C API), timed.
 
 Work, the same as benches/llm_generate.rs does with distillery's candle generator: every
 prompt of prompts.json (token ids, written by make_llm_bench_model.py) is continued by
@@ -12,7 +12,11 @@ Modes:
            (prefill), sample, then one token per llama_decode.
   batched  all prompts together: one llama_batch holding every prompt, each its own
            sequence id (prefill), then one llama_batch per step with one token of every
-           sequence (decode), as a server's continuous batching does.
+           sequence (decode), as a server's continuous batching does. With --rows R, the
+           prompts sorted by length (ties in file order) run in groups of R, one after
+           another, as distillery's generator groups them.
+Sampling: greedy (argmax) by default; --temperature T samples at T (llama.cpp's temp
+then dist samplers, seed 0). Either way every prompt gets exactly --new-tokens tokens.
 Prefill is timed from the first llama_decode to the first sampled token of every
 sequence; decode is the remaining new tokens. Model loading, context creation and one
 warm-up generation are not timed.
@@ -168,6 +172,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=["single", "batched", "both"], default="both")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="batched: groups of this many prompts (default: all at once)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (default 0: greedy)")
     ap.add_argument("--bufts", choices=["noamx", "cpu", "auto"], default="noamx",
                     help="weight layouts (see the module docs); default noamx")
     ap.add_argument("--json", help="also write the results here")
@@ -183,16 +191,28 @@ def main():
     if not prompts or any(not p for p in prompts):
         sys.exit(f"{args.prompts}: no prompts, or an empty one")
 
+    if args.rows < 0 or args.temperature < 0:
+        sys.exit("--rows and --temperature must not be negative")
     L.llama_backend_init()
     model = load_model(args.model, args.bufts)
-    sampler = L.llama_sampler_init_greedy()
+    if args.temperature > 0:
+        sampler = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        L.llama_sampler_chain_add(sampler, L.llama_sampler_init_temp(args.temperature))
+        L.llama_sampler_chain_add(sampler, L.llama_sampler_init_dist(0))
+    else:
+        sampler = L.llama_sampler_init_greedy()
     longest = max(len(p) for p in prompts)
     capacity = -(-(longest + args.new_tokens) // 256) * 256
     modes = ["single", "batched"] if args.mode == "both" else [args.mode]
     results = []
+    # The batched groups: prompts by length, ties in file order, `rows` at a time.
+    by_length = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    group_rows = args.rows or len(prompts)
+    groups = [by_length[i:i + group_rows] for i in range(0, len(prompts), group_rows)]
     for mode in modes:
-        rows = 1 if mode == "single" else len(prompts)
-        batch_tokens = longest if mode == "single" else sum(len(p) for p in prompts)
+        rows = 1 if mode == "single" else min(group_rows, len(prompts))
+        batch_tokens = longest if mode == "single" else max(
+            sum(len(prompts[i]) for i in g) for g in groups)
         ctx = new_context(model, rows, capacity, batch_tokens, args.threads)
         batch = Batch(max(batch_tokens, rows))
         # Warm-up: one prompt, a few tokens (page faults, thread start, repacking).
@@ -206,7 +226,14 @@ def main():
                 prefill += pf
                 decode += dc
         else:
-            new_ids, prefill, decode = generate(ctx, sampler, batch, prompts, args.new_tokens)
+            new_ids = [None] * len(prompts)
+            for g in groups:
+                out, pf, dc = generate(ctx, sampler, batch, [prompts[i] for i in g],
+                                       args.new_tokens)
+                for i, ids in zip(g, out):
+                    new_ids[i] = ids
+                prefill += pf
+                decode += dc
         batch.free()
         L.llama_free(ctx)
         counts = [len(ids) for ids in new_ids]
@@ -217,6 +244,8 @@ def main():
             version=L.__version__,
             model=os.path.basename(args.model),
             mode=mode,
+            rows=rows,
+            temperature=args.temperature,
             threads=args.threads,
             bufts=args.bufts,
             prompts=len(prompts),

@@ -20,6 +20,7 @@ pub mod chat_template;
 pub mod config;
 pub mod generator;
 pub(crate) mod model;
+pub(crate) mod q8_product;
 pub mod random;
 pub(crate) mod rope;
 pub mod sampling;

@@ -6,10 +6,10 @@
 //! and the MLP treat them as one `(T, hidden)` matrix, RoPE rotates each token by its own
 //! position, and the [`KvCache`] keeps the rows apart in attention. Only each row's last
 //! token goes through the final norm and the output projection: a step returns
-//! `(rows, vocab)` logits, the distribution of each row's next token. A step is a
-//! [`Phase::Prompt`] (quantized matrices dequantized for the step and multiplied in f32)
-//! or a [`Phase::Decode`] (candle's quantized kernels), so how a token is computed
-//! depends on whether it is a prompt token, never on the other rows of its step.
+//! `(rows, vocab)` logits, the distribution of each row's next token. Every product is
+//! computed row by row (the Q8_0 kernel of `q8_product`, or the dense product), so how a
+//! token is computed never depends on the other rows of its step, nor on whether it is
+//! a prompt token or a generated one.
 
 use candle_core::{Device, Tensor};
 
@@ -18,7 +18,7 @@ use super::attention::tensor::TensorKvCache;
 use super::attention::{AttentionShape, KvCache, StepRows};
 use super::config::LlmConfig;
 use super::rope::Rope;
-use super::weights::{Embedding, Linear, Phase, Projections, Weights};
+use super::weights::{Embedding, Linear, Projections, Weights};
 use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
 
@@ -83,7 +83,8 @@ pub(crate) struct Decoder {
     lm_head: Linear,
     rope: Rope,
     device: Device,
-    /// The CPU path of the CPU attention kernel ([`crate::cpu_path`]).
+    /// The CPU path of the CPU kernels: attention and the Q8_0 products
+    /// ([`crate::cpu_path`]).
     cpu_path: SupportedPath,
 }
 
@@ -127,8 +128,8 @@ impl Decoder {
         self.cpu_path.path()
     }
 
-    /// Runs the CPU attention kernel of caches made from now on on `path`; fails,
-    /// changing nothing, when this CPU cannot run it.
+    /// Runs the Q8_0 products, and the CPU attention kernel of caches made from now on,
+    /// on `path`; fails, changing nothing, when this CPU cannot run it.
     pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
         self.cpu_path = path.check()?;
         Ok(())
@@ -172,13 +173,7 @@ impl Decoder {
     /// Runs one step: `tokens` are the packed new tokens of the rows of `step` (prompt
     /// tokens or generated ones, as `phase` says); returns the `(rows, vocab)` f32 logits
     /// of each row's next token.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        step: &StepRows,
-        phase: Phase,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &[u32], step: &StepRows, cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.config;
         if tokens.len() != step.tokens() || tokens.is_empty() {
             return Err(OperatorError::Candle(candle_core::Error::Msg(format!(
@@ -188,29 +183,29 @@ impl Decoder {
             ))));
         }
         let eps = c.rms_norm_eps as f32;
+        let path = self.cpu_path;
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         let (cos, sin) = self.rope.tables(&step.positions(), &self.device)?;
         cache.begin_step(step)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let [q, k, v] = three(layer.qkv.forward(&h, phase)?)?;
+            let [q, k, v] = three(layer.qkv.forward(&h, path)?)?;
             let q = self.rope.apply(&q.contiguous()?, c.num_heads, &cos, &sin)?;
             let k = self
                 .rope
                 .apply(&k.contiguous()?, c.num_kv_heads, &cos, &sin)?;
             let a = cache.attend(i, &q, &k, &v)?;
-            x = (x + layer.o.forward(&a, phase)?)?;
+            x = (x + layer.o.forward(&a, path)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let [gate, up] = two(layer.gate_up.forward(&h, phase)?)?;
+            let [gate, up] = two(layer.gate_up.forward(&h, path)?)?;
             let gated = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&gated, phase)?)?;
+            x = (x + layer.down.forward(&gated, path)?)?;
         }
         let last = step.last_tokens();
         let last = Tensor::from_slice(&last, last.len(), &self.device)?;
         let x = candle_nn::ops::rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
-        // A few rows only, even after a prompt: the quantized kernel reads less.
-        let logits = self.lm_head.forward(&x, Phase::Decode)?;
+        let logits = self.lm_head.forward(&x, path)?;
         debug_assert_eq!(self.lm_head.out_features(), c.vocab_size);
         Ok(logits)
     }

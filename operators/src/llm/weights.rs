@@ -5,13 +5,15 @@
 //! Tensors are asked for by their Hugging Face names (`model.layers.3.mlp.up_proj.weight`);
 //! a GGUF source translates them to llama.cpp's (`blk.3.ffn_up.weight`). Every error
 //! names the file and the tensor. Safetensors weights (f32, f16 or bf16) become f32
-//! dense matrices; GGUF matrices stay in their stored quantization (Q8_0, Q4_K, ...) and
-//! are multiplied by candle's quantized kernels, except f32/f16/bf16 ones, which are
-//! widened to f32 like safetensors weights, and, on the CPU, the types of
-//! [`SLOW_ON_CPU`], which become Q8_0. On the CPU a Q8_0 matrix whose input width is not
-//! a multiple of [`TILED_WIDTH`] gets zero blocks appended to every row (and its inputs
-//! zero columns), which leaves the product unchanged and lets candle use its tiled
-//! kernels (see [`pad_for_tiles`]).
+//! dense matrices, and so do GGUF f32/f16/bf16 ones. Quantized GGUF matrices: on the
+//! CPU every one becomes Q8_0 tiles multiplied by [`Q8Matrix::product`] (Q8_0 as
+//! stored; Q4_K, Q5_0, Q6_K, ... dequantized and quantized again to Q8_0, 8.5 bits per
+//! weight, which holds what the file holds to within a 127th of each block's largest
+//! value); on a GPU they stay in their stored type for candle's kernels. The quantized
+//! embedding table stays in its stored type and, tied, serves as the output projection
+//! through candle's tiled kernels: on the CPU a Q8_0 table whose width is not a multiple
+//! of [`TILED_WIDTH`] gets zero blocks appended to every row (and its inputs zero
+//! columns), which leaves the product unchanged (see [`pad_for_tiles`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,53 +23,72 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::attention::cpu::with_cpu_slice;
+use super::q8_product::Q8Matrix;
+use crate::cpu_path::SupportedPath;
 use crate::error::{OperatorError, Result};
 
 /// A linear layer `y = x W^T + b` whose `W` is dense f32 or quantized.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
     out_features: usize,
-    /// The width of the inputs; the weight may be wider (zero columns, see
+    /// The width of the inputs; a candle weight may be wider (zero columns, see
     /// [`pad_for_tiles`]), in which case inputs are widened with zeros to match.
     in_features: usize,
 }
 
-/// Which tokens a step carries, which decides how quantized products run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Prompt tokens, many per row: on the CPU a quantized matrix is dequantized for
-    /// the step and multiplied in f32, which is several times faster than candle's
-    /// quantized kernels from about 20 rows on (and more accurate).
-    Prompt,
-    /// One generated token per row: quantized kernels, which read a quarter of the bytes.
-    Decode,
+/// A weight matrix in the form its device multiplies.
+#[derive(Debug, Clone)]
+enum Matrix {
+    /// Dense f32 anywhere; quantized on a GPU; and, on the CPU, the tied output
+    /// projection (candle's tiled kernels over the padded embedding table).
+    Candle(QMatMul),
+    /// Quantized, on the CPU: Q8_0 tiles multiplied by [`Q8Matrix::product`], whatever
+    /// the file's type (see [`Weights::linear`]).
+    Q8 {
+        matrix: Arc<Q8Matrix>,
+        /// The file's type, for reports.
+        stored: GgmlDType,
+    },
 }
 
 impl Linear {
     /// `x` is `(T, in)`; the result `(T, out)`. The arithmetic of a row depends on the
-    /// row and the phase only, never on the other rows (see [`dense_product`]).
-    pub fn forward(&self, x: &Tensor, phase: Phase) -> Result<Tensor> {
-        let width = match &self.weight {
-            QMatMul::QTensor(q) => q.shape().dims()[1],
-            _ => self.in_features,
-        };
-        let padded;
-        let x = if width > self.in_features {
-            let zeros =
-                Tensor::zeros((x.dim(0)?, width - self.in_features), x.dtype(), x.device())?;
-            padded = Tensor::cat(&[x, &zeros], 1)?;
-            &padded
-        } else {
-            x
-        };
-        let y = match (&self.weight, phase) {
-            (QMatMul::Tensor(w), _) => dense_product(x, w)?,
-            (QMatMul::QTensor(q), Phase::Prompt) if x.device().is_cpu() => {
-                dense_product(x, &q.dequantize(x.device())?)?
+    /// row only, never on the other rows (see [`dense_product`] and [`Q8Matrix`]); the
+    /// CPU kernels run on `path`.
+    pub fn forward(&self, x: &Tensor, path: SupportedPath) -> Result<Tensor> {
+        let y = match &self.weight {
+            Matrix::Q8 { matrix, .. } if x.device().is_cpu() => {
+                let rows = x.dim(0)?;
+                let mut y = vec![0f32; rows * matrix.rows()];
+                with_cpu_slice(x, |x| matrix.product(path, x, rows, &mut y))?;
+                Tensor::from_vec(y, (rows, matrix.rows()), x.device())?
             }
-            (weight, _) => weight.forward(x)?,
+            Matrix::Q8 { .. } => {
+                return Err(OperatorError::Candle(candle_core::Error::Msg(format!(
+                    "a CPU weight given a {:?} input (a bug)",
+                    x.device()
+                ))))
+            }
+            Matrix::Candle(QMatMul::Tensor(w)) => dense_product(x, w)?,
+            Matrix::Candle(weight) => {
+                let width = match weight {
+                    QMatMul::QTensor(q) => q.shape().dims()[1],
+                    _ => self.in_features,
+                };
+                if width > self.in_features {
+                    let zeros = Tensor::zeros(
+                        (x.dim(0)?, width - self.in_features),
+                        x.dtype(),
+                        x.device(),
+                    )?;
+                    weight.forward(&Tensor::cat(&[x, &zeros], 1)?)?
+                } else {
+                    weight.forward(x)?
+                }
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -82,8 +103,9 @@ impl Linear {
     /// The stored type of the weight: `None` for dense f32.
     pub fn quantization(&self) -> Option<GgmlDType> {
         match &self.weight {
-            QMatMul::QTensor(q) => Some(q.dtype()),
-            _ => None,
+            Matrix::Candle(QMatMul::QTensor(q)) => Some(q.dtype()),
+            Matrix::Candle(_) => None,
+            Matrix::Q8 { stored, .. } => Some(*stored),
         }
     }
 }
@@ -143,11 +165,11 @@ impl Projections {
     }
 
     /// The outputs of every layer, `(T, out_i)` each: views into one product when fused.
-    pub fn forward(&self, x: &Tensor, phase: Phase) -> Result<Vec<Tensor>> {
+    pub fn forward(&self, x: &Tensor, path: SupportedPath) -> Result<Vec<Tensor>> {
         match self {
-            Projections::Separate(parts) => parts.iter().map(|p| p.forward(x, phase)).collect(),
+            Projections::Separate(parts) => parts.iter().map(|p| p.forward(x, path)).collect(),
             Projections::Fused { linear, widths } => {
-                let y = linear.forward(x, phase)?;
+                let y = linear.forward(x, path)?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -170,17 +192,42 @@ impl Projections {
     }
 }
 
-/// The weights of `parts` stacked row-wise, when they are all dense or all quantized in
-/// one type over the same input width (a quantized matrix is a sequence of independent
-/// rows of blocks, so stacking is concatenating bytes).
-fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
+/// The weights of `parts` stacked row-wise, when they are all dense, all CPU Q8_0
+/// tiles, or all quantized in one type on a GPU, over the same input width (a quantized
+/// matrix is a sequence of independent rows of blocks, so stacking is concatenating
+/// bytes).
+fn stack(parts: &[Linear]) -> Result<Option<Matrix>> {
     if parts.len() < 2 || parts.iter().any(|p| p.in_features != parts[0].in_features) {
         return Ok(None);
     }
-    if parts.iter().all(|p| matches!(p.weight, QMatMul::Tensor(_))) {
-        let dense: Vec<&Tensor> = parts
+    let q8: Vec<(&Arc<Q8Matrix>, GgmlDType)> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            Matrix::Q8 { matrix, stored } => Some((matrix, *stored)),
+            Matrix::Candle(_) => None,
+        })
+        .collect();
+    if q8.len() == parts.len() {
+        let matrices: Vec<&Q8Matrix> = q8.iter().map(|(m, _)| m.as_ref()).collect();
+        return Ok(Q8Matrix::stack(&matrices).map(|m| Matrix::Q8 {
+            matrix: Arc::new(m),
+            stored: q8[0].1,
+        }));
+    }
+    let candle: Vec<&QMatMul> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            Matrix::Candle(w) => Some(w),
+            Matrix::Q8 { .. } => None,
+        })
+        .collect();
+    if candle.len() != parts.len() {
+        return Ok(None);
+    }
+    if candle.iter().all(|w| matches!(w, QMatMul::Tensor(_))) {
+        let dense: Vec<&Tensor> = candle
             .iter()
-            .filter_map(|p| match &p.weight {
+            .filter_map(|w| match w {
                 QMatMul::Tensor(t) => Some(t),
                 _ => None,
             })
@@ -189,11 +236,13 @@ fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
         if dense.iter().any(|t| t.dim(1).ok() != Some(in_dim)) {
             return Ok(None);
         }
-        return Ok(Some(QMatMul::Tensor(Tensor::cat(&dense, 0)?)));
+        return Ok(Some(Matrix::Candle(QMatMul::Tensor(Tensor::cat(
+            &dense, 0,
+        )?))));
     }
-    let quantized: Vec<&Arc<QTensor>> = parts
+    let quantized: Vec<&Arc<QTensor>> = candle
         .iter()
-        .filter_map(|p| match &p.weight {
+        .filter_map(|w| match w {
             QMatMul::QTensor(q) => Some(q),
             _ => None,
         })
@@ -217,10 +266,9 @@ fn stack(parts: &[Linear]) -> Result<Option<QMatMul>> {
     }
     let device = quantized[0].device();
     let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
-    Ok(Some(QMatMul::QTensor(Arc::new(QTensor::new(
-        storage,
-        (rows, in_dim),
-    )?))))
+    Ok(Some(Matrix::Candle(QMatMul::QTensor(Arc::new(
+        QTensor::new(storage, (rows, in_dim))?,
+    )))))
 }
 
 /// The token embedding table: dense rows, or quantized rows dequantized on lookup.
@@ -262,7 +310,7 @@ impl Embedding {
             ),
         };
         Ok(Linear {
-            weight,
+            weight: Matrix::Candle(weight),
             bias: None,
             out_features: rows,
             in_features,
@@ -337,14 +385,6 @@ enum Source {
     Safetensors(SafetensorsWeights),
     Gguf(GgufWeights),
 }
-
-/// Block types for which candle 0.11 has no vectorised CPU dot product (its x86 kernels
-/// cover Q4_0, Q8_0 and the K types; these run scalar loops). Llama.cpp's Q4_K_M files
-/// use Q5_0 wherever a row is not a multiple of 256 (132 of Qwen2.5-0.5B's 169
-/// matrices), which decoded 2.6x slower than llama.cpp. On the CPU such matrices are
-/// converted to Q8_0 when loaded: 8.5 bits per weight instead of 5.5 to 6, and more
-/// precision than the file holds, so nothing is lost.
-pub const SLOW_ON_CPU: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 /// The file listing the shards of a sharded safetensors checkpoint.
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
@@ -513,17 +553,29 @@ impl Weights {
         let weight = match self.raw(&name)? {
             Raw::Dense(t) => {
                 self.check_shape(&name, t.dims(), &[out_dim, in_dim])?;
-                QMatMul::Tensor(t)
+                Matrix::Candle(QMatMul::Tensor(t))
             }
             Raw::Quantized(q) => {
                 self.check_shape(&name, q.shape().dims(), &[out_dim, in_dim])?;
-                let q = if self.device.is_cpu() && SLOW_ON_CPU.contains(&q.dtype()) {
-                    let dense = q.dequantize(&self.device)?;
-                    Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+                let stored = q.dtype();
+                let dense = matches!(stored, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                if self.device.is_cpu() && !dense {
+                    let q = if stored == GgmlDType::Q8_0 {
+                        q
+                    } else {
+                        let dense = q.dequantize(&self.device)?;
+                        Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+                    };
+                    let matrix = Q8Matrix::from_q8_0(&q.data()?, out_dim, in_dim)
+                        .map_err(|e| self.bad(&name, e.to_string()))?;
+                    Matrix::Q8 {
+                        matrix: Arc::new(matrix),
+                        stored,
+                    }
                 } else {
-                    q
-                };
-                QMatMul::from_arc(pad_for_tiles(q)?)?
+                    // f32/f16/bf16 become dense f32 (candle widens them).
+                    Matrix::Candle(QMatMul::from_arc(q)?)
+                }
             }
         };
         let bias = if bias {

@@ -33,6 +33,30 @@ struct RowKv {
     v: Vec<f32>,
 }
 
+/// One row's keys and values in every layer, copied out of a cache to seed rows of
+/// others (a shared prompt prefix).
+#[derive(Debug, Clone)]
+pub(crate) struct RowSnapshot {
+    /// `[layer]` (keys, values), token-major as in the cache.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl RowSnapshot {
+    /// A snapshot of given layers, for tests of what holds snapshots.
+    #[cfg(test)]
+    pub fn for_tests(layers: Vec<(Vec<f32>, Vec<f32>)>) -> Self {
+        RowSnapshot { layers }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<f32>())
+            .sum()
+    }
+}
+
 /// Keys and values of every row and layer, on the CPU.
 pub(crate) struct CpuKvCache {
     shape: AttentionShape,
@@ -151,6 +175,43 @@ impl CpuKvCache {
             Ok(())
         })??;
         Ok(Tensor::from_vec(out, (tokens, heads * d), &Device::Cpu)?)
+    }
+
+    /// Row `slot`'s keys and values of every layer, copied out.
+    pub fn snapshot(&self, slot: usize) -> Result<RowSnapshot> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|rows| {
+                rows.get(slot)
+                    .map(|kv| (kv.k.clone(), kv.v.clone()))
+                    .ok_or_else(|| internal(format!("no row {slot} to copy")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RowSnapshot { layers })
+    }
+
+    /// Fills the empty row `slot` with `snapshot`'s keys and values: the row then holds
+    /// its positions, as if its tokens had been run in it.
+    pub fn seed(&mut self, slot: usize, snapshot: &RowSnapshot) -> Result<()> {
+        if snapshot.layers.len() != self.layers.len() {
+            return Err(internal(format!(
+                "a snapshot of {} layers for a cache of {}",
+                snapshot.layers.len(),
+                self.layers.len()
+            )));
+        }
+        for (rows, (k, v)) in self.layers.iter_mut().zip(&snapshot.layers) {
+            let row = rows
+                .get_mut(slot)
+                .ok_or_else(|| internal(format!("no row {slot} to seed")))?;
+            if !row.k.is_empty() {
+                return Err(internal(format!("row {slot} is not empty")));
+            }
+            row.k.extend_from_slice(k);
+            row.v.extend_from_slice(v);
+        }
+        Ok(())
     }
 
     pub fn retain(&mut self, keep: &[usize]) {

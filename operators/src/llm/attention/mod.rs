@@ -111,6 +111,26 @@ impl KvCache {
         }
     }
 
+    /// Row `slot`'s keys and values (the CPU cache only).
+    pub fn snapshot(&self, slot: usize) -> Result<cpu::RowSnapshot> {
+        match self {
+            KvCache::Cpu(c) => c.snapshot(slot),
+            KvCache::Tensor(_) => Err(crate::error::OperatorError::Candle(
+                candle_core::Error::Msg("a padded cache has no row snapshots (a bug)".into()),
+            )),
+        }
+    }
+
+    /// Fills the empty row `slot` with a snapshot's keys and values (the CPU cache only).
+    pub fn seed(&mut self, slot: usize, snapshot: &cpu::RowSnapshot) -> Result<()> {
+        match self {
+            KvCache::Cpu(c) => c.seed(slot, snapshot),
+            KvCache::Tensor(_) => Err(crate::error::OperatorError::Candle(
+                candle_core::Error::Msg("a padded cache cannot be seeded (a bug)".into()),
+            )),
+        }
+    }
+
     /// Keeps only the rows (slots) listed, in that order; the others are forgotten.
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
         match self {

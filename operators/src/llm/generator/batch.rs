@@ -1,13 +1,17 @@
 //! Running requests: validation of the sampling parameters, grouping by prompt length,
 //! the prefill and decode steps of a group, and choosing each row's next token.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
 use rayon::prelude::*;
 
+use super::prefix::{shared_lengths, SharedPrefix};
 use super::{internal, LlmGenerator};
 use crate::error::{OperatorError, Result};
 use crate::llm::attention::StepRows;
 use crate::llm::sampling::{next_token, SplitMix64};
-use crate::llm::weights::Phase;
 use crate::llm::{ChatMessage, GenerationOutput, SamplingParams};
 
 impl LlmGenerator {
@@ -100,24 +104,31 @@ impl LlmGenerator {
         if params.max_new_tokens == 0 {
             return Ok(results);
         }
+        let padded = self.options.padded_attention || !self.decoder.device().is_cpu();
+        let shared = if padded || self.options.prefix_cache_bytes == 0 {
+            vec![None; prompts.len()]
+        } else {
+            self.shared_prefixes(prompts)?
+        };
+        // What each prompt prefills itself.
+        let own = |i: usize| prompts[i].len() - shared[i].as_ref().map_or(0, |p| p.tokens.len());
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| (prompts[i].len(), i));
         let max_rows = self.options.max_batch_rows.max(1);
         let mut group: Vec<usize> = Vec::new();
         let mut group_tokens = 0;
-        let padded = self.options.padded_attention || !self.decoder.device().is_cpu();
         for &i in &order {
-            let len = prompts[i].len();
+            let len = own(i);
             // Padded attention pays for the longest prompt in every row.
             let cost = if padded {
-                (group.len() + 1) * len
+                (group.len() + 1) * prompts[i].len()
             } else {
                 group_tokens + len
             };
             if !group.is_empty()
                 && (group.len() == max_rows || cost > self.options.max_batch_tokens)
             {
-                self.run_group(&group, prompts, seeds, params, &mut results)?;
+                self.run_group(&group, prompts, &shared, seeds, params, &mut results)?;
                 group.clear();
                 group_tokens = 0;
             }
@@ -125,9 +136,87 @@ impl LlmGenerator {
             group_tokens += len;
         }
         if !group.is_empty() {
-            self.run_group(&group, prompts, seeds, params, &mut results)?;
+            self.run_group(&group, prompts, &shared, seeds, params, &mut results)?;
         }
         Ok(results)
+    }
+
+    /// For each prompt, the longest shared prefix it starts with (see
+    /// `generator::prefix`): kept from earlier calls, or computed now for prefixes that
+    /// several prompts of this call share.
+    fn shared_prefixes(&self, prompts: &[Vec<u32>]) -> Result<Vec<Option<Arc<SharedPrefix>>>> {
+        // A poisoned lock means a panic elsewhere mid-update: the store holds whole
+        // entries only, so it is still sound to use.
+        let lock = || self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        let (wanted, mut found) = {
+            let mut store = lock();
+            let wanted = shared_lengths(prompts, &store.recent());
+            store.saw(prompts);
+            let found: Vec<Option<Arc<SharedPrefix>>> =
+                prompts.iter().map(|p| store.longest_match(p)).collect();
+            (wanted, found)
+        };
+        let mut new: Vec<&[u32]> = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let have = found[i].as_ref().map_or(0, |f| f.tokens.len());
+            if wanted[i] > have && !new.contains(&&p[..wanted[i]]) {
+                new.push(&p[..wanted[i]]);
+            }
+        }
+        if new.is_empty() {
+            return Ok(found);
+        }
+        let start = Instant::now();
+        let computed = self.prefill_prefixes(&new)?;
+        count_nanos(&self.prefill_nanos, start);
+        {
+            let mut store = lock();
+            for p in &computed {
+                store.insert(Arc::clone(p), self.options.prefix_cache_bytes);
+            }
+        }
+        for (p, f) in prompts.iter().zip(found.iter_mut()) {
+            let have = f.as_ref().map_or(0, |f| f.tokens.len());
+            if let Some(better) = computed
+                .iter()
+                .filter(|c| c.tokens.len() > have && c.tokens.len() < p.len())
+                .filter(|c| p.starts_with(&c.tokens))
+                .max_by_key(|c| c.tokens.len())
+            {
+                *f = Some(Arc::clone(better));
+            }
+        }
+        Ok(found)
+    }
+
+    /// The keys and values of each prefix, prefilled together in steps of at most
+    /// `max_batch_tokens` tokens (a longer prefix alone).
+    fn prefill_prefixes(&self, prefixes: &[&[u32]]) -> Result<Vec<Arc<SharedPrefix>>> {
+        let mut out = Vec::with_capacity(prefixes.len());
+        let mut start = 0;
+        while start < prefixes.len() {
+            let mut end = start + 1;
+            let mut tokens = prefixes[start].len();
+            while end < prefixes.len()
+                && tokens + prefixes[end].len() <= self.options.max_batch_tokens
+            {
+                tokens += prefixes[end].len();
+                end += 1;
+            }
+            let chunk = &prefixes[start..end];
+            let capacity: Vec<usize> = chunk.iter().map(|p| p.len()).collect();
+            let mut cache = self.decoder.new_cache(&capacity, false);
+            let step = StepRows::pack(chunk.iter().map(|p| (0, p.len())));
+            self.decoder.forward(&chunk.concat(), &step, &mut cache)?;
+            for (slot, p) in chunk.iter().enumerate() {
+                out.push(Arc::new(SharedPrefix {
+                    tokens: p.to_vec(),
+                    kv: cache.snapshot(slot)?,
+                }));
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// Prefills the prompts of `group` together and decodes until every row is done.
@@ -135,6 +224,7 @@ impl LlmGenerator {
         &self,
         group: &[usize],
         prompts: &[Vec<u32>],
+        shared: &[Option<Arc<SharedPrefix>>],
         seeds: &[u64],
         params: &SamplingParams,
         results: &mut [(Vec<u32>, bool)],
@@ -152,18 +242,38 @@ impl LlmGenerator {
         // active[s], whose random stream is rngs[s].
         let mut active: Vec<usize> = (0..group.len()).collect();
         let mut rngs: Vec<SplitMix64> = group.iter().map(|&i| SplitMix64::new(seeds[i])).collect();
-        let mut step = StepRows::pack(group.iter().map(|&i| (0, prompts[i].len())));
+        // A row that starts with a shared prefix holds its keys and values already and
+        // prefills the rest.
+        let mut past = Vec::with_capacity(group.len());
+        for (slot, &i) in group.iter().enumerate() {
+            match &shared[i] {
+                Some(prefix) => {
+                    cache.seed(slot, &prefix.kv)?;
+                    past.push(prefix.tokens.len());
+                    self.prefix_tokens_reused
+                        .fetch_add(prefix.tokens.len() as u64, Ordering::Relaxed);
+                }
+                None => past.push(0),
+            }
+        }
+        let mut step = StepRows::pack(
+            group
+                .iter()
+                .zip(&past)
+                .map(|(&i, &p)| (p, prompts[i].len() - p)),
+        );
         let mut tokens: Vec<u32> = group
             .iter()
-            .flat_map(|&i| prompts[i].iter().copied())
+            .zip(&past)
+            .flat_map(|(&i, &p)| prompts[i][p..].iter().copied())
             .collect();
-        let mut phase = Phase::Prompt;
+        let mut prefill = true;
         loop {
+            let start = Instant::now();
             let logits = self
                 .decoder
-                .forward(&tokens, &step, phase, &mut cache)?
+                .forward(&tokens, &step, &mut cache)?
                 .to_vec2::<f32>()?;
-            phase = Phase::Decode;
             let picks = logits
                 .into_par_iter()
                 .zip(active.par_iter())
@@ -181,6 +291,13 @@ impl LlmGenerator {
                     keep.push(slot);
                 }
             }
+            let counter = if prefill {
+                &self.prefill_nanos
+            } else {
+                &self.decode_nanos
+            };
+            count_nanos(counter, start);
+            prefill = false;
             if keep.is_empty() {
                 break;
             }
@@ -231,6 +348,12 @@ impl LlmGenerator {
     }
 }
 
+/// Adds the time since `start` to `counter`.
+fn count_nanos(counter: &AtomicU64, start: Instant) {
+    let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(nanos, Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,15 +369,9 @@ mod tests {
         let mut cache = llm.decoder.new_cache(&capacity, false);
         let step = StepRows::pack(prompts.iter().map(|p| (0, p.len())));
         let tokens: Vec<u32> = prompts.concat();
-        let first = llm
-            .decoder
-            .forward(&tokens, &step, Phase::Prompt, &mut cache)
-            .unwrap();
+        let first = llm.decoder.forward(&tokens, &step, &mut cache).unwrap();
         let step = StepRows::pack(prompts.iter().map(|p| (p.len(), 1)));
-        let second = llm
-            .decoder
-            .forward(next, &step, Phase::Decode, &mut cache)
-            .unwrap();
+        let second = llm.decoder.forward(next, &step, &mut cache).unwrap();
         vec![first.to_vec2().unwrap(), second.to_vec2().unwrap()]
     }
 

@@ -27,12 +27,15 @@ use super::attention::StepRows;
 use super::chat_template::{self, ChatTemplate};
 use super::config::LlmConfig;
 use super::model::Decoder;
-use super::weights::{Phase, Weights};
+use super::weights::Weights;
 use super::ChatMessage;
 use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
 
 mod batch;
+mod prefix;
+
+pub use prefix::{DEFAULT_PREFIX_CACHE_BYTES, MIN_SHARED_PREFIX};
 
 /// End-of-turn and end-of-document markers of common chat formats: generation also
 /// stops at any of these the tokenizer has as a single token, in case a model's
@@ -70,6 +73,10 @@ pub struct LlmOptions {
     /// Use the padded, masked attention of non-CPU devices on the CPU too (slower; for
     /// comparing the two paths).
     pub padded_attention: bool,
+    /// Most bytes of keys and values kept for prompt prefixes shared among requests
+    /// (computed once, copied into every row that starts with them: see
+    /// `generator::prefix`); 0 computes every prompt whole. CPU cache only.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for LlmOptions {
@@ -80,6 +87,7 @@ impl Default for LlmOptions {
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             padded_attention: false,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -119,6 +127,14 @@ pub struct LlmGenerator {
     files: Vec<PathBuf>,
     kind: &'static str,
     path: PathBuf,
+    /// Shared prompt prefixes kept across calls.
+    prefixes: std::sync::Mutex<prefix::PrefixStore>,
+    /// Prompt tokens taken from shared prefixes instead of computed, since loading.
+    prefix_tokens_reused: std::sync::atomic::AtomicU64,
+    /// Nanoseconds spent in prompt steps (shared prefixes, each group's prefill and its
+    /// first tokens' choice) and in the steps after, since loading.
+    prefill_nanos: std::sync::atomic::AtomicU64,
+    decode_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LlmGenerator {
@@ -214,11 +230,38 @@ impl LlmGenerator {
             files,
             kind,
             path: path.to_path_buf(),
+            prefixes: Default::default(),
+            prefix_tokens_reused: Default::default(),
+            prefill_nanos: Default::default(),
+            decode_nanos: Default::default(),
         })
     }
 
     pub fn config(&self) -> &LlmConfig {
         self.decoder.config()
+    }
+
+    /// Seconds spent since loading in prompt steps (computing shared prefixes, each
+    /// group's prefill and the choice of its first tokens) and in the decode steps after
+    /// them: where generation's time goes.
+    pub fn step_seconds(&self) -> (f64, f64) {
+        let load = |a: &std::sync::atomic::AtomicU64| {
+            a.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+        };
+        (load(&self.prefill_nanos), load(&self.decode_nanos))
+    }
+
+    /// Drops the shared prefixes kept from earlier calls (benchmarks time a run as if
+    /// it were the first).
+    pub fn forget_prefixes(&self) {
+        *self.prefixes.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
+    }
+
+    /// Prompt tokens whose keys and values were copied from a shared prefix instead of
+    /// computed (see `LlmOptions::prefix_cache_bytes`), since the generator was loaded.
+    pub fn prefix_tokens_reused(&self) -> u64 {
+        self.prefix_tokens_reused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The token ids that end a reply.
@@ -297,15 +340,13 @@ impl LlmGenerator {
         );
         let mut step = StepRows::pack([(0, ids.len())]);
         let mut tokens = ids.clone();
-        let mut phase = Phase::Prompt;
         let mut all = Vec::with_capacity(continuation.len() + 1);
         for next in continuation.iter().map(Some).chain([None]) {
-            let logits = self.decoder.forward(&tokens, &step, phase, &mut cache)?;
+            let logits = self.decoder.forward(&tokens, &step, &mut cache)?;
             all.push(logits.squeeze(0)?.to_vec1()?);
             if let Some(&t) = next {
                 step = StepRows::pack([(ids.len() + all.len() - 1, 1)]);
                 tokens = vec![t];
-                phase = Phase::Decode;
             }
         }
         Ok(all)
