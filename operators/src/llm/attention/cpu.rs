@@ -1,18 +1,23 @@
 //! The CPU key/value cache and attention kernel.
 //!
-//! Each row (slot) keeps its keys and values in its own buffers, token-major
-//! (`position x kv_heads x head_dim`), so appending a step is one copy per row and a
-//! finished row is dropped without moving the others. Attention runs one task per
-//! (token, query head): scores against exactly the row's keys up to the token's own
-//! position, an exact two-pass softmax (max, then exponentials and their sum), and the
-//! weighted sum of values. Nothing depends on the other rows of the batch or on how
-//! the tasks are scheduled, so a row's output is the same bits alone or in any batch.
+//! Each row (slot) keeps its keys and values in its own buffers, so a finished row is
+//! dropped without moving the others: values token-major (`position x kv_heads x
+//! head_dim`), keys transposed, per key/value head and dimension a run of positions
+//! (`kv_heads x head_dim x capacity`), so that the scores of [`LANES`] consecutive
+//! positions are one vector of multiply-adds. Attention runs one task per (token,
+//! key/value head), for the query heads that share it: scores against exactly the row's
+//! keys up to the token's own position, an exact two-pass softmax (max, then
+//! exponentials and their sum), and the weighted sum of values. A score is the same
+//! chain of multiply-adds over the head's dimensions whatever the position's place in
+//! its run, and nothing depends on the other rows of the batch, on which tokens share
+//! the step or on how the tasks are scheduled, so a row's output is the same bits alone,
+//! in any batch, and after its prefix was copied in from another cache.
 //!
-//! The kernel is plain loops with [`LANES`] independent partial sums for the dot
-//! products, compiled once per CPU path ([`crate::cpu_path`]): for the baseline target
-//! and, on x86-64, with AVX2 and FMA and with AVX-512 and FMA; the cache runs the path it
-//! was made with. The generic copy may differ from the others in the last bits (it does
-//! not fuse multiply-adds); the AVX2 and AVX-512 copies give the same bits.
+//! The kernel is plain loops compiled once per CPU path ([`crate::cpu_path`]): for the
+//! baseline target and, on x86-64, with AVX2 and FMA and with AVX-512 and FMA; the
+//! cache runs the path it was made with. The generic copy may differ from the others in
+//! the last bits (it does not fuse multiply-adds); the AVX2 and AVX-512 copies give the
+//! same bits.
 
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -21,16 +26,65 @@ use super::{AttentionShape, StepRows};
 use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
 
-/// Partial sums per dot product, on every path: 16 f32 fill one AVX-512 register or two
-/// AVX2 registers (two independent chains of multiply-adds, which also hide their
-/// latency). The same 16 everywhere makes every path sum in the same order.
+/// Positions scored together: 16 f32 fill one AVX-512 register or two AVX2 registers.
+/// Key runs are allocated in whole multiples of it.
 const LANES: usize = 16;
 
 /// One row's keys and values for one layer.
 #[derive(Debug, Default, Clone)]
 struct RowKv {
-    k: Vec<f32>,
+    /// `[kv_head][dim][position]`, `capacity` positions per (head, dim); positions past
+    /// `len` are zeros.
+    kt: Vec<f32>,
+    /// `[position][kv_head][dim]`.
     v: Vec<f32>,
+    len: usize,
+    capacity: usize,
+}
+
+impl RowKv {
+    fn with_capacity(kv_dim: usize, capacity: usize) -> RowKv {
+        let capacity = capacity.max(1).div_ceil(LANES) * LANES;
+        RowKv {
+            kt: vec![0.0; kv_dim * capacity],
+            v: Vec::with_capacity(kv_dim * capacity),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Appends positions: `k` and `v` token-major, `kv_dim` values a position.
+    fn push(&mut self, kv_dim: usize, k: &[f32], v: &[f32]) {
+        let added = k.len() / kv_dim;
+        if self.len + added > self.capacity {
+            // Past the reserved room (a caller's estimate): move to twice the room.
+            let mut grown = RowKv::with_capacity(kv_dim, (self.len + added).max(2 * self.capacity));
+            for (i, run) in self.kt.chunks_exact(self.capacity).enumerate() {
+                grown.kt[i * grown.capacity..][..self.len].copy_from_slice(&run[..self.len]);
+            }
+            grown.v = std::mem::take(&mut self.v);
+            grown.len = self.len;
+            *self = grown;
+        }
+        for (t, position) in k.chunks_exact(kv_dim).enumerate() {
+            for (i, &x) in position.iter().enumerate() {
+                self.kt[i * self.capacity + self.len + t] = x;
+            }
+        }
+        self.v.extend_from_slice(v);
+        self.len += added;
+    }
+
+    /// The keys token-major, as they came in.
+    fn keys(&self, kv_dim: usize) -> Vec<f32> {
+        let mut k = vec![0.0; self.len * kv_dim];
+        for (i, run) in self.kt.chunks_exact(self.capacity).enumerate() {
+            for (p, &x) in run[..self.len].iter().enumerate() {
+                k[p * kv_dim + i] = x;
+            }
+        }
+        k
+    }
 }
 
 /// One row's keys and values in every layer, copied out of a cache to seed rows of
@@ -79,10 +133,7 @@ impl CpuKvCache {
             .map(|_| {
                 capacity
                     .iter()
-                    .map(|&c| RowKv {
-                        k: Vec::with_capacity(c * kv_dim),
-                        v: Vec::with_capacity(c * kv_dim),
-                    })
+                    .map(|&c| RowKv::with_capacity(kv_dim, c))
                     .collect()
             })
             .collect();
@@ -103,9 +154,8 @@ impl CpuKvCache {
                 step.rows.len()
             )));
         }
-        let kv_dim = self.shape.kv_heads * self.shape.head_dim;
         for (r, span) in step.rows.iter().enumerate() {
-            let cached = self.layers[0][r].k.len() / kv_dim;
+            let cached = self.layers[0][r].len;
             if cached != span.past {
                 return Err(internal(format!(
                     "row {r} holds {cached} positions, the step says {}",
@@ -137,8 +187,7 @@ impl CpuKvCache {
             with_cpu_slice(v, |v| {
                 for (row, span) in row_kvs.iter_mut().zip(&self.step.rows) {
                     let range = span.start * kv_dim..(span.start + span.len) * kv_dim;
-                    row.k.extend_from_slice(&k[range.clone()]);
-                    row.v.extend_from_slice(&v[range]);
+                    row.push(kv_dim, &k[range.clone()], &v[range]);
                 }
             })
         })??;
@@ -155,23 +204,27 @@ impl CpuKvCache {
                     q.len()
                 )));
             }
-            out.par_chunks_mut(d)
-                .enumerate()
-                .for_each_init(Vec::new, |scores, (task, out)| {
-                    let (token, head) = (task / heads, task % heads);
+            // One task per (token, key/value head): the group of query heads reading
+            // that head, whose queries and outputs are contiguous.
+            out.par_chunks_mut(group * d).enumerate().for_each_init(
+                Vec::new,
+                |scores, (task, out)| {
+                    let (token, kv_head) = (task / kv_heads, task % kv_heads);
                     let (row, i) = self.token_rows[token];
                     let span = self.step.rows[row];
                     let kv = &row_kvs[row];
-                    let q = &q[task * d..(task + 1) * d];
+                    let q = &q[task * group * d..(task + 1) * group * d];
                     let keys = Keys {
-                        k: &kv.k,
+                        kt: &kv.kt[kv_head * d * kv.capacity..(kv_head + 1) * d * kv.capacity],
+                        capacity: kv.capacity,
                         v: &kv.v,
                         count: span.past + i + 1,
                         stride: kv_dim,
-                        offset: (head / group) * d,
+                        offset: kv_head * d,
                     };
-                    attend_one(path, q, &keys, scale, scores, out);
-                });
+                    attend_group(path, q, &keys, scale, scores, out);
+                },
+            );
             Ok(())
         })??;
         Ok(Tensor::from_vec(out, (tokens, heads * d), &Device::Cpu)?)
@@ -179,12 +232,13 @@ impl CpuKvCache {
 
     /// Row `slot`'s keys and values of every layer, copied out.
     pub fn snapshot(&self, slot: usize) -> Result<RowSnapshot> {
+        let kv_dim = self.shape.kv_heads * self.shape.head_dim;
         let layers = self
             .layers
             .iter()
             .map(|rows| {
                 rows.get(slot)
-                    .map(|kv| (kv.k.clone(), kv.v.clone()))
+                    .map(|kv| (kv.keys(kv_dim), kv.v.clone()))
                     .ok_or_else(|| internal(format!("no row {slot} to copy")))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -201,15 +255,15 @@ impl CpuKvCache {
                 self.layers.len()
             )));
         }
+        let kv_dim = self.shape.kv_heads * self.shape.head_dim;
         for (rows, (k, v)) in self.layers.iter_mut().zip(&snapshot.layers) {
             let row = rows
                 .get_mut(slot)
                 .ok_or_else(|| internal(format!("no row {slot} to seed")))?;
-            if !row.k.is_empty() {
+            if row.len != 0 {
                 return Err(internal(format!("row {slot} is not empty")));
             }
-            row.k.extend_from_slice(k);
-            row.v.extend_from_slice(v);
+            row.push(kv_dim, k, v);
         }
         Ok(())
     }
@@ -249,19 +303,22 @@ pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resu
     Ok(f(&data[start..end]))
 }
 
-/// The keys and values one query may see: positions `0..count`, each `stride` floats
-/// apart, the head's `d` floats starting at `offset`.
+/// The keys and values one task may see: positions `0..count` of one key/value head,
+/// the keys transposed (`kt[dim * capacity + position]`), the values token-major (`d`
+/// floats at `position * stride + offset`).
 struct Keys<'a> {
-    k: &'a [f32],
+    kt: &'a [f32],
+    capacity: usize,
     v: &'a [f32],
     count: usize,
     stride: usize,
     offset: usize,
 }
 
-/// One query's attention output into `out` (`d` floats), with the copy of the kernel
-/// compiled for `path`: the kernel's one dispatch point.
-fn attend_one(
+/// The attention output of a group of query heads (`q`, `out`: `group x d` floats) over
+/// one key/value head, with the copy of the kernel compiled for `path`: the kernel's one
+/// dispatch point.
+fn attend_group(
     path: SupportedPath,
     q: &[f32],
     keys: &Keys,
@@ -274,28 +331,28 @@ fn attend_one(
         CpuPath::Avx512 => {
             // SAFETY: a SupportedPath holds Avx512 only when CpuPath::check detected
             // avx512f, avx512vl, avx2 and fma on this CPU: every feature of this copy.
-            unsafe { attend_one_avx512(q, keys, scale, scores, out) }
+            unsafe { attend_group_avx512(q, keys, scale, scores, out) }
         }
         #[cfg(target_arch = "x86_64")]
         CpuPath::Avx2 => {
             // SAFETY: a SupportedPath holds Avx2 only when CpuPath::check detected avx2
             // and fma on this CPU: every feature of this copy.
-            unsafe { attend_one_avx2(q, keys, scale, scores, out) }
+            unsafe { attend_group_avx2(q, keys, scale, scores, out) }
         }
-        _ => attend_one_portable::<false>(q, keys, scale, scores, out),
+        _ => attend_group_portable::<false>(q, keys, scale, scores, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-fn attend_one_avx512(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one_portable::<true>(q, keys, scale, scores, out)
+fn attend_group_avx512(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_group_portable::<true>(q, keys, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_one_avx2(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one_portable::<true>(q, keys, scale, scores, out)
+fn attend_group_avx2(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_group_portable::<true>(q, keys, scale, scores, out)
 }
 
 #[inline(always)]
@@ -307,58 +364,136 @@ fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `a . b` with [`LANES`] partial sums combined in a fixed order.
-#[inline(always)]
-fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = a.len() / LANES;
-    for c in 0..chunks {
-        let (x, y) = (
-            &a[c * LANES..(c + 1) * LANES],
-            &b[c * LANES..(c + 1) * LANES],
-        );
-        for l in 0..LANES {
-            acc[l] = madd::<F>(x[l], y[l], acc[l]);
-        }
-    }
-    let mut tail = 0f32;
-    for j in chunks * LANES..a.len() {
-        tail = madd::<F>(a[j], b[j], tail);
-    }
-    acc.iter().sum::<f32>() + tail
-}
+/// Runs of positions scored at once: four independent chains of multiply-adds, enough
+/// to hide their latency.
+const RUNS_AT_ONCE: usize = 4;
+/// Output dimensions summed at once: four AVX-512 registers of running sums.
+const DIMS_AT_ONCE: usize = 64;
 
+/// Per query head: every score a chain of multiply-adds over the dimensions in order
+/// ([`LANES`] positions at once, the same chain in every lane), times the scale; the
+/// softmax's max, its exponentials ([`exp`]) summed in [`LANES`] partial sums by
+/// position modulo [`LANES`], combined in lane order; the output the weighted values
+/// summed in position order.
 #[inline(always)]
-fn attend_one_portable<const F: bool>(
+fn attend_group_portable<const F: bool>(
     q: &[f32],
     keys: &Keys,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let d = q.len();
+    let d = keys.kt.len() / keys.capacity;
+    let runs = keys.count.div_ceil(LANES);
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..keys.count {
-        let at = p * keys.stride + keys.offset;
-        let s = dot::<F>(q, &keys.k[at..at + d]) * scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (p, &s) in scores.iter().enumerate() {
-        let w = s * inv;
-        let at = p * keys.stride + keys.offset;
-        for (o, &x) in out.iter_mut().zip(&keys.v[at..at + d]) {
-            *o = madd::<F>(w, x, *o);
+    scores.resize(runs * LANES, 0.0);
+    for (qh, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mut run = 0;
+        while run + RUNS_AT_ONCE <= runs {
+            let mut acc = [[0f32; LANES]; RUNS_AT_ONCE];
+            for (j, &x) in qh.iter().enumerate() {
+                let k = &keys.kt[j * keys.capacity + run * LANES..][..RUNS_AT_ONCE * LANES];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for l in 0..LANES {
+                        acc[l] = madd::<F>(x, k[r * LANES + l], acc[l]);
+                    }
+                }
+            }
+            let s = &mut scores[run * LANES..(run + RUNS_AT_ONCE) * LANES];
+            for (r, acc) in acc.iter().enumerate() {
+                for l in 0..LANES {
+                    s[r * LANES + l] = acc[l] * scale;
+                }
+            }
+            run += RUNS_AT_ONCE;
+        }
+        for run in run..runs {
+            let mut acc = [0f32; LANES];
+            for (j, &x) in qh.iter().enumerate() {
+                let k = &keys.kt[j * keys.capacity + run * LANES..][..LANES];
+                for l in 0..LANES {
+                    acc[l] = madd::<F>(x, k[l], acc[l]);
+                }
+            }
+            let s = &mut scores[run * LANES..(run + 1) * LANES];
+            for l in 0..LANES {
+                s[l] = acc[l] * scale;
+            }
+        }
+        let max = scores[..keys.count]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sums = [0f32; LANES];
+        for (run, s) in scores.chunks_exact_mut(LANES).enumerate() {
+            for l in 0..LANES {
+                // Positions past the query's own are not its keys: weight 0, and adding
+                // +0 leaves a partial sum's bits as they are.
+                let e = if run * LANES + l < keys.count {
+                    exp::<F>(s[l] - max)
+                } else {
+                    0.0
+                };
+                s[l] = e;
+                sums[l] += e;
+            }
+        }
+        let inv = 1.0 / sums.iter().fold(0f32, |a, &b| a + b);
+        for s in scores.iter_mut() {
+            *s *= inv;
+        }
+        let weights = &scores[..keys.count];
+        let mut dims = 0;
+        while dims + DIMS_AT_ONCE <= d {
+            let mut acc = [0f32; DIMS_AT_ONCE];
+            for (p, &w) in weights.iter().enumerate() {
+                let v = &keys.v[p * keys.stride + keys.offset + dims..][..DIMS_AT_ONCE];
+                for i in 0..DIMS_AT_ONCE {
+                    acc[i] = madd::<F>(w, v[i], acc[i]);
+                }
+            }
+            out[dims..dims + DIMS_AT_ONCE].copy_from_slice(&acc);
+            dims += DIMS_AT_ONCE;
+        }
+        while dims < d {
+            let width = (d - dims).min(LANES);
+            let mut acc = [0f32; LANES];
+            for (p, &w) in weights.iter().enumerate() {
+                let v = &keys.v[p * keys.stride + keys.offset + dims..][..width];
+                for i in 0..width {
+                    acc[i] = madd::<F>(w, v[i], acc[i]);
+                }
+            }
+            out[dims..dims + width].copy_from_slice(&acc[..width]);
+            dims += width;
         }
     }
+}
+
+/// `e^x` for the softmax's `x <= 0` in plain arithmetic that vectorises (Cephes'
+/// `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r`,
+/// `2^n` written into the exponent; within 2 units in the last place of the exact
+/// value). Below -87 (where `e^x` leaves f32's normal range) it returns `e^-87`, about
+/// 1.6e-38: a weight no sum of at least 1 can see.
+#[inline(always)]
+fn exp<const F: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 x 2^23: adding and subtracting it rounds to an integer, ties to even.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = madd::<F>(-n, LN2_LO, madd::<F>(-n, LN2_HI, x));
+    let mut p = 1.987_569_1e-4;
+    p = madd::<F>(p, r, 1.398_2e-3);
+    p = madd::<F>(p, r, 8.333_452e-3);
+    p = madd::<F>(p, r, 4.166_579_6e-2);
+    p = madd::<F>(p, r, 1.666_666_5e-1);
+    p = madd::<F>(p, r, 0.5);
+    let e = madd::<F>(p, r * r, r) + 1.0;
+    // n in [-126, 127]: a normal power of two.
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -476,6 +611,73 @@ mod tests {
     }
 
     #[test]
+    fn a_row_gives_the_same_bits_whatever_its_steps_and_room() {
+        // 37 tokens in one step into room for all of them, against 20 + 1 + 16 tokens
+        // in three steps into room for 3 (grown twice on the way) and against the first
+        // 20 copied in from another cache: the last 17 tokens' outputs are the same bits.
+        let shape = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 24,
+            layers: 1,
+        };
+        let (wq, wkv) = (6 * 24, 2 * 24);
+        let (q, k, v) = (ramp(37 * wq, 0.2), ramp(37 * wkv, 0.6), ramp(37 * wkv, 1.1));
+        let t = |x: &[f32], from: usize, to: usize, w: usize| {
+            Tensor::from_vec(x[from * w..to * w].to_vec(), (to - from, w), &Device::Cpu).unwrap()
+        };
+        let step = |cache: &mut CpuKvCache, from: usize, to: usize| {
+            cache
+                .begin_step(&StepRows::pack([(from, to - from)]))
+                .unwrap();
+            let out = cache
+                .attend(
+                    0,
+                    &t(&q, from, to, wq),
+                    &t(&k, from, to, wkv),
+                    &t(&v, from, to, wkv),
+                )
+                .unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        for path in SupportedPath::all_supported() {
+            let mut whole = CpuKvCache::new(shape, &[37], path);
+            let want = step(&mut whole, 0, 37)[20 * wq..].to_vec();
+            let mut split = CpuKvCache::new(shape, &[3], path);
+            step(&mut split, 0, 20);
+            let mut got = step(&mut split, 20, 21);
+            got.extend(step(&mut split, 21, 37));
+            assert_eq!(got, want, "{:?}: steps", path.path());
+            let mut first = CpuKvCache::new(shape, &[20], path);
+            step(&mut first, 0, 20);
+            let mut seeded = CpuKvCache::new(shape, &[40], path);
+            seeded.seed(0, &first.snapshot(0).unwrap()).unwrap();
+            assert_eq!(step(&mut seeded, 20, 37), want, "{:?}: seeded", path.path());
+            assert_eq!(seeded.layers[0][0].keys(wkv), k);
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_of_the_exact_value() {
+        for path in [false, true] {
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let got = if path {
+                    exp::<true>(x)
+                } else {
+                    exp::<false>(x)
+                };
+                let want = (x as f64).exp();
+                let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
+                assert!(ulp <= 2, "exp({x}) = {got}, exact {want}: {ulp} ulps");
+                x += 0.013;
+            }
+            assert_eq!(exp::<true>(0.0), 1.0);
+            assert!(exp::<true>(-1000.0) < 2e-38 && exp::<true>(-1000.0) > 0.0);
+        }
+    }
+
+    #[test]
     fn retain_keeps_the_listed_rows_in_order() {
         let shape = AttentionShape {
             heads: 1,
@@ -489,8 +691,8 @@ mod tests {
         let x = Tensor::from_vec(vec![0f32, 0., 1., 1., 2., 2.], (3, 2), &Device::Cpu).unwrap();
         cache.attend(0, &x, &x, &x).unwrap();
         cache.retain(&[2, 0]);
-        assert_eq!(cache.layers[0][0].k, vec![2., 2.]);
-        assert_eq!(cache.layers[0][1].k, vec![0., 0.]);
+        assert_eq!(cache.layers[0][0].keys(2), vec![2., 2.]);
+        assert_eq!(cache.layers[0][1].keys(2), vec![0., 0.]);
         // The next step must describe the two rows left, at their lengths.
         assert!(cache.begin_step(&StepRows::pack([(1, 1), (1, 1)])).is_ok());
         assert!(cache.begin_step(&StepRows::pack([(0, 1), (1, 1)])).is_err());
