@@ -20,9 +20,11 @@
 //! that check is what makes calling the feature-specific copies sound.
 //!
 //! What the copies cover: every hand-written kernel (element-wise activations, softmax
-//! exponentials, layer norms, their backward passes, the LLM's per-query attention).
-//! Matrix products go through the `gemm` crate and candle, which detect the CPU's
-//! features on their own and do not follow this choice.
+//! exponentials, layer norms, their backward passes, the LLM's attention and its Q8_0
+//! matrix products, `llm::q8_product`, whose AVX-512 copy multiplies with VNNI where the
+//! CPU has it and gives the same bits as the others). Dense matrix products go through
+//! the `gemm` crate and candle, which detect the CPU's features on their own and do not
+//! follow this choice.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -302,8 +304,9 @@ fn detect() -> Features {
 
 /// A short report of the CPU and the path chosen: the model name (from /proc/cpuinfo
 /// where there is one), whether the features that matter here are present (avx2, fma,
-/// avx512f, avx512vl, avx512_bf16, amx), the paths this CPU runs and the one models use
-/// (or why [`CPU_ENV`] is refused), and that matrix products do not follow it. One
+/// avx512f, avx512vl, avx512_vnni, avx512_bf16, amx), the paths this CPU runs and the
+/// one models use (or why [`CPU_ENV`] is refused), and which matrix products follow it.
+/// One
 /// `key: value` per line.
 pub fn cpu_report() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -330,6 +333,7 @@ fn report_from(cpuinfo: &str, active: Result<CpuPath, CpuPathError>) -> String {
         ("fma", features.fma),
         ("avx512f", features.avx512f),
         ("avx512vl", features.avx512vl),
+        ("avx512_vnni", os_flag("avx512_vnni")),
         ("avx512_bf16", os_flag("avx512_bf16")),
         ("amx", flags.iter().any(|f| f.starts_with("amx"))),
     ];
@@ -354,7 +358,9 @@ fn report_from(cpuinfo: &str, active: Result<CpuPath, CpuPathError>) -> String {
     };
     format!(
         "cpu: {model}\nfeatures: {}\npaths supported: {}\n{CPU_ENV}: {forced}\n\
-         cpu path: {path}\nmatrix products: gemm and candle choose their own kernels\n",
+         cpu path: {path}\nmatrix products: the LLM's quantized ones follow the path \
+         (with VNNI where avx512_vnni=yes); dense ones: gemm and candle choose their own \
+         kernels\n",
         listed.join(" "),
         runs.join(", "),
     )
