@@ -76,6 +76,53 @@ impl std::fmt::Debug for Q8Matrix {
     }
 }
 
+/// Q4_0 and Q5_0 blocks (a scale and 32 small integers) as the Q8_0 blocks of the same
+/// values, exactly: the same scale, each integer as an `i8`. `None` for other types or
+/// data that is not whole blocks.
+pub(crate) fn widen_to_q8_0(
+    dtype: candle_core::quantized::GgmlDType,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    use candle_core::quantized::GgmlDType;
+    // ggml's block layouts: Q4_0 is an f16 scale and 16 bytes of nibbles (value j in
+    // the low nibble of byte j, value j + 16 in the high one), each minus 8; Q5_0 adds
+    // a 32-bit word of fifth bits (bit j for value j) and subtracts 16.
+    let (bytes, fifth) = match dtype {
+        GgmlDType::Q4_0 => (18, false),
+        GgmlDType::Q5_0 => (22, true),
+        _ => return None,
+    };
+    if !data.len().is_multiple_of(bytes) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() / bytes * BLOCK_BYTES);
+    for block in data.chunks_exact(bytes) {
+        out.extend_from_slice(&block[..2]);
+        let (high, qs) = if fifth {
+            let h = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            (h, &block[6..])
+        } else {
+            (0, &block[2..])
+        };
+        let mut values = [0u8; BLOCK];
+        for (j, &byte) in qs.iter().enumerate() {
+            let (lo, hi) = if fifth {
+                (
+                    (byte & 0x0F) as i32 | ((((high >> j) & 1) as i32) << 4),
+                    (byte >> 4) as i32 | ((((high >> (j + 16)) & 1) as i32) << 4),
+                )
+            } else {
+                ((byte & 0x0F) as i32, (byte >> 4) as i32)
+            };
+            let bias = if fifth { 16 } else { 8 };
+            values[j] = (lo - bias) as i8 as u8;
+            values[j + 16] = (hi - bias) as i8 as u8;
+        }
+        out.extend_from_slice(&values);
+    }
+    Some(out)
+}
+
 /// Why stored bytes are not a Q8_0 matrix of the shape asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum Q8Error {
@@ -642,6 +689,35 @@ mod tests {
         assert_eq!((stacked.rows(), stacked.cols), (33, 64));
         let other = Q8Matrix::from_q8_0(&q8_bytes(4, 32, 3), 4, 32).unwrap();
         assert!(Q8Matrix::stack(&[&stacked, &other]).is_none());
+    }
+
+    #[test]
+    fn q4_0_and_q5_0_widen_to_the_same_values() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        use candle_core::{Device, Tensor};
+        let values: Vec<f32> = inputs(8, 64, 9);
+        let dense = Tensor::from_vec(values, (8, 64), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q5_0] {
+            let q = QTensor::quantize(&dense, dtype).unwrap();
+            let wide = widen_to_q8_0(dtype, &q.data().unwrap()).unwrap();
+            let storage =
+                QStorage::from_data(std::borrow::Cow::Owned(wide), &Device::Cpu, GgmlDType::Q8_0)
+                    .unwrap();
+            let q8 = QTensor::new(storage, (8, 64)).unwrap();
+            let want = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = q8
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+        }
+        assert!(widen_to_q8_0(GgmlDType::Q4K, &[0; 144]).is_none());
+        assert!(widen_to_q8_0(GgmlDType::Q5_0, &[0; 21]).is_none());
     }
 
     #[test]

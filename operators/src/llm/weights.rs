@@ -7,9 +7,10 @@
 //! names the file and the tensor. Safetensors weights (f32, f16 or bf16) become f32
 //! dense matrices, and so do GGUF f32/f16/bf16 ones. Quantized GGUF matrices: on the
 //! CPU every one becomes Q8_0 tiles multiplied by [`Q8Matrix::product`] (Q8_0 as
-//! stored; Q4_K, Q5_0, Q6_K, ... dequantized and quantized again to Q8_0, 8.5 bits per
-//! weight, which holds what the file holds to within a 127th of each block's largest
-//! value); on a GPU they stay in their stored type for candle's kernels. The quantized
+//! stored, Q4_0 and Q5_0 widened to Q8_0 exactly; Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, ...
+//! dequantized and quantized again to Q8_0, 8.5 bits per weight, which holds what the
+//! file holds to within a 254th of each block's largest value); on a GPU they stay in
+//! their stored type for candle's kernels. The quantized
 //! embedding table stays in its stored type and, tied, serves as the output projection
 //! through candle's tiled kernels: on the CPU a Q8_0 table whose width is not a multiple
 //! of [`TILED_WIDTH`] gets zero blocks appended to every row (and its inputs zero
@@ -24,7 +25,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attention::cpu::with_cpu_slice;
-use super::q8_product::Q8Matrix;
+use super::q8_product::{widen_to_q8_0, Q8Matrix};
 use crate::cpu_path::SupportedPath;
 use crate::error::{OperatorError, Result};
 
@@ -560,13 +561,20 @@ impl Weights {
                 let stored = q.dtype();
                 let dense = matches!(stored, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
                 if self.device.is_cpu() && !dense {
-                    let q = if stored == GgmlDType::Q8_0 {
-                        q
-                    } else {
-                        let dense = q.dequantize(&self.device)?;
-                        Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+                    let data = q.data()?;
+                    // Q8_0 as stored; Q4_0 and Q5_0 widened exactly; the others (their
+                    // blocks have minimums or 16-value scales) quantized again.
+                    let bytes = match (stored, widen_to_q8_0(stored, &data)) {
+                        (GgmlDType::Q8_0, _) => data.into_owned(),
+                        (_, Some(wide)) => wide,
+                        _ => {
+                            let dense = q.dequantize(&self.device)?;
+                            QTensor::quantize(&dense, GgmlDType::Q8_0)?
+                                .data()?
+                                .into_owned()
+                        }
                     };
-                    let matrix = Q8Matrix::from_q8_0(&q.data()?, out_dim, in_dim)
+                    let matrix = Q8Matrix::from_q8_0(&bytes, out_dim, in_dim)
                         .map_err(|e| self.bad(&name, e.to_string()))?;
                     Matrix::Q8 {
                         matrix: Arc::new(matrix),
