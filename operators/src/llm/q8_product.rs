@@ -396,7 +396,7 @@ impl Kernel {
             // SAFETY: Kernel::Avx2 is chosen for a SupportedPath of Avx2 or Avx512,
             // which CpuPath::check made only after detecting avx2 and fma.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { tile_avx2(tile, x, start, count, acc) },
+            Kernel::Avx2 => unsafe { avx2::tile(tile, x, start, count, acc) },
             // SAFETY: Kernel::Vnni is chosen only when avx512f, avx512bw and
             // avx512vnni were detected on this CPU.
             #[cfg(target_arch = "x86_64")]
@@ -413,18 +413,6 @@ fn vnni_detected() -> bool {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn tile_avx2(
-    tile: &[Tile],
-    x: &QuantizedRows,
-    start: usize,
-    count: usize,
-    acc: &mut [[f32; TILE_ROWS]; ROWS_AT_ONCE],
-) {
-    tile_portable(tile, x, start, count, acc)
 }
 
 /// The kernel as plain loops: per block, each row's exact integer sum, then one
@@ -454,6 +442,103 @@ fn tile_portable(
             for r in 0..TILE_ROWS {
                 let scale = t.d[r] * dx;
                 acc[r] = scale.mul_add((sums[r] - off) as f32, acc[r]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{QuantizedRows, Tile, BLOCK, GROUPS, ROWS_AT_ONCE, TILE_ROWS};
+
+    /// Input rows carried through a tile at once: two registers of sums each (the
+    /// tile's 16 rows), eight in all, beside the weights.
+    const ROWS: usize = 4;
+
+    /// The kernel with AVX2's byte products, as llama.cpp's AVX2 dot product makes
+    /// them: a stored value plus 128 becomes the signed value again (flip of the top
+    /// bit), `vpmaddubsw` multiplies its magnitude by the input value carrying its sign
+    /// (pairs of products of at most 128 x 127 each: no saturation), `vpmaddwd` adds the
+    /// pairs into `i32`. The block sums are the same exact integers as the other paths',
+    /// and the `f32` part the same operations.
+    ///
+    /// # Safety
+    /// The CPU has avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        tile: &[Tile],
+        x: &QuantizedRows,
+        start: usize,
+        count: usize,
+        acc: &mut [[f32; TILE_ROWS]; ROWS_AT_ONCE],
+    ) {
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(ROWS);
+            let acc = &mut acc[done..done + n];
+            match n {
+                4 => rows::<4>(tile, x, start + done, acc),
+                3 => rows::<3>(tile, x, start + done, acc),
+                2 => rows::<2>(tile, x, start + done, acc),
+                _ => rows::<1>(tile, x, start + done, acc),
+            }
+            done += n;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn rows<const R: usize>(
+        tile: &[Tile],
+        x: &QuantizedRows,
+        start: usize,
+        out: &mut [[f32; TILE_ROWS]],
+    ) {
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        for (b, t) in tile.iter().enumerate() {
+            let k = x.at(start, b);
+            // The rows' values of block b (QuantizedRows keeps a group's rows of one
+            // block side by side; `start` never crosses a group here).
+            let xq = &x.q[k * BLOCK..(k + R) * BLOCK];
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..GROUPS {
+                for (half, at) in [0usize, 32].into_iter().enumerate() {
+                    // SAFETY: `t.qs` holds GROUPS x 64 bytes.
+                    let stored =
+                        unsafe { _mm256_loadu_si256(t.qs.as_ptr().add(g * 64 + at).cast()) };
+                    let w = _mm256_xor_si256(stored, flip);
+                    let magnitude = _mm256_abs_epi8(w);
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        // SAFETY: `xq` holds R x BLOCK bytes and `i * BLOCK + g * 4 + 4
+                        // <= R * BLOCK`; an unaligned read of 4 bytes.
+                        let four = unsafe {
+                            xq.as_ptr()
+                                .add(i * BLOCK + g * 4)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
+                        let pairs = _mm256_maddubs_epi16(magnitude, signed);
+                        s[half] = _mm256_add_epi32(s[half], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for (i, (s, out)) in sums.iter().zip(out.iter_mut()).enumerate() {
+                let dx = _mm256_set1_ps(x.d[k + i]);
+                for (half, sum) in s.iter().enumerate() {
+                    // SAFETY: `t.d` and `out` hold TILE_ROWS f32: 8 at 0 or 8.
+                    unsafe {
+                        let dw = _mm256_loadu_ps(t.d.as_ptr().add(half * 8));
+                        let o = out.as_mut_ptr().add(half * 8);
+                        let scale = _mm256_mul_ps(dw, dx);
+                        let a =
+                            _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(*sum), _mm256_loadu_ps(o));
+                        _mm256_storeu_ps(o, a);
+                    }
+                }
             }
         }
     }
@@ -555,7 +640,8 @@ mod tests {
             let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
             bytes.extend_from_slice(&d.to_le_bytes());
             for _ in 0..BLOCK {
-                bytes.push(((next() % 255) as i32 - 127) as i8 as u8);
+                // Every i8, -128 included (files may hold it).
+                bytes.push(((next() % 256) as i32 - 128) as i8 as u8);
             }
         }
         bytes
