@@ -211,7 +211,7 @@ fn the_llm_generator_is_reproducible_whatever_the_batching() {
     assert_eq!(one.requests, 8);
     assert_eq!(one.generated_now, 8);
     assert!(one.tokens > 0 && one.tokens <= 8 * 12);
-    assert!(one.generator.starts_with("llm-v1:tiny-qwen2:"));
+    assert!(one.generator.starts_with("llm-v2:tiny-qwen2:"));
     // Each request is sampled from its own seed: batching changes nothing.
     let eight = run_with(8, 42);
     assert_eq!(texts(&one), texts(&eight));

@@ -22,9 +22,11 @@ use crate::generate::{Generated, GenerationRequest, QueryGenerator};
 use crate::store::hash_file;
 use crate::store::{hash_settings, ContentHasher};
 
-/// Bumped when this wrapper changes what a request produces (prompt rendering, post-
-/// processing), so that cached queries of the old behaviour are not served.
-const LLM_GENERATOR_VERSION: &str = "llm-v1";
+/// Bumped when what a request produces changes (prompt rendering, post-processing, or
+/// the model's arithmetic, which moves what a seed samples), so that cached queries of
+/// the old behaviour are not served. v2: every quantized product through the Q8_0 kernel
+/// (prompt tokens included), the attention kernel's exponentials, Q5_0 widened exactly.
+const LLM_GENERATOR_VERSION: &str = "llm-v2";
 
 /// An LLM loaded in this process.
 pub struct LlmQueryGenerator {
