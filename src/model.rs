@@ -18,7 +18,7 @@ use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::Embedder;
 
 use crate::error::EngineError;
-use crate::store::ContentHasher;
+use crate::store::{memoised_by_files, ContentHasher};
 
 /// Environment variable naming a model directory, used when no `--model` is given.
 pub const MODEL_ENV: &str = "DISTILLERY_MODEL";
@@ -200,6 +200,16 @@ fn hash_file_into(h: &mut ContentHasher, dir: &Path, name: &str) -> Result<(), E
 /// same fingerprint embed identically, wherever they live. A sentence-transformers
 /// Router's module directories (named in its `router_config.json`) are hashed too.
 pub fn fingerprint(dir: &Path) -> Result<String, EngineError> {
+    let router = dir.join(ROUTER_CONFIG_FILE);
+    if router.is_file() {
+        // A Router's module files are named inside its config: hashed every time.
+        return fingerprint_files(dir);
+    }
+    let files: Vec<PathBuf> = FINGERPRINT_FILES.iter().map(|n| dir.join(n)).collect();
+    memoised_by_files("fingerprint", &files, || fingerprint_files(dir))
+}
+
+fn fingerprint_files(dir: &Path) -> Result<String, EngineError> {
     let mut h = ContentHasher::new();
     for name in FINGERPRINT_FILES {
         hash_file_into(&mut h, dir, name)?;
@@ -240,6 +250,20 @@ pub fn fingerprint(dir: &Path) -> Result<String, EngineError> {
 /// whose files are the base model's has the base model's tower fingerprint, so its
 /// embeddings are the base model's, found in the same memo table.
 pub fn tower_fingerprint(side: &Embedder) -> Result<String, EngineError> {
+    let files: Vec<PathBuf> = TOWER_FILES
+        .iter()
+        .map(|n| side.weights_dir().join(n))
+        .collect();
+    let what = format!(
+        "tower {} {} {}",
+        side.pooling().name(),
+        side.normalizes(),
+        side.do_lower_case()
+    );
+    memoised_by_files(&what, &files, || tower_fingerprint_files(side))
+}
+
+fn tower_fingerprint_files(side: &Embedder) -> Result<String, EngineError> {
     let mut h = ContentHasher::new();
     for name in TOWER_FILES {
         hash_file_into(&mut h, side.weights_dir(), name)?;

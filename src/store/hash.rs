@@ -2,8 +2,11 @@
 //! [`ContentHasher`] for the content of its inputs. Both are blake3, written as 64
 //! lowercase hex digits, so a reader can check one with `b3sum`.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -89,25 +92,124 @@ impl std::io::Write for ContentHasher {
     }
 }
 
-/// A content hash of a file's bytes, streamed.
+/// A content hash of a file's bytes, streamed; computed once per process while the file
+/// stays as it is ([`memoised_by_files`]).
 pub fn hash_file(path: &Path) -> Result<String, StoreError> {
-    let mut f = std::fs::File::open(path).map_err(StoreError::io("open", path))?;
-    let mut h = ContentHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(StoreError::io("read", path))?;
-        if n == 0 {
-            break;
+    memoised_by_files("file", &[path.to_path_buf()], || {
+        let mut f = std::fs::File::open(path).map_err(StoreError::io("open", path))?;
+        let mut h = ContentHasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(StoreError::io("read", path))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
         }
-        h.update(&buf[..n]);
+        Ok(h.finish())
+    })
+}
+
+/// What tells a file's bytes apart for the life of this process: its path, length,
+/// modification time and inode (`None` inside: absent). Rewriting a file changes its
+/// modification time (nanoseconds here) or its inode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileStamp {
+    path: PathBuf,
+    state: Option<(u64, Option<SystemTime>, u64)>,
+}
+
+impl FileStamp {
+    /// `None` when the file's metadata cannot be read for another reason than absence.
+    fn of(path: &Path) -> Option<FileStamp> {
+        let state = match std::fs::metadata(path) {
+            Ok(m) => {
+                #[cfg(unix)]
+                let inode = std::os::unix::fs::MetadataExt::ino(&m);
+                #[cfg(not(unix))]
+                let inode = 0;
+                Some((m.len(), m.modified().ok(), inode))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return None,
+        };
+        Some(FileStamp {
+            path: path.to_path_buf(),
+            state,
+        })
     }
-    Ok(h.finish())
+}
+
+type Memo = HashMap<(String, Vec<FileStamp>), String>;
+
+/// `compute`'s answer for `what`, a hash of the contents of `files` (and of settings
+/// that `what` names), computed once per process while every file keeps its stamp
+/// (path, length, modification time, inode, or its absence): a run asks for the same
+/// model's fingerprint and the same corpus's hash at every stage that keys on them, and
+/// a model's weights are hundreds of megabytes. A file that changes while it is hashed
+/// leaves nothing kept; one whose stamp cannot be read is hashed every time.
+pub fn memoised_by_files<E>(
+    what: &str,
+    files: &[PathBuf],
+    compute: impl FnOnce() -> Result<String, E>,
+) -> Result<String, E> {
+    static MEMO: OnceLock<Mutex<Memo>> = OnceLock::new();
+    let memo = MEMO.get_or_init(Default::default);
+    let stamps = || {
+        files
+            .iter()
+            .map(|f| FileStamp::of(f))
+            .collect::<Option<Vec<_>>>()
+    };
+    let Some(before) = stamps() else {
+        return compute();
+    };
+    let key = (what.to_string(), before);
+    // A poisoned lock means a panic elsewhere mid-insert: entries are whole, still sound.
+    if let Some(hit) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(hit.clone());
+    }
+    let answer = compute()?;
+    if stamps().as_ref() == Some(&key.1) {
+        memo.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, answer.clone());
+    }
+    Ok(answer)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_hash_is_kept_while_the_file_stays_and_redone_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.bin");
+        std::fs::write(&path, b"first").unwrap();
+        let calls = std::cell::Cell::new(0);
+        let count = || -> Result<String, StoreError> {
+            calls.set(calls.get() + 1);
+            hash_file(&path)
+        };
+        let first = memoised_by_files("test", std::slice::from_ref(&path), count).unwrap();
+        let again = memoised_by_files("test", std::slice::from_ref(&path), count).unwrap();
+        assert_eq!((first.clone(), calls.get()), (again, 1));
+        assert_eq!(first, blake3::hash(b"first").to_hex().to_string());
+        // Rewritten (another length, so another stamp whatever the clock's grain).
+        std::fs::write(&path, b"second!").unwrap();
+        let changed = memoised_by_files("test", std::slice::from_ref(&path), count).unwrap();
+        assert_eq!(calls.get(), 2);
+        assert_eq!(changed, blake3::hash(b"second!").to_hex().to_string());
+        assert_eq!(hash_file(&path).unwrap(), changed);
+        // Another `what` over the same file is its own entry; an absent file is a stamp.
+        memoised_by_files("other", std::slice::from_ref(&path), count).unwrap();
+        assert_eq!(calls.get(), 3);
+        let gone = dir.path().join("absent");
+        let absent = || -> Result<String, StoreError> { Ok("none".into()) };
+        assert_eq!(memoised_by_files("test", &[gone], absent).unwrap(), "none");
+    }
     use std::collections::{BTreeMap, HashMap};
 
     #[test]
