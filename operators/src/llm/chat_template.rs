@@ -22,9 +22,26 @@ use std::path::{Path, PathBuf};
 
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
 
-use super::ChatMessage;
 use crate::error::{OperatorError, Result};
+
+/// One message of a chat, as in Hugging Face chat templates and OpenAI's chat API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
 
 /// The special-token fields transformers passes to templates.
 pub const SPECIAL_TOKEN_FIELDS: [&str; 7] = [

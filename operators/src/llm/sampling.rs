@@ -12,6 +12,38 @@
 //! token); the draw is from the kept tokens, renormalised. Probabilities are computed in
 //! f64. Ties in probability are ordered by token id.
 
+use serde::{Deserialize, Serialize};
+
+/// How new tokens are drawn (RECIPE.md section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 is greedy decoding (argmax); the recipe samples at 0.8.
+    pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probabilities sum to
+    /// at least this; 1.0 keeps every token.
+    pub top_p: f64,
+    /// Most tokens generated per sequence (the recipe: 50).
+    pub max_new_tokens: usize,
+    /// End-of-turn is not accepted before this many tokens (the recipe: 1).
+    pub min_new_tokens: usize,
+}
+
+/// The recipe's temperature.
+pub const DEFAULT_TEMPERATURE: f64 = 0.8;
+/// The recipe's cap on new tokens: a query is under 20 words.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 50;
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: DEFAULT_TEMPERATURE,
+            top_p: 1.0,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            min_new_tokens: 1,
+        }
+    }
+}
+
 /// SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators",
 /// 2014): a 64-bit state advanced by a fixed odd constant and mixed by two
 /// multiply-xorshift rounds. Small, fast, and every seed (0 included) gives a good

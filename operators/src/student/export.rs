@@ -210,7 +210,7 @@ fn write_directory(
     write_pooling(&dir.join("1_Pooling"), student.dim(), student.pooling())?;
     write_sentence_bert_config(
         dir,
-        Some(student.max_length(crate::TextKind::Passage)),
+        Some(student.max_length(crate::embedder::TextKind::Passage)),
         student.do_lower_case(),
     )?;
     write_prompts(dir, prompts, false)
@@ -242,7 +242,7 @@ fn write_router(
                 write_safetensors(student, &module_dir.join("model.safetensors"))?;
                 write_sentence_bert_config(
                     &module_dir,
-                    Some(student.max_length(crate::TextKind::Query)),
+                    Some(student.max_length(crate::embedder::TextKind::Query)),
                     student.do_lower_case(),
                 )?;
             }

@@ -17,8 +17,8 @@ use candle_core::{DType, Tensor, Var};
 use super::cpu_train::{self, Shape, Weights};
 use super::Student;
 use crate::batcher::TokenBatch;
+use crate::batcher::TokenizedText;
 use crate::error::Result;
-use crate::TokenizedText;
 
 /// Padded tokens per forward pass that keeps candle's graph for backward: bounds the
 /// memory of the graph path whatever the batch. Attention keeps `texts x len^2` scores

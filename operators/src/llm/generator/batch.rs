@@ -8,11 +8,13 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::prefix::{shared_lengths, SharedPrefix};
+use super::GenerationOutput;
 use super::{internal, LlmGenerator};
 use crate::error::{OperatorError, Result};
 use crate::llm::attention::StepRows;
+use crate::llm::chat_template::ChatMessage;
+use crate::llm::sampling::SamplingParams;
 use crate::llm::sampling::{next_token, SplitMix64};
-use crate::llm::{ChatMessage, GenerationOutput, SamplingParams};
 
 impl LlmGenerator {
     /// Replies to each `(chat, seed)`, in order.

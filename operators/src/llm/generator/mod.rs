@@ -24,11 +24,11 @@ use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use super::attention::StepRows;
+use super::chat_template::ChatMessage;
 use super::chat_template::{self, ChatTemplate};
 use super::config::LlmConfig;
 use super::model::Decoder;
 use super::weights::Weights;
-use super::ChatMessage;
 use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
 
