@@ -53,6 +53,12 @@ pub struct GenerateFile {
     /// window).
     #[serde(default = "default_generate_batch")]
     pub batch_size: usize,
+    /// Megabytes of keys and values an in-process LLM keeps for prompt prefixes that
+    /// requests share (a query type's instruction and rules, computed once and reused by
+    /// every later prompt that starts with them); 0 computes every prompt whole. The
+    /// queries are the same either way.
+    #[serde(default = "default_prefix_cache_mb")]
+    pub prefix_cache_mb: usize,
     /// The server, for `generator = "endpoint"`.
     #[serde(default)]
     pub endpoint: Option<EndpointFile>,
@@ -120,6 +126,9 @@ fn default_max_passages() -> Option<usize> {
 fn default_generate_batch() -> usize {
     16
 }
+fn default_prefix_cache_mb() -> usize {
+    distillery_operators::llm::generator::DEFAULT_PREFIX_CACHE_BYTES >> 20
+}
 fn default_shots() -> usize {
     crate::generate::prompts::DEFAULT_SHOTS
 }
@@ -143,6 +152,7 @@ impl GenerateFile {
             dedup: true,
             max_passages: default_max_passages(),
             batch_size: default_generate_batch(),
+            prefix_cache_mb: default_prefix_cache_mb(),
             endpoint: None,
         }
     }

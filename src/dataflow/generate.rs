@@ -278,6 +278,7 @@ fn generator_choice(
                 options: LlmOptions {
                     tokenizer_dir: file.tokenizer.clone(),
                     max_batch_rows: file.batch_size.max(1),
+                    prefix_cache_bytes: file.prefix_cache_mb.saturating_mul(1 << 20),
                     ..LlmOptions::default()
                 },
             }
@@ -722,6 +723,21 @@ fn write_failures(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prefix_cache_size_reaches_the_llm() {
+        let mut file = GenerateFile::with_generator("llm");
+        file.model = Some("model.gguf".into());
+        let size = |file: &GenerateFile| match generator_choice(file, SamplingParams::default()) {
+            Ok(GeneratorChoice::Llm { options, .. }) => options.prefix_cache_bytes,
+            _ => usize::MAX,
+        };
+        assert_eq!(size(&file), 128 << 20);
+        file.prefix_cache_mb = 0;
+        assert_eq!(size(&file), 0);
+        file.prefix_cache_mb = 3;
+        assert_eq!(size(&file), 3 << 20);
+    }
 
     #[test]
     fn passages_done_count_distinct_passages() {
