@@ -430,6 +430,7 @@ mod kernels {
     use anyhow::{bail, Context, Result};
     use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
+    use distillery_operators::llm::widen_to_q8_0;
     use serde_json::{json, Value};
 
     /// Rows timed: one decode step of one sequence, of the batched bench's 8, and a
@@ -443,7 +444,6 @@ mod kernels {
     const TILE_K: usize = 256;
     const Q8_0_BLOCK: usize = 32;
     const Q8_0_BYTES: usize = 34;
-    const Q5_0_BYTES: usize = 22;
 
     /// A product under test: the weight and whether inputs are zero-padded to its width.
     struct Variant {
@@ -473,27 +473,12 @@ mod kernels {
         }
     }
 
-    /// Q5_0 -> Q8_0, block for block, exactly.
+    /// Q5_0 -> Q8_0, block for block, exactly (the loader's own widening).
     fn widen_q5_0(q: &QTensor) -> Result<QTensor> {
         let data = q.data()?;
-        if data.len() % Q5_0_BYTES != 0 {
-            bail!("Q5_0 data of {} bytes", data.len());
-        }
-        let mut out = Vec::with_capacity(data.len() / Q5_0_BYTES * Q8_0_BYTES);
-        for block in data.chunks_exact(Q5_0_BYTES) {
-            let (d, rest) = block.split_at(2);
-            let (qh, qs) = rest.split_at(4);
-            let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-            out.extend_from_slice(d);
-            let mut wide = [0u8; Q8_0_BLOCK];
-            for (j, &byte) in qs.iter().enumerate() {
-                let lo = (byte & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
-                let hi = (byte >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-                wide[j] = (lo as i8 - 16) as u8;
-                wide[j + 16] = (hi as i8 - 16) as u8;
-            }
-            out.extend_from_slice(&wide);
-        }
+        let Some(out) = widen_to_q8_0(GgmlDType::Q5_0, &data) else {
+            bail!("Q5_0 data of {} bytes: not whole blocks", data.len());
+        };
         Ok(ggml_file::qtensor_from_ggml(
             GgmlDType::Q8_0,
             &out,

@@ -72,53 +72,11 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 
-missing=0
-for f in prompts.json tokenizer.json; do [ -f "$model_dir/$f" ] || missing=1; done
-for q in $quants; do [ -f "$model_dir/model-$q.gguf" ] || missing=1; done
-if [ "$missing" -eq 1 ]; then
-  echo "making the model files in $model_dir (about a minute) ..." >&2
-  (cd "$root" && OMP_NUM_THREADS=$threads "$py" benches/compare/make_llm_bench_model.py "$model_dir") \
-    >"$work/make_model.log" 2>&1 \
-    || { tail -n 20 "$work/make_model.log" >&2; die "make_llm_bench_model.py failed"; }
-fi
-
-echo "building benches/llm_generate.rs (cargo bench --no-run) ..." >&2
-(cd "$root" && cargo bench -p distillery --bench llm_generate --no-run --message-format=json) \
-  >"$work/build.json" 2>"$work/build.log" \
-  || { tail -n 30 "$work/build.log" >&2; die "cargo build of the bench failed (log above)"; }
-bin=$("$py" -c '
-import json, sys
-for line in open(sys.argv[1]):
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "llm_generate" \
-            and m.get("executable"):
-        print(m["executable"])
-' "$work/build.json" | tail -n 1)
-[ -n "$bin" ] && [ -x "$bin" ] || die "no llm_generate executable in cargo's output ($work/build.json)"
-
-cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
-[ -n "$cpu" ] || cpu=$(uname -m)
-# The vector extensions both sides' kernels pick from.
-isa=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' \
-  | grep -x -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_int8' | tr '\n' ' ' | sed 's/ $//' || true)
-[ -n "$isa" ] && cpu="$cpu [$isa]"
-git_rev=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
-load_before=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
-echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)  nproc $(nproc)  cpu: $cpu  load: $load_before  git $git_rev" >&2
-# The distillery binary, for its CPU report (the bench above built the library).
-target=${CARGO_TARGET_DIR:-$root/target}
-(cd "$root" && cargo build --release -p distillery --bin distillery) >>"$work/build.log" 2>&1 \
-  || { tail -n 30 "$work/build.log" >&2; die "cargo build of distillery failed (log above)"; }
-# The CPU, its features and the path distillery's hand-written kernels take
-# (DISTILLERY_CPU forces one): `distillery cpu`.
-if "$target/release/distillery" cpu --help >/dev/null 2>&1; then
-  "$target/release/distillery" cpu >&2 || die "'$target/release/distillery cpu' failed: DISTILLERY_CPU refused (message above)"
-else
-  echo "($target/release/distillery has no 'cpu' command: CPU path not reported)" >&2
-fi
+# shellcheck source=benches/compare/llm_common.sh
+. "$root/benches/compare/llm_common.sh"
+llm_make_models
+llm_build_bench
+llm_describe_machine
 
 run_candle() {  # $1 = round, $2 = quant
   # RAYON_NUM_THREADS sizes rayon's pool and candle's own CPU pool.

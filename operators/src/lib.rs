@@ -15,6 +15,7 @@ pub mod llm;
 pub mod st_config;
 pub mod student;
 pub mod tiny;
+pub(crate) mod vector_math;
 
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
 pub use cpu_path::{cpu_report, CpuPath, CpuPathError, CPU_ENV};

@@ -257,6 +257,15 @@ fn gguf_chat_template_is_used_without_tokenizer_config() {
     }
 }
 
+/// Logits as the fixtures store them: a JSON list of numbers.
+fn logits(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
 /// Largest |a - b| over the logits, relative to the spread (standard deviation) of `b`.
 fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
     let n = b.len() as f64;
@@ -293,12 +302,7 @@ fn gguf_logits_equal_llama_cpp() {
                 let ours = llm
                     .next_token_logits(&messages(&prompts[i as usize]["messages"]))
                     .unwrap();
-                let theirs: Vec<f32> = reference[file][k]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect();
+                let theirs = logits(&reference[file][k]);
                 let gap = relative_gap(&ours, &theirs);
                 let tolerance = if file.contains("q8_0") { 0.08 } else { 0.01 };
                 assert!(
@@ -346,12 +350,7 @@ fn gguf_k_quants_and_q5_0_logits_equal_llama_cpp() {
             let ours = llm
                 .next_token_logits(&messages(&prompts[i as usize]["messages"]))
                 .unwrap();
-            let theirs: Vec<f32> = reference[k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
+            let theirs = logits(&reference[k]);
             let gap = relative_gap(&ours, &theirs);
             assert!(
                 gap < tolerance,

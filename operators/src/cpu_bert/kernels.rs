@@ -1,6 +1,6 @@
 //! Element-wise and row-wise kernels of the CPU BERT forward pass: bias plus activation,
-//! softmax's exponentials and row sums, bias plus layer norm, and the `exp` and `erf`
-//! they need.
+//! softmax's exponentials and row sums, bias plus layer norm, and the `erf` they need
+//! (`exp` and the multiply-add are [`crate::vector_math`]'s).
 //!
 //! Every kernel is written once, as plain loops that LLVM vectorises, and compiled three
 //! times (see [`crate::cpu_path`]): for the baseline target, and on x86-64 with AVX2 and
@@ -13,27 +13,16 @@
 //! row's result does not depend on anything but the row (and the path): the same input
 //! gives the same bits.
 //!
-//! Accuracy, measured against f64 references in the tests below: `exp` within 2 ulp,
-//! the erf-based GELU within 4e-7 absolute per unit of |x| (its erfc comes from a
+//! Accuracy, measured against f64 references in the tests below: the erf-based GELU within 4e-7 absolute per unit of |x| (its erfc comes from a
 //! polynomial fitted for this file; see [`ERFC_POLY`]), with or without FMA.
+
+use crate::vector_math::{exp, madd};
 
 /// Partial sums per reduction, on every path: 16 f32 fill one AVX-512 register or two
 /// AVX2 registers (two independent accumulator chains, which also hide the latency of
 /// the adds). Every copy keeps the same 16 so that every path sums in the same order:
 /// the AVX2 and AVX-512 copies then give the same bits.
 pub const LANES: usize = 16;
-
-/// `ln 2` split so that `n * LN2_HI` is exact for the `n` that `exp` uses (|n| < 2^9):
-/// the high part has 9 trailing zero bits.
-const LN2_HI: f32 = 0.693_145_75;
-const LN2_LO: f32 = 1.428_606_8e-6;
-/// Adding 1.5 * 2^23 to a float below 2^22 in magnitude rounds it to an integer held in
-/// the low mantissa bits: round-to-nearest without a conversion instruction.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-/// `exp` saturates outside this range: below, the result is subnormal (softmax weights
-/// and erfc tails that small are zero for every purpose here); above, f32 overflows.
-const EXP_MIN: f32 = -87.0;
-const EXP_MAX: f32 = 88.0;
 
 /// `erfc(a) ~ t * P(t) * exp(-a^2)` with `t = 1 / (1 + ERFC_T_SCALE * a)`, for a >= 0.
 /// `ERFC_POLY` holds P's coefficients, lowest degree first: a weighted least-squares fit
@@ -55,44 +44,6 @@ const ERFC_POLY: [f32; 7] = [
 /// (transformers' `gelu_new`).
 const GELU_TANH_SCALE: f32 = 0.797_884_6;
 const GELU_TANH_CUBIC: f32 = 0.044_715;
-
-/// `a * b + c`, as one fused multiply-add in copies compiled with FMA (`F`), as two
-/// roundings otherwise. Either way the result depends on nothing but the operands.
-#[inline(always)]
-fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if F {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `e^x`, within 2 ulp for x in [EXP_MIN, EXP_MAX], saturating outside. Branch-free so
-/// that loops calling it vectorise.
-#[inline(always)]
-pub fn exp<const F: bool>(x: f32) -> f32 {
-    let x = x.clamp(EXP_MIN, EXP_MAX);
-    // x = n ln2 + r, |r| <= ln2 / 2, then e^x = 2^n e^r.
-    let k = madd::<F>(x, std::f32::consts::LOG2_E, ROUND_MAGIC);
-    let n = k - ROUND_MAGIC;
-    let n_int = (k.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let r = madd::<F>(-n, LN2_LO, madd::<F>(-n, LN2_HI, x));
-    // Taylor series of e^r to degree 7: the remainder is below 6e-9 for |r| <= ln2 / 2.
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = madd::<F>(p, r, c);
-    }
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
-    p * scale
-}
 
 /// The exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, with `1 + erf(z)` computed as
 /// `erfc(-z)` for negative z and `2 - erfc(z)` otherwise, so large negative inputs do
@@ -400,29 +351,6 @@ pub(crate) mod tests {
     /// GELU(1) = Phi(1) and GELU(-1) = -Phi(-1), Phi the standard normal CDF.
     const GELU_1: f64 = 0.841_344_746_068_542_9;
     const GELU_MINUS_1: f64 = -0.158_655_253_931_457_05;
-
-    fn ulps(a: f32, b: f32) -> u32 {
-        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
-    }
-
-    fn check_exp<const F: bool>() {
-        let mut worst = 0;
-        for i in 0..=200_000 {
-            let x = EXP_MIN + (EXP_MAX - EXP_MIN) * i as f32 / 200_000.0;
-            let want = (x as f64).exp() as f32;
-            worst = worst.max(ulps(exp::<F>(x), want));
-        }
-        assert!(worst <= 2, "fma {F}: worst {worst} ulp");
-        assert_eq!(exp::<F>(0.0), 1.0);
-        // Saturation: no infinities, no NaN from the bit tricks.
-        assert!(exp::<F>(1000.0).is_finite() && exp::<F>(-1000.0) >= 0.0);
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp_of_f64() {
-        check_exp::<false>();
-        check_exp::<true>();
-    }
 
     #[test]
     fn erf_reference_matches_known_values() {

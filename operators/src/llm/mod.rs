@@ -30,4 +30,5 @@ pub(crate) mod weights;
 pub use chat_template::ChatMessage;
 pub use config::{Family, LlmConfig};
 pub use generator::{FingerprintMaterial, GenerationOutput, LlmGenerator, LlmOptions};
+pub use q8_product::widen_to_q8_0;
 pub use sampling::{SamplingParams, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE};

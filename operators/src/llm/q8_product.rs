@@ -79,10 +79,7 @@ impl std::fmt::Debug for Q8Matrix {
 /// Q4_0 and Q5_0 blocks (a scale and 32 small integers) as the Q8_0 blocks of the same
 /// values, exactly: the same scale, each integer as an `i8`. `None` for other types or
 /// data that is not whole blocks.
-pub(crate) fn widen_to_q8_0(
-    dtype: candle_core::quantized::GgmlDType,
-    data: &[u8],
-) -> Option<Vec<u8>> {
+pub fn widen_to_q8_0(dtype: candle_core::quantized::GgmlDType, data: &[u8]) -> Option<Vec<u8>> {
     use candle_core::quantized::GgmlDType;
     // ggml's block layouts: Q4_0 is an f16 scale and 16 bytes of nibbles (value j in
     // the low nibble of byte j, value j + 16 in the high one), each minus 8; Q5_0 adds
@@ -447,11 +444,24 @@ fn tile_portable(
     }
 }
 
+/// Input values `at..at + 4` as one little-endian `i32`: the group of four that the
+/// x86 copies broadcast to every row of a tile.
+///
+/// # Safety
+/// `at + 4 <= xq.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn four_values(xq: &[i8], at: usize) -> i32 {
+    debug_assert!(at + 4 <= xq.len());
+    // SAFETY: as the caller promises; an unaligned read of 4 bytes.
+    unsafe { xq.as_ptr().add(at).cast::<i32>().read_unaligned() }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedRows, Tile, BLOCK, GROUPS, ROWS_AT_ONCE, TILE_ROWS};
+    use super::{four_values, QuantizedRows, Tile, BLOCK, GROUPS, ROWS_AT_ONCE, TILE_ROWS};
 
     /// Input rows carried through a tile at once: two registers of sums each (the
     /// tile's 16 rows), eight in all, beside the weights.
@@ -512,14 +522,9 @@ mod avx2 {
                     let w = _mm256_xor_si256(stored, flip);
                     let magnitude = _mm256_abs_epi8(w);
                     for (i, s) in sums.iter_mut().enumerate() {
-                        // SAFETY: `xq` holds R x BLOCK bytes and `i * BLOCK + g * 4 + 4
-                        // <= R * BLOCK`; an unaligned read of 4 bytes.
-                        let four = unsafe {
-                            xq.as_ptr()
-                                .add(i * BLOCK + g * 4)
-                                .cast::<i32>()
-                                .read_unaligned()
-                        };
+                        // SAFETY: `xq` holds R x BLOCK values and `i * BLOCK + g * 4 + 4
+                        // <= R * BLOCK`.
+                        let four = unsafe { four_values(xq, i * BLOCK + g * 4) };
                         let signed = _mm256_sign_epi8(_mm256_set1_epi32(four), w);
                         let pairs = _mm256_maddubs_epi16(magnitude, signed);
                         s[half] = _mm256_add_epi32(s[half], _mm256_madd_epi16(pairs, ones));
@@ -548,7 +553,7 @@ mod avx2 {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{QuantizedRows, Tile, BLOCK, GROUPS, ROWS_AT_ONCE, TILE_ROWS};
+    use super::{four_values, QuantizedRows, Tile, BLOCK, GROUPS, ROWS_AT_ONCE, TILE_ROWS};
 
     /// # Safety
     /// The CPU has avx512f, avx512bw and avx512vnni.
@@ -596,14 +601,9 @@ mod vnni {
                 // SAFETY: `t.qs` holds GROUPS x 64 bytes; the load is unaligned-safe.
                 let w = unsafe { _mm512_loadu_si512(t.qs.as_ptr().add(g * 64).cast()) };
                 for (i, s) in sums.iter_mut().enumerate() {
-                    // SAFETY: `xq` holds R x BLOCK bytes and `i * BLOCK + g * 4 + 4 <=
-                    // R * BLOCK`; an unaligned read of 4 bytes.
-                    let four = unsafe {
-                        xq.as_ptr()
-                            .add(i * BLOCK + g * 4)
-                            .cast::<i32>()
-                            .read_unaligned()
-                    };
+                    // SAFETY: `xq` holds R x BLOCK values and `i * BLOCK + g * 4 + 4 <=
+                    // R * BLOCK`.
+                    let four = unsafe { four_values(xq, i * BLOCK + g * 4) };
                     *s = _mm512_dpbusd_epi32(*s, w, _mm512_set1_epi32(four));
                 }
             }

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use super::{AttentionShape, StepRows};
 use crate::cpu_path::{CpuPath, SupportedPath};
 use crate::error::{OperatorError, Result};
+use crate::vector_math::{exp, madd};
 
 /// Positions scored together: 16 f32 fill one AVX-512 register or two AVX2 registers.
 /// Key runs are allocated in whole multiples of it.
@@ -355,15 +356,6 @@ fn attend_group_avx2(q: &[f32], keys: &Keys, scale: f32, scores: &mut Vec<f32>, 
     attend_group_portable::<true>(q, keys, scale, scores, out)
 }
 
-#[inline(always)]
-fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if F {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
 /// Runs of positions scored at once: four independent chains of multiply-adds, enough
 /// to hide their latency.
 const RUNS_AT_ONCE: usize = 4;
@@ -467,33 +459,6 @@ fn attend_group_portable<const F: bool>(
             dims += width;
         }
     }
-}
-
-/// `e^x` for the softmax's `x <= 0` in plain arithmetic that vectorises (Cephes'
-/// `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r`,
-/// `2^n` written into the exponent; within 2 units in the last place of the exact
-/// value). Below -87 (where `e^x` leaves f32's normal range) it returns `e^-87`, about
-/// 1.6e-38: a weight no sum of at least 1 can see.
-#[inline(always)]
-fn exp<const F: bool>(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n * LN2_HI is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 x 2^23: adding and subtracting it rounds to an integer, ties to even.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = madd::<F>(-n, LN2_LO, madd::<F>(-n, LN2_HI, x));
-    let mut p = 1.987_569_1e-4;
-    p = madd::<F>(p, r, 1.398_2e-3);
-    p = madd::<F>(p, r, 8.333_452e-3);
-    p = madd::<F>(p, r, 4.166_579_6e-2);
-    p = madd::<F>(p, r, 1.666_666_5e-1);
-    p = madd::<F>(p, r, 0.5);
-    let e = madd::<F>(p, r * r, r) + 1.0;
-    // n in [-126, 127]: a normal power of two.
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -654,26 +619,6 @@ mod tests {
             seeded.seed(0, &first.snapshot(0).unwrap()).unwrap();
             assert_eq!(step(&mut seeded, 20, 37), want, "{:?}: seeded", path.path());
             assert_eq!(seeded.layers[0][0].keys(wkv), k);
-        }
-    }
-
-    #[test]
-    fn exp_is_within_two_ulps_of_the_exact_value() {
-        for path in [false, true] {
-            let mut x = -87.0f32;
-            while x <= 0.0 {
-                let got = if path {
-                    exp::<true>(x)
-                } else {
-                    exp::<false>(x)
-                };
-                let want = (x as f64).exp();
-                let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
-                assert!(ulp <= 2, "exp({x}) = {got}, exact {want}: {ulp} ulps");
-                x += 0.013;
-            }
-            assert_eq!(exp::<true>(0.0), 1.0);
-            assert!(exp::<true>(-1000.0) < 2e-38 && exp::<true>(-1000.0) > 0.0);
         }
     }
 

@@ -152,7 +152,7 @@ impl LlmGenerator {
         let lock = || self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         let (wanted, mut found) = {
             let mut store = lock();
-            let wanted = shared_lengths(prompts, &store.recent());
+            let wanted = shared_lengths(prompts, store.recent());
             store.saw(prompts);
             let found: Vec<Option<Arc<SharedPrefix>>> =
                 prompts.iter().map(|p| store.longest_match(p)).collect();

@@ -48,25 +48,24 @@ pub(crate) struct PrefixStore {
     bytes: usize,
     clock: u64,
     /// The last [`RECENT_PROMPTS`] prompts, oldest first.
-    recent: std::collections::VecDeque<Vec<u32>>,
+    recent: Vec<Vec<u32>>,
 }
 
 impl PrefixStore {
     /// The last prompts seen, oldest first.
-    pub fn recent(&self) -> Vec<Vec<u32>> {
-        self.recent.iter().cloned().collect()
+    pub fn recent(&self) -> &[Vec<u32>] {
+        &self.recent
     }
 
     /// Remembers `prompts` as the latest seen.
     pub fn saw(&mut self, prompts: &[Vec<u32>]) {
         for p in prompts {
             if !self.recent.contains(p) {
-                self.recent.push_back(p.clone());
+                self.recent.push(p.clone());
             }
         }
-        while self.recent.len() > RECENT_PROMPTS {
-            self.recent.pop_front();
-        }
+        let over = self.recent.len().saturating_sub(RECENT_PROMPTS);
+        self.recent.drain(..over);
     }
 
     /// The longest kept prefix that `prompt` starts with and leaves a token of its own
@@ -179,9 +178,9 @@ mod tests {
         let prompts: Vec<Vec<u32>> = (0..RECENT_PROMPTS as u32 + 3).map(|i| ids(i, 3)).collect();
         store.saw(&prompts[..2]);
         store.saw(&prompts[..2]);
-        assert_eq!(store.recent(), prompts[..2].to_vec());
+        assert_eq!(store.recent(), &prompts[..2]);
         store.saw(&prompts);
-        assert_eq!(store.recent(), prompts[3..].to_vec());
+        assert_eq!(store.recent(), &prompts[3..]);
     }
 
     fn prefix(tokens: Vec<u32>) -> Arc<SharedPrefix> {
