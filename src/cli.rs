@@ -50,6 +50,17 @@ pub(crate) enum Command {
     /// The path is generic, avx2 or avx512: the best this CPU runs unless DISTILLERY_CPU
     /// forces one. Fails when DISTILLERY_CPU names no path or one this CPU cannot run.
     Cpu,
+    /// Print what this binary was built with (features, CPU path) and the devices it can
+    /// use; with --device, open that device and run a small product on it, or say why it
+    /// cannot be used (exit status 1).
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct DoctorArgs {
+    /// A device to check: `cpu` or `cuda:N`.
+    #[arg(long)]
+    pub(crate) device: Option<String>,
 }
 
 #[derive(Args)]
@@ -161,6 +172,11 @@ pub(crate) struct ModelArgs {
     /// Most texts per device batch.
     #[arg(long, default_value_t = DEFAULT_BATCH_ROWS)]
     pub(crate) batch_rows: usize,
+    /// The device the model runs on: `cpu`, or `cuda:N` (a build with `--features
+    /// cuda`; `distillery doctor` says what this build can use). With several processes
+    /// on a host, `cuda:{local}` gives each its own GPU.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
     /// Compute threads for the model (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
@@ -276,6 +292,11 @@ pub(crate) struct ScoreArgs {
     /// Run directory for the stage's parts (resume). Default: <output>.run
     #[arg(long)]
     pub(crate) run_dir: Option<PathBuf>,
+    /// The device the model runs on: `cpu`, or `cuda:N` (a build with `--features
+    /// cuda`; `distillery doctor` says what this build can use). With several processes
+    /// on a host, `cuda:{local}` gives each its own GPU.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
     /// Compute threads for the model (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,

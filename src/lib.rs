@@ -7,6 +7,7 @@ pub mod config;
 pub mod corpus;
 pub mod crash;
 pub mod dataflow;
+pub mod doctor;
 pub mod driver;
 pub mod error;
 pub mod eval;

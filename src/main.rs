@@ -147,8 +147,18 @@ fn release_followers(c: &Cluster, workers: usize) {
     }
 }
 
-fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
-    EmbedSettings {
+/// The device `--device` names for this process of `cluster`.
+fn device_arg(name: &str, cluster: &Cluster) -> Result<candle_core::Device> {
+    distillery::config::resolve_device(name, cluster)
+        .map_err(|e| anyhow::anyhow!("--device {name}: {e}"))
+}
+
+fn embed_settings(
+    m: &ModelArgs,
+    run_dir: &std::path::Path,
+    cluster: &Cluster,
+) -> Result<EmbedSettings> {
+    Ok(EmbedSettings {
         model: m.model.clone(),
         max_seq_length: m.max_seq_length,
         query_prefix: m.query_prefix.clone(),
@@ -159,8 +169,8 @@ fn embed_settings(m: &ModelArgs, run_dir: &std::path::Path) -> EmbedSettings {
         quarantine: matches!(m.on_bad_record, OnBadRecord::Skip)
             .then(|| run_dir.join(QUARANTINE_FILE)),
         quiet: m.quiet,
-        ..EmbedSettings::default()
-    }
+        device: device_arg(&m.device, cluster)?,
+    })
 }
 
 /// Writes `value` as JSON through the store's durable protocol: whole or absent.
@@ -395,6 +405,15 @@ fn main() {
 fn run_cli(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run_command(&a)?,
+        Command::Doctor(a) => {
+            print!("{}", distillery::doctor::report());
+            if let Some(name) = &a.device {
+                match distillery::doctor::check_device(name) {
+                    Ok(ran) => println!("{ran}"),
+                    Err(why) => anyhow::bail!("--device {name}: {why}"),
+                }
+            }
+        }
         Command::Cpu => {
             print!("{}", distillery_operators::cpu_report());
             distillery_operators::CpuPath::active()?;
@@ -426,7 +445,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 None => None,
             };
             let settings = EvalSettings {
-                embed: embed_settings(&a.model, &run_dir),
+                embed: embed_settings(&a.model, &run_dir, &Cluster::single())?,
                 dataset: a.dataset.clone(),
                 split: a.split.clone(),
                 run_dir,
@@ -484,7 +503,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                     .with_context(|| format!("cannot create {}", run_dir.display()))?;
             }
             let job = EmbedJob {
-                embed: embed_settings(&a.model, &run_dir),
+                embed: embed_settings(&a.model, &run_dir, &cluster)?,
                 input: a.input.clone(),
                 output: a.output.clone(),
                 kind: match a.kind {
@@ -636,15 +655,9 @@ fn run_cli(cli: Cli) -> Result<()> {
         Command::Score(a) => {
             set_threads(a.threads);
             let cluster = a.cluster.cluster()?;
+            let device = device_arg(&a.device, &cluster)?;
             if !cluster.is_leader() {
-                // The cross-encoder runs where `score` runs it: on the CPU.
-                return follow(
-                    &cluster,
-                    a.workers,
-                    &candle_core::Device::Cpu,
-                    a.quiet,
-                    a.json.as_deref(),
-                );
+                return follow(&cluster, a.workers, &device, a.quiet, a.json.as_deref());
             }
             let run_dir = a
                 .run_dir
@@ -665,6 +678,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 matches!(a.on_bad_record, OnBadRecord::Skip).then(|| run_dir.join(QUARANTINE_FILE));
             job.quiet = a.quiet;
             job.cluster = cluster;
+            job.device = device;
             let ran = run_score(&job);
             release_followers(&job.cluster, job.workers);
             let outcome = ran?;

@@ -1,7 +1,8 @@
 //! The `distillery` binary as a user runs it: `embed` writes a whole Parquet file, a bad
 //! record stops it with the file and line (exit status 1) or, with
 //! `--on-bad-record skip`, lands in the quarantine and is counted; `eval` on a missing
-//! split names the missing file.
+//! split names the missing file; `doctor` says what the build can use, and a `--device`
+//! it cannot use stops a command before any work, saying why.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -132,4 +133,51 @@ fn eval_names_a_missing_qrels_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("qrels/dev.tsv"), "{stderr}");
+}
+
+#[test]
+fn doctor_reports_the_build_and_a_device_it_lacks_stops_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = distillery(&["doctor"], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("cpu path: "), "{stdout}");
+    assert!(stdout.contains("  cpu: available"), "{stdout}");
+    let out = distillery(&["doctor", "--device", "cpu"], dir.path());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cpu: a matrix product ran"));
+    let out = distillery(&["doctor", "--device", "gpu"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `cpu`, `cuda:N`"));
+
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    assert!(stdout.contains("features: cuda=no"), "{stdout}");
+    assert!(stdout.contains("cuda: unavailable: this build has no CUDA support"));
+    std::fs::write(dir.path().join("corpus.jsonl"), GOOD).unwrap();
+    for args in [
+        &["embed", "--input", "corpus.jsonl", "--output", "e.parquet"][..],
+        &[
+            "score",
+            "--model",
+            "m",
+            "--input",
+            "p.jsonl",
+            "--output",
+            "s.parquet",
+        ][..],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--device", "cuda:0"]);
+        let out = distillery(&args, dir.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--device cuda:0: this build has no CUDA support"),
+            "{stderr}"
+        );
+    }
+    assert!(!dir.path().join("e.parquet").exists());
+    assert!(!dir.path().join("s.parquet").exists());
 }

@@ -352,6 +352,14 @@ struct Layer {
 impl Layer {
     fn load(w: &Weights, c: &BertConfig, i: usize) -> Result<Self> {
         let h = c.hidden_size;
+        // Checked when config.json is read; a config built otherwise (a cross-encoder
+        // family's) is checked here rather than run with a guessed activation.
+        let act = Activation::parse(&c.hidden_act).ok_or_else(|| OperatorError::Unsupported {
+            path: w.path.clone(),
+            what: "hidden_act",
+            value: c.hidden_act.clone(),
+            supported: "gelu, gelu_new, gelu_pytorch_tanh, relu",
+        })?;
         let p = format!("encoder.layer.{i}");
         let q = DenseT::load(w, &format!("{p}.attention.self.query"), h, h)?;
         let k = DenseT::load(w, &format!("{p}.attention.self.key"), h, h)?;
@@ -375,7 +383,7 @@ impl Layer {
             out_norm: LayerNorm::load(w, &format!("{p}.output.LayerNorm"), h, c.layer_norm_eps)?,
             heads: c.num_attention_heads,
             head_dim: c.head_dim(),
-            act: Activation::parse(&c.hidden_act).unwrap_or(Activation::GeluErf),
+            act,
         })
     }
 
@@ -414,26 +422,60 @@ impl Layer {
     }
 }
 
-/// A BERT encoder: token ids and attention mask in, last hidden states out.
-pub struct BertModel {
-    embeddings: Embeddings,
+/// BERT's encoder layers alone: embedded tokens and an attention mask in, last hidden
+/// states out. [`BertModel`] puts its embeddings in front; the cross-encoders put their
+/// families' own embeddings in front ([`crate::cross_encoder`]).
+pub struct BertEncoder {
     layers: Vec<Layer>,
-    config: BertConfig,
-    device: Device,
+    hidden: usize,
 }
 
 /// Added to attention scores of padding keys. transformers uses the dtype's minimum;
 /// any value whose exponential underflows to zero gives the same probabilities.
 const MASKED_SCORE: f32 = -1e9;
 
-impl BertModel {
+impl BertEncoder {
+    /// The `config.num_hidden_layers` layers of `weights` (BERT's names, no prefix).
     pub fn load(weights: &Weights, config: &BertConfig) -> Result<Self> {
         let layers = (0..config.num_hidden_layers)
             .map(|i| Layer::load(weights, config, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            embeddings: Embeddings::load(weights, config)?,
             layers,
+            hidden: config.hidden_size,
+        })
+    }
+
+    /// `xs`: `[batch, len, hidden]` embedded tokens; `mask`: `[batch, len]` (u32, 1 for
+    /// tokens, 0 for padding) -> hidden states `[batch, len, hidden]`.
+    pub fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, len) = mask.dims2()?;
+        let hidden = self.hidden;
+        let mask_bias = ((1.0 - mask.to_dtype(DType::F32)?)? * (-MASKED_SCORE as f64))?
+            .neg()?
+            .to_dtype(xs.dtype())?
+            .reshape((batch, 1, 1, len))?;
+        let mut xs = xs.reshape((batch * len, hidden))?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask_bias, batch, len)?;
+        }
+        Ok(xs.reshape((batch, len, hidden))?)
+    }
+}
+
+/// A BERT encoder: token ids and attention mask in, last hidden states out.
+pub struct BertModel {
+    embeddings: Embeddings,
+    encoder: BertEncoder,
+    config: BertConfig,
+    device: Device,
+}
+
+impl BertModel {
+    pub fn load(weights: &Weights, config: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            embeddings: Embeddings::load(weights, config)?,
+            encoder: BertEncoder::load(weights, config)?,
             config: config.clone(),
             device: weights.device().clone(),
         })
@@ -450,19 +492,7 @@ impl BertModel {
     /// `ids`, `mask`: `[batch, len]` (u32; mask 1 for tokens, 0 for padding) ->
     /// hidden states `[batch, len, hidden]`.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, len) = ids.dims2()?;
-        let hidden = self.config.hidden_size;
-        let mask_bias = ((1.0 - mask.to_dtype(DType::F32)?)? * (-MASKED_SCORE as f64))?
-            .neg()?
-            .reshape((batch, 1, 1, len))?;
-        let mut xs = self
-            .embeddings
-            .forward(ids)?
-            .reshape((batch * len, hidden))?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask_bias, batch, len)?;
-        }
-        Ok(xs.reshape((batch, len, hidden))?)
+        self.encoder.forward(&self.embeddings.forward(ids)?, mask)
     }
 }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use crate::backend::Backend;
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weights};
 use crate::cpu_bert::CpuBert;
@@ -54,26 +55,6 @@ pub const REQUIRED_FILES: [(&str, &str); 3] = [
         "the weights (pickled .bin files are never read)",
     ),
 ];
-
-/// Which implementation of the encoder runs the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// candle tensors on the embedder's device (CPU or CUDA); padded batches.
-    Candle,
-    /// The CPU kernel of [`crate::cpu_bert`]; CPU only.
-    Cpu,
-}
-
-impl Backend {
-    /// The fastest backend for `device`.
-    pub fn for_device(device: &Device) -> Self {
-        if device.is_cpu() {
-            Self::Cpu
-        } else {
-            Self::Candle
-        }
-    }
-}
 
 /// The loaded encoder of one backend.
 enum Encoder {
@@ -120,7 +101,7 @@ impl Embedder {
         device: &Device,
         backend: Backend,
     ) -> Result<Self> {
-        if backend == Backend::Cpu && !device.is_cpu() {
+        if !backend.runs_on(device) {
             return Err(OperatorError::Unsupported {
                 path: dir.to_path_buf(),
                 what: "backend for this device",

@@ -4,6 +4,7 @@
 //! Everything here is synchronous and single-model; the engine (crate `distillery`)
 //! owns threads, channels and the dataflow.
 
+pub mod backend;
 pub mod batcher;
 pub mod bert;
 pub mod cpu_bert;
@@ -17,10 +18,11 @@ pub mod student;
 pub mod tiny;
 pub(crate) mod vector_math;
 
+pub use backend::Backend;
 pub use batcher::{TokenBatch, TokenBudgetBatcher, TokenizedText};
 pub use cpu_path::{cpu_report, CpuPath, CpuPathError, CPU_ENV};
 pub use cross_encoder::{CrossEncoder, CrossEncoderOptions};
-pub use embedder::{Backend, Embedder, EmbedderOptions, TextKind};
+pub use embedder::{Embedder, EmbedderOptions, TextKind};
 pub use error::{OperatorError, Result};
 pub use st_config::{Pooling, SentenceTransformerSpec};
 pub use student::{Student, StudentOptions};

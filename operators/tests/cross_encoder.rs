@@ -5,7 +5,7 @@
 //! tests/reference/make_cross_encoder_fixtures.py). distillery must give the same token
 //! ids and token types for every pair, and the same logits to 1e-4: absolute for logits
 //! within [-1, 1], relative beyond (the fixtures' logits lie within 5), on every CPU path
-//! this machine runs.
+//! this machine runs and on the candle backend (what a GPU runs), here on the CPU.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use distillery_operators::bert::{BertConfig, Weights};
 use distillery_operators::cpu_bert::CpuBert;
 use distillery_operators::cross_encoder::Family;
 use distillery_operators::{
-    CpuPath, CrossEncoder, CrossEncoderOptions, OperatorError, TokenBatch, TokenizedText,
+    Backend, CpuPath, CrossEncoder, CrossEncoderOptions, OperatorError, TokenBatch, TokenizedText,
 };
 use serde::Deserialize;
 
@@ -52,11 +52,14 @@ fn expected(family: &str) -> Expected {
     serde_json::from_str(&text).unwrap()
 }
 
-fn load(dir: &Path) -> Result<CrossEncoder, OperatorError> {
-    let options = CrossEncoderOptions {
+fn options() -> CrossEncoderOptions {
+    CrossEncoderOptions {
         max_length: Some(MAX_LENGTH),
-    };
-    CrossEncoder::load(dir, &options, &Device::Cpu)
+    }
+}
+
+fn load(dir: &Path) -> Result<CrossEncoder, OperatorError> {
+    CrossEncoder::load(dir, &options(), &Device::Cpu)
 }
 
 fn close(got: f32, want: f32) -> bool {
@@ -97,10 +100,23 @@ fn matches_transformers(family: &str, want_family: Family, want_labels: usize) {
     assert!(lens.iter().any(|&l| l < 10), "{lens:?}");
 
     // The encoder's kernels on every CPU path this machine runs.
+    assert_eq!(model.backend(), Backend::Cpu);
     for path in CpuPath::supported() {
         model.set_cpu_path(path).unwrap();
         matches_on_the_path(&model, &exp, &rows, family, want_labels);
     }
+
+    // candle's encoder on padded, masked rows: the path every non-CPU device takes.
+    let candle = CrossEncoder::load_with_backend(
+        &fixture(family),
+        &options(),
+        &Device::Cpu,
+        Backend::Candle,
+    )
+    .unwrap();
+    assert_eq!(candle.backend(), Backend::Candle);
+    assert_eq!(candle.cpu_path(), None);
+    matches_on_the_path(&candle, &exp, &rows, family, want_labels);
 }
 
 /// Logits and scores of `rows` against transformers', and each row's score alone and in
@@ -112,7 +128,10 @@ fn matches_on_the_path(
     family: &str,
     want_labels: usize,
 ) {
-    let family = format!("{family} ({} path)", model.cpu_path());
+    let family = match model.cpu_path() {
+        Some(path) => format!("{family} ({path} path)"),
+        None => format!("{family} (candle)"),
+    };
     let batch = TokenBatch {
         rows: rows.to_vec(),
     };

@@ -71,6 +71,8 @@ pub struct ScoreJob {
     pub quiet: bool,
     /// The processes the scoring runs over; process 0 reads, writes and leads.
     pub cluster: Cluster,
+    /// Where the cross-encoder runs.
+    pub device: Device,
 }
 
 impl ScoreJob {
@@ -88,6 +90,7 @@ impl ScoreJob {
             quarantine: None,
             quiet: false,
             cluster: Cluster::single(),
+            device: Device::Cpu,
         }
     }
 }
@@ -145,7 +148,7 @@ pub fn run_score(job: &ScoreJob) -> Result<ScoreOutcome, EngineError> {
     let options = CrossEncoderOptions {
         max_length: job.max_length,
     };
-    let model = CrossEncoder::load(&job.model, &options, &Device::Cpu)?;
+    let model = CrossEncoder::load(&job.model, &options, &job.device)?;
     // Opened before the stage runs, so a missing input is reported as such even when
     // the stage could be reused.
     let reader = open_pairs(&job.input, &read)?;

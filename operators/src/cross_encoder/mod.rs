@@ -20,11 +20,17 @@
 //!   with more than two labels are refused rather than scored by a guess.
 //!
 //! How it runs: the embeddings (word + position + token type, layer norm, ELECTRA's
-//! projection) and the head are small candle computations here; the encoder layers are
-//! the CPU kernel's ([`crate::cpu_bert`], entered at [`CpuBert::forward_embedded`]), on
-//! packed, unpadded rows, so every text attends to its own tokens only and a row's
-//! scores do not depend on what else is in its batch (beyond the last bits). CPU only:
-//! loading on another device is refused with an error that says so.
+//! projection) and the head are small candle computations on the model's device; the
+//! encoder layers run on one of two backends ([`Backend`]):
+//! - on the CPU, the CPU kernel's ([`crate::cpu_bert`], entered at
+//!   [`CpuBert::forward_embedded`]), on packed, unpadded rows, so every text attends to
+//!   its own tokens only and a row's score does not depend on its batch-mates;
+//! - on any device (CUDA), candle's [`BertEncoder`] on padded rows with masked
+//!   attention: the packed embeddings are gathered into `[rows, longest, hidden]`, padding
+//!   slots from a zero row, and each row's first token goes to the head.
+//!
+//! [`CrossEncoder::load`] picks by device; [`CrossEncoder::load_with_backend`] chooses, so
+//! tests compare the two on the CPU.
 
 mod checkpoint;
 mod config;
@@ -39,7 +45,9 @@ use tokenizers::{
     TruncationStrategy,
 };
 
+use crate::backend::Backend;
 use crate::batcher::{TokenBatch, TokenizedText};
+use crate::bert::BertEncoder;
 use crate::cpu_bert::CpuBert;
 use crate::cpu_path::CpuPath;
 use crate::error::{OperatorError, Result};
@@ -70,26 +78,43 @@ pub const REQUIRED_FILES: [(&str, &str); 3] = [
     ),
 ];
 
+/// The encoder layers of one backend.
+enum Encoder {
+    Candle(BertEncoder),
+    Cpu(CpuBert),
+}
+
 /// A loaded cross-encoder; see the module docs.
 pub struct CrossEncoder {
     config: ModelConfig,
     tokenizer: Tokenizer,
     embeddings: Embeddings,
-    encoder: CpuBert,
+    encoder: Encoder,
     head: Head,
     max_length: usize,
     dir: PathBuf,
 }
 
 impl CrossEncoder {
-    /// Loads the checkpoint in `dir` onto `device` (the CPU).
+    /// Loads the checkpoint in `dir` onto `device`, with the fastest backend for it.
     pub fn load(dir: &Path, options: &CrossEncoderOptions, device: &Device) -> Result<Self> {
-        if !device.is_cpu() {
+        Self::load_with_backend(dir, options, device, Backend::for_device(device))
+    }
+
+    /// [`CrossEncoder::load`] with a chosen backend; [`Backend::Cpu`] needs `device` to be
+    /// the CPU.
+    pub fn load_with_backend(
+        dir: &Path,
+        options: &CrossEncoderOptions,
+        device: &Device,
+        backend: Backend,
+    ) -> Result<Self> {
+        if !backend.runs_on(device) {
             return Err(OperatorError::Unsupported {
                 path: dir.to_path_buf(),
-                what: "device for a cross-encoder",
-                value: format!("{device:?}"),
-                supported: "the CPU (the encoder runs on the CPU kernel)",
+                what: "backend for this device",
+                value: format!("cpu kernel on {device:?}"),
+                supported: "the cpu kernel on the CPU; candle on any device",
             });
         }
         for (file, why) in REQUIRED_FILES {
@@ -105,7 +130,14 @@ impl CrossEncoder {
         let ckpt = Checkpoint::load(&dir.join("model.safetensors"), config.family, device)?;
         let embeddings = Embeddings::load(&ckpt, &config)?;
         let head = Head::load(&ckpt, &config)?;
-        let encoder = ckpt.named(CpuBert::load_layers(ckpt.weights(), &config.encoder))?;
+        let encoder = match backend {
+            Backend::Cpu => {
+                Encoder::Cpu(ckpt.named(CpuBert::load_layers(ckpt.weights(), &config.encoder))?)
+            }
+            Backend::Candle => {
+                Encoder::Candle(ckpt.named(BertEncoder::load(ckpt.weights(), &config.encoder))?)
+            }
+        };
         drop(ckpt);
 
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
@@ -174,15 +206,34 @@ impl CrossEncoder {
         self.embeddings.device()
     }
 
-    /// The CPU path the encoder's kernels run on ([`crate::cpu_path`]).
-    pub fn cpu_path(&self) -> CpuPath {
-        self.encoder.cpu_path()
+    /// Which backend runs the encoder layers.
+    pub fn backend(&self) -> Backend {
+        match self.encoder {
+            Encoder::Candle(_) => Backend::Candle,
+            Encoder::Cpu(_) => Backend::Cpu,
+        }
+    }
+
+    /// The CPU path the encoder's kernels run on ([`crate::cpu_path`]); `None` for the
+    /// candle backend, which does not use the hand-written kernels.
+    pub fn cpu_path(&self) -> Option<CpuPath> {
+        match &self.encoder {
+            Encoder::Cpu(kernel) => Some(kernel.cpu_path()),
+            Encoder::Candle(_) => None,
+        }
     }
 
     /// Runs the encoder's kernels on `path` from now on; fails, changing nothing, when
-    /// this CPU cannot run it.
+    /// this CPU cannot run it. The candle backend checks the path and otherwise ignores
+    /// it.
     pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
-        self.encoder.set_cpu_path(path)
+        match &mut self.encoder {
+            Encoder::Cpu(kernel) => kernel.set_cpu_path(path),
+            Encoder::Candle(_) => {
+                path.check()?;
+                Ok(())
+            }
+        }
     }
 
     /// Tokenises (query, passage) pairs; row `i` has `index` `i`. Token types are filled
@@ -221,17 +272,27 @@ impl CrossEncoder {
         let tokens = self.pack(&batch.rows)?;
         let lens: Vec<usize> = batch.rows.iter().map(|r| r.ids.len()).collect();
         let embedded = self.embeddings.forward(&tokens)?;
-        let hidden = self
-            .encoder
-            .forward_embedded(&lens, embedded.flatten_all()?.to_vec1::<f32>()?)?;
-        let h = self.config.encoder.hidden_size;
-        let mut first = Vec::with_capacity(lens.len() * h);
-        let mut start = 0;
-        for len in &lens {
-            first.extend_from_slice(&hidden[start * h..(start + 1) * h]);
-            start += len;
-        }
-        let first = Tensor::from_vec(first, (lens.len(), h), self.device())?;
+        let first = match &self.encoder {
+            Encoder::Cpu(kernel) => {
+                let hidden =
+                    kernel.forward_embedded(&lens, embedded.flatten_all()?.to_vec1::<f32>()?)?;
+                let h = self.config.encoder.hidden_size;
+                let mut first = Vec::with_capacity(lens.len() * h);
+                let mut start = 0;
+                for len in &lens {
+                    first.extend_from_slice(&hidden[start * h..(start + 1) * h]);
+                    start += len;
+                }
+                Tensor::from_vec(first, (lens.len(), h), self.device())?
+            }
+            Encoder::Candle(encoder) => {
+                let (padded, mask) = pad_packed(&embedded, &lens)?;
+                encoder
+                    .forward(&padded, &mask)?
+                    .narrow(1, 0, 1)?
+                    .squeeze(1)?
+            }
+        };
         Ok(self.head.forward(&first)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
@@ -309,6 +370,45 @@ impl CrossEncoder {
         }
         Ok(tokens)
     }
+}
+
+/// Packed rows `[tokens, hidden]` (row after row, `lens` tokens each) gathered into
+/// padded `[rows, longest, hidden]`, padding slots zero, and the attention mask
+/// `[rows, longest]` (u32: 1 for tokens, 0 for padding), both on `packed`'s device.
+fn pad_packed(packed: &Tensor, lens: &[usize]) -> Result<(Tensor, Tensor)> {
+    let (total, hidden) = packed.dims2()?;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    // Row `total` of the gathered-from table is the zero row every padding slot reads.
+    let with_zero = Tensor::cat(
+        &[
+            packed,
+            &Tensor::zeros((1, hidden), packed.dtype(), packed.device())?,
+        ],
+        0,
+    )?;
+    let zero_row = u32::try_from(total).map_err(|_| {
+        OperatorError::Candle(candle_core::Error::Msg(format!(
+            "{total} tokens in one batch exceed u32 indices"
+        )))
+    })?;
+    let mut index = Vec::with_capacity(lens.len() * longest);
+    let mut mask = Vec::with_capacity(lens.len() * longest);
+    let mut start = 0u32;
+    for &len in lens {
+        // len <= max_positions and the sum fits u32 (checked above).
+        index.extend((0..len as u32).map(|t| start + t));
+        index.extend(std::iter::repeat_n(zero_row, longest - len));
+        mask.extend(std::iter::repeat_n(1u32, len));
+        mask.extend(std::iter::repeat_n(0u32, longest - len));
+        start += len as u32;
+    }
+    let device = packed.device();
+    let index = Tensor::from_vec(index, lens.len() * longest, device)?;
+    let padded = with_zero
+        .index_select(&index, 0)?
+        .reshape((lens.len(), longest, hidden))?;
+    let mask = Tensor::from_vec(mask, (lens.len(), longest), device)?;
+    Ok((padded, mask))
 }
 
 /// `model_max_length` from `tokenizer_config.json`, when the file exists and gives a
