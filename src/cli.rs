@@ -54,6 +54,29 @@ pub(crate) enum Command {
     /// use; with --device, open that device and run a small product on it, or say why it
     /// cannot be used (exit status 1).
     Doctor(DoctorArgs),
+    /// Run the recipe on a sample of the configuration's corpus on the chosen device:
+    /// each device stage's rate, each part's time, and the estimated wall time of a full
+    /// run on N passages. Without --config, the demo's.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+    /// The device to measure, over the configuration's [engine] device: `cpu` or
+    /// `cuda:N`.
+    #[arg(long)]
+    pub(crate) device: Option<String>,
+    /// Passages of the sample run: the corpus's first.
+    #[arg(long, default_value_t = distillery::driver::bench::DEFAULT_SAMPLE)]
+    pub(crate) sample: usize,
+    /// Estimate a run on this many passages (default: the corpus's).
+    #[arg(long)]
+    pub(crate) passages: Option<u64>,
+    /// Write the measurements and the estimate as JSON here.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -20,7 +20,9 @@ use distillery::train::trainer::StopReason;
 use distillery_operators::TextKind;
 
 mod cli;
-use cli::{set_threads, Cli, Command, GenerateArgs, Kind, ModelArgs, OnBadRecord, RunArgs};
+use cli::{
+    set_threads, BenchArgs, Cli, Command, GenerateArgs, Kind, ModelArgs, OnBadRecord, RunArgs,
+};
 
 /// The job of `generate --input/--output`.
 fn generate_job(
@@ -225,6 +227,33 @@ fn report_quarantine(skipped: u64, path: Option<&std::path::Path>) {
 
 /// `distillery run`: the recipe of a configuration, or the demo.
 fn run_command(a: &RunArgs) -> Result<()> {
+    let (pipeline, tiny_demo) = run_pipeline(a)?;
+    lead_or_follow(&pipeline, || report_recipe(&pipeline, tiny_demo))
+}
+
+/// `bench`: the recipe on a sample, each part scaled to the full corpus.
+fn bench_command(a: &BenchArgs) -> Result<()> {
+    let (mut pipeline, tiny_demo) = run_pipeline(&a.run)?;
+    if let Some(name) = &a.device {
+        pipeline.device = device_arg(name, &pipeline.cluster)?;
+        pipeline.device_name = name.clone();
+    }
+    lead_or_follow(&pipeline, || {
+        let outcome = distillery::driver::bench::bench(&pipeline, a.sample, a.passages)?;
+        print!("{}", outcome.render());
+        if tiny_demo {
+            println!("(a TINY RANDOM model: rates are the tiny model's, not a real one's)");
+        }
+        if let Some(path) = &a.json {
+            write_json(path, &outcome)?;
+        }
+        Ok(())
+    })
+}
+
+/// The pipeline `run` and `bench` take: the configuration's, or the demo's; and whether
+/// the demo had to build a tiny random model.
+fn run_pipeline(a: &RunArgs) -> Result<(Pipeline, bool)> {
     // Set when the demo had to build a tiny random model: its metrics mean nothing.
     let mut tiny_demo = false;
     let pipeline = match &a.config {
@@ -252,8 +281,7 @@ fn run_command(a: &RunArgs) -> Result<()> {
             p
         }
     };
-    let pipeline = a.engine.apply(pipeline)?;
-    lead_or_follow(&pipeline, || report_recipe(&pipeline, tiny_demo))
+    Ok((a.engine.apply(pipeline)?, tiny_demo))
 }
 
 /// `run` on process 0: the recipe, its summary printed.
@@ -405,6 +433,7 @@ fn main() {
 fn run_cli(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run_command(&a)?,
+        Command::Bench(a) => bench_command(&a)?,
         Command::Doctor(a) => {
             print!("{}", distillery::doctor::report());
             if let Some(name) = &a.device {

@@ -181,3 +181,66 @@ fn doctor_reports_the_build_and_a_device_it_lacks_stops_commands() {
     assert!(!dir.path().join("e.parquet").exists());
     assert!(!dir.path().join("s.parquet").exists());
 }
+
+/// `bench` on the demo: a sample of 100 of its 500 passages runs the whole recipe, and
+/// the estimate is each part scaled by 5 (mine's exact retrieval by 25), summed.
+#[test]
+fn bench_runs_a_sample_and_scales_each_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = distillery(
+        &["bench", "--sample", "100", "--quiet", "--json", "b.json"],
+        dir.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("estimated wall time for 500 passages: "),
+        "{stdout}"
+    );
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
+    assert_eq!(b["sample_passages"], 100);
+    assert_eq!(b["corpus_passages"], 500);
+    assert_eq!(b["target_passages"], 500);
+    let parts = b["parts"].as_array().unwrap();
+    let names: Vec<&str> = parts.iter().map(|p| p["part"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "generate",
+            "mine",
+            "label",
+            "check teachers",
+            "train",
+            "evaluate"
+        ]
+    );
+    let mut total = 0.0;
+    for p in parts {
+        let s = p["sample_seconds"].as_f64().unwrap();
+        let r = p["retrieval_seconds"].as_f64().unwrap();
+        let e = p["estimated_seconds"].as_f64().unwrap();
+        assert!(s > 0.0 && r >= 0.0 && r <= s, "{p}");
+        if p["part"] != "mine" {
+            assert_eq!(r, 0.0);
+        }
+        assert!((e - ((s - r) * 5.0 + r * 25.0)).abs() < 1e-9, "{p}");
+        total += e;
+    }
+    assert!((b["estimated_seconds"].as_f64().unwrap() - total).abs() < 1e-9);
+    // Every device stage of the sample ran on sample-sized inputs.
+    let passages = b["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["label"] == "retriever 0: r0-passages")
+        .unwrap();
+    assert_eq!(passages["run"], 100);
+    // The sample run is a run: its summary is in its own directory.
+    let run_dir = std::path::PathBuf::from(b["run_dir"].as_str().unwrap());
+    assert!(dir.path().join(run_dir).join("run-summary.json").is_file());
+}

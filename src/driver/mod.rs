@@ -33,6 +33,7 @@
 //! - **Checked first.** Every input of every stage a command runs is checked before the
 //!   first starts ([`Pipeline::preflight`]).
 
+pub mod bench;
 pub mod demo;
 pub mod report;
 

@@ -1,0 +1,333 @@
+//! `distillery bench`: what a full run of a configuration would cost, measured before it
+//! is paid for. The recipe runs, unchanged, on a sample of the configuration's corpus
+//! (its first passages) on the chosen device, in a run directory of its own; each device
+//! stage's rate and each part's wall time come from that run, and the parts are scaled
+//! to a corpus of N passages.
+//!
+//! How each part scales with the number of passages `N` (the sample has `S`; `f = N/S`):
+//! - generation, labelling (teacher pairs: queries x candidates per query), training
+//!   (examples: one per query, epochs fixed) and the teacher check grow with the number
+//!   of queries, which the recipe makes per passage: linearly, `f`;
+//! - mining embeds passages and queries (linear) and retrieves exactly: every query
+//!   against every passage, `f^2`. The retrieval's own time (each retriever's
+//!   [`RetrievalReport::seconds`]) is scaled by `f^2`, the rest of the part by `f`;
+//! - evaluation embeds the passages (linear) and retrieves for the held-out queries,
+//!   whose number grows with N too: scaled by `f`, and flagged as a lower bound.
+//!
+//! Counts the configuration gives in passages (`[held_out] count`, `[generate]
+//! max_passages`) shrink for the sample in proportion to it (the sample is the full run
+//! in miniature), and a run on N passages is assumed to keep the same proportions.
+//!
+//! Constant costs (loading models, opening files) are scaled with the rest, so a small
+//! sample overestimates; [`DEFAULT_SAMPLE`] passages keep them a small share on the
+//! shipped models. The evaluation on an external BEIR dataset is left out of the sample
+//! run: its size does not depend on N.
+//!
+//! [`RetrievalReport::seconds`]: crate::dataflow::retrieve::RetrievalReport
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::Pipeline;
+use crate::corpus::{count_records, open_passages, ReadOptions};
+use crate::driver::{run_recipe, StageWork};
+use crate::error::EngineError;
+
+/// Passages of the sample when `--sample` is not given: enough that model loading and
+/// file opening are a small share of each part on the shipped models, few enough that
+/// the sample runs in minutes on two CPU cores.
+pub const DEFAULT_SAMPLE: usize = 1000;
+
+/// The corpus sample's file in the bench's run directory.
+const SAMPLE_FILE: &str = "sample-corpus.jsonl";
+
+/// How a part's time grows with the number of passages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scaling {
+    /// In proportion to the passages.
+    Linear,
+    /// Linear, plus exact retrieval (queries x passages) in proportion to their square.
+    LinearPlusRetrieval,
+}
+
+/// One part of the sample run and its estimate at the target size.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartEstimate {
+    pub part: String,
+    pub sample_seconds: f64,
+    /// Of `sample_seconds`, the exact retrieval's (scaled by the square).
+    pub retrieval_seconds: f64,
+    pub scaling: Scaling,
+    pub estimated_seconds: f64,
+}
+
+/// What `bench` measured and estimated.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchOutcome {
+    /// The configuration's corpus and its passages (when countable).
+    pub corpus: PathBuf,
+    pub corpus_passages: Option<u64>,
+    /// Passages of the sample run (fewer than asked when the corpus is smaller).
+    pub sample_passages: u64,
+    /// Queries the sample run mined for.
+    pub sample_queries: usize,
+    /// The corpus size the estimate is for.
+    pub target_passages: u64,
+    pub device: String,
+    /// Every device stage of the sample run: items and rate.
+    pub stages: Vec<StageWork>,
+    pub parts: Vec<PartEstimate>,
+    /// Wall time of the sample run.
+    pub sample_seconds: f64,
+    /// The estimated wall time of a run on `target_passages`.
+    pub estimated_seconds: f64,
+    /// The sample run's directory (its summary and report are there).
+    pub run_dir: PathBuf,
+}
+
+/// Runs the recipe of `pipeline` on its corpus's first `sample` passages in
+/// `<run_dir>/bench-<sample>` (made afresh) and estimates a run on `target` passages
+/// (default: the whole corpus).
+pub fn bench(
+    pipeline: &Pipeline,
+    sample: usize,
+    target: Option<u64>,
+) -> Result<BenchOutcome, EngineError> {
+    if sample == 0 {
+        return Err(EngineError::Invalid("--sample: at least 1 passage".into()));
+    }
+    let corpus = pipeline.corpus.clone();
+    let corpus_passages = count_records(&corpus);
+    let run_dir = pipeline.run_dir.join(format!("bench-{sample}"));
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).map_err(|source| EngineError::Write {
+            path: run_dir.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&run_dir).map_err(|source| EngineError::Write {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let sample_file = run_dir.join(SAMPLE_FILE);
+    let sample_passages = write_sample(&corpus, &sample_file, sample)?;
+    let target_passages = target.or(corpus_passages).unwrap_or(sample_passages);
+
+    let mut sampled = pipeline.clone();
+    // Counts the configuration gives in passages shrink with the corpus: the sample is
+    // the full run in miniature (see the module docs).
+    let share = sample_passages as f64 / corpus_passages.unwrap_or(sample_passages).max(1) as f64;
+    sampled.held_out.count = shrink(pipeline.held_out.count, share);
+    if let Some(generate) = &mut sampled.generate {
+        generate.max_passages = generate.max_passages.map(|m| shrink(m, share));
+    }
+    sampled.corpus = sample_file;
+    sampled.run_dir = run_dir.clone();
+    sampled.eval.dataset = None;
+    let outcome = run_recipe(&sampled)?;
+
+    let f = target_passages as f64 / sample_passages.max(1) as f64;
+    let retrieval: f64 = outcome.mine.retrievals.iter().map(|r| r.seconds).sum();
+    let parts: Vec<PartEstimate> = outcome
+        .parts
+        .iter()
+        .map(|p| {
+            let (scaling, retrieval_seconds) = if p.part == "mine" {
+                (Scaling::LinearPlusRetrieval, retrieval.min(p.seconds))
+            } else {
+                (Scaling::Linear, 0.0)
+            };
+            PartEstimate {
+                part: p.part.clone(),
+                sample_seconds: p.seconds,
+                retrieval_seconds,
+                scaling,
+                estimated_seconds: (p.seconds - retrieval_seconds) * f + retrieval_seconds * f * f,
+            }
+        })
+        .collect();
+    let estimated_seconds = parts.iter().map(|p| p.estimated_seconds).sum();
+    Ok(BenchOutcome {
+        corpus,
+        corpus_passages,
+        sample_passages,
+        sample_queries: outcome.mine.queries,
+        target_passages,
+        device: pipeline.device_name.clone(),
+        stages: outcome.device_stages,
+        parts,
+        sample_seconds: outcome.seconds,
+        estimated_seconds,
+        run_dir,
+    })
+}
+
+/// A count of passages for a sample that is `share` of the corpus: at least 1 where the
+/// count is not 0.
+fn shrink(count: usize, share: f64) -> usize {
+    if count == 0 {
+        0
+    } else {
+        ((count as f64 * share).round() as usize).max(1)
+    }
+}
+
+/// The first `n` passages of `corpus` (any format the reader takes) as a BEIR JSONL
+/// file; returns how many were written.
+fn write_sample(corpus: &Path, out: &Path, n: usize) -> Result<u64, EngineError> {
+    let reader = open_passages(corpus, &ReadOptions::default())?;
+    let file = std::fs::File::create(out).map_err(|source| EngineError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut w = std::io::BufWriter::new(file);
+    let mut written = 0u64;
+    for passage in reader.take(n) {
+        let p = passage?;
+        let line = serde_json::json!({"_id": p.id, "title": p.title, "text": p.text});
+        writeln!(w, "{line}").map_err(|source| EngineError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        written += 1;
+    }
+    w.flush().map_err(|source| EngineError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    if written == 0 {
+        return Err(EngineError::Invalid(format!(
+            "{}: no passages to sample",
+            corpus.display()
+        )));
+    }
+    Ok(written)
+}
+
+/// `seconds` as `1h 02m`, `3m 05s` or `4.2 s`.
+pub fn human_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0);
+    let s = seconds.round() as u64;
+    if seconds < 60.0 {
+        format!("{seconds:.1} s")
+    } else if s < 3600 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h {:02}m", s / 3600, s % 3600 / 60)
+    }
+}
+
+impl BenchOutcome {
+    /// The report `bench` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let corpus = match self.corpus_passages {
+            Some(n) => format!("{n} passages in {}", self.corpus.display()),
+            None => self.corpus.display().to_string(),
+        };
+        out.push_str(&format!(
+            "bench: the recipe on the first {} passages ({} queries) of {corpus}, on {}: {}\n",
+            self.sample_passages,
+            self.sample_queries,
+            self.device,
+            human_duration(self.sample_seconds)
+        ));
+        out.push_str("device stages of the sample run:\n");
+        for s in &self.stages {
+            if s.run == 0 {
+                continue;
+            }
+            let rate = if s.seconds > 0.0 {
+                s.run as f64 / s.seconds
+            } else {
+                0.0
+            };
+            out.push_str(&format!(
+                "  {:<52} {:>8} items {:>8.2} s {:>10.1}/s  busy {:>3.0}%\n",
+                s.label,
+                s.run,
+                s.seconds,
+                rate,
+                100.0 * s.busy_fraction
+            ));
+        }
+        out.push_str(&format!(
+            "parts, measured on {} passages -> estimated on {}:\n",
+            self.sample_passages, self.target_passages
+        ));
+        for p in &self.parts {
+            let how = match p.scaling {
+                Scaling::Linear => "linear".to_string(),
+                Scaling::LinearPlusRetrieval => format!(
+                    "linear; exact retrieval {:.2} s of it grows with the square",
+                    p.retrieval_seconds
+                ),
+            };
+            let bound = if p.part == "evaluate" {
+                ", a lower bound"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "  {:<15} {:>9.2} s -> {:>10}   ({how}{bound})\n",
+                p.part,
+                p.sample_seconds,
+                human_duration(p.estimated_seconds)
+            ));
+        }
+        out.push_str(&format!(
+            "estimated wall time for {} passages: {}\n",
+            self.target_passages,
+            human_duration(self.estimated_seconds)
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_shrink_with_the_sample_but_never_to_none() {
+        assert_eq!(shrink(100, 0.2), 20);
+        assert_eq!(shrink(250, 0.2), 50);
+        assert_eq!(shrink(3, 0.01), 1);
+        assert_eq!(shrink(0, 0.5), 0);
+        assert_eq!(shrink(7, 1.0), 7);
+    }
+
+    #[test]
+    fn durations_read_as_a_person_would_write_them() {
+        assert_eq!(human_duration(4.24), "4.2 s");
+        assert_eq!(human_duration(185.0), "3m 05s");
+        assert_eq!(human_duration(3725.0), "1h 02m");
+        assert_eq!(human_duration(-1.0), "0.0 s");
+    }
+
+    #[test]
+    fn the_sample_is_the_first_passages_as_beir_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.tsv");
+        std::fs::write(
+            &corpus,
+            "id\ttitle\ttext\na\tT\tone\nb\t\ttwo\nc\t\tthree\n",
+        )
+        .unwrap();
+        let out = dir.path().join("s.jsonl");
+        assert_eq!(write_sample(&corpus, &out, 2).unwrap(), 2);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["_id"], "a");
+        assert_eq!(lines[0]["title"], "T");
+        assert_eq!(lines[1]["text"], "two");
+        assert_eq!(write_sample(&corpus, &out, 10).unwrap(), 3);
+    }
+}
