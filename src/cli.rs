@@ -392,6 +392,10 @@ pub(crate) struct GenerateArgs {
     /// Run directory (the query cache lives here). Default: <output>.run
     #[arg(long)]
     pub(crate) run_dir: Option<PathBuf>,
+    /// The device the in-process LLM (`--generator llm`) runs on: `cpu`, or `cuda:N` (a
+    /// build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
     /// Compute threads for the model (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,

@@ -66,6 +66,7 @@ fn generate_job(
     let mut job = GenerateJob::from_file(&file, input, &run_dir, &held_out, quarantine)?;
     job.output = Some(output.to_path_buf());
     job.quiet = a.quiet;
+    job.set_device(&device_arg(&a.device, &Cluster::single())?);
     Ok(job)
 }
 

@@ -164,7 +164,15 @@ impl GenerateJob {
             pipeline.quarantine.clone(),
         )?;
         job.quiet = pipeline.quiet;
+        job.set_device(&pipeline.device);
         Ok(Some(job))
+    }
+
+    /// Runs an in-process LLM on `device` (the other generators run no model here).
+    pub fn set_device(&mut self, device: &candle_core::Device) {
+        if let GeneratorChoice::Llm { options, .. } = &mut self.generator {
+            options.device = device.clone();
+        }
     }
 
     /// The job of a `[generate]` section over `corpus`; `held_out` is the pipeline's
