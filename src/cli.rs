@@ -68,7 +68,7 @@ pub(crate) struct BenchArgs {
     /// `cuda:N`.
     #[arg(long)]
     pub(crate) device: Option<String>,
-    /// Passages of the sample run: the corpus's first.
+    /// Passages of the sample run: a seeded draw from the corpus.
     #[arg(long, default_value_t = distillery::driver::bench::DEFAULT_SAMPLE)]
     pub(crate) sample: usize,
     /// Estimate a run on this many passages (default: the corpus's).

@@ -6,7 +6,10 @@
 # them the way a toolkit install is laid out, and builds the release binary against them.
 # Nothing is installed outside the cache directory; rerunning reuses it.
 #
-#   usage: tools/build-cuda.sh [extra cargo build arguments]
+#   usage: tools/build-cuda.sh [--carry] [extra cargo build arguments]
+#          --carry also builds the GPU test binary (operators/tests/gpu.rs) and packs both
+#          binaries, xz-compressed, into gpu-carry/ (ignored by git): what
+#          tools/gpu-check.sh runs on a GPU machine that has no Rust toolchain.
 #   env:   DISTILLERY_CUDA_CACHE   where the toolkit goes (default ~/.cache/distillery-cuda)
 #          CUDA_COMPUTE_CAP        the GPU generation the kernels are compiled for
 #                                  (default 90: H100/H200; 80 for A100, 89 for L4/L40)
@@ -29,6 +32,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+carry=0
+if [ "${1:-}" = "--carry" ]; then carry=1; shift; fi
 cache=${DISTILLERY_CUDA_CACHE:-$HOME/.cache/distillery-cuda}
 cuda_series=13.0
 packages=(
@@ -93,3 +98,19 @@ start=$(date +%s)
 (cd "$root" && cargo build --release --features cuda --bin distillery "$@")
 say "built $CARGO_TARGET_DIR/release/distillery in $(( $(date +%s) - start )) s"
 say "at run time: LD_LIBRARY_PATH=$wheel_root/lib (or the nvidia/cu13/lib of the GPU machine's PyTorch)"
+
+if [ "$carry" = 1 ]; then
+  say "building the GPU test binary"
+  test_bin=$(cd "$root" && cargo test --release --features cuda -p distillery-operators --test gpu \
+    --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])' | tail -n 1)
+  [ -n "$test_bin" ] || { say "no GPU test binary was built"; exit 1; }
+  mkdir -p "$root/gpu-carry"
+  xz -T2 -c "$CARGO_TARGET_DIR/release/distillery" > "$root/gpu-carry/distillery.xz"
+  xz -T2 -c "$test_bin" > "$root/gpu-carry/gpu-test.xz"
+  say "packed: $(du -sh "$root/gpu-carry" | cut -f1) in gpu-carry/ (carry it with tools/gpu-check.sh)"
+fi

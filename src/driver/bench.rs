@@ -1,6 +1,6 @@
 //! `distillery bench`: what a full run of a configuration would cost, measured before it
 //! is paid for. The recipe runs, unchanged, on a sample of the configuration's corpus
-//! (its first passages) on the chosen device, in a run directory of its own; each device
+//! (a seeded draw, see [`SAMPLE_SEED`]) on the chosen device, in a run directory of its own; each device
 //! stage's rate and each part's wall time come from that run, and the parts are scaled
 //! to a corpus of N passages.
 //!
@@ -25,6 +25,7 @@
 //!
 //! [`RetrievalReport::seconds`]: crate::dataflow::retrieve::RetrievalReport
 
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,8 @@ use crate::config::Pipeline;
 use crate::corpus::{count_records, open_passages, ReadOptions};
 use crate::driver::{run_recipe, StageWork};
 use crate::error::EngineError;
+use crate::mining::held_out_rank;
+use crate::record::Passage;
 
 /// Passages of the sample when `--sample` is not given: enough that model loading and
 /// file opening are a small share of each part on the shipped models, few enough that
@@ -42,6 +45,12 @@ pub const DEFAULT_SAMPLE: usize = 1000;
 
 /// The corpus sample's file in the bench's run directory.
 const SAMPLE_FILE: &str = "sample-corpus.jsonl";
+
+/// The sample is the passages with the smallest seeded hash of their id (the held-out
+/// choice's hash, [`held_out_rank`], with this seed): a draw from the whole corpus, not
+/// its first passages (a corpus sorted by date or source would make those
+/// unrepresentative), the same on every call, and unrelated to the held-out choice.
+pub const SAMPLE_SEED: u64 = 0x6265_6e63_6873_6d70;
 
 /// How a part's time grows with the number of passages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,7 +97,7 @@ pub struct BenchOutcome {
     pub run_dir: PathBuf,
 }
 
-/// Runs the recipe of `pipeline` on its corpus's first `sample` passages in
+/// Runs the recipe of `pipeline` on `sample` of its corpus's passages in
 /// `<run_dir>/bench-<sample>` (made afresh) and estimates a run on `target` passages
 /// (default: the whole corpus).
 pub fn bench(
@@ -175,18 +184,34 @@ fn shrink(count: usize, share: f64) -> usize {
     }
 }
 
-/// The first `n` passages of `corpus` (any format the reader takes) as a BEIR JSONL
-/// file; returns how many were written.
+/// `n` passages of `corpus` (any format the reader takes; see [`SAMPLE_SEED`]) as a BEIR
+/// JSONL file, in the corpus's order; returns how many were written. Holds `n` passages.
 fn write_sample(corpus: &Path, out: &Path, n: usize) -> Result<u64, EngineError> {
-    let reader = open_passages(corpus, &ReadOptions::default())?;
+    // The n smallest ranks so far (largest on top) and their passages by position.
+    let mut ranks: BinaryHeap<([u8; 32], usize)> = BinaryHeap::with_capacity(n + 1);
+    let mut kept: BTreeMap<usize, Passage> = BTreeMap::new();
+    for (position, passage) in open_passages(corpus, &ReadOptions::default())?.enumerate() {
+        let p = passage?;
+        let rank = held_out_rank(&p.id, SAMPLE_SEED);
+        if ranks.len() == n {
+            match ranks.peek() {
+                Some(&(top, dropped)) if rank < top => {
+                    ranks.pop();
+                    kept.remove(&dropped);
+                }
+                _ => continue,
+            }
+        }
+        ranks.push((rank, position));
+        kept.insert(position, p);
+    }
     let file = std::fs::File::create(out).map_err(|source| EngineError::Write {
         path: out.to_path_buf(),
         source,
     })?;
     let mut w = std::io::BufWriter::new(file);
     let mut written = 0u64;
-    for passage in reader.take(n) {
-        let p = passage?;
+    for p in kept.into_values() {
         let line = serde_json::json!({"_id": p.id, "title": p.title, "text": p.text});
         writeln!(w, "{line}").map_err(|source| EngineError::Write {
             path: out.to_path_buf(),
@@ -229,7 +254,7 @@ impl BenchOutcome {
             None => self.corpus.display().to_string(),
         };
         out.push_str(&format!(
-            "bench: the recipe on the first {} passages ({} queries) of {corpus}, on {}: {}\n",
+            "bench: the recipe on {} passages ({} queries) drawn from {corpus}, on {}: {}\n",
             self.sample_passages,
             self.sample_queries,
             self.device,
@@ -309,25 +334,37 @@ mod tests {
     }
 
     #[test]
-    fn the_sample_is_the_first_passages_as_beir_jsonl() {
+    fn the_sample_is_a_seeded_draw_in_corpus_order_as_beir_jsonl() {
         let dir = tempfile::tempdir().unwrap();
         let corpus = dir.path().join("c.tsv");
-        std::fs::write(
-            &corpus,
-            "id\ttitle\ttext\na\tT\tone\nb\t\ttwo\nc\t\tthree\n",
-        )
-        .unwrap();
+        let ids: Vec<String> = (0..50).map(|i| format!("p{i}")).collect();
+        let mut text = String::from("id\ttitle\ttext\n");
+        for id in &ids {
+            text.push_str(&format!("{id}\tT{id}\ttext of {id}\n"));
+        }
+        std::fs::write(&corpus, text).unwrap();
         let out = dir.path().join("s.jsonl");
-        assert_eq!(write_sample(&corpus, &out, 2).unwrap(), 2);
+        assert_eq!(write_sample(&corpus, &out, 10).unwrap(), 10);
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0]["_id"], "a");
-        assert_eq!(lines[0]["title"], "T");
-        assert_eq!(lines[1]["text"], "two");
-        assert_eq!(write_sample(&corpus, &out, 10).unwrap(), 3);
+        // The ten ids of smallest rank, written in the corpus's order.
+        let mut ranked: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+        ranked.sort_by_key(|(_, id)| held_out_rank(id, SAMPLE_SEED));
+        let mut want: Vec<usize> = ranked[..10].iter().map(|(i, _)| *i).collect();
+        want.sort();
+        let got: Vec<&str> = lines.iter().map(|l| l["_id"].as_str().unwrap()).collect();
+        let want: Vec<&str> = want.iter().map(|&i| ids[i].as_str()).collect();
+        assert_eq!(got, want);
+        assert_ne!(
+            got,
+            ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"]
+        );
+        assert_eq!(lines[0]["title"], format!("T{}", got[0]));
+        assert_eq!(lines[0]["text"], format!("text of {}", got[0]));
+        // A sample larger than the corpus is the corpus.
+        assert_eq!(write_sample(&corpus, &out, 80).unwrap(), 50);
     }
 }
