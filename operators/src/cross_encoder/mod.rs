@@ -441,6 +441,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn packed_rows_pad_with_zeros_and_mask_the_padding() {
+        // Rows of 2, 3 and 1 tokens; token t's state is [t, -t].
+        let packed: Vec<f32> = (0..6).flat_map(|t| [t as f32, -(t as f32)]).collect();
+        let packed = Tensor::from_vec(packed, (6, 2), &Device::Cpu).unwrap();
+        let (padded, mask) = pad_packed(&packed, &[2, 3, 1]).unwrap();
+        assert_eq!(padded.dims(), &[3, 3, 2]);
+        assert_eq!(
+            padded.to_vec3::<f32>().unwrap(),
+            vec![
+                vec![vec![0., 0.], vec![1., -1.], vec![0., 0.]],
+                vec![vec![2., -2.], vec![3., -3.], vec![4., -4.]],
+                vec![vec![5., -5.], vec![0., 0.], vec![0., 0.]],
+            ]
+        );
+        assert_eq!(
+            mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 0], vec![1, 1, 1], vec![1, 0, 0]]
+        );
+    }
+
+    #[test]
     fn model_max_length_reads_caps_and_ignores() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(model_max_length(dir.path()).unwrap(), None);
