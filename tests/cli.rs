@@ -206,6 +206,9 @@ fn bench_runs_a_sample_and_scales_each_part() {
     assert_eq!(b["sample_passages"], 100);
     assert_eq!(b["corpus_passages"], 500);
     assert_eq!(b["target_passages"], 500);
+    // The demo's queries are generated: their number grows with the corpus.
+    assert_eq!(b["human_queries"], false);
+    assert!(!stdout.contains("(rough: "));
     let parts = b["parts"].as_array().unwrap();
     let names: Vec<&str> = parts.iter().map(|p| p["part"].as_str().unwrap()).collect();
     assert_eq!(

@@ -17,8 +17,9 @@ libs=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0
 [ -d "$libs" ] && export LD_LIBRARY_PATH=$libs:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 ./distillery doctor --device "$device"
-# The tests find their fixtures beside the checkout, as under cargo test.
-(cd "$root/operators" && DISTILLERY_MINILM_DIR=${DISTILLERY_MINILM_DIR:-$root/models/all-MiniLM-L6-v2} \
+# The tests find the fixtures of this checkout through DISTILLERY_REPO (the binary was
+# built in another).
+(cd "$root/operators" && DISTILLERY_REPO=$root DISTILLERY_MINILM_DIR=${DISTILLERY_MINILM_DIR:-$root/models/all-MiniLM-L6-v2} \
   /tmp/distillery-gpu/gpu-test --nocapture --test-threads 1)
 for d in "$device" cpu; do
   ./distillery bench --sample 100 --device "$d" --quiet --json "$out/bench-${d/:/}.json" --run-dir "bench-$d"

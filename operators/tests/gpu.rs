@@ -54,8 +54,14 @@ fn gpu(test: &str) -> Option<Device> {
     }
 }
 
+/// The repository's `tests/fixtures`: under `$DISTILLERY_REPO` where set (a test binary
+/// carried to a GPU machine runs in another checkout than the one it was built in,
+/// `tools/gpu-check.sh`), else beside the crate this was built from.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    std::env::var_os("DISTILLERY_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .join("tests/fixtures")
 }
 
 fn batch(ids: Vec<Vec<u32>>) -> TokenBatch {

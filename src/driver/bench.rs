@@ -18,6 +18,10 @@
 //! max_passages`) shrink for the sample in proportion to it (the sample is the full run
 //! in miniature), and a run on N passages is assumed to keep the same proportions.
 //!
+//! Human queries (`[queries]`) are a fixed set whose number does not grow with the corpus,
+//! though the share of them with a relevant passage in the sample does: the estimate scales
+//! their work like generated queries', and says it is rough when a configuration has them.
+//!
 //! Constant costs (loading models, opening files) are scaled with the rest, so a small
 //! sample overestimates; [`DEFAULT_SAMPLE`] passages keep them a small share on the
 //! shipped models. The evaluation on an external BEIR dataset is left out of the sample
@@ -95,6 +99,9 @@ pub struct BenchOutcome {
     pub estimated_seconds: f64,
     /// The sample run's directory (its summary and report are there).
     pub run_dir: PathBuf,
+    /// The configuration has human queries, which the estimate scales as if their number
+    /// grew with the corpus (see the module docs).
+    pub human_queries: bool,
 }
 
 /// Runs the recipe of `pipeline` on `sample` of its corpus's passages in
@@ -171,6 +178,7 @@ pub fn bench(
         sample_seconds: outcome.seconds,
         estimated_seconds,
         run_dir,
+        human_queries: pipeline.queries.is_some(),
     })
 }
 
@@ -308,6 +316,12 @@ impl BenchOutcome {
             self.target_passages,
             human_duration(self.estimated_seconds)
         ));
+        if self.human_queries {
+            out.push_str(
+                "(rough: the human queries are a fixed set, scaled here as if their number \
+                 grew with the corpus; generated queries do)\n",
+            );
+        }
         out
     }
 }
