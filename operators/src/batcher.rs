@@ -34,6 +34,17 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
+    /// A batch of token-id rows in their given order: row `i` has index `i`.
+    pub fn in_order(rows: impl IntoIterator<Item = Vec<u32>>) -> Self {
+        TokenBatch {
+            rows: rows
+                .into_iter()
+                .enumerate()
+                .map(|(index, ids)| TokenizedText::new(index, ids))
+                .collect(),
+        }
+    }
+
     /// The longest row: every row is padded to it.
     pub fn padded_len(&self) -> usize {
         self.rows.iter().map(|r| r.ids.len()).max().unwrap_or(0)

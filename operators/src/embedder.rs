@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Encoder};
 use crate::batcher::TokenBatch;
 use crate::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, Weights};
 use crate::cpu_bert::CpuBert;
@@ -56,16 +56,10 @@ pub const REQUIRED_FILES: [(&str, &str); 3] = [
     ),
 ];
 
-/// The loaded encoder of one backend.
-enum Encoder {
-    Candle(BertModel),
-    Cpu(CpuBert),
-}
-
 /// A loaded embedder. Cheap calls: `tokenize` (CPU, any thread) and `embed_batch`
 /// (the device).
 pub struct Embedder {
-    encoder: Encoder,
+    encoder: Encoder<BertModel>,
     config: BertConfig,
     device: Device,
     tokenizer: Tokenizer,
@@ -265,19 +259,13 @@ impl Embedder {
     }
 
     pub fn backend(&self) -> Backend {
-        match self.encoder {
-            Encoder::Candle(_) => Backend::Candle,
-            Encoder::Cpu(_) => Backend::Cpu,
-        }
+        self.encoder.backend()
     }
 
     /// The CPU path the CPU kernel runs on ([`crate::cpu_path`]); `None` for the candle
     /// backend, which does not use the hand-written kernels.
     pub fn cpu_path(&self) -> Option<CpuPath> {
-        match &self.encoder {
-            Encoder::Cpu(kernel) => Some(kernel.cpu_path()),
-            Encoder::Candle(_) => None,
-        }
+        self.encoder.cpu_path()
     }
 
     /// Runs the CPU kernel on `path` from now on; fails, changing nothing, when this CPU
@@ -286,13 +274,7 @@ impl Embedder {
         if let Some(tower) = &mut self.query_tower {
             tower.set_cpu_path(path)?;
         }
-        match &mut self.encoder {
-            Encoder::Cpu(kernel) => kernel.set_cpu_path(path),
-            Encoder::Candle(_) => {
-                path.check()?;
-                Ok(())
-            }
-        }
+        self.encoder.set_cpu_path(path)
     }
 
     /// The prompt prepended to texts of `kind`.

@@ -42,14 +42,7 @@ fn tiny(dir: &Path, spec: &TinyBertSpec) {
 
 fn batch(e: &Embedder, texts: &[String]) -> TokenBatch {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let ids = e.tokenize(&refs, TextKind::Passage).unwrap();
-    TokenBatch {
-        rows: ids
-            .into_iter()
-            .enumerate()
-            .map(|(index, ids)| TokenizedText::new(index, ids))
-            .collect(),
-    }
+    TokenBatch::in_order(e.tokenize(&refs, TextKind::Passage).unwrap())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -64,16 +64,6 @@ fn fixtures() -> PathBuf {
         .join("tests/fixtures")
 }
 
-fn batch(ids: Vec<Vec<u32>>) -> TokenBatch {
-    TokenBatch {
-        rows: ids
-            .into_iter()
-            .enumerate()
-            .map(|(index, ids)| TokenizedText::new(index, ids))
-            .collect(),
-    }
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -91,8 +81,8 @@ fn embeddings_agree(dir: &Path, gpu: &Device) {
     assert_eq!(cuda.backend(), Backend::Candle);
     let ids = cpu.tokenize(&TEXTS, TextKind::Passage).unwrap();
     assert_eq!(ids, cuda.tokenize(&TEXTS, TextKind::Passage).unwrap());
-    let want = cpu.embed_batch(&batch(ids.clone())).unwrap();
-    let got = cuda.embed_batch(&batch(ids)).unwrap();
+    let want = cpu.embed_batch(&TokenBatch::in_order(ids.clone())).unwrap();
+    let got = cuda.embed_batch(&TokenBatch::in_order(ids)).unwrap();
     let diff = max_abs_diff(&got, &want);
     assert!(
         diff <= EMBEDDING_TOLERANCE,
@@ -155,7 +145,7 @@ fn projection_loss(embeddings: &Tensor) -> Tensor {
 fn gradients(dir: &Path, device: &Device) -> Vec<(String, Vec<f32>)> {
     let student = Student::load(dir, &StudentOptions::default(), device).unwrap();
     let ids = student.tokenize(&TEXTS, TextKind::Passage).unwrap();
-    let grads = projection_loss(&student.embed(&batch(ids)).unwrap())
+    let grads = projection_loss(&student.embed(&TokenBatch::in_order(ids)).unwrap())
         .backward()
         .unwrap();
     student

@@ -42,13 +42,7 @@ fn tiny(dir: &Path, spec: &TinyBertSpec) {
 }
 
 fn batch_of(ids: Vec<Vec<u32>>) -> TokenBatch {
-    TokenBatch {
-        rows: ids
-            .into_iter()
-            .enumerate()
-            .map(|(index, ids)| TokenizedText::new(index, ids))
-            .collect(),
-    }
+    TokenBatch::in_order(ids)
 }
 
 fn student_batch(s: &Student, texts: &[String]) -> TokenBatch {

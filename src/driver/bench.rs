@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::Pipeline;
-use crate::corpus::{count_records, open_passages, ReadOptions};
+use crate::corpus::{open_passages, ReadOptions};
 use crate::driver::{run_recipe, StageWork};
 use crate::error::EngineError;
 use crate::mining::held_out_rank;
@@ -80,9 +80,9 @@ pub struct PartEstimate {
 /// What `bench` measured and estimated.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchOutcome {
-    /// The configuration's corpus and its passages (when countable).
+    /// The configuration's corpus and its passages.
     pub corpus: PathBuf,
-    pub corpus_passages: Option<u64>,
+    pub corpus_passages: u64,
     /// Passages of the sample run (fewer than asked when the corpus is smaller).
     pub sample_passages: u64,
     /// Queries the sample run mined for.
@@ -116,7 +116,6 @@ pub fn bench(
         return Err(EngineError::Invalid("--sample: at least 1 passage".into()));
     }
     let corpus = pipeline.corpus.clone();
-    let corpus_passages = count_records(&corpus);
     let run_dir = pipeline.run_dir.join(format!("bench-{sample}"));
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).map_err(|source| EngineError::Write {
@@ -129,13 +128,13 @@ pub fn bench(
         source,
     })?;
     let sample_file = run_dir.join(SAMPLE_FILE);
-    let sample_passages = write_sample(&corpus, &sample_file, sample)?;
-    let target_passages = target.or(corpus_passages).unwrap_or(sample_passages);
+    let (sample_passages, corpus_passages) = write_sample(&corpus, &sample_file, sample)?;
+    let target_passages = target.unwrap_or(corpus_passages);
 
     let mut sampled = pipeline.clone();
     // Counts the configuration gives in passages shrink with the corpus: the sample is
     // the full run in miniature (see the module docs).
-    let share = sample_passages as f64 / corpus_passages.unwrap_or(sample_passages).max(1) as f64;
+    let share = sample_passages as f64 / corpus_passages.max(1) as f64;
     sampled.held_out.count = shrink(pipeline.held_out.count, share);
     if let Some(generate) = &mut sampled.generate {
         generate.max_passages = generate.max_passages.map(|m| shrink(m, share));
@@ -193,13 +192,16 @@ fn shrink(count: usize, share: f64) -> usize {
 }
 
 /// `n` passages of `corpus` (any format the reader takes; see [`SAMPLE_SEED`]) as a BEIR
-/// JSONL file, in the corpus's order; returns how many were written. Holds `n` passages.
-fn write_sample(corpus: &Path, out: &Path, n: usize) -> Result<u64, EngineError> {
+/// JSONL file, in the corpus's order; returns how many were written and how many the
+/// corpus has (it is read whole). Holds `n` passages.
+fn write_sample(corpus: &Path, out: &Path, n: usize) -> Result<(u64, u64), EngineError> {
     // The n smallest ranks so far (largest on top) and their passages by position.
     let mut ranks: BinaryHeap<([u8; 32], usize)> = BinaryHeap::with_capacity(n + 1);
     let mut kept: BTreeMap<usize, Passage> = BTreeMap::new();
+    let mut read = 0u64;
     for (position, passage) in open_passages(corpus, &ReadOptions::default())?.enumerate() {
         let p = passage?;
+        read += 1;
         let rank = held_out_rank(&p.id, SAMPLE_SEED);
         if ranks.len() == n {
             match ranks.peek() {
@@ -237,7 +239,7 @@ fn write_sample(corpus: &Path, out: &Path, n: usize) -> Result<u64, EngineError>
             corpus.display()
         )));
     }
-    Ok(written)
+    Ok((written, read))
 }
 
 /// `seconds` as `1h 02m`, `3m 05s` or `4.2 s`.
@@ -257,10 +259,11 @@ impl BenchOutcome {
     /// The report `bench` prints.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let corpus = match self.corpus_passages {
-            Some(n) => format!("{n} passages in {}", self.corpus.display()),
-            None => self.corpus.display().to_string(),
-        };
+        let corpus = format!(
+            "{} passages in {}",
+            self.corpus_passages,
+            self.corpus.display()
+        );
         out.push_str(&format!(
             "bench: the recipe on {} passages ({} queries) drawn from {corpus}, on {}: {}\n",
             self.sample_passages,
@@ -358,7 +361,7 @@ mod tests {
         }
         std::fs::write(&corpus, text).unwrap();
         let out = dir.path().join("s.jsonl");
-        assert_eq!(write_sample(&corpus, &out, 10).unwrap(), 10);
+        assert_eq!(write_sample(&corpus, &out, 10).unwrap(), (10, 50));
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
             .unwrap()
             .lines()
@@ -379,6 +382,6 @@ mod tests {
         assert_eq!(lines[0]["title"], format!("T{}", got[0]));
         assert_eq!(lines[0]["text"], format!("text of {}", got[0]));
         // A sample larger than the corpus is the corpus.
-        assert_eq!(write_sample(&corpus, &out, 80).unwrap(), 50);
+        assert_eq!(write_sample(&corpus, &out, 80).unwrap(), (50, 50));
     }
 }

@@ -45,7 +45,7 @@ use tokenizers::{
     TruncationStrategy,
 };
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Encoder};
 use crate::batcher::{TokenBatch, TokenizedText};
 use crate::bert::BertEncoder;
 use crate::cpu_bert::CpuBert;
@@ -78,18 +78,12 @@ pub const REQUIRED_FILES: [(&str, &str); 3] = [
     ),
 ];
 
-/// The encoder layers of one backend.
-enum Encoder {
-    Candle(BertEncoder),
-    Cpu(CpuBert),
-}
-
 /// A loaded cross-encoder; see the module docs.
 pub struct CrossEncoder {
     config: ModelConfig,
     tokenizer: Tokenizer,
     embeddings: Embeddings,
-    encoder: Encoder,
+    encoder: Encoder<BertEncoder>,
     head: Head,
     max_length: usize,
     dir: PathBuf,
@@ -208,32 +202,20 @@ impl CrossEncoder {
 
     /// Which backend runs the encoder layers.
     pub fn backend(&self) -> Backend {
-        match self.encoder {
-            Encoder::Candle(_) => Backend::Candle,
-            Encoder::Cpu(_) => Backend::Cpu,
-        }
+        self.encoder.backend()
     }
 
     /// The CPU path the encoder's kernels run on ([`crate::cpu_path`]); `None` for the
     /// candle backend, which does not use the hand-written kernels.
     pub fn cpu_path(&self) -> Option<CpuPath> {
-        match &self.encoder {
-            Encoder::Cpu(kernel) => Some(kernel.cpu_path()),
-            Encoder::Candle(_) => None,
-        }
+        self.encoder.cpu_path()
     }
 
     /// Runs the encoder's kernels on `path` from now on; fails, changing nothing, when
     /// this CPU cannot run it. The candle backend checks the path and otherwise ignores
     /// it.
     pub fn set_cpu_path(&mut self, path: CpuPath) -> Result<()> {
-        match &mut self.encoder {
-            Encoder::Cpu(kernel) => kernel.set_cpu_path(path),
-            Encoder::Candle(_) => {
-                path.check()?;
-                Ok(())
-            }
-        }
+        self.encoder.set_cpu_path(path)
     }
 
     /// Tokenises (query, passage) pairs; row `i` has `index` `i`. Token types are filled

@@ -17,7 +17,6 @@ use candle_core::{DType, Tensor, Var};
 use super::cpu_train::{self, Shape, Weights};
 use super::Student;
 use crate::batcher::TokenBatch;
-use crate::batcher::TokenizedText;
 use crate::error::Result;
 
 /// Padded tokens per forward pass that keeps candle's graph for backward: bounds the
@@ -51,13 +50,7 @@ enum Inner {
 }
 
 fn token_batch(rows: &[&[u32]]) -> TokenBatch {
-    TokenBatch {
-        rows: rows
-            .iter()
-            .enumerate()
-            .map(|(i, ids)| TokenizedText::new(i, ids.to_vec()))
-            .collect(),
-    }
+    TokenBatch::in_order(rows.iter().map(|ids| ids.to_vec()))
 }
 
 /// Consecutive ranges of `rows` whose padded size (`count x longest`) stays within
