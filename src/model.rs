@@ -9,13 +9,15 @@
 //!    texts at hand: it exercises the whole pipeline, its numbers mean nothing, and the
 //!    command says so and how to get the real model.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use distillery_operators::embedder::REQUIRED_FILES;
 use distillery_operators::st_config::ROUTER_CONFIG_FILE;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
-use distillery_operators::Embedder;
+use distillery_operators::{Embedder, EmbedderOptions};
 
 use crate::error::EngineError;
 use crate::store::{memoised_by_files, ContentHasher};
@@ -209,6 +211,47 @@ pub fn fingerprint(dir: &Path) -> Result<String, EngineError> {
     memoised_by_files("fingerprint", &files, || fingerprint_files(dir))
 }
 
+/// What makes two loads of an embedder the same: the model's fingerprint, the options
+/// and the device.
+type EmbedderIdentity = (
+    String,
+    Option<usize>,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+/// The embedder in `dir` with `options` on `device`, shared with every holder of an
+/// equal one in this process (same files by [`fingerprint`], same options, same device):
+/// a run whose retriever and bi-encoder teacher are one model loads its weights once.
+/// The process keeps no embedder alive: one whose last holder dropped it is loaded
+/// again.
+pub fn load_shared_embedder(
+    dir: &Path,
+    options: &EmbedderOptions,
+    device: &candle_core::Device,
+) -> Result<Arc<Embedder>, EngineError> {
+    static LOADED: OnceLock<Mutex<HashMap<EmbedderIdentity, Weak<Embedder>>>> = OnceLock::new();
+    let identity = (
+        fingerprint(dir)?,
+        options.max_seq_length,
+        options.query_prefix.clone(),
+        options.passage_prefix.clone(),
+        format!("{:?}", device.location()),
+    );
+    let loaded = LOADED.get_or_init(Default::default);
+    // A poisoned lock means a panic elsewhere mid-insert: entries are whole, still sound.
+    let held = || loaded.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(embedder) = held().get(&identity).and_then(Weak::upgrade) {
+        return Ok(embedder);
+    }
+    let embedder = Arc::new(Embedder::load(dir, options, device)?);
+    let mut held = held();
+    held.retain(|_, e| e.strong_count() > 0);
+    held.insert(identity, Arc::downgrade(&embedder));
+    Ok(embedder)
+}
+
 fn fingerprint_files(dir: &Path) -> Result<String, EngineError> {
     let mut h = ContentHasher::new();
     for name in FINGERPRINT_FILES {
@@ -314,5 +357,39 @@ mod tests {
         assert_eq!(f1, fingerprint(a.path()).unwrap());
         std::fs::write(a.path().join("model.safetensors"), "w2").unwrap();
         assert_ne!(f1, fingerprint(a.path()).unwrap());
+    }
+
+    #[test]
+    fn equal_embedders_are_loaded_once_while_held() {
+        let texts = ["a passage about vitamin d", "another one about the heart"];
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for dir in [a.path(), b.path()] {
+            write_tiny_bert(dir, texts.iter(), &TinyBertSpec::default()).unwrap();
+        }
+        let cpu = candle_core::Device::Cpu;
+        let plain = EmbedderOptions::default();
+        let first = load_shared_embedder(a.path(), &plain, &cpu).unwrap();
+        // Another directory with the same files is the same model: shared.
+        let again = load_shared_embedder(b.path(), &plain, &cpu).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // Other options are another embedder.
+        let prefixed = EmbedderOptions {
+            query_prefix: Some("query: ".into()),
+            ..EmbedderOptions::default()
+        };
+        let other = load_shared_embedder(a.path(), &prefixed, &cpu).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(
+            other.prefix(distillery_operators::TextKind::Query),
+            "query: "
+        );
+        // Once no one holds it, it is loaded again (nothing kept alive by the process).
+        let weak = Arc::downgrade(&first);
+        drop((first, again));
+        assert!(weak.upgrade().is_none());
+        // Changed weights are another model.
+        std::fs::write(a.path().join("model.safetensors"), b"not weights").unwrap();
+        assert!(load_shared_embedder(a.path(), &prefixed, &cpu).is_err());
+        drop(other);
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, Float32Array, StringArray};
+use arrow::array::{Array, FixedSizeBinaryArray, Float32Array};
 use distillery::config::{Pipeline, PipelineFile};
 use distillery::corpus::ReadOptions;
 use distillery::dataflow::candidates::{
@@ -197,7 +197,7 @@ fn cache_scores(run: &Path) -> BTreeMap<String, u32> {
             .column_by_name("pair")
             .unwrap()
             .as_any()
-            .downcast_ref::<StringArray>()
+            .downcast_ref::<FixedSizeBinaryArray>()
             .unwrap();
         let values = b
             .column_by_name("score")
@@ -207,8 +207,9 @@ fn cache_scores(run: &Path) -> BTreeMap<String, u32> {
             .unwrap();
         for i in 0..b.num_rows() {
             // Each pair once: a second score of one pair would be work done twice.
-            let old = scores.insert(pairs.value(i).to_string(), values.value(i).to_bits());
-            assert_eq!(old, None, "pair {} scored twice", pairs.value(i));
+            let pair: String = pairs.value(i).iter().map(|b| format!("{b:02x}")).collect();
+            let old = scores.insert(pair.clone(), values.value(i).to_bits());
+            assert_eq!(old, None, "pair {pair} scored twice");
         }
     }
     scores

@@ -262,16 +262,21 @@ threads = 2
 }
 
 /// The scores of a teacher's cache stage, by pair key.
+/// A teacher cache's scores by [`pair_key`] (the cache keeps each key as its 16 bytes).
 fn cached_scores(store: &StageStore, stage: &str) -> HashMap<String, f32> {
-    use arrow::array::{Float32Array, StringArray};
+    use arrow::array::{FixedSizeBinaryArray, Float32Array};
     let mut out = HashMap::new();
     for batch in store.read(stage).unwrap() {
         let batch = batch.unwrap();
-        let pairs = batch.column(0).as_any().downcast_ref::<StringArray>();
+        let pairs = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>();
         let scores = batch.column(1).as_any().downcast_ref::<Float32Array>();
         let (pairs, scores) = (pairs.unwrap(), scores.unwrap());
         for i in 0..batch.num_rows() {
-            out.insert(pairs.value(i).to_string(), scores.value(i));
+            let hex: String = pairs.value(i).iter().map(|b| format!("{b:02x}")).collect();
+            out.insert(hex, scores.value(i));
         }
     }
     out

@@ -94,7 +94,7 @@ impl EmbedSettings {
             query_prefix: self.query_prefix.clone(),
             passage_prefix: self.passage_prefix.clone(),
         };
-        let embedder = Embedder::load(&resolved.dir, &options, &self.device)?;
-        Ok((Arc::new(embedder), resolved))
+        let embedder = crate::model::load_shared_embedder(&resolved.dir, &options, &self.device)?;
+        Ok((embedder, resolved))
     }
 }

@@ -43,7 +43,7 @@ use crate::mining::{
     Example, PassageIdx, ScoredQuery, TeacherStats,
 };
 use crate::schema::{candidates_from_batch, CandidateRow};
-use crate::store::memo::{MemoKey, MemoMap};
+use crate::store::memo::MemoKey;
 use crate::store::{hash_settings, StageKey, StageStore};
 use teacher::{EmbeddingCounts, KnownEmbeddings};
 
@@ -190,29 +190,28 @@ pub fn run_label_stage(
         passage_texts_by_place.push(text);
         passage_keys.insert(id, (MemoKey::of(text.as_bytes()), place));
     }
-    let mut row_keys: Vec<Vec<MemoKey>> = Vec::with_capacity(rows.len());
-    // Every distinct pair, in the order of its key (the order the teachers score in and
-    // the cache is appended in): (key, row, the passage's place). Two pairs of equal keys
-    // have the same texts, so which one stays does not matter.
-    let mut pairs: Vec<(MemoKey, u32, u32)> =
-        Vec::with_capacity(rows.iter().map(|r| r.candidate_ids.len()).sum());
-    for (row, r) in rows.iter().enumerate() {
-        let query_key = MemoKey::of(r.query_text.as_bytes());
-        let mut keys = Vec::with_capacity(r.candidate_ids.len());
-        for c in &r.candidate_ids {
-            let Some(&(passage_key, place)) = passage_keys.get(c.as_str()) else {
-                return Err(EngineError::Invalid(format!(
-                    "candidate passage `{c}` is not in the corpus any more; run mine again"
-                )));
-            };
-            let key = pair_key_of(query_key, passage_key);
-            keys.push(key);
-            pairs.push((key, row as u32, place));
+    // (key, row, the passage's place) of every (row, candidate), row-major, the keys
+    // hashed over the cores.
+    let mut pairs = row_pairs(&rows, &passage_keys, pipeline.threads)?;
+    // `pair_of[i]`: the distinct pair of the `i`th (row, candidate), its index in the
+    // order of the keys (the order the teachers score in and the cache is appended
+    // in). Two pairs of equal keys have the same texts, so which one stays does not
+    // matter.
+    let mut pair_of = vec![0u32; pairs.len()];
+    {
+        let mut order: Vec<(MemoKey, u32)> =
+            (0..pairs.len()).map(|i| (pairs[i].0, i as u32)).collect();
+        order.sort_unstable();
+        let mut distinct: Vec<Pair> = Vec::with_capacity(order.len());
+        for &(_, i) in &order {
+            let pair = pairs[i as usize];
+            if distinct.last().map(|d| d.0) != Some(pair.0) {
+                distinct.push(pair);
+            }
+            pair_of[i as usize] = (distinct.len() - 1) as u32;
         }
-        row_keys.push(keys);
+        pairs = distinct;
     }
-    pairs.sort_unstable_by_key(|p| p.0);
-    pairs.dedup_by_key(|p| p.0);
 
     // Where each text sits in the retrievers' embedding stages: passages by id, queries
     // by query id.
@@ -243,7 +242,8 @@ pub fn run_label_stage(
         })
         .collect();
 
-    let mut per_teacher: Vec<MemoMap<f32>> = Vec::new();
+    // Per teacher, every distinct pair's score, by the pair's index.
+    let mut per_teacher: Vec<Vec<f32>> = Vec::new();
     let mut scored_now = Vec::new();
     let mut teacher_embeddings = Vec::new();
     let keys: Vec<MemoKey> = pairs.iter().map(|p| p.0).collect();
@@ -259,7 +259,7 @@ pub fn run_label_stage(
             Some(cache) => cache,
             None => PairCache::open(&store, teacher.as_ref())?,
         };
-        let now = cache.score_missing(
+        let (scores, now) = cache.scores(
             &store,
             pipeline,
             t,
@@ -270,7 +270,7 @@ pub fn run_label_stage(
         )?;
         scored_now.push(now + scored_ahead.get(t).copied().unwrap_or(0));
         teacher_embeddings.push(teacher.embedding_counts());
-        per_teacher.push(cache.into_scores());
+        per_teacher.push(scores);
     }
 
     // The teacher funnel over every candidates row.
@@ -286,22 +286,17 @@ pub fn run_label_stage(
         i
     };
     let mut scored = Vec::with_capacity(rows.len());
-    for (r, keys) in rows.iter().zip(&row_keys) {
+    let mut at = 0;
+    for r in &rows {
+        let n = r.candidate_ids.len();
         let candidates: Vec<PassageIdx> = r.candidate_ids.iter().map(|c| intern(c)).collect();
         let sources: Vec<PassageIdx> = r.source_ids.iter().map(|c| intern(c)).collect();
-        let mut scores = Vec::with_capacity(per_teacher.len());
-        for cache in &per_teacher {
-            let mut s = Vec::with_capacity(keys.len());
-            for (c, key) in r.candidate_ids.iter().zip(keys) {
-                s.push(*cache.get(key).ok_or_else(|| {
-                    EngineError::Dataflow(format!(
-                        "no teacher score for query {} and passage {c}; this is a bug",
-                        r.query_id
-                    ))
-                })?);
-            }
-            scores.push(s);
-        }
+        let row_pairs = &pair_of[at..at + n];
+        at += n;
+        let scores = per_teacher
+            .iter()
+            .map(|s| row_pairs.iter().map(|&i| s[i as usize]).collect())
+            .collect();
         scored.push(ScoredQuery {
             query_id: r.query_id.clone(),
             sources,
@@ -372,6 +367,65 @@ pub fn run_label_stage(
         dev,
         jsonl,
     })
+}
+
+/// A pair: its key, its candidates row, its passage's place (in the candidates' texts).
+type Pair = (MemoKey, u32, u32);
+
+/// (pair key, row, the passage's place in `passage_keys`) of every (row, candidate) of
+/// `rows`, row-major: the keys hashed on `threads` threads, each over a contiguous range
+/// of rows.
+fn row_pairs(
+    rows: &[CandidateRow],
+    passage_keys: &HashMap<&str, (MemoKey, u32)>,
+    threads: usize,
+) -> Result<Vec<Pair>, EngineError> {
+    let per_thread = rows.len().div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<Pair>, EngineError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(per_thread)
+            .enumerate()
+            .map(|(part, chunk)| {
+                scope.spawn(move || {
+                    let first = part * per_thread;
+                    let mut out =
+                        Vec::with_capacity(chunk.iter().map(|r| r.candidate_ids.len()).sum());
+                    for (j, r) in chunk.iter().enumerate() {
+                        let query_key = MemoKey::of(r.query_text.as_bytes());
+                        for c in &r.candidate_ids {
+                            let Some(&(passage_key, place)) = passage_keys.get(c.as_str()) else {
+                                return Err(EngineError::Invalid(format!(
+                                    "candidate passage `{c}` is not in the corpus any more; \
+                                     run mine again"
+                                )));
+                            };
+                            out.push((
+                                pair_key_of(query_key, passage_key),
+                                (first + j) as u32,
+                                place,
+                            ));
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(EngineError::Dataflow(
+                        "a pair key thread panicked; this is a bug".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut pairs = Vec::with_capacity(rows.iter().map(|r| r.candidate_ids.len()).sum());
+    for part in parts {
+        pairs.extend(part?);
+    }
+    Ok(pairs)
 }
 
 /// The examples as JSONL at `path`, through the durable protocol.

@@ -24,7 +24,7 @@ use crate::error::EngineError;
 use crate::eval::{evaluate, EvalOptions, Run};
 use crate::generate::queries_table::GeneratedQuery;
 use crate::mining::{rerank, PassageIdx, ScoredQuery, TeacherConfig};
-use crate::store::memo::MemoKey;
+use crate::store::memo::{MemoKey, MemoMap};
 use crate::store::StageStore;
 
 /// The base student and the teachers' reranking of its top 100 on one query set.
@@ -142,7 +142,7 @@ pub(crate) fn check_set(
             &texts_of,
             Vec::new(),
         )?;
-        per_teacher.push(scores);
+        per_teacher.push(keys.iter().copied().zip(scores).collect::<MemoMap<f32>>());
     }
 
     let mut scored = Vec::with_capacity(lists.len());

@@ -143,9 +143,29 @@ impl PairTeacher for Bm25Teacher {
                     .collect()
             });
         }
-        let passage_of = |i: u32| at(pairs[i as usize].passage);
-        let mut order: Vec<u32> = (0..pairs.len() as u32).collect();
-        order.sort_unstable_by_key(|&i| (passage_of(i), i));
+        // The pairs grouped by passage (a counting sort over the passages' first
+        // appearances): each group's passage is counted once.
+        let mut group_of_text: HashMap<(usize, usize), u32> = HashMap::new();
+        let group: Vec<u32> = pairs
+            .iter()
+            .map(|p| {
+                let next = group_of_text.len() as u32;
+                *group_of_text.entry(at(p.passage)).or_insert(next)
+            })
+            .collect();
+        let mut starts = vec![0u32; group_of_text.len() + 1];
+        for &g in &group {
+            starts[g as usize + 1] += 1;
+        }
+        for g in 1..starts.len() {
+            starts[g] += starts[g - 1];
+        }
+        let mut order = vec![0u32; pairs.len()];
+        for (i, &g) in group.iter().enumerate() {
+            order[starts[g as usize] as usize] = i as u32;
+            starts[g as usize] += 1;
+        }
+        let passage_of = |i: u32| group[i as usize];
         let per_thread = order.len().div_ceil(ctx.threads.max(1)).max(1);
         let average_length = stats.average_length();
         let mut scored: Vec<Vec<(u32, f32)>> = Vec::new();

@@ -3,10 +3,16 @@
 //! ([`pair_key`]), so a pair is never scored twice by the same teacher. The labelling
 //! stage and the scoring that runs ahead of it while candidates stream
 //! ([`crate::dataflow::score_ahead`]) both score through it.
+//!
+//! The cache holds each key as its 16 bytes ([`cache_schema`]): a rerun reads the whole
+//! cache (SciFact's 1.45M pairs per teacher), and decoding hex text cost more than
+//! anything else labelling did with the cached scores. A teacher's own device stages
+//! name their rows by the key's hex ([`scores_schema`]), as every device stage names its
+//! rows by a string id.
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float32Array, StringArray};
+use arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, Float32Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
@@ -21,7 +27,11 @@ use crate::store::{StageKey, StageStatus, StageStore};
 const COL_PAIR: &str = "pair";
 const COL_SCORE: &str = "score";
 
-/// The schema of a teacher's score stages: pair key, score.
+/// Bytes of a pair key in the cache: a [`MemoKey`], big-endian.
+const PAIR_KEY_BYTES: i32 = 16;
+
+/// The schema of a teacher's own score stages (a device stage's rows): pair key as hex,
+/// score.
 pub(crate) fn scores_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new(COL_PAIR, DataType::Utf8, false),
@@ -35,6 +45,22 @@ pub(crate) fn scores_batch(pairs: &[String], scores: Vec<f32>) -> Result<RecordB
     RecordBatch::try_new(scores_schema(), vec![p, s])
 }
 
+/// The schema of a teacher's cache: pair key (16 bytes), score.
+pub fn cache_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(COL_PAIR, DataType::FixedSizeBinary(PAIR_KEY_BYTES), false),
+        Field::new(COL_SCORE, DataType::Float32, false),
+    ]))
+}
+
+fn cache_batch(keys: &[MemoKey], scores: &[f32]) -> Result<RecordBatch, ArrowError> {
+    let p: ArrayRef = Arc::new(FixedSizeBinaryArray::try_from_iter(
+        keys.iter().map(|k| k.0.to_be_bytes()),
+    )?);
+    let s: ArrayRef = Arc::new(Float32Array::from(scores.to_vec()));
+    RecordBatch::try_new(cache_schema(), vec![p, s])
+}
+
 /// The cache key of a (query text, passage text) pair: what the teacher sees, nothing
 /// else, so a moved or renamed passage keeps its scores.
 pub fn pair_key(query: &str, passage: &str) -> String {
@@ -46,8 +72,7 @@ pub fn pair_key(query: &str, passage: &str) -> String {
 }
 
 /// [`pair_key`] from the two texts' keys: a text is hashed once for all its pairs (a
-/// SciFact passage is in some 280 pairs; hashing it for each was most of a rerun). The
-/// cache stores [`MemoKey::to_hex`] of it.
+/// SciFact passage is in some 280 pairs; hashing it for each was most of a rerun).
 pub(crate) fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
     let mut both = [0u8; 32];
     both[..16].copy_from_slice(&query.0.to_be_bytes());
@@ -56,10 +81,12 @@ pub(crate) fn pair_key_of(query: MemoKey, passage: MemoKey) -> MemoKey {
 }
 
 /// The input hash of every teacher cache stage: the cache holds the pairs any run asked
-/// for. Its version names the pair-key scheme; a cache of another scheme is started
-/// again (its keys would never match).
-const TEACHER_CACHE_INPUT: &str = "append-only cache; pair keys of text keys";
+/// for. Its version names the pair-key scheme and the key's column; a cache of another
+/// version is started again (its keys would never be read).
+const TEACHER_CACHE_INPUT: &str = "append-only cache; pair keys of text keys, 16 bytes";
 
+/// Every score of a score table (a teacher's cache, [`cache_schema`], or one of its own
+/// stages, [`scores_schema`]) into `into`, by pair key.
 pub(crate) fn read_scores(
     store: &StageStore,
     stage: &str,
@@ -68,25 +95,35 @@ pub(crate) fn read_scores(
     for batch in store.read(stage)? {
         let batch = batch?;
         let bad = || EngineError::Invalid(format!("stage {stage}: not a teacher score table"));
-        let p = batch
-            .column_by_name(COL_PAIR)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(bad)?;
         let s = batch
             .column_by_name(COL_SCORE)
             .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
             .ok_or_else(bad)?;
-        for i in 0..batch.num_rows() {
-            let key = MemoKey::from_hex(p.value(i)).ok_or_else(bad)?;
-            into.insert(key, s.value(i));
+        let p = batch.column_by_name(COL_PAIR).ok_or_else(bad)?;
+        into.reserve(batch.num_rows());
+        if let Some(p) = p.as_any().downcast_ref::<FixedSizeBinaryArray>() {
+            if p.value_length() != PAIR_KEY_BYTES {
+                return Err(bad());
+            }
+            for (i, &score) in s.values().iter().enumerate() {
+                let bytes: [u8; 16] = p.value(i).try_into().map_err(|_| bad())?;
+                into.insert(MemoKey(u128::from_be_bytes(bytes)), score);
+            }
+        } else if let Some(p) = p.as_any().downcast_ref::<StringArray>() {
+            for (i, &score) in s.values().iter().enumerate() {
+                let key = MemoKey::from_hex(p.value(i)).ok_or_else(bad)?;
+                into.insert(key, score);
+            }
+        } else {
+            return Err(bad());
         }
     }
     Ok(())
 }
 
-/// Teacher `t`'s scores of the pairs `keys` names (sorted, distinct [`pair_key`]s;
-/// `texts(i)` is pair `i`'s query and passage text) through its pair cache
-/// ([`PairCache`]). Returns every pair's score by key and how many were scored now.
+/// Teacher `t`'s score of every pair `keys` names (distinct [`pair_key`]s; `texts(i)`
+/// is pair `i`'s query and passage text), in the order of `keys`, through its pair cache
+/// ([`PairCache`]); and how many were scored now.
 pub(crate) fn scores_through_cache<'t>(
     store: &StageStore,
     pipeline: &Pipeline,
@@ -95,16 +132,14 @@ pub(crate) fn scores_through_cache<'t>(
     keys: &[MemoKey],
     texts: &dyn Fn(usize) -> (&'t str, &'t str),
     known: Vec<KnownEmbeddings<'_>>,
-) -> Result<(MemoMap<f32>, usize), EngineError> {
-    let mut cache = PairCache::open(store, teacher)?;
-    let now = cache.score_missing(store, pipeline, t, teacher, keys, texts, known)?;
-    Ok((cache.scores, now))
+) -> Result<(Vec<f32>, usize), EngineError> {
+    PairCache::open(store, teacher)?.scores(store, pipeline, t, teacher, keys, texts, known)
 }
 
 /// A teacher's pair cache: the append-only stage of every pair score it gave any run
 /// (`teacher-<16 hex digits of its fingerprint>-cache`), held in memory by key. For a
-/// teacher that is not cached ([`teacher::PairTeacher::cached`]) it keeps the scores of
-/// this stage only, and writes nothing.
+/// teacher that is not cached ([`teacher::PairTeacher::cached`]) it holds nothing and
+/// writes nothing: every pair is scored when asked for.
 pub(crate) struct PairCache {
     stage: String,
     key: StageKey,
@@ -141,14 +176,40 @@ impl PairCache {
         })
     }
 
-    /// The scores held, by pair key.
-    pub(crate) fn into_scores(self) -> MemoMap<f32> {
-        self.scores
+    /// Every pair's score (`keys`, `texts` as [`scores_through_cache`] takes them), in
+    /// the order of `keys`: the cache's, and the teacher's for the pairs it lacks, which
+    /// are appended to it. Returns the scores and how many were scored now.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn scores<'t>(
+        &mut self,
+        store: &StageStore,
+        pipeline: &Pipeline,
+        t: usize,
+        teacher: &dyn teacher::PairTeacher,
+        keys: &[MemoKey],
+        texts: &dyn Fn(usize) -> (&'t str, &'t str),
+        known: Vec<KnownEmbeddings<'_>>,
+    ) -> Result<(Vec<f32>, usize), EngineError> {
+        let mut scores = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match self.scores.get(key) {
+                Some(&score) => scores.push(score),
+                None => {
+                    missing.push(i);
+                    scores.push(f32::NAN);
+                }
+            }
+        }
+        let now = self.score_now(store, pipeline, t, teacher, keys, &missing, texts, known)?;
+        for (&i, score) in missing.iter().zip(now) {
+            scores[i] = score;
+        }
+        Ok((scores, missing.len()))
     }
 
-    /// Scores the pairs of `keys` (sorted, distinct [`pair_key`]s; `texts(i)` is pair
-    /// `i`'s query and passage text) that the cache lacks with teacher `t` and appends
-    /// them to it (a part at a time, each atomic). Returns how many were scored.
+    /// Scores the pairs of `keys` (as [`Self::scores`] takes them) that the cache lacks
+    /// and appends them to it. Returns how many were scored.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn score_missing<'t>(
         &mut self,
@@ -163,11 +224,29 @@ impl PairCache {
         let missing: Vec<usize> = (0..keys.len())
             .filter(|&i| !self.scores.contains_key(&keys[i]))
             .collect();
+        self.score_now(store, pipeline, t, teacher, keys, &missing, texts, known)?;
+        Ok(missing.len())
+    }
+
+    /// Teacher `t`'s scores of the pairs `missing` picks out of `keys`, in that order,
+    /// appended to the cache (a part at a time, each atomic) and held when it is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn score_now<'t>(
+        &mut self,
+        store: &StageStore,
+        pipeline: &Pipeline,
+        t: usize,
+        teacher: &dyn teacher::PairTeacher,
+        keys: &[MemoKey],
+        missing: &[usize],
+        texts: &dyn Fn(usize) -> (&'t str, &'t str),
+        known: Vec<KnownEmbeddings<'_>>,
+    ) -> Result<Vec<f32>, EngineError> {
         if missing.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        // A pair's key names it in the cache and in the teacher's own stages; a teacher
-        // that keeps neither needs none.
+        // A pair's key names it in the teacher's own stages; a teacher that keeps none
+        // needs none.
         let hexes: Vec<String> = if self.kept {
             missing.iter().map(|&i| keys[i].to_hex()).collect()
         } else {
@@ -209,14 +288,15 @@ impl PairCache {
             )));
         }
         if self.kept {
-            let mut writer = store.begin(&self.stage, self.key.clone(), scores_schema())?;
-            for (chunk, chunk_scores) in hexes.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS)) {
-                writer.write_part(&[scores_batch(chunk, chunk_scores.to_vec())?])?;
+            let new_keys: Vec<MemoKey> = missing.iter().map(|&i| keys[i]).collect();
+            let mut writer = store.begin(&self.stage, self.key.clone(), cache_schema())?;
+            for (chunk, chunk_scores) in new_keys.chunks(CHUNK_ROWS).zip(scores.chunks(CHUNK_ROWS))
+            {
+                writer.write_part(&[cache_batch(chunk, chunk_scores)?])?;
             }
+            self.scores
+                .extend(new_keys.into_iter().zip(scores.iter().copied()));
         }
-        let now = missing.len();
-        self.scores
-            .extend(missing.into_iter().map(|i| keys[i]).zip(scores));
-        Ok(now)
+        Ok(scores)
     }
 }
