@@ -24,7 +24,8 @@ use crate::dataflow::retrieve::{
 use crate::dataflow::{run_embed_stage, CHUNK_ROWS};
 use crate::error::EngineError;
 use crate::mining::{
-    held_out_passages, select_candidates_all, CandidateStats, PassageIdx, QueryRetrievals,
+    held_out_passages, select_candidates_all, select_candidates_on_threads, CandidateStats,
+    PassageIdx, QueryRetrievals,
 };
 use crate::record::Query;
 use crate::retrieval::Hit;
@@ -387,15 +388,21 @@ pub fn run_candidates_stage(
     let (kept, stats) = match streamed {
         Some(s) => (s.kept, s.stats),
         None => {
-            let per_query = queries.iter().enumerate().map(|(qi, q)| QueryRetrievals {
-                query_id: q.query.id.clone(),
-                sources: state.sources(q),
+            let query = |qi: usize| QueryRetrievals {
+                query_id: queries[qi].query.id.clone(),
+                sources: state.sources(&queries[qi]),
                 lists: lists_per_retriever
                     .iter()
                     .map(|l| l[qi].iter().map(|h| h.passage).collect())
                     .collect(),
-            });
-            select_candidates_all(&pipeline.candidates, &state.held_out, per_query)
+            };
+            select_candidates_on_threads(
+                &pipeline.candidates,
+                &state.held_out,
+                queries.len(),
+                query,
+                pipeline.threads,
+            )
         }
     };
     drop(lists_per_retriever);

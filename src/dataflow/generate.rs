@@ -413,13 +413,15 @@ pub fn run_generate_streaming(
     // Every request's cache key, passage-major: (passage, type) -> key. A generator's
     // inputs may read the whole passage (the extractive keywords' term frequencies), so
     // the passages are split over the cores, in order.
+    let type_names: Vec<&str> = types.iter().map(|t| t.name()).collect();
     let key_of = |p: &SampledPassage| -> Vec<String> {
+        let inputs = generator.request_inputs_of_types(&p.passage, &type_names);
         types
             .iter()
             .zip(&prompt_hashes)
-            .map(|(t, prompt_hash)| {
+            .zip(inputs)
+            .map(|((t, prompt_hash), inputs)| {
                 let seed = crate::generate::prompts::seed_for(&p.passage.hash, t.name(), job.seed);
-                let inputs = generator.request_inputs(&p.passage, t.name());
                 cache_key(
                     &p.passage.hash,
                     t.name(),

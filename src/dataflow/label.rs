@@ -25,7 +25,7 @@ pub mod pair_cache;
 pub mod teacher;
 
 pub use pair_cache::pair_key;
-use pair_cache::{pair_key_of, PairCache};
+use pair_cache::{pair_key_of, teacher_label, PairCache};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -165,6 +165,11 @@ pub fn run_label_stage(
         }
     }
 
+    // What the teachers can do before they see a pair starts now, beside the pairs'
+    // gathering.
+    for (t, teacher) in teachers.iter().enumerate() {
+        teacher.prepare(&teacher_label(pipeline, t), pipeline.quiet);
+    }
     let mut rows: Vec<CandidateRow> = Vec::new();
     for batch in store.read(CANDIDATES_STAGE)? {
         rows.extend(candidates_from_batch(&batch?)?);
@@ -242,10 +247,9 @@ pub fn run_label_stage(
         })
         .collect();
 
-    // Per teacher, every distinct pair's score, by the pair's index.
-    let mut per_teacher: Vec<Vec<f32>> = Vec::new();
-    let mut scored_now = Vec::new();
-    let mut teacher_embeddings = Vec::new();
+    // Per teacher, every distinct pair's score, by the pair's index. The teachers that
+    // run on the CPU alone (BM25) score on threads of their own while the others,
+    // which take turns on the device, score here; no score depends on which runs when.
     let keys: Vec<MemoKey> = pairs.iter().map(|p| p.0).collect();
     let texts_of = |i: usize| {
         let (_, row, place) = pairs[i];
@@ -254,22 +258,52 @@ pub fn run_label_stage(
             passage_texts_by_place[place as usize],
         )
     };
-    for (t, teacher) in teachers.iter().enumerate() {
-        let mut cache = match ahead_caches.get_mut(t).and_then(Option::take) {
+    let score_with = |t: usize, cache: Option<PairCache>| {
+        let teacher = teachers[t].as_ref();
+        let mut cache = match cache {
             Some(cache) => cache,
-            None => PairCache::open(&store, teacher.as_ref())?,
+            None => PairCache::open(&store, teacher)?,
         };
-        let (scores, now) = cache.scores(
+        cache.scores(
             &store,
             pipeline,
             t,
-            teacher.as_ref(),
+            teacher,
             &keys,
             &texts_of,
             known.clone(),
-        )?;
+        )
+    };
+    // Per teacher: its scores and how many it scored now, once it has scored.
+    type Scored = Result<(Vec<f32>, usize), EngineError>;
+    let mut scored_by_teacher: Vec<Option<Scored>> = (0..teachers.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let mut aside = Vec::new();
+        for (t, teacher) in teachers.iter().enumerate() {
+            let cache = ahead_caches.get_mut(t).and_then(Option::take);
+            if teacher.uses_device() {
+                scored_by_teacher[t] = Some(score_with(t, cache));
+            } else {
+                aside.push((t, scope.spawn(move || score_with(t, cache))));
+            }
+        }
+        for (t, handle) in aside {
+            scored_by_teacher[t] = Some(handle.join().unwrap_or_else(|_| {
+                Err(EngineError::Dataflow(format!(
+                    "teacher {t}'s scoring thread panicked"
+                )))
+            }));
+        }
+    });
+    let mut per_teacher: Vec<Vec<f32>> = Vec::with_capacity(teachers.len());
+    let mut scored_now = Vec::with_capacity(teachers.len());
+    let mut teacher_embeddings = Vec::with_capacity(teachers.len());
+    for (t, scored) in scored_by_teacher.into_iter().enumerate() {
+        let (scores, now) = scored.ok_or_else(|| {
+            EngineError::Dataflow(format!("teacher {t} scored nothing; this is a bug"))
+        })??;
         scored_now.push(now + scored_ahead.get(t).copied().unwrap_or(0));
-        teacher_embeddings.push(teacher.embedding_counts());
+        teacher_embeddings.push(teachers[t].embedding_counts());
         per_teacher.push(scores);
     }
 

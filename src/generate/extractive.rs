@@ -111,13 +111,17 @@ impl DocumentFrequencies {
     /// term of the passage with its frequency, hashed.
     pub fn inputs_of(&self, passage: &PreparedPassage) -> String {
         let mut terms = PassageTerms::default();
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&self.documents.to_le_bytes());
-        for &term in terms.distinct(passage) {
+        // The bytes hashed, gathered first: one hasher update per term cost more than
+        // the hashing.
+        let distinct = terms.distinct(passage);
+        let mut bytes = Vec::with_capacity(8 + 16 * distinct.len());
+        bytes.extend_from_slice(&self.documents.to_le_bytes());
+        for &term in distinct {
             let df = self.df.get(&term).copied().unwrap_or(0);
-            hasher.update(&term.to_le_bytes()).update(&df.to_le_bytes());
+            bytes.extend_from_slice(&term.to_le_bytes());
+            bytes.extend_from_slice(&df.to_le_bytes());
         }
-        hasher.finalize().to_hex().to_string()
+        blake3::hash(&bytes).to_hex().to_string()
     }
 
     /// Documents that contain `term` (0 for a term never seen).
@@ -210,19 +214,34 @@ impl ExtractiveGenerator {
                 Some(sentence) => outcome(&passage.id, sentence.to_owned(), 0),
                 None => failed("has no sentence to use as a claim".into()),
             },
-            kind @ ("keywords" | "search" | "web") => {
-                let top = self.frequencies.top_terms(passage);
-                if top.is_empty() {
-                    return failed("has no terms outside the stopwords to use as keywords".into());
-                }
-                let separator = if kind == "keywords" { ", " } else { " " };
-                outcome(&passage.id, top.join(separator), 0)
+            "keywords" | "search" | "web" => {
+                self.keywords_outcome(request, &self.frequencies.top_terms(passage))
             }
             other => failed(format!(
                 "the extractive generator writes no `{other}` queries (only {})",
                 SUPPORTED_TYPES.join(", ")
             )),
         }
+    }
+}
+
+impl ExtractiveGenerator {
+    /// The outcome of a keyword request whose passage's top terms are `top`.
+    fn keywords_outcome(&self, request: &GenerationRequest, top: &[String]) -> Generated {
+        if top.is_empty() {
+            return Generated::Failed {
+                reason: format!(
+                    "passage `{}`: has no terms outside the stopwords to use as keywords",
+                    request.passage.id
+                ),
+            };
+        }
+        let separator = if request.query_type == "keywords" {
+            ", "
+        } else {
+            " "
+        };
+        outcome(&request.passage.id, top.join(separator), 0)
     }
 }
 
@@ -238,8 +257,44 @@ impl QueryGenerator for ExtractiveGenerator {
             .then(|| self.frequencies.inputs_of(passage))
     }
 
+    /// Every keyword type's inputs are the passage's terms against the corpus: computed
+    /// once for all of them.
+    fn request_inputs_of_types(
+        &self,
+        passage: &PreparedPassage,
+        query_types: &[&str],
+    ) -> Vec<Option<String>> {
+        let mut inputs: Option<String> = None;
+        query_types
+            .iter()
+            .map(|t| {
+                KEYWORD_TYPES.contains(t).then(|| {
+                    inputs
+                        .get_or_insert_with(|| self.frequencies.inputs_of(passage))
+                        .clone()
+                })
+            })
+            .collect()
+    }
+
+    /// A passage's keyword types share its top terms: computed once for the requests of
+    /// one passage that follow each other.
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError> {
-        Ok(requests.iter().map(|r| self.generate_one(r)).collect())
+        let mut last_top: Option<(&str, Vec<String>)> = None;
+        Ok(requests
+            .iter()
+            .map(|r| {
+                if !KEYWORD_TYPES.contains(&r.query_type.as_str()) {
+                    return self.generate_one(r);
+                }
+                let hash = r.passage.hash.as_str();
+                if last_top.as_ref().is_none_or(|(h, _)| *h != hash) {
+                    last_top = Some((hash, self.frequencies.top_terms(&r.passage)));
+                }
+                let top = last_top.as_ref().map_or(&[][..], |(_, t)| t.as_slice());
+                self.keywords_outcome(r, top)
+            })
+            .collect())
     }
 }
 

@@ -76,6 +76,19 @@ pub trait QueryGenerator: Send + Sync {
         None
     }
 
+    /// [`Self::request_inputs`] of `passage` for each of `query_types`, in order: a
+    /// generator whose types share their inputs computes them once per passage.
+    fn request_inputs_of_types(
+        &self,
+        passage: &PreparedPassage,
+        query_types: &[&str],
+    ) -> Vec<Option<String>> {
+        query_types
+            .iter()
+            .map(|t| self.request_inputs(passage, t))
+            .collect()
+    }
+
     /// One outcome per request, in order. `Err` only when the generator itself cannot
     /// go on; a request's own failure is a [`Generated::Failed`].
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError>;

@@ -280,6 +280,42 @@ pub fn select_candidates_all(
     (kept, stats)
 }
 
+/// [`select_candidates_all`] over queries `0..n` (`query(i)` gives query `i`'s
+/// retrievals), on `threads` threads, each over a contiguous range of queries: the same
+/// lists, in the same order, and the same funnel.
+pub fn select_candidates_on_threads(
+    config: &CandidateConfig,
+    held_out: &HashSet<PassageIdx>,
+    n: usize,
+    query: impl Fn(usize) -> QueryRetrievals + Sync,
+    threads: usize,
+) -> (Vec<CandidateList>, CandidateStats) {
+    let per_thread = n.div_ceil(threads.max(1)).max(1);
+    let query = &query;
+    let parts: Vec<std::thread::Result<(Vec<CandidateList>, CandidateStats)>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .step_by(per_thread)
+                .map(|start| {
+                    let end = (start + per_thread).min(n);
+                    scope.spawn(move || {
+                        select_candidates_all(config, held_out, (start..end).map(query))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+    let mut kept = Vec::with_capacity(n);
+    let mut stats = CandidateStats::default();
+    for part in parts {
+        // A selection that panicked is a bug; its panic goes on here.
+        let (part_kept, part_stats) = part.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        kept.extend(part_kept);
+        stats.merge(&part_stats);
+    }
+    (kept, stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,7 +545,7 @@ mod tests {
             query(&[1], &[&[1, 2, 3], &[1, 5]]), // kept, 4 candidates: 1, 2, 5, 3
             query(&[1], &[&[1, 2, 3, 99]]),      // kept, 3 candidates (99 removed)
         ];
-        let (kept, stats) = select_candidates_all(&small(), &held, queries);
+        let (kept, stats) = select_candidates_all(&small(), &held, queries.clone());
         assert_eq!(kept.len(), 3);
         assert_eq!(kept[1].candidates, vec![1, 2, 5, 3]);
         let expected = CandidateStats {
@@ -536,5 +572,19 @@ mod tests {
              candidates); kept 3 (3.7 candidates each on average)"
         );
         assert_eq!(CandidateStats::default().mean_candidates(), 0.0);
+
+        // On threads, over ranges of the same queries: the same lists in the same order,
+        // the same funnel, for any number of threads (more threads than queries too).
+        for threads in 1..=8 {
+            let (on_threads, stats_on_threads) = select_candidates_on_threads(
+                &small(),
+                &held,
+                queries.len(),
+                |i| queries[i].clone(),
+                threads,
+            );
+            assert_eq!(on_threads, kept, "{threads} threads");
+            assert_eq!(stats_on_threads, expected, "{threads} threads");
+        }
     }
 }

@@ -66,9 +66,9 @@ mod split;
 mod teacher_filter;
 
 pub use candidates::{
-    select_candidates, select_candidates_all, CandidateConfig, CandidateDrop, CandidateList,
-    CandidateStats, QueryRetrievals, DEFAULT_FUSED_TOP, DEFAULT_MIN_CANDIDATES,
-    DEFAULT_RETRIEVE_TOP, DEFAULT_SOURCE_IN_TOP,
+    select_candidates, select_candidates_all, select_candidates_on_threads, CandidateConfig,
+    CandidateDrop, CandidateList, CandidateStats, QueryRetrievals, DEFAULT_FUSED_TOP,
+    DEFAULT_MIN_CANDIDATES, DEFAULT_RETRIEVE_TOP, DEFAULT_SOURCE_IN_TOP,
 };
 pub use combine::ScoredQuery;
 pub use examples::{

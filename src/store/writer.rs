@@ -12,10 +12,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
+use parquet::basic::{Compression, Type as PhysicalType, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 
@@ -35,11 +35,26 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// enough for sequential reads.
 pub const MAX_ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
-fn writer_properties() -> Result<WriterProperties, ParquetError> {
-    Ok(WriterProperties::builder()
+/// The properties of a part of `schema`: zstd, except for the columns of floats and of
+/// fixed-width bytes (embeddings, scores, content hashes), which are stored plain, with
+/// no dictionary: their values are as good as random to a compressor (an embedding
+/// stage came out larger than its raw floats), so compressing them, and trying a
+/// dictionary first, only cost the time to write and read them.
+fn writer_properties(schema: &Schema) -> Result<WriterProperties, ParquetError> {
+    let mut builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
-        .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
-        .build())
+        .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES));
+    for column in ArrowSchemaConverter::new().convert(schema)?.columns() {
+        if matches!(
+            column.physical_type(),
+            PhysicalType::FLOAT | PhysicalType::DOUBLE | PhysicalType::FIXED_LEN_BYTE_ARRAY
+        ) {
+            builder = builder
+                .set_column_compression(column.path().clone(), Compression::UNCOMPRESSED)
+                .set_column_dictionary_enabled(column.path().clone(), false);
+        }
+    }
+    Ok(builder.build())
 }
 
 /// The exclusive writer of one stage, from [`super::StageStore::begin`].
@@ -121,7 +136,7 @@ impl StageWriter {
             path: tmp.clone(),
             source,
         };
-        let props = writer_properties().map_err(parquet)?;
+        let props = writer_properties(&self.schema).map_err(parquet)?;
         let arrow =
             ArrowWriter::try_new(sink, self.schema.clone(), Some(props)).map_err(parquet)?;
         Ok(PartWriter {
@@ -352,7 +367,7 @@ mod tests {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     #[test]
-    fn parts_round_trip_and_are_zstd_parquet_with_the_recorded_hash() {
+    fn parts_round_trip_as_parquet_zstd_but_for_floats_with_the_recorded_hash() {
         let dir = tempfile::tempdir().unwrap();
         let store = StageStore::open(dir.path()).unwrap();
         let mut writer = store.begin("passages", key("s", "i"), schema()).unwrap();
@@ -375,8 +390,27 @@ mod tests {
             ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
         let meta = builder.metadata();
         // Parquet records the codec, not its level (a reader reports the default level).
-        for column in meta.row_group(0).columns() {
-            assert!(matches!(column.compression(), Compression::ZSTD(_)));
+        // The ids and integers are zstd; the floats (a score, a vector's items) plain,
+        // without a dictionary.
+        let codecs: Vec<(String, Compression, bool)> = meta
+            .row_group(0)
+            .columns()
+            .iter()
+            .map(|c| {
+                let dictionary = c.dictionary_page_offset().is_some();
+                (c.column_path().string(), c.compression(), dictionary)
+            })
+            .collect();
+        assert_eq!(codecs.len(), 4);
+        for (path, codec, dictionary) in &codecs {
+            match path.as_str() {
+                "id" | "n" => assert!(matches!(codec, Compression::ZSTD(_)), "{path}"),
+                "score" | "vec.list.item" => {
+                    assert_eq!(*codec, Compression::UNCOMPRESSED, "{path}");
+                    assert!(!dictionary, "{path}");
+                }
+                other => panic!("unexpected column {other}"),
+            }
         }
         let embedded = meta.file_metadata().key_value_metadata().unwrap();
         assert!(embedded.iter().any(|kv| kv.key == "ARROW:schema"));

@@ -12,6 +12,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use serde::Serialize;
 
@@ -40,6 +42,8 @@ pub struct Bm25Teacher {
     /// many stages read it); `None` fails on them.
     quarantine: Option<PathBuf>,
     fingerprint: String,
+    /// The corpus statistics being computed ahead ([`PairTeacher::prepare`]).
+    preparing: Mutex<Option<JoinHandle<Result<Bm25Stats, EngineError>>>>,
 }
 
 /// Every setting a BM25 teacher's scores depend on.
@@ -71,31 +75,65 @@ impl Bm25Teacher {
             corpus: corpus.to_path_buf(),
             quarantine: quarantine.map(Path::to_path_buf),
             fingerprint,
+            preparing: Mutex::new(None),
         })
     }
 
     /// The corpus statistics, by one streamed pass.
     pub fn corpus_stats(&self, label: &str, quiet: bool) -> Result<Bm25Stats, EngineError> {
-        let read = match &self.quarantine {
-            None => ReadOptions::default(),
-            Some(path) => ReadOptions {
-                policy: BadRecordPolicy::Skip(Quarantine::open(path)?),
-                ..ReadOptions::default()
-            },
-        };
-        let progress = Progress::new(label, count_records(&self.corpus), quiet);
-        let mut stats = Bm25Stats::default();
-        for item in passage_texts(&self.corpus, &read)? {
-            let (_, text) = item?;
-            stats.add_document(&text);
-            progress.inc(1);
-        }
-        progress.finish();
-        if let BadRecordPolicy::Skip(q) = &read.policy {
-            q.finish()?;
-        }
-        Ok(stats)
+        corpus_stats(&self.corpus, self.quarantine.as_deref(), label, quiet)
     }
+
+    /// The statistics [`PairTeacher::prepare`] started, else computed now.
+    fn stats(&self, label: &str, quiet: bool) -> Result<Bm25Stats, EngineError> {
+        // A poisoned lock still holds the handle (or none): the statistics are redone.
+        let started = self
+            .preparing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match started.map(JoinHandle::join) {
+            Some(Ok(stats)) => stats,
+            Some(Err(_)) => Err(EngineError::Dataflow(format!(
+                "{label}: the thread computing the BM25 statistics panicked"
+            ))),
+            None => self.corpus_stats(label, quiet),
+        }
+    }
+}
+
+/// The statistics of `corpus` (skipping bad records into `quarantine` when given), by
+/// one streamed pass; `label` names the progress.
+fn corpus_stats(
+    corpus: &Path,
+    quarantine: Option<&Path>,
+    label: &str,
+    quiet: bool,
+) -> Result<Bm25Stats, EngineError> {
+    let read = match quarantine {
+        None => ReadOptions::default(),
+        Some(path) => ReadOptions {
+            policy: BadRecordPolicy::Skip(Quarantine::open(path)?),
+            ..ReadOptions::default()
+        },
+    };
+    let progress = Progress::new(label, count_records(corpus), quiet);
+    let mut stats = Bm25Stats::default();
+    for item in passage_texts(corpus, &read)? {
+        let (_, text) = item?;
+        stats.add_document(&text);
+        progress.inc(1);
+    }
+    progress.finish();
+    if let BadRecordPolicy::Skip(q) = &read.policy {
+        q.finish()?;
+    }
+    Ok(stats)
+}
+
+/// The progress label of the statistics of teacher `label`.
+fn stats_label(label: &str) -> String {
+    format!("{label}: bm25 statistics")
 }
 
 impl PairTeacher for Bm25Teacher {
@@ -109,12 +147,26 @@ impl PairTeacher for Bm25Teacher {
         false
     }
 
+    /// Counting on the CPU only.
+    fn uses_device(&self) -> bool {
+        false
+    }
+
+    /// The corpus statistics: they depend on the corpus alone.
+    fn prepare(&self, label: &str, quiet: bool) {
+        let (corpus, quarantine) = (self.corpus.clone(), self.quarantine.clone());
+        let label = stats_label(label);
+        let handle =
+            std::thread::spawn(move || corpus_stats(&corpus, quarantine.as_deref(), &label, quiet));
+        *self.preparing.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    }
+
     fn score_pairs(
         &self,
         pairs: &[PairToScore<'_>],
         ctx: &ScoringContext<'_>,
     ) -> Result<Vec<f32>, EngineError> {
-        let stats = self.corpus_stats(&format!("{}: bm25 statistics", ctx.label), ctx.quiet)?;
+        let stats = self.stats(&stats_label(&ctx.label), ctx.quiet)?;
         let progress = Progress::new(
             &format!("{}: score pairs", ctx.label),
             Some(pairs.len() as u64),

@@ -136,6 +136,15 @@ pub(crate) fn scores_through_cache<'t>(
     PairCache::open(store, teacher)?.scores(store, pipeline, t, teacher, keys, texts, known)
 }
 
+/// How progress lines name teacher `t` of `pipeline`: `teacher 0 (bm25)`.
+pub(crate) fn teacher_label(pipeline: &Pipeline, t: usize) -> String {
+    let kind = pipeline
+        .teachers
+        .get(t)
+        .map_or("teacher", |s| s.kind.name());
+    format!("teacher {t} ({kind})")
+}
+
 /// A teacher's pair cache: the append-only stage of every pair score it gave any run
 /// (`teacher-<16 hex digits of its fingerprint>-cache`), held in memory by key. For a
 /// teacher that is not cached ([`teacher::PairTeacher::cached`]) it holds nothing and
@@ -264,14 +273,10 @@ impl PairCache {
                 }
             })
             .collect();
-        let kind = pipeline
-            .teachers
-            .get(t)
-            .map_or("teacher", |s| s.kind.name());
         let ctx = ScoringContext {
             store,
             stage_prefix: self.stage_prefix.clone(),
-            label: format!("teacher {t} ({kind})"),
+            label: teacher_label(pipeline, t),
             batcher: pipeline.batcher(),
             workers: pipeline.workers,
             cluster: pipeline.cluster.clone(),

@@ -96,6 +96,18 @@ pub trait PairTeacher: Send + Sync {
         false
     }
 
+    /// Starts, on a thread of its own, the work it can do before it sees its pairs
+    /// (BM25: the corpus statistics), while labelling gathers them; `label` names its
+    /// progress. [`Self::score_pairs`] takes that work over, or does it itself when it was
+    /// not started. Nothing, by default.
+    fn prepare(&self, _label: &str, _quiet: bool) {}
+
+    /// Whether it runs a model on the run's device. A teacher that does not (BM25)
+    /// scores on threads of its own while the others score, in labelling.
+    fn uses_device(&self) -> bool {
+        true
+    }
+
     /// What the last [`Self::score_pairs`] embedded and reused (nothing, for teachers
     /// that embed no text on their own).
     fn embedding_counts(&self) -> EmbeddingCounts {
