@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -20,7 +21,7 @@ use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{Embedder, EmbedderOptions};
 
 use crate::error::EngineError;
-use crate::store::{memoised_by_files, ContentHasher};
+use crate::store::{memoised_by_files, ContentHasher, HASH_READ_BYTES};
 
 /// Environment variable naming a model directory, used when no `--model` is given.
 pub const MODEL_ENV: &str = "DISTILLERY_MODEL";
@@ -189,7 +190,18 @@ fn hash_file_into(h: &mut ContentHasher, dir: &Path, name: &str) -> Result<(), E
     };
     let len = file.metadata().map_err(failed)?.len();
     h.update(len.to_le_bytes());
-    let copied = std::io::copy(&mut file, h).map_err(failed)?;
+    let mut buf = vec![0u8; HASH_READ_BYTES.min(len as usize).max(1)];
+    let mut copied = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(e)),
+        };
+        h.update(&buf[..n]);
+        copied += n as u64;
+    }
     if copied != len {
         return Err(failed(std::io::Error::other(format!(
             "the file changed while it was read ({len} bytes, then {copied})"

@@ -40,7 +40,7 @@ use crate::executor::DeviceExecutor;
 use crate::generate::cache::CachedOutcome;
 use crate::generate::cache::{cache_batch, cache_key, cache_schema, cache_stage, read_cache};
 use crate::generate::endpoint::{EndpointGenerator, EndpointOptions};
-use crate::generate::extractive::ExtractiveGenerator;
+use crate::generate::extractive::{DocumentFrequencies, ExtractiveGenerator};
 use crate::generate::llm::LlmQueryGenerator;
 use crate::generate::prepare::{
     PrepareOptions, PrepareReport, Preparer, SampledPassage, SPILL_BUFFER_BYTES,
@@ -332,9 +332,12 @@ pub fn build_generator(
     passages: &[SampledPassage],
 ) -> Result<Box<dyn QueryGenerator>, EngineError> {
     Ok(match &job.generator {
-        GeneratorChoice::Extractive => Box::new(ExtractiveGenerator::from_passages(
-            passages.iter().map(|p| &p.passage),
-        )),
+        GeneratorChoice::Extractive => {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            Box::new(ExtractiveGenerator::new(
+                DocumentFrequencies::from_passages_on_threads(passages, |p| &p.passage, cores),
+            ))
+        }
         GeneratorChoice::Llm { model, options } => {
             Box::new(LlmQueryGenerator::load(model, options, job.sampling)?)
         }
@@ -494,12 +497,20 @@ pub fn run_generate_streaming(
             let missing = &missing;
             let passages = &passages;
             let seed = job.seed;
+            let reads_prompts = generator.reads_prompts();
             let device = device.clone();
             scope.spawn(move || {
                 for (chunk_index, chunk) in missing.chunks(job.batch_size.max(1)).enumerate() {
                     let requests: Vec<_> = chunk
                         .iter()
-                        .map(|&(p, t)| types[t].request(&passages[p].passage, seed))
+                        .map(|&(p, t)| {
+                            let passage = &passages[p].passage;
+                            if reads_prompts {
+                                types[t].request(passage, seed)
+                            } else {
+                                types[t].request_without_prompt(passage, seed)
+                            }
+                        })
                         .collect();
                     let lease = device
                         .as_ref()

@@ -102,6 +102,40 @@ impl DocumentFrequencies {
         table
     }
 
+    /// [`Self::from_passages`] of `items`' passages, counted on `threads` threads over
+    /// contiguous ranges and summed: the same table.
+    pub fn from_passages_on_threads<T: Sync>(
+        items: &[T],
+        passage: impl Fn(&T) -> &PreparedPassage + Sync,
+        threads: usize,
+    ) -> Self {
+        let per_thread = items.len().div_ceil(threads.max(1)).max(1);
+        let passage = &passage;
+        let parts: Vec<Self> = std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(per_thread)
+                .map(|chunk| scope.spawn(move || Self::from_passages(chunk.iter().map(passage))))
+                .collect();
+            handles
+                .into_iter()
+                // A count that panicked is a bug; its panic goes on here.
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let mut parts = parts.into_iter();
+        let mut table = parts.next().unwrap_or_default();
+        for part in parts {
+            table.documents += part.documents;
+            for (term, df) in part.df {
+                *table.df.entry(term).or_insert(0) += df;
+            }
+        }
+        table
+    }
+
     /// Documents counted.
     pub fn documents(&self) -> u64 {
         self.documents
@@ -131,42 +165,114 @@ impl DocumentFrequencies {
 
     /// `ln((1 + N) / (1 + df)) + 1`.
     pub fn idf(&self, term: &str) -> f64 {
-        ((1 + self.documents) as f64 / (1 + self.df(term)) as f64).ln() + 1.0
+        self.idf_of_hash(term_hash(term))
+    }
+
+    /// `ln((1 + N) / (1 + df))` + 1 of the term whose [`term_hash`] is `hash`.
+    fn idf_of_hash(&self, hash: u64) -> f64 {
+        let df = self.df.get(&hash).copied().unwrap_or(0);
+        ((1 + self.documents) as f64 / (1 + df) as f64).ln() + 1.0
     }
 
     /// Every term of `passage` with its TF-IDF score, highest first, ties by first
     /// occurrence.
     pub fn scores(&self, passage: &PreparedPassage) -> Vec<(String, f64)> {
-        // (term, count, first position)
-        let mut counts: HashMap<String, (u64, usize)> = HashMap::new();
-        let mut position = 0;
-        for_each_term(passage, |term| {
-            match counts.get_mut(term) {
-                Some(count) => count.0 += 1,
-                None => {
-                    counts.insert(term.to_string(), (1, position));
-                }
-            }
-            position += 1;
-        });
-        let mut scored: Vec<(String, f64, usize)> = counts
+        let counted = TermCounts::of(passage);
+        self.ranked(&counted)
             .into_iter()
-            .map(|(term, (tf, first))| {
-                let score = tf as f64 * self.idf(&term);
-                (term, score, first)
-            })
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
-        scored.into_iter().map(|(t, s, _)| (t, s)).collect()
+            .map(|(i, score)| (counted.text(i).to_string(), score))
+            .collect()
     }
 
     /// The [`MAX_KEYWORDS`] best terms of `passage`.
     pub fn top_terms(&self, passage: &PreparedPassage) -> Vec<String> {
-        self.scores(passage)
+        let counted = TermCounts::of(passage);
+        self.ranked(&counted)
             .into_iter()
             .take(MAX_KEYWORDS)
-            .map(|(t, _)| t)
+            .map(|(i, _)| counted.text(i).to_string())
             .collect()
+    }
+
+    /// The distinct terms of `counted` (by index) with their TF-IDF scores, highest
+    /// first, ties by first occurrence.
+    fn ranked(&self, counted: &TermCounts) -> Vec<(usize, f64)> {
+        let mut scored: Vec<(usize, f64)> = counted
+            .terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i, t.count as f64 * self.idf_of_hash(t.hash)))
+            .collect();
+        // Terms are indexed in order of first occurrence.
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored
+    }
+}
+
+/// One distinct term of a passage, as [`TermCounts`] keeps it.
+#[derive(Debug)]
+struct TermCount {
+    hash: u64,
+    count: u64,
+    /// Its text: `TermCounts::texts[start..end]`.
+    start: usize,
+    end: usize,
+    /// The next distinct term of the same hash (two terms of one 64-bit hash are still
+    /// counted apart).
+    next_of_hash: Option<usize>,
+}
+
+/// A passage's distinct terms in order of first occurrence, each with its count, their
+/// texts in one buffer: counted by hash, with no allocation per term.
+#[derive(Debug, Default)]
+struct TermCounts {
+    terms: Vec<TermCount>,
+    texts: String,
+}
+
+impl TermCounts {
+    fn of(passage: &PreparedPassage) -> Self {
+        Self::of_hashed_by(passage, term_hash)
+    }
+
+    /// [`Self::of`] with the terms hashed by `hash` (a test collides every term).
+    fn of_hashed_by(passage: &PreparedPassage, hash: impl Fn(&str) -> u64) -> Self {
+        let mut counted = Self::default();
+        let mut first_of_hash: HashMap<u64, usize, BuildPrehashedHasher> = HashMap::default();
+        for_each_term(passage, |term| {
+            let hash = hash(term);
+            let mut at = first_of_hash.get(&hash).copied();
+            let mut last = None;
+            while let Some(i) = at {
+                if counted.text(i) == term {
+                    counted.terms[i].count += 1;
+                    return;
+                }
+                last = Some(i);
+                at = counted.terms[i].next_of_hash;
+            }
+            let i = counted.terms.len();
+            let start = counted.texts.len();
+            counted.texts.push_str(term);
+            counted.terms.push(TermCount {
+                hash,
+                count: 1,
+                start,
+                end: counted.texts.len(),
+                next_of_hash: None,
+            });
+            match last {
+                Some(previous) => counted.terms[previous].next_of_hash = Some(i),
+                None => {
+                    first_of_hash.insert(hash, i);
+                }
+            }
+        });
+        counted
+    }
+
+    fn text(&self, i: usize) -> &str {
+        &self.texts[self.terms[i].start..self.terms[i].end]
     }
 }
 
@@ -255,6 +361,11 @@ impl QueryGenerator for ExtractiveGenerator {
         KEYWORD_TYPES
             .contains(&query_type)
             .then(|| self.frequencies.inputs_of(passage))
+    }
+
+    /// Its queries come from the passage alone.
+    fn reads_prompts(&self) -> bool {
+        false
     }
 
     /// Every keyword type's inputs are the passage's terms against the corpus: computed
@@ -509,6 +620,38 @@ mod tests {
         assert!((scores[1].1 - 1.2876820724517808).abs() < 1e-12);
         // A term outside the table: idf = ln(4/1) + 1.
         assert!((table.idf("kiwi") - 2.386294361119891).abs() < 1e-12);
+    }
+
+    #[test]
+    fn frequencies_counted_on_threads_are_the_same_table() {
+        let (corpus, generator) = fruit();
+        for threads in 1..=5 {
+            let table = DocumentFrequencies::from_passages_on_threads(&corpus, |p| p, threads);
+            assert_eq!(table, generator.frequencies, "{threads} threads");
+        }
+        assert_eq!(
+            DocumentFrequencies::from_passages_on_threads(&[] as &[PreparedPassage], |p| p, 2),
+            DocumentFrequencies::default()
+        );
+    }
+
+    #[test]
+    fn terms_of_one_hash_are_still_counted_apart() {
+        let p = passage("t", "Apple pie", "apple banana Apple cherry banana apple");
+        let counts = |c: &TermCounts| -> Vec<(String, u64)> {
+            (0..c.terms.len())
+                .map(|i| (c.text(i).to_string(), c.terms[i].count))
+                .collect()
+        };
+        let want = vec![
+            ("apple".to_string(), 4),
+            ("pie".to_string(), 1),
+            ("banana".to_string(), 2),
+            ("cherry".to_string(), 1),
+        ];
+        assert_eq!(counts(&TermCounts::of(&p)), want);
+        // Every term under one hash: the texts still tell them apart.
+        assert_eq!(counts(&TermCounts::of_hashed_by(&p, |_| 7)), want);
     }
 
     #[test]

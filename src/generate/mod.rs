@@ -93,6 +93,13 @@ pub trait QueryGenerator: Send + Sync {
     /// go on; a request's own failure is a [`Generated::Failed`].
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Generated>, EngineError>;
 
+    /// Whether it reads a request's prompt ([`GenerationRequest::messages`]): a generator
+    /// that does not (the extractive one) is handed requests without one, which saves
+    /// writing out a prompt per request.
+    fn reads_prompts(&self) -> bool {
+        true
+    }
+
     /// The device the generator's model runs on, when it runs one here (a local LLM):
     /// each call then holds that device through its executor. `None` for generators
     /// that run no model here (extractive, a remote endpoint).

@@ -62,9 +62,13 @@ impl Bm25Params {
 
 /// The tokens of `text`, in order (see the module docs).
 pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
+    raw_tokens(text).map(str::to_lowercase)
+}
+
+/// The tokens of `text` before lowercasing, in order: what [`tokens`] lowercases.
+pub fn raw_tokens(text: &str) -> impl Iterator<Item = &str> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|t| !t.is_empty())
-        .map(str::to_lowercase)
 }
 
 /// Collection statistics of a corpus: how many documents, their total length in tokens,

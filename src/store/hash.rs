@@ -44,6 +44,14 @@ fn canonical(value: Value) -> Value {
     }
 }
 
+/// Bytes from which one update is worth splitting over the cores (blake3's advice: below
+/// about 128 KiB the threads cost more than they save).
+const PARALLEL_HASH_BYTES: usize = 128 * 1024;
+
+/// What a large file is read in to be hashed: big enough that each read is hashed on
+/// every core ([`PARALLEL_HASH_BYTES`] many times over).
+pub const HASH_READ_BYTES: usize = 4 << 20;
+
 /// A streaming blake3 hasher for a stage's inputs.
 ///
 /// [`update`](Self::update) appends raw bytes (hashing a whole file through it gives the
@@ -61,9 +69,14 @@ impl ContentHasher {
         Self::default()
     }
 
-    /// Appends raw bytes.
+    /// Appends raw bytes; a large slice is hashed on every core (the same hash).
     pub fn update(&mut self, bytes: impl AsRef<[u8]>) -> &mut Self {
-        self.inner.update(bytes.as_ref());
+        let bytes = bytes.as_ref();
+        if bytes.len() >= PARALLEL_HASH_BYTES {
+            self.inner.update_rayon(bytes);
+        } else {
+            self.inner.update(bytes);
+        }
         self
     }
 
@@ -98,7 +111,7 @@ pub fn hash_file(path: &Path) -> Result<String, StoreError> {
     memoised_by_files("file", &[path.to_path_buf()], || {
         let mut f = std::fs::File::open(path).map_err(StoreError::io("open", path))?;
         let mut h = ContentHasher::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; HASH_READ_BYTES];
         loop {
             let n = f.read(&mut buf).map_err(StoreError::io("read", path))?;
             if n == 0 {
@@ -182,6 +195,24 @@ pub fn memoised_by_files<E>(
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is its job
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_inputs_hashed_on_every_core_hash_as_plain_blake3() {
+        // Past PARALLEL_HASH_BYTES and past one HASH_READ_BYTES read, with a ragged end.
+        let bytes: Vec<u8> = (0..HASH_READ_BYTES + 3 * PARALLEL_HASH_BYTES + 17)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let plain = blake3::hash(&bytes).to_hex().to_string();
+        assert_eq!(ContentHasher::new().update(&bytes).finish(), plain);
+        // A small update then a large one: still the stream's plain hash.
+        let mut h = ContentHasher::new();
+        h.update(&bytes[..5]).update(&bytes[5..]);
+        assert_eq!(h.finish(), plain);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("large.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(hash_file(&path).unwrap(), plain);
+    }
 
     #[test]
     fn a_file_hash_is_kept_while_the_file_stays_and_redone_when_it_changes() {

@@ -58,7 +58,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 pub use durable::{write_file_atomically, write_file_with};
 pub use error::StoreError;
-pub use hash::{hash_file, hash_settings, memoised_by_files, ContentHasher};
+pub use hash::{hash_file, hash_settings, memoised_by_files, ContentHasher, HASH_READ_BYTES};
 pub use manifest::{validate_stage_name, PartEntry, StageKey, MANIFEST_FILE};
 pub use owner::LOCK_FILE;
 pub use reader::{StageReader, READ_BATCH_ROWS};

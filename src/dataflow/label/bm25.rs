@@ -11,6 +11,7 @@
 //! count; each distinct passage is tokenised once for all the queries paired with it.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -24,12 +25,16 @@ use crate::dataflow::passage_texts;
 use crate::error::EngineError;
 #[cfg(doc)]
 use crate::mining::bm25::PassageTerms;
-use crate::mining::bm25::{tokens, Bm25Params, Bm25Stats};
+use crate::mining::bm25::{raw_tokens, tokens, Bm25Params, Bm25Stats};
 use crate::progress::Progress;
 use crate::store::hash_file;
 use crate::store::hash_settings;
+use crate::store::memo::PrehashedHasher;
 
 use super::teacher::{PairTeacher, PairToScore, ScoringContext};
+
+/// A hash map of keys hashed by FNV-1a ([`PrehashedHasher`]'s hashing of bytes).
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrehashedHasher>>;
 
 /// Pairs a scoring thread takes at a time between progress updates.
 const PROGRESS_STEP: usize = 4096;
@@ -182,22 +187,33 @@ impl PairTeacher for Bm25Teacher {
         // comparison where comparing the texts cost a pass over two passages. The order
         // of the groups changes no score.
         let at = |text: &str| (text.as_ptr() as usize, text.len());
-        let mut vocabulary: HashMap<String, u32> = HashMap::new();
-        let mut queries: HashMap<(usize, usize), Vec<(u32, f64)>> = HashMap::new();
-        for p in pairs {
-            queries.entry(at(p.query)).or_insert_with(|| {
-                tokens(p.query)
-                    .map(|term| {
-                        let idf = stats.idf(&term);
-                        let next = vocabulary.len() as u32;
-                        (*vocabulary.entry(term).or_insert(next), idf)
-                    })
-                    .collect()
-            });
-        }
+        // FNV-1a for these tables' keys (short terms, text addresses): a pair is looked
+        // up in them several times, and the standard hasher's cost showed.
+        // Each distinct query's terms (by vocabulary index, with their idf), and each
+        // pair's query among them.
+        let mut vocabulary: FastMap<String, u32> = FastMap::default();
+        let mut query_of_text: FastMap<(usize, usize), u32> = FastMap::default();
+        let mut queries: Vec<Vec<(u32, f64)>> = Vec::new();
+        let query_of: Vec<u32> = pairs
+            .iter()
+            .map(|p| {
+                *query_of_text.entry(at(p.query)).or_insert_with(|| {
+                    queries.push(
+                        tokens(p.query)
+                            .map(|term| {
+                                let idf = stats.idf(&term);
+                                let next = vocabulary.len() as u32;
+                                (*vocabulary.entry(term).or_insert(next), idf)
+                            })
+                            .collect(),
+                    );
+                    (queries.len() - 1) as u32
+                })
+            })
+            .collect();
         // The pairs grouped by passage (a counting sort over the passages' first
         // appearances): each group's passage is counted once.
-        let mut group_of_text: HashMap<(usize, usize), u32> = HashMap::new();
+        let mut group_of_text: FastMap<(usize, usize), u32> = FastMap::default();
         let group: Vec<u32> = pairs
             .iter()
             .map(|p| {
@@ -233,8 +249,8 @@ impl PairTeacher for Bm25Teacher {
                 }
                 let (mine, later) = rest.split_at(end);
                 rest = later;
-                let (progress, params, queries, vocabulary) =
-                    (&progress, self.params, &queries, &vocabulary);
+                let (progress, params, queries, query_of, vocabulary) =
+                    (&progress, self.params, &queries, &query_of, &vocabulary);
                 handles.push(scope.spawn(move || {
                     let mut out = Vec::with_capacity(mine.len());
                     let mut counts = PassageCounts::new(vocabulary.len());
@@ -254,9 +270,7 @@ impl PairTeacher for Bm25Teacher {
                             let saturation =
                                 params.k1 * (1.0 - params.b + params.b * relative_length);
                             let mut score = 0.0;
-                            for &(term, idf) in
-                                queries.get(&at(pair.query)).map_or(&[][..], Vec::as_slice)
-                            {
+                            for &(term, idf) in &queries[query_of[i as usize] as usize] {
                                 let f = counts.tf[term as usize];
                                 if f == 0 {
                                     continue;
@@ -311,15 +325,24 @@ impl PassageCounts {
 
     /// Counts `passage`'s tokens ([`tokens`], as
     /// [`PassageTerms`](crate::mining::bm25::PassageTerms) does).
-    fn count(&mut self, passage: &str, vocabulary: &HashMap<String, u32>) {
+    fn count(&mut self, passage: &str, vocabulary: &FastMap<String, u32>) {
         for &t in &self.touched {
             self.tf[t as usize] = 0;
         }
         self.touched.clear();
         self.length = 0;
-        for token in tokens(passage) {
+        let mut lowered = String::new();
+        for token in raw_tokens(passage) {
             self.length += 1;
-            if let Some(&t) = vocabulary.get(&token) {
+            // `tokens`' lowercasing, into one buffer (ASCII, nearly every token, in place).
+            lowered.clear();
+            if token.is_ascii() {
+                lowered.push_str(token);
+                lowered.make_ascii_lowercase();
+            } else {
+                lowered.push_str(&token.to_lowercase());
+            }
+            if let Some(&t) = vocabulary.get(lowered.as_str()) {
                 if self.tf[t as usize] == 0 {
                     self.touched.push(t);
                 }

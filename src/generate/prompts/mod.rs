@@ -347,6 +347,21 @@ impl QueryTypeSpec {
             seed,
         }
     }
+
+    /// [`Self::request`] with no prompt (no messages), for a generator that does not read
+    /// one: the same passage, type and seed.
+    pub fn request_without_prompt(
+        &self,
+        passage: &PreparedPassage,
+        run_seed: u64,
+    ) -> GenerationRequest {
+        GenerationRequest {
+            passage: passage.clone(),
+            query_type: self.name.clone(),
+            messages: Vec::new(),
+            seed: seed_for(&passage.hash, &self.name, run_seed),
+        }
+    }
 }
 
 /// The seed of one request: the first 8 bytes, little-endian, of blake3 over
@@ -495,6 +510,16 @@ mod tests {
         assert_eq!(request.seed, seed);
         assert_eq!(request.messages, messages);
         assert_eq!(request.query_type, "claim");
+        // Without the prompt: everything else the same.
+        let bare = spec.request_without_prompt(&p, 1);
+        assert!(bare.messages.is_empty());
+        assert_eq!(
+            GenerationRequest {
+                messages: messages.clone(),
+                ..bare
+            },
+            request
+        );
     }
 
     #[test]
