@@ -100,7 +100,6 @@ pub(crate) fn read_scores(
             .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
             .ok_or_else(bad)?;
         let p = batch.column_by_name(COL_PAIR).ok_or_else(bad)?;
-        into.reserve(batch.num_rows());
         if let Some(p) = p.as_any().downcast_ref::<FixedSizeBinaryArray>() {
             if p.value_length() != PAIR_KEY_BYTES {
                 return Err(bad());
@@ -173,8 +172,13 @@ impl PairCache {
         };
         let mut scores = MemoMap::default();
         let kept = teacher.cached();
-        if kept && matches!(store.status(&stage, &key)?, StageStatus::Partial { .. }) {
-            read_scores(store, &stage, &mut scores)?;
+        if kept {
+            if let StageStatus::Partial { committed_rows, .. } = store.status(&stage, &key)? {
+                // Every row's room at once: growing a table of millions rehashes it
+                // again and again.
+                scores.reserve(committed_rows as usize);
+                read_scores(store, &stage, &mut scores)?;
+            }
         }
         Ok(Self {
             stage,
@@ -259,15 +263,15 @@ impl PairCache {
         let hexes: Vec<String> = if self.kept {
             missing.iter().map(|&i| keys[i].to_hex()).collect()
         } else {
-            vec![String::new(); missing.len()]
+            Vec::new()
         };
         let to_score: Vec<PairToScore<'_>> = missing
             .iter()
-            .zip(&hexes)
-            .map(|(&i, hex)| {
+            .enumerate()
+            .map(|(j, &i)| {
                 let (query, passage) = texts(i);
                 PairToScore {
-                    key: hex,
+                    key: hexes.get(j).map_or("", String::as_str),
                     query,
                     passage,
                 }
