@@ -9,9 +9,7 @@ use candle_core::{Device, Tensor};
 use distillery_operators::bert::{BertConfig, BertModel, Weights};
 use distillery_operators::cpu_bert::CpuBert;
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
-use distillery_operators::{
-    Backend, Embedder, EmbedderOptions, Pooling, TextKind, TokenBatch, TokenizedText,
-};
+use distillery_operators::{Backend, Embedder, EmbedderOptions, Pooling, TextKind, TokenBatch};
 
 const TRAINING: [&str; 6] = [
     "the quick brown fox jumps over the lazy dog",

@@ -23,7 +23,7 @@ use distillery_operators::llm::{ChatMessage, LlmGenerator, LlmOptions, SamplingP
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{
     Backend, CrossEncoder, CrossEncoderOptions, Embedder, EmbedderOptions, Student, StudentOptions,
-    TextKind, TokenBatch, TokenizedText,
+    TextKind, TokenBatch,
 };
 
 #[path = "../../tests/support/minilm.rs"]

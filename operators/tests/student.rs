@@ -11,7 +11,6 @@ use candle_core::{Device, Tensor, Var};
 use distillery_operators::tiny::{write_tiny_bert, TinyBertSpec};
 use distillery_operators::{
     Embedder, EmbedderOptions, Pooling, Student, StudentOptions, TextKind, TokenBatch,
-    TokenizedText,
 };
 
 const TRAINING: [&str; 6] = [

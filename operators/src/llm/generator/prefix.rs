@@ -165,9 +165,9 @@ mod tests {
         // Prompts seen in earlier calls count, and only this call's get lengths; a
         // prompt seen before (the same again) shares all but its last token.
         let g = [head.clone(), ids(700, 5)].concat();
-        assert_eq!(shared_lengths(&[g], &[a.clone()]), vec![40]);
+        assert_eq!(shared_lengths(&[g], std::slice::from_ref(&a)), vec![40]);
         assert_eq!(
-            shared_lengths(std::slice::from_ref(&a), &[a.clone()]),
+            shared_lengths(std::slice::from_ref(&a), std::slice::from_ref(&a)),
             vec![44]
         );
     }
