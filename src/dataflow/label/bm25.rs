@@ -84,11 +84,6 @@ impl Bm25Teacher {
         })
     }
 
-    /// The corpus statistics, by one streamed pass.
-    pub fn corpus_stats(&self, label: &str, quiet: bool) -> Result<Bm25Stats, EngineError> {
-        corpus_stats(&self.corpus, self.quarantine.as_deref(), label, quiet)
-    }
-
     /// The statistics [`PairTeacher::prepare`] started, else computed now.
     fn stats(&self, label: &str, quiet: bool) -> Result<Bm25Stats, EngineError> {
         // A poisoned lock still holds the handle (or none): the statistics are redone.
@@ -102,7 +97,7 @@ impl Bm25Teacher {
             Some(Err(_)) => Err(EngineError::Dataflow(format!(
                 "{label}: the thread computing the BM25 statistics panicked"
             ))),
-            None => self.corpus_stats(label, quiet),
+            None => corpus_stats(&self.corpus, self.quarantine.as_deref(), label, quiet),
         }
     }
 }

@@ -278,13 +278,8 @@ impl PairCache {
         texts: &dyn Fn(usize) -> (&'t str, &'t str),
         known: Vec<KnownEmbeddings<'_>>,
     ) -> Result<usize, EngineError> {
-        let missing: Vec<usize> = look_up(&self.scores, keys)
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, held)| held.is_none().then_some(i))
-            .collect();
-        self.score_now(store, pipeline, t, teacher, keys, &missing, texts, known)?;
-        Ok(missing.len())
+        let (_, now) = self.scores(store, pipeline, t, teacher, keys, texts, known)?;
+        Ok(now)
     }
 
     /// Teacher `t`'s scores of the pairs `missing` picks out of `keys`, in that order,
